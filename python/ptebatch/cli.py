@@ -1,0 +1,109 @@
+"""The ``ptebatch`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+import ptebatch as pb
+from ptebatch.tables import mixed_table, unbacked_pfns
+
+#: One kernel per folio_pte_batch() form, plus 6.8 (per-PTE fork).
+DEMO_KERNELS = ("6.8", "seed", "6.9", "6.12", "6.15", "6.18")
+
+
+def _runs(lengths: np.ndarray) -> str:
+    """Compact run-length text: 16x3 1x2 8 ..."""
+    out: list[str] = []
+    prev, count = None, 0
+    for n in lengths.tolist() + [None]:
+        if n == prev:
+            count += 1
+            continue
+        if prev is not None:
+            out.append(f"{prev}x{count}" if count > 1 else str(prev))
+        prev, count = n, 1
+    return " ".join(out)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Cuts a generated mTHP page table into fork batches for every layout and kernel."""
+    layouts = args.layout or list(pb.LAYOUT_NAMES)
+    kernels = args.kernel or list(DEMO_KERNELS)
+    print(f"ptebatch {pb.__version__}: the batches copy_pte_range() forms on fork "
+          f"(private anonymous VMA, soft-dirty tracking off)")
+    print(f"table: {args.ptes} PTEs, folio orders {args.orders}, seed {args.seed}, "
+          f"starting at virtual page {args.first_vpn}\n")
+    for name in layouts:
+        layout = pb.layout("x86-64" if name == "x86-64-xenpv" else name)
+        t = mixed_table(layout, args.ptes, seed=args.seed, folio_orders=tuple(args.orders),
+                        first_vpn=args.first_vpn, hole_rate=args.holes)
+        if name == "x86-64-xenpv":
+            # The frames between folios are ballooned out: advancing onto one gives pte_none.
+            layout = pb.layout(name, ballooned_pfns=unbacked_pfns(t).tolist())
+        present = int(np.count_nonzero(layout.pte_present(t.ptes)))
+        cont = int(np.count_nonzero(layout.pte_cont(t.ptes)))
+        extra = f", {cont} contpte entries" if layout.has_contpte else ""
+        print(f"== {name}: page {layout.page_size // 1024} KiB, {layout.ptrs_per_pte} PTEs per "
+              f"table, {len(t.folio_start)} folios, {present} present PTEs{extra}")
+        print(f"   {'kernel':<6} {'form':<6} {'batches':>7} {'mean':>6} {'max':>4}  batch lengths"
+              f" (* = cut differs from {kernels[-1]})")
+        cuts = {}
+        times = {}
+        for k in kernels:
+            t0 = time.perf_counter()
+            cuts[k] = pb.batch_lengths(t.ptes, layout=layout, kernel=k, folio_start=t.folio_start,
+                                       folio_nr_pages=t.folio_nr_pages, first_vpn=t.first_vpn)
+            times[k] = time.perf_counter() - t0
+        for k in kernels:
+            lengths, dt = cuts[k], times[k]
+            mark = "*" if not np.array_equal(lengths, cuts[kernels[-1]]) else " "
+            text = _runs(lengths)
+            if len(text) > args.width:
+                text = text[: args.width - 3] + "..."
+            print(f" {mark} {k:<6} {pb.fpb_form(k) or 'none':<6} {len(lengths):>7} "
+                  f"{lengths.mean():>6.2f} {lengths.max():>4}  {text}")
+            if args.verbose:
+                hist = Counter(lengths.tolist())
+                print(f"          histogram {dict(sorted(hist.items()))}, {dt * 1e6:.0f} us")
+        print()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ptebatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    d = sub.add_parser("demo", help="fork batches of a generated page table per layout and kernel")
+    d.add_argument("--layout", action="append", choices=pb.LAYOUT_NAMES,
+                   help="layout (repeatable; default: all)")
+    d.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
+                   help=f"kernel version (repeatable; default: {' '.join(DEMO_KERNELS)})")
+    d.add_argument("--ptes", type=int, default=1024, help="PTEs in the table (default 1024)")
+    d.add_argument("--orders", type=int, nargs="+", default=[0, 2, 4, 9],
+                   help="folio orders to draw from (default 0 2 4 9)")
+    d.add_argument("--first-vpn", type=int, default=480,
+                   help="virtual page number of the first PTE (default 480, so folios straddle "
+                        "a PMD boundary)")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--holes", type=float, default=0.15,
+                   help="chance of a run of empty PTEs between folios (default 0.15)")
+    d.add_argument("--width", type=int, default=100, help="cut batch lists to this width")
+    d.add_argument("-v", "--verbose", action="store_true", help="also print histograms and times")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    if args.command == "demo":
+        if args.ptes < 1:
+            parser.error("--ptes must be at least 1")
+        return demo(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

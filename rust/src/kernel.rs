@@ -1,0 +1,230 @@
+//! Kernel versions and the behaviour each one has. Every behaviour switch reads a
+//! [`KernelProfile`]; no version numbers are compared deeper in the code.
+
+use crate::error::{Error, Result};
+
+/// A kernel we model: the posted seed series, or a mainline release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelVersion {
+    /// "mm/memory: optimize fork() with PTE-mapped THP" v3 (29 Jan 2024), patches 13–15.
+    Seed,
+    Release { major: u16, minor: u16 },
+}
+
+/// Releases we model, oldest first. 7.0 is the newest tree shared/spec read.
+pub const RELEASES: [(u16, u16); 13] = [
+    (6, 8),
+    (6, 9),
+    (6, 10),
+    (6, 11),
+    (6, 12),
+    (6, 13),
+    (6, 14),
+    (6, 15),
+    (6, 16),
+    (6, 17),
+    (6, 18),
+    (6, 19),
+    (7, 0),
+];
+
+impl KernelVersion {
+    /// Parses `"seed"` or `"X.Y"`.
+    pub fn parse(s: &str) -> Result<KernelVersion> {
+        let t = s.trim();
+        if t == "seed" {
+            return Ok(KernelVersion::Seed);
+        }
+        let known = || {
+            let list: Vec<String> = RELEASES.iter().map(|(a, b)| format!("{a}.{b}")).collect();
+            format!("\"seed\", {}", list.join(", "))
+        };
+        let parts: Vec<&str> = t.split('.').collect();
+        let parsed = match parts.as_slice() {
+            [a, b] => a.parse::<u16>().ok().zip(b.parse::<u16>().ok()),
+            [_, _, _] => {
+                return Err(Error::value(format!(
+                    "kernel {s:?}: give the mainline release as \"X.Y\" (stable backports are not \
+                     modelled); known: {}",
+                    known()
+                )))
+            }
+            _ => None,
+        };
+        match parsed {
+            Some((major, minor)) if RELEASES.contains(&(major, minor)) => {
+                Ok(KernelVersion::Release { major, minor })
+            }
+            _ => Err(Error::value(format!("unknown kernel version {s:?}; known: {}", known()))),
+        }
+    }
+
+    fn at_least(&self, major: u16, minor: u16) -> bool {
+        match *self {
+            KernelVersion::Seed => false,
+            KernelVersion::Release { major: a, minor: b } => (a, b) >= (major, minor),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelVersion::Seed => f.write_str("seed"),
+            KernelVersion::Release { major, minor } => write!(f, "{major}.{minor}"),
+        }
+    }
+}
+
+/// The shapes `folio_pte_batch()` has had (docs/semantics.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FpbForm {
+    /// Seed series: single steps, `==` end-of-folio test, `any_writable`.
+    Seed,
+    /// v6.9: `pte_batch_hint` steps, `>=` end test, `min(nr, max_nr)`.
+    V6_9,
+    /// v6.10 – v6.14: adds `any_young` and `any_dirty`.
+    V6_10,
+    /// v6.15, v6.16: the XEN PV fix clamps `max_nr` to the folio up front.
+    V6_15,
+    /// v6.17+: `FPB_RESPECT_*` / `FPB_MERGE_*`, merged first PTE.
+    V6_17,
+}
+
+/// How the loop recognises the end of the folio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FolioEnd {
+    /// Stop when the read PTE maps exactly the first page after the folio.
+    Equal,
+    /// Stop when the read PTE maps a page at or after the folio end.
+    AtOrAfter,
+    /// Clamp `max_nr` to the pages left in the folio before the loop.
+    Clamp,
+}
+
+/// Which `fpb_t` flag family a form takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagFamily {
+    /// `FPB_IGNORE_DIRTY`, `FPB_IGNORE_SOFT_DIRTY` (seed … v6.16).
+    Ignore,
+    /// `FPB_RESPECT_*`, `FPB_MERGE_*` (v6.17+).
+    Respect,
+}
+
+impl FpbForm {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FpbForm::Seed => "seed",
+            FpbForm::V6_9 => "v6.9",
+            FpbForm::V6_10 => "v6.10",
+            FpbForm::V6_15 => "v6.15",
+            FpbForm::V6_17 => "v6.17",
+        }
+    }
+
+    /// Whether the loop steps by `pte_batch_hint()` (and reads through contpte `ptep_get`).
+    pub fn uses_hint(&self) -> bool {
+        !matches!(self, FpbForm::Seed)
+    }
+
+    pub fn folio_end(&self) -> FolioEnd {
+        match self {
+            FpbForm::Seed => FolioEnd::Equal,
+            FpbForm::V6_9 | FpbForm::V6_10 => FolioEnd::AtOrAfter,
+            FpbForm::V6_15 | FpbForm::V6_17 => FolioEnd::Clamp,
+        }
+    }
+
+    pub fn flag_family(&self) -> FlagFamily {
+        match self {
+            FpbForm::V6_17 => FlagFamily::Respect,
+            _ => FlagFamily::Ignore,
+        }
+    }
+
+    /// Whether the version has the `any_writable` out-parameter.
+    pub fn reports_any_writable(&self) -> bool {
+        !matches!(self, FpbForm::V6_17)
+    }
+
+    /// Whether the version has the `any_young` / `any_dirty` out-parameters.
+    pub fn reports_any_young_dirty(&self) -> bool {
+        matches!(self, FpbForm::V6_10 | FpbForm::V6_15)
+    }
+}
+
+/// What one kernel version does, as far as the model needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelProfile {
+    pub version: KernelVersion,
+    /// `folio_pte_batch()`'s form; `None` before v6.9 (no batching at all).
+    pub fpb: Option<FpbForm>,
+    /// fork copies runs of PTEs of one large folio at once (`copy_present_ptes`).
+    pub fork_batched: bool,
+    /// zap clears runs at once (`zap_present_ptes`).
+    pub zap_batched: bool,
+    /// arm64 transparent contpte for user mappings (`ptep_get` gathers A/D, hints).
+    pub contpte: bool,
+}
+
+impl KernelProfile {
+    pub fn new(version: KernelVersion) -> KernelProfile {
+        let fpb = match version {
+            KernelVersion::Seed => Some(FpbForm::Seed),
+            v if v.at_least(6, 17) => Some(FpbForm::V6_17),
+            v if v.at_least(6, 15) => Some(FpbForm::V6_15),
+            v if v.at_least(6, 10) => Some(FpbForm::V6_10),
+            v if v.at_least(6, 9) => Some(FpbForm::V6_9),
+            _ => None,
+        };
+        KernelProfile {
+            version,
+            fpb,
+            fork_batched: fpb.is_some(),
+            // The zap series was posted after the fork series; the seed kernel zaps per PTE.
+            zap_batched: version.at_least(6, 9),
+            contpte: version.at_least(6, 9),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<KernelProfile> {
+        Ok(KernelProfile::new(KernelVersion::parse(s)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_maps_versions_to_forms() {
+        let form = |s: &str| KernelProfile::parse(s).unwrap().fpb;
+        assert_eq!(form("seed"), Some(FpbForm::Seed));
+        assert_eq!(form("6.8"), None);
+        assert_eq!(form("6.9"), Some(FpbForm::V6_9));
+        assert_eq!(form("6.10"), Some(FpbForm::V6_10));
+        assert_eq!(form("6.14"), Some(FpbForm::V6_10));
+        assert_eq!(form("6.15"), Some(FpbForm::V6_15));
+        assert_eq!(form("6.16"), Some(FpbForm::V6_15));
+        assert_eq!(form("6.17"), Some(FpbForm::V6_17));
+        assert_eq!(form("7.0"), Some(FpbForm::V6_17));
+    }
+
+    #[test]
+    fn rejects_unknown_versions() {
+        for bad in ["6.7", "5.10", "6.18.44", "6", "", "six.nine", "7.1", "-6.9"] {
+            let err = KernelVersion::parse(bad).unwrap_err();
+            assert_eq!(err.kind, crate::error::ErrorKind::Value, "{bad}");
+        }
+        assert!(KernelVersion::parse("6.18.44").unwrap_err().message.contains("X.Y"));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for (a, b) in RELEASES {
+            let s = format!("{a}.{b}");
+            assert_eq!(KernelVersion::parse(&s).unwrap().to_string(), s);
+        }
+        assert_eq!(KernelVersion::Seed.to_string(), "seed");
+    }
+}

@@ -1,0 +1,17 @@
+//! ptebatch: exact models of Linux PTE layouts and PTE batching.
+//!
+//! The core is plain Rust and tests with `cargo test`; the `python` feature adds the PyO3
+//! bindings in [`py`], which only convert arguments, release the GIL and map errors.
+
+pub mod arch;
+pub mod batch;
+pub mod error;
+pub mod kernel;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use arch::{Layout, PteBits, PteLayout};
+pub use batch::{batch_lengths, folio_pte_batch, Batch, Folio, Folios, FpbFlags, Table};
+pub use error::{Error, ErrorKind, Result};
+pub use kernel::{FpbForm, KernelProfile, KernelVersion};

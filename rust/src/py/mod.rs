@@ -1,0 +1,27 @@
+//! The `ptebatch._core` extension module: registration only.
+
+mod args;
+mod batch;
+mod errors;
+mod layout;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<layout::PyLayout>()?;
+    m.add_class::<batch::PyBatch>()?;
+    m.add_function(wrap_pyfunction!(layout::layout, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::folio_pte_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::batch_lengths, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::fork_flag_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::fpb_form, m)?)?;
+    m.add("LAYOUT_NAMES", layout::layout_names())?;
+    m.add("KERNEL_VERSIONS", batch::kernel_versions())?;
+    m.add("PtebatchError", py.get_type::<errors::PtebatchError>())?;
+    m.add("InvariantError", py.get_type::<errors::InvariantError>())?;
+    m.add("SnapshotError", py.get_type::<errors::SnapshotError>())?;
+    m.add("CaptureError", py.get_type::<errors::CaptureError>())?;
+    Ok(())
+}
