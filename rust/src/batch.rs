@@ -263,7 +263,16 @@ pub fn folio_pte_batch_unchecked<L: PteLayout>(
             let first_step = hint(start, first);
             let mut expected = normalise(l, flags, l.pte_advance_pfn(first, first_step));
             let mut i = start.saturating_add(first_step as usize);
-            while i < stop {
+            loop {
+                let run = scan_runs(l, flags, table, contpte, i, stop, expected, Some(end));
+                i = run.i;
+                expected = run.expected;
+                any_writable |= run.any_writable;
+                any_young |= run.any_young;
+                any_dirty |= run.any_dirty;
+                if i >= stop {
+                    break;
+                }
                 let cur = table.ptep_get(l, contpte, i);
                 if normalise(l, flags, cur) != expected {
                     break;
@@ -290,7 +299,16 @@ pub fn folio_pte_batch_unchecked<L: PteLayout>(
             let max_nr = max_nr.min((end - l.pte_pfn(first)) as usize);
             let mut nr = hint(start, first) as usize;
             let mut expected = normalise(l, flags, l.pte_advance_pfn(first, nr as u64));
-            while nr < max_nr {
+            loop {
+                let run = scan_runs(l, flags, table, contpte, start + nr, start + max_nr, expected, None);
+                nr = run.i - start;
+                expected = run.expected;
+                any_writable |= run.any_writable;
+                any_young |= run.any_young;
+                any_dirty |= run.any_dirty;
+                if nr >= max_nr {
+                    break;
+                }
                 let cur = table.ptep_get(l, contpte, start + nr);
                 if normalise(l, flags, cur) != expected {
                     break;
@@ -325,6 +343,71 @@ pub fn folio_pte_batch_unchecked<L: PteLayout>(
         any_young: form.reports_any_young_dirty().then_some(any_young),
         any_dirty: form.reports_any_young_dirty().then_some(any_dirty),
     }
+}
+
+/// Entries compared per step of [`scan_runs`].
+const RUN: usize = 8;
+
+/// Where [`scan_runs`] stopped, and what it accepted.
+struct Run {
+    i: usize,
+    expected: u64,
+    any_writable: bool,
+    any_young: bool,
+    any_dirty: bool,
+}
+
+/// Accepts whole runs of `RUN` entries at once while that cannot differ from stepping one by
+/// one: every entry matches, none is a contpte entry (whose read and hint differ), the PFN
+/// advance is linear, and no PFN in the run reaches the folio end `end` (for the forms that
+/// test it per entry). Stops before the first run that does not qualify; the caller's
+/// single-step loop takes it from there, so the result is the kernel loop's exactly.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scan_runs<L: PteLayout>(
+    l: &L,
+    flags: FpbFlags,
+    table: Table<'_>,
+    contpte: bool,
+    mut i: usize,
+    stop: usize,
+    mut expected: u64,
+    end: Option<u64>,
+) -> Run {
+    let (mut w, mut y, mut d) = (false, false, false);
+    while i + RUN <= stop {
+        if contpte && l.pte_valid_cont(table.ptes[i]) {
+            break;
+        }
+        let Some(step) = l.linear_advance(expected, RUN as u64) else { break };
+        if let Some(end) = end {
+            if l.pte_pfn(expected).saturating_add(RUN as u64) > end {
+                break;
+            }
+        }
+        let chunk = &table.ptes[i..i + RUN];
+        let mut same = true;
+        let mut cont = false;
+        let (mut cw, mut cy, mut cd) = (false, false, false);
+        let mut e = expected;
+        for &cur in chunk {
+            same &= normalise(l, flags, cur) == e;
+            cont |= contpte && l.pte_valid_cont(cur);
+            cw |= l.pte_write(cur);
+            cy |= l.pte_young(cur);
+            cd |= l.pte_dirty(cur);
+            e = e.wrapping_add(step);
+        }
+        if !same || cont {
+            break;
+        }
+        w |= cw;
+        y |= cy;
+        d |= cd;
+        expected = e;
+        i += RUN;
+    }
+    Run { i, expected, any_writable: w, any_young: y, any_dirty: d }
 }
 
 /// The folios of a table: sorted, non-overlapping runs of PFNs, with an optional
@@ -366,6 +449,32 @@ impl<'a> Folios<'a> {
             }
             prev_end = e;
         }
+        if let Some(map) = pfn_to_folio {
+            for (pfn, &k) in map.iter().enumerate() {
+                if k == -1 {
+                    continue;
+                }
+                let ok = usize::try_from(k).ok().filter(|&k| k < start.len()).map(|k| {
+                    let f = Folio { pfn: start[k], nr_pages: nr_pages[k] };
+                    f.contains(pfn as u64)
+                });
+                match ok {
+                    Some(true) => {}
+                    Some(false) => {
+                        return Err(Error::value(format!(
+                            "pfn_to_folio[{pfn}]={k} but folio {k} does not contain pfn {pfn:#x}"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::value(format!(
+                            "pfn_to_folio[{pfn}]={k} is neither -1 nor a folio index (there are {} \
+                             folios)",
+                            start.len()
+                        )))
+                    }
+                }
+            }
+        }
         Ok(Folios { start, nr_pages, pfn_to_folio })
     }
 
@@ -385,35 +494,25 @@ impl<'a> Folios<'a> {
     /// The folio holding `pfn`. `cursor` remembers the last hit, so that a walk over
     /// ascending PFNs costs O(1) per lookup without a map.
     #[inline]
-    pub fn lookup(&self, pfn: u64, cursor: &mut usize) -> Result<Option<Folio>> {
+    pub fn lookup(&self, pfn: u64, cursor: &mut usize) -> Option<Folio> {
         if let Some(map) = self.pfn_to_folio {
-            let Some(&k) = usize::try_from(pfn).ok().and_then(|p| map.get(p)) else {
-                return Ok(None);
-            };
-            if k < 0 {
-                return Ok(None);
-            }
-            let k = k as usize;
-            if k >= self.len() || !self.folio(k).contains(pfn) {
-                return Err(Error::value(format!(
-                    "pfn_to_folio[{pfn:#x}] = {k}, but that folio does not contain pfn {pfn:#x}"
-                )));
-            }
-            return Ok(Some(self.folio(k)));
+            // `new` checked every entry: -1, or a folio that holds that PFN.
+            let k = usize::try_from(pfn).ok().and_then(|p| map.get(p)).copied()?;
+            return usize::try_from(k).ok().map(|k| self.folio(k));
         }
-        for k in [*cursor, *cursor + 1] {
+        for k in [*cursor + 1, *cursor] {
             if k < self.len() && self.folio(k).contains(pfn) {
                 *cursor = k;
-                return Ok(Some(self.folio(k)));
+                return Some(self.folio(k));
             }
         }
         // Last folio starting at or below pfn.
         let k = self.start.partition_point(|&s| s <= pfn);
         if k > 0 && self.folio(k - 1).contains(pfn) {
             *cursor = k - 1;
-            return Ok(Some(self.folio(k - 1)));
+            return Some(self.folio(k - 1));
         }
-        Ok(None)
+        None
     }
 }
 
@@ -428,7 +527,7 @@ pub fn batch_lengths<L: PteLayout>(
     flags: FpbFlags,
 ) -> Result<Vec<u32>> {
     let n = table.ptes.len();
-    let mut out = Vec::with_capacity(n);
+    let mut out = crate::alloc::vec_with_capacity_huge::<u32>(n);
     let Some(form) = profile.fpb else {
         out.resize(n, 1);
         return Ok(out);
@@ -437,12 +536,31 @@ pub fn batch_lengths<L: PteLayout>(
     let contpte = form.uses_hint();
     let ptrs = l.geometry().ptrs_per_pte;
     let mut cursor = 0usize;
+    let mut cached: Option<Folio> = None;
     let mut i = 0usize;
     while i < n {
         let v = table.ptep_get(l, contpte, i);
         let mut len = 1usize;
         if l.pte_present(v) && !l.pte_none(v) && !l.pte_special(v) {
-            if let Some(folio) = folios.lookup(l.pte_pfn(v), &mut cursor)? {
+            let pfn = l.pte_pfn(v);
+            // Tables of small folios in PFN order: the next folio is this single page.
+            if folios.pfn_to_folio.is_none()
+                && folios.start.get(cursor + 1) == Some(&pfn)
+                && folios.nr_pages.get(cursor + 1) == Some(&1)
+            {
+                cursor += 1;
+                out.push(1);
+                i += 1;
+                continue;
+            }
+            let folio = match cached {
+                Some(f) if f.contains(pfn) => cached,
+                _ => {
+                    cached = folios.lookup(pfn, &mut cursor);
+                    cached
+                }
+            };
+            if let Some(folio) = folio {
                 if folio.nr_pages > 1 {
                     let to_pmd = (ptrs - table.index_mod(i, ptrs)) as usize;
                     let max_nr = to_pmd.min(n - i);

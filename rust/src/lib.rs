@@ -3,6 +3,7 @@
 //! The core is plain Rust and tests with `cargo test`; the `python` feature adds the PyO3
 //! bindings in [`py`], which only convert arguments, release the GIL and map errors.
 
+mod alloc;
 pub mod arch;
 pub mod batch;
 pub mod error;

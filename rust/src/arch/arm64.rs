@@ -185,6 +185,13 @@ impl PteLayout for Arm64 {
         (v & !self.addr_mask()) | pfn.wrapping_shl(self.page_shift)
     }
 
+    /// Rebuilding equals a raw add while the PFN stays inside the address field.
+    #[inline]
+    fn linear_advance(&self, v: u64, nr: u64) -> Option<u64> {
+        let field_max = self.addr_mask() >> self.page_shift;
+        (self.pte_pfn(v) <= field_max - nr.min(field_max)).then_some(1 << self.page_shift)
+    }
+
     /// arm64 `pte_batch_hint()`: entries left to the end of the contpte block.
     #[inline]
     fn pte_batch_hint(&self, index: u64, v: u64) -> u64 {

@@ -129,6 +129,14 @@ pub trait PteLayout: Sync {
         pte.wrapping_add(nr.wrapping_shl(shift))
     }
 
+    /// `Some(d)` when `pte_advance_pfn(pte, k)` stepped one page at a time equals
+    /// `pte + k * d` (wrapping) for every `k <= nr`. Scans use it to compare a run of entries
+    /// at once; `None` sends them back to single steps. Generic raw add: always linear.
+    fn linear_advance(&self, _pte: u64, _nr: u64) -> Option<u64> {
+        let g = self.geometry();
+        Some(1u64 << g.pfn_pte_shift.unwrap_or(g.page_shift))
+    }
+
     /// `pte_batch_hint(ptep, pte)` with `index` the entry's position in its table (mod
     /// `cont_ptes`); 1 except on arm64 contpte blocks.
     fn pte_batch_hint(&self, _index: u64, _pte: u64) -> u64 {

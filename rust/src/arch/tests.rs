@@ -194,4 +194,21 @@ proptest! {
             });
         }
     }
+
+    /// `linear_advance` promises what single steps give, on arbitrary bit patterns.
+    #[test]
+    fn linear_advance_matches_single_steps(v in any::<u64>(), nr in 1u64..20, small in any::<bool>()) {
+        let v = if small { v & 0xF_FFFF } else { v };
+        for layout in all_layouts() {
+            with_layout!(&layout, l => {
+                if let Some(d) = l.linear_advance(v, nr) {
+                    let mut stepped = v;
+                    for k in 0..=nr {
+                        prop_assert_eq!(stepped, v.wrapping_add(d.wrapping_mul(k)), "{} k={}", l.name(), k);
+                        stepped = l.pte_advance_pfn(stepped, 1);
+                    }
+                }
+            });
+        }
+    }
 }

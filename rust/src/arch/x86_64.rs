@@ -80,6 +80,19 @@ mod common {
         ((pfn << 12) ^ invert_mask(prot)) & PFN_MASK | prot
     }
 
+    /// The step of `advance` while the inversion state cannot change: it flips only when a
+    /// step starts from 0 (then adds) or lands on 0 (an inverted value counting down).
+    #[inline]
+    pub(super) fn linear(v: u64, nr: u64) -> Option<u64> {
+        if v == 0 || (needs_invert(v) && v & 0xfff == 0 && v <= nr << 12) {
+            None
+        } else if needs_invert(v) {
+            Some(0u64.wrapping_sub(1 << 12))
+        } else {
+            Some(1 << 12)
+        }
+    }
+
     /// x86 `pte_advance_pfn()`: subtract for an inverted PFN so it still moves forward.
     #[inline]
     pub(super) fn advance(v: u64, nr: u64) -> u64 {
@@ -196,6 +209,11 @@ impl PteLayout for X86_64 {
     fn pte_advance_pfn(&self, v: u64, nr: u64) -> u64 {
         common::advance(v, nr)
     }
+
+    #[inline]
+    fn linear_advance(&self, v: u64, nr: u64) -> Option<u64> {
+        common::linear(v, nr)
+    }
 }
 
 /// x86-64 as a XEN PV guest sees it: a present PTE advanced onto a PFN without a machine
@@ -224,6 +242,14 @@ impl PteLayout for X86_64XenPv {
         "x86-64-xenpv"
     }
     x86_accessors!();
+
+    fn linear_advance(&self, v: u64, nr: u64) -> Option<u64> {
+        if self.ballooned.is_empty() {
+            common::linear(v, nr)
+        } else {
+            None
+        }
+    }
 
     fn pte_advance_pfn(&self, v: u64, nr: u64) -> u64 {
         let next = common::advance(v, nr);

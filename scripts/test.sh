@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs every test: the pure-Rust core (cargo test, no Python),
+# the Python suite (pytest: API, reference, Rust-vs-reference properties), and a quick
+# smoke run of the benchmarks (small tables, timing disabled).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo test --quiet
+.venv/bin/pytest -q tests
+PTEBATCH_BENCH_PTES=65536 .venv/bin/pytest -q benches --benchmark-disable
