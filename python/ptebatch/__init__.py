@@ -1,5 +1,6 @@
 """ptebatch: exact, fast models of Linux page tables and PTE batching.
 
+>>> import numpy as np
 >>> import ptebatch as pb
 >>> L = pb.layout("arm64-4k")
 >>> ptes = L.mk_pte(np.arange(0x1000, 0x1010, dtype=np.uint64), write=True, young=True)
