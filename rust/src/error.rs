@@ -9,21 +9,42 @@ pub enum ErrorKind {
     Value,
     /// A bad argument type (`TypeError`).
     Type,
+    /// The simulated machine ran out of memory (`pb.OutOfMemoryError`).
+    OutOfMemory,
+    /// The access would kill the process or block it (`pb.AccessFault`): SIGSEGV, a
+    /// uffd-wp userfault.
+    Fault,
+    /// A kernel invariant does not hold (`pb.InvariantError`).
+    Invariant,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    /// The invariant broken, for [`ErrorKind::Invariant`].
+    pub rule: Option<&'static str>,
 }
 
 impl Error {
     pub fn value(message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Value, message: message.into() }
+        Error { kind: ErrorKind::Value, message: message.into(), rule: None }
     }
 
     pub fn type_error(message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Type, message: message.into() }
+        Error { kind: ErrorKind::Type, message: message.into(), rule: None }
+    }
+
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::OutOfMemory, message: message.into(), rule: None }
+    }
+
+    pub fn fault(message: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::Fault, message: message.into(), rule: None }
+    }
+
+    pub fn invariant(message: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::Invariant, message: message.into(), rule: None }
     }
 }
 

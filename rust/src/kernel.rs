@@ -153,6 +153,18 @@ impl FpbForm {
     }
 }
 
+/// When a write fault may reuse a large anonymous folio whose faulting page is not
+/// PageAnonExclusive (`wp_can_reuse_anon_folio()`, mm/memory.c).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LargeCowReuse {
+    /// v6.5 – v6.8 (and the seed series): like a small folio, only at refcount 1.
+    RefcountOne,
+    /// v6.9 – v6.14: never ("mm: prohibit the last subpage from reusing the entire large folio").
+    Never,
+    /// v6.15+: when the MM-ID slots say one mm holds every mapping and every reference.
+    MmId,
+}
+
 /// What one kernel version does, as far as the model needs to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelProfile {
@@ -165,6 +177,17 @@ pub struct KernelProfile {
     pub zap_batched: bool,
     /// arm64 transparent contpte for user mappings (`ptep_get` gathers A/D, hints).
     pub contpte: bool,
+    /// mprotect batches runs of one large folio (`change_pte_range`, v6.17).
+    pub mprotect_batched: bool,
+    /// `folio->_large_mapcount` is kept (v6.10, "track mapcount of large folios in single value").
+    pub large_mapcount: bool,
+    /// CONFIG_MM_ID: per-folio MM-ID slots and the "maybe mapped shared" bit (v6.15).
+    pub mm_id: bool,
+    /// Write-fault reuse rule for large anonymous folios.
+    pub large_cow_reuse: LargeCowReuse,
+    /// pagemap's "exclusively mapped" bit comes from `folio_maybe_mapped_shared()` (the
+    /// newest tree) rather than the page's own mapcount (CONFIG_PAGE_MAPCOUNT, ≤ v6.19).
+    pub pagemap_exclusive_by_folio: bool,
 }
 
 impl KernelProfile {
@@ -184,7 +207,27 @@ impl KernelProfile {
             // The zap series was posted after the fork series; the seed kernel zaps per PTE.
             zap_batched: version.at_least(6, 9),
             contpte: version.at_least(6, 9),
+            mprotect_batched: version.at_least(6, 17),
+            large_mapcount: version.at_least(6, 10),
+            mm_id: version.at_least(6, 15),
+            large_cow_reuse: if version.at_least(6, 15) {
+                LargeCowReuse::MmId
+            } else if version.at_least(6, 9) {
+                LargeCowReuse::Never
+            } else {
+                LargeCowReuse::RefcountOne
+            },
+            pagemap_exclusive_by_folio: version.at_least(7, 0),
         }
+    }
+
+    /// The same kernel with every batched path (fork, zap, mprotect) run per PTE: the
+    /// reference against which batching must give the same end state.
+    pub fn unbatched(mut self) -> KernelProfile {
+        self.fork_batched = false;
+        self.zap_batched = false;
+        self.mprotect_batched = false;
+        self
     }
 
     pub fn parse(s: &str) -> Result<KernelProfile> {

@@ -6,8 +6,19 @@
 mod alloc;
 pub mod arch;
 pub mod batch;
+pub mod check;
 pub mod error;
+pub mod fault;
+pub mod fork;
 pub mod kernel;
+pub mod memory;
+pub mod mm;
+pub mod mprotect;
+pub mod procfs;
+pub mod rmap;
+pub mod sim;
+pub mod stats;
+pub mod zap;
 
 #[cfg(feature = "python")]
 mod py;
@@ -16,3 +27,4 @@ pub use arch::{Layout, PteBits, PteLayout};
 pub use batch::{batch_lengths, folio_pte_batch, Batch, Folio, Folios, FpbFlags, Table};
 pub use error::{Error, ErrorKind, Result};
 pub use kernel::{FpbForm, KernelProfile, KernelVersion};
+pub use sim::Simulation;

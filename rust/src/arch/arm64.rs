@@ -168,6 +168,9 @@ impl PteLayout for Arm64 {
             v
         }
     }
+    fn clear_uffd_wp_bit(&self, v: u64) -> u64 {
+        v & !UFFD_WP
+    }
     fn set_uffd_wp_bit(&self, v: u64) -> u64 {
         v | UFFD_WP
     }

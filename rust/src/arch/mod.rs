@@ -116,6 +116,10 @@ pub trait PteLayout: Sync {
     fn set_uffd_wp_bit(&self, pte: u64) -> u64 {
         pte
     }
+    /// Clears the arch's uffd-wp bit only (`pte_clear_uffd_wp` without the write side).
+    fn clear_uffd_wp_bit(&self, pte: u64) -> u64 {
+        pte
+    }
     fn pte_mkspecial(&self, pte: u64) -> u64;
     /// Sets arm64 `PTE_CONT`; identity elsewhere.
     fn set_cont_bit(&self, pte: u64) -> u64 {

@@ -140,6 +140,13 @@ impl PteLayout for Riscv64 {
     fn pte_uffd_wp(&self, v: u64) -> bool {
         self.svrsw60t59b && v & UFFD_WP != 0
     }
+    fn clear_uffd_wp_bit(&self, v: u64) -> u64 {
+        if self.svrsw60t59b {
+            v & !UFFD_WP
+        } else {
+            v
+        }
+    }
     fn set_uffd_wp_bit(&self, v: u64) -> u64 {
         if self.svrsw60t59b {
             v | UFFD_WP

@@ -186,6 +186,9 @@ macro_rules! x86_accessors {
         fn pte_mksoft_dirty(&self, v: u64) -> u64 {
             v | SOFT_DIRTY
         }
+        fn clear_uffd_wp_bit(&self, v: u64) -> u64 {
+            v & !UFFD_WP
+        }
         fn set_uffd_wp_bit(&self, v: u64) -> u64 {
             v | UFFD_WP
         }

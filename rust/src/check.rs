@@ -1,0 +1,224 @@
+//! Invariants: everything the kernel's accounting promises, recomputed from scratch by
+//! rescanning every page table, and compared with the stored counters.
+
+use std::collections::HashMap;
+
+use crate::arch::PteLayout;
+use crate::error::{Error, Result};
+use crate::kernel::KernelProfile;
+use crate::memory::{
+    GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_FILE, PG_MAYBE_SHARED,
+    PG_SWAPBACKED,
+};
+use crate::mm::{MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, RSS_NAMES};
+use crate::sim::State;
+
+/// `owner[pfn]` of a page mapped by more than one mm.
+const MANY: u32 = u32::MAX;
+
+fn broken(rule: &'static str, msg: String) -> Error {
+    let mut e = Error::invariant(format!("{rule}: {msg}"));
+    e.rule = Some(rule);
+    e
+}
+
+impl State {
+    /// Where `pfn` is mapped (pid and address), for error messages.
+    fn where_mapped<L: PteLayout>(&self, l: &L, pfn: u64) -> String {
+        for mm in &self.mms {
+            for vma in &mm.vmas {
+                for (i, &e) in vma.ptes.iter().enumerate() {
+                    if !l.pte_none(e) && l.pte_pfn(e) == pfn {
+                        return format!("; mapped by pid {} at {:#x}", mm.pid, (vma.start + i as u64) << self.page_shift);
+                    }
+                }
+            }
+        }
+        "; not mapped by any page table".into()
+    }
+
+    /// Checks every invariant; the first one broken comes back as an Invariant error that
+    /// names the rule, the page or folio, and a process and address that map it.
+    pub fn check<L: PteLayout>(&self, l: &L, p: &KernelProfile) -> Result<()> {
+        let n = self.mem.nr_pages() as usize;
+        let shift = self.page_shift;
+        let mut count = vec![0u32; n];
+        let mut owner = vec![0u32; n];
+        let mut writable = vec![0u32; n];
+        let mut per_mm: HashMap<(u64, u32), i64> = HashMap::new();
+        for mm in &self.mms {
+            if mm.exited && !mm.vmas.is_empty() {
+                return Err(broken("exited-mm", format!("pid {} has exited but still has VMAs", mm.pid)));
+            }
+            let mut rss = [0i64; 3];
+            for (vi, vma) in mm.vmas.iter().enumerate() {
+                if vi > 0 && mm.vmas[vi - 1].end() > vma.start {
+                    return Err(broken("vma-order", format!("pid {}: VMAs overlap at {:#x}", mm.pid, vma.start << shift)));
+                }
+                for (i, &e) in vma.ptes.iter().enumerate() {
+                    if l.pte_none(e) {
+                        continue;
+                    }
+                    let addr = (vma.start + i as u64) << shift;
+                    let at = || format!("pid {} address {addr:#x} (PTE {e:#x})", mm.pid);
+                    let pfn = l.pte_pfn(e);
+                    if pfn == self.zero_pfn {
+                        if l.pte_write(e) || !l.pte_special(e) {
+                            return Err(broken("zero-page-pte", format!("{}: the zero page must be mapped special and read-only", at())));
+                        }
+                        continue;
+                    }
+                    if pfn >= n as u64 || self.mem.is_free(pfn) {
+                        return Err(broken("pte-maps-free-page", format!("{} maps pfn {pfn:#x}, which is not allocated", at())));
+                    }
+                    let head = self.mem.folio_head(pfn);
+                    let anon = self.mem.test(head, PG_ANON);
+                    if vma.is_anon() && !anon {
+                        return Err(broken("anon-vma-maps-file-page", format!("{} maps page-cache pfn {pfn:#x} in a private anonymous mapping", at())));
+                    }
+                    let pu = pfn as usize;
+                    count[pu] += 1;
+                    owner[pu] = match owner[pu] {
+                        0 => mm.pid,
+                        o if o == mm.pid => o,
+                        _ => MANY,
+                    };
+                    if l.pte_write(e) {
+                        writable[pu] += 1;
+                        if vma.is_cow() && !(anon && self.mem.test(pfn, PG_ANON_EXCLUSIVE)) {
+                            return Err(broken("writable-cow-not-exclusive", format!("{} is writable in a private mapping but pfn {pfn:#x} is not an exclusive anonymous page", at())));
+                        }
+                    }
+                    if self.mem.folio_order(head) > 0 {
+                        *per_mm.entry((head, mm.mm_id)).or_insert(0) += 1;
+                    }
+                    let c = if anon {
+                        MM_ANONPAGES
+                    } else if self.mem.test(head, PG_SWAPBACKED) {
+                        MM_SHMEMPAGES
+                    } else {
+                        MM_FILEPAGES
+                    };
+                    rss[c] += 1;
+                }
+            }
+            for c in 0..3 {
+                if rss[c] != mm.rss[c] {
+                    return Err(broken("rss", format!("pid {}: {} rss counter is {}, page tables map {} such pages", mm.pid, RSS_NAMES[c], mm.rss[c], rss[c])));
+                }
+            }
+        }
+        // Pins and page-cache references.
+        let mut pins = vec![0u32; n];
+        for pin in self.pins.iter().filter(|p| p.active) {
+            for &pfn in &pin.pfns {
+                if pfn != self.zero_pfn {
+                    if pfn >= n as u64 || self.mem.is_free(pfn) {
+                        return Err(broken("pin-of-free-page", format!("a pin holds pfn {pfn:#x}, which is free")));
+                    }
+                    pins[pfn as usize] += 1;
+                }
+            }
+        }
+        let mut cached = vec![false; n];
+        for f in &self.files {
+            for &pfn in f.cache.iter().filter(|&&c| c != NOT_CACHED) {
+                cached[pfn as usize] = true;
+            }
+        }
+        let mut free = 0u64;
+        let mut pfn = 0usize;
+        while pfn < n {
+            if self.mem.is_free(pfn as u64) {
+                if self.mem.refcount[pfn] != 0 || self.mem.mapcount[pfn] != 0 {
+                    return Err(broken("free-page-state", format!("free pfn {pfn:#x} has refcount {} mapcount {}", self.mem.refcount[pfn], self.mem.mapcount[pfn])));
+                }
+                free += 1;
+                pfn += 1;
+                continue;
+            }
+            let head = pfn as u64;
+            let order = self.mem.folio_order(head);
+            let nr = 1usize << order;
+            let what = |pg: usize| format!("pfn {pg:#x} (folio {head:#x}, order {order})");
+            let mut maps = 0i64;
+            let mut mapped_pages = 0i32;
+            let mut pin_refs = 0i64;
+            for pg in pfn..pfn + nr {
+                if self.mem.mapcount[pg] as u32 != count[pg] {
+                    return Err(broken("page-mapcount", format!("{}: stored mapcount {}, page tables map it {} time(s){}", what(pg), self.mem.mapcount[pg], count[pg], self.where_mapped(l, pg as u64))));
+                }
+                if self.mem.test(pg as u64, PG_ANON_EXCLUSIVE) {
+                    if owner[pg] == MANY {
+                        return Err(broken("anon-exclusive-shared", format!("{} is PageAnonExclusive but mapped by several processes{}", what(pg), self.where_mapped(l, pg as u64))));
+                    }
+                }
+                if writable[pg] > 0 && owner[pg] == MANY && self.mem.test(head, PG_ANON) {
+                    return Err(broken("writable-shared-anon", format!("{} is an anonymous page mapped writable while mapped by several processes{}", what(pg), self.where_mapped(l, pg as u64))));
+                }
+                maps += count[pg] as i64;
+                mapped_pages += (count[pg] > 0) as i32;
+                pin_refs += pins[pg] as i64;
+            }
+            let refs = self.mem.refcount[pfn] as i64;
+            let bias = if order > 0 { 1 } else { GUP_PIN_COUNTING_BIAS as i64 };
+            let cache_refs = if cached[pfn] { nr as i64 } else { 0 };
+            if cached[pfn] != self.mem.test(head, PG_FILE) {
+                return Err(broken("page-cache-flag", format!("{}: PG_FILE does not match page-cache membership", what(pfn))));
+            }
+            let expect = maps + pin_refs * bias + cache_refs;
+            if refs != expect {
+                return Err(broken("refcount", format!("{}: refcount {refs}, expected {expect} = {maps} mapping(s) + {pin_refs} pin(s) + {cache_refs} page-cache reference(s){}", what(pfn), self.where_mapped(l, head))));
+            }
+            if refs <= 0 {
+                return Err(broken("refcount", format!("{}: an allocated folio with refcount {refs}", what(pfn))));
+            }
+            if order > 0 {
+                let Some(lf) = self.mem.large_folio(head) else {
+                    return Err(broken("large-folio-record", format!("{} has no large-folio record", what(pfn))));
+                };
+                if lf.large_mapcount as i64 + 1 != maps {
+                    return Err(broken("large-mapcount", format!("{}: large mapcount {}, page tables map it {maps} time(s){}", what(pfn), lf.large_mapcount + 1, self.where_mapped(l, head))));
+                }
+                if lf.entire_mapcount != -1 {
+                    return Err(broken("entire-mapcount", format!("{}: entire mapcount {} without PMD mappings", what(pfn), lf.entire_mapcount + 1)));
+                }
+                if lf.nr_pages_mapped != mapped_pages {
+                    return Err(broken("nr-pages-mapped", format!("{}: nr_pages_mapped {}, {mapped_pages} page(s) are mapped", what(pfn), lf.nr_pages_mapped)));
+                }
+                if lf.pincount as i64 != pin_refs {
+                    return Err(broken("pincount", format!("{}: pincount {}, {pin_refs} pin(s)", what(pfn), lf.pincount)));
+                }
+                if p.mm_id {
+                    let total = maps - 1;
+                    for s in 0..2 {
+                        let id = lf.mm_id[s];
+                        let c = lf.mm_id_mapcount[s];
+                        if id == MM_ID_DUMMY {
+                            if c != -1 {
+                                return Err(broken("mm-id-slot", format!("{}: free MM-ID slot {s} has mapcount {}", what(pfn), c + 1)));
+                            }
+                            continue;
+                        }
+                        let have = per_mm.get(&(head, id)).copied().unwrap_or(0);
+                        if c < 0 || c as i64 + 1 > have {
+                            return Err(broken("mm-id-slot", format!("{}: MM-ID slot {s} says mm {id} maps it {} time(s), it maps it {have}{}", what(pfn), c + 1, self.where_mapped(l, head))));
+                        }
+                    }
+                    if !self.mem.test(head, PG_MAYBE_SHARED) && total >= 0 {
+                        let owned = (0..2).any(|s| lf.mm_id[s] != MM_ID_DUMMY && lf.mm_id_mapcount[s] as i64 == total);
+                        let mms = per_mm.keys().filter(|(h, _)| *h == head).count();
+                        if !owned || mms > 1 {
+                            return Err(broken("mm-id-shared-bit", format!("{}: \"maybe mapped shared\" is clear but {mms} mm(s) map it{}", what(pfn), self.where_mapped(l, head))));
+                        }
+                    }
+                }
+            }
+            pfn += nr;
+        }
+        if free != self.mem.free_pages {
+            return Err(broken("free-pages", format!("the allocator counts {} free pages, {free} pages are free", self.mem.free_pages)));
+        }
+        Ok(())
+    }
+}

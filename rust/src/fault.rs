@@ -1,0 +1,458 @@
+//! Page faults and accesses: `do_anonymous_page` with the mTHP order choice, file faults
+//! (`do_read_fault`, `do_shared_fault`, `do_cow_fault`), and the write-protect fault
+//! `do_wp_page` with its reuse-or-copy decision per kernel version.
+//!
+//! Follows mm/memory.c (v6.8 – v6.18; shared/spec/kernel-algorithms.md §4). GUP pins, which
+//! fault pages in the same way, are at the end.
+
+use crate::arch::PteLayout;
+use crate::error::{Error, Result};
+use crate::kernel::{KernelProfile, LargeCowReuse};
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED};
+use crate::mm::{user_pte, Pin, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED};
+use crate::sim::{Access, State};
+
+fn oom() -> Error {
+    Error::out_of_memory("out of memory: no free page for the allocation")
+}
+
+impl State {
+    /// (vma index, entry index) of a mapped vpn; callers checked the range first.
+    fn locate(&self, k: usize, vpn: u64) -> (usize, usize) {
+        let mm = &self.mms[k];
+        let v = mm.find_vma(vpn).expect("range checked by the caller");
+        (v, (vpn - mm.vmas[v].start) as usize)
+    }
+
+    /// Checks, before anything changes, that every page of `[a, b)` allows `access`.
+    pub fn check_access<L: PteLayout>(&self, l: &L, k: usize, a: u64, b: u64, access: Access) -> Result<()> {
+        let mm = &self.mms[k];
+        let mut at = a;
+        while at < b {
+            let vma = &mm.vmas[mm.find_vma(at).expect("range checked by the caller")];
+            let shift = self.page_shift;
+            let ok = match access {
+                Access::Read => vma.prot.read || vma.prot.write,
+                Access::Write => vma.prot.write,
+            };
+            if !ok {
+                return Err(Error::fault(format!(
+                    "{} of {:#x} in a {} mapping: SIGSEGV",
+                    if access == Access::Write { "write" } else { "read" },
+                    at << shift,
+                    vma.prot.as_string()
+                )));
+            }
+            let stop = vma.end().min(b);
+            if access == Access::Write && vma.uffd_wp {
+                for vpn in at..stop {
+                    let pte = vma.ptes[(vpn - vma.start) as usize];
+                    if !l.pte_none(pte) && l.pte_uffd_wp(pte) {
+                        return Err(Error::fault(format!(
+                            "write to {:#x} hits a uffd-wp protected PTE: the process would wait \
+                             for the userfaultfd monitor",
+                            vpn << shift
+                        )));
+                    }
+                }
+            }
+            at = stop;
+        }
+        Ok(())
+    }
+
+    /// One access of process `k` to `vpn`, faulting as needed; a write stores a new token.
+    pub fn access<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, vpn: u64, access: Access) -> Result<()> {
+        let write = access == Access::Write;
+        let (v, i) = self.locate(k, vpn);
+        self.op.pte_reads += 1;
+        let pte = self.mms[k].vmas[v].ptes[i];
+        if l.pte_none(pte) {
+            self.fault_none(l, p, k, v, vpn, write)?;
+        } else if write && !l.pte_write(pte) {
+            self.do_wp_page(l, p, k, v, i, false)?;
+        }
+        // The MMU sets the accessed bit, and the dirty bit on a write.
+        let ptes = &mut self.mms[k].vmas[v].ptes;
+        let mut pte = ptes[i];
+        if !l.pte_young(pte) {
+            pte = l.pte_mkyoung(pte);
+        }
+        if write && !l.pte_dirty(pte) {
+            pte = l.pte_mkdirty(pte);
+        }
+        ptes[i] = pte;
+        if write {
+            let page = self.vm_normal_page(l, pte).expect("a written page is never the zero page");
+            let t = self.new_token();
+            self.mem.token[page as usize] = t;
+        }
+        Ok(())
+    }
+
+    /// A fault on a none PTE.
+    fn fault_none<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        self.op.faults += 1;
+        if self.mms[k].vmas[v].is_anon() {
+            self.do_anonymous_page(l, p, k, v, vpn, write)
+        } else {
+            self.do_file_fault(l, p, k, v, vpn, write)
+        }
+    }
+
+    fn ensure_anon_vma(&mut self, k: usize, v: usize) {
+        if self.mms[k].vmas[v].anon_vma == 0 {
+            let a = self.new_anon_vma();
+            self.mms[k].vmas[v].anon_vma = a;
+        }
+    }
+
+    /// `do_anonymous_page()` with `alloc_anon_folio()`: a read maps the shared zero page; a
+    /// write maps a new folio of the largest enabled order whose naturally aligned range lies
+    /// in the VMA and is all none, falling back to smaller orders when allocation fails.
+    fn do_anonymous_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        let vma = &self.mms[k].vmas[v];
+        let i = (vpn - vma.start) as usize;
+        if !write {
+            let pte = l.pte_mkspecial(l.pte_mkyoung(l.pfn_pte_template(self.zero_pfn, vma.prot.exec, false)));
+            self.mms[k].vmas[v].ptes[i] = pte;
+            self.op.pte_writes += 1;
+            return Ok(());
+        }
+        // thp_vma_suitable_orders() then the highest order whose range is pte_none; PMD order is
+        // allowed here only as the PTE-mapped stand-in documented in docs/simulation.md.
+        let mut candidates: Vec<u32> = Vec::new();
+        if !vma.uffd_wp {
+            let mut found = false;
+            for o in (1..=self.pmd_order).rev() {
+                if vma.mthp & (1 << o) == 0 {
+                    continue;
+                }
+                let n = 1u64 << o;
+                let base = vpn & !(n - 1);
+                if base < vma.start || base + n > vma.end() {
+                    continue;
+                }
+                if !found {
+                    let s = (base - vma.start) as usize;
+                    found = vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e));
+                    self.op.pte_reads += n;
+                }
+                if found {
+                    candidates.push(o);
+                }
+            }
+        }
+        let mut chosen = None;
+        for o in candidates {
+            if self.mem.fragmented(o) {
+                continue;
+            }
+            if let Some(h) = self.mem.alloc(o) {
+                chosen = Some((h, o));
+                break;
+            }
+        }
+        let (head, order) = match chosen {
+            Some(c) => c,
+            None => (self.mem.alloc(0).ok_or_else(oom)?, 0),
+        };
+        self.op.allocated(order);
+        let nr = 1u64 << order;
+        let mm_id = self.mms[k].mm_id;
+        {
+            let mut r = self.rmap(p);
+            if nr > 1 {
+                r.ref_add(head, nr as i32 - 1);
+            }
+            r.add_new_anon(head, mm_id);
+        }
+        self.ensure_anon_vma(k, v);
+        let mm = &mut self.mms[k];
+        mm.rss[MM_ANONPAGES] += nr as i64;
+        let vma = &mut mm.vmas[v];
+        let pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write);
+        let base = ((vpn & !(nr - 1)) - vma.start) as usize;
+        for j in 0..nr as usize {
+            vma.ptes[base + j] = l.pte_advance_pfn(pte, j as u64);
+        }
+        self.op.pte_writes += nr;
+        Ok(())
+    }
+
+    /// The page-cache folio holding file page `idx` of file `f`, read in if absent (a folio of
+    /// the file's order when its aligned range is uncached and memory allows, else one page).
+    fn filemap_get<L: PteLayout>(&mut self, _l: &L, f: usize, idx: u64) -> Result<u64> {
+        let cached = self.files[f].cache[idx as usize];
+        if cached != NOT_CACHED {
+            return Ok(cached);
+        }
+        let order = self.files[f].folio_order;
+        let mut got = None;
+        if order > 0 {
+            let n = 1u64 << order;
+            let base = idx & !(n - 1);
+            let free = self.files[f].cache[base as usize..(base + n) as usize].iter().all(|&c| c == NOT_CACHED);
+            if free && !self.mem.fragmented(order) {
+                got = self.mem.alloc(order).map(|h| (h, order, base));
+            }
+        }
+        let (head, order, base) = match got {
+            Some(g) => g,
+            None => (self.mem.alloc(0).ok_or_else(oom)?, 0, idx),
+        };
+        self.op.allocated(order);
+        let nr = 1u64 << order;
+        // __filemap_add_folio(): the page cache holds one reference per page.
+        self.mem.refcount[head as usize] = nr as i32;
+        self.op.refcount_atomics += 1;
+        let shmem = self.files[f].shmem;
+        self.mem.set(head, PG_FILE | if shmem { PG_SWAPBACKED } else { 0 });
+        for j in 0..nr {
+            self.files[f].cache[(base + j) as usize] = head + j;
+        }
+        Ok(head + (idx - base))
+    }
+
+    /// `do_read_fault()` / `do_shared_fault()` / `do_cow_fault()` (mm/memory.c). One PTE per
+    /// fault: fault-around and whole-folio mapping are not modelled.
+    fn do_file_fault<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        let vma = &self.mms[k].vmas[v];
+        let i = (vpn - vma.start) as usize;
+        let f = vma.file.expect("file VMA") as usize;
+        let idx = vma.pgoff + i as u64;
+        let shared = vma.shared;
+        let mm_id = self.mms[k].mm_id;
+        if write && !shared {
+            // do_cow_fault(): the private copy is allocated before the file page is read.
+            let new = self.mem.alloc(0).ok_or_else(oom)?;
+            self.op.allocated(0);
+            let page = match self.filemap_get(l, f, idx) {
+                Ok(pg) => pg,
+                Err(e) => {
+                    self.mem.free(new);
+                    return Err(e);
+                }
+            };
+            self.mem.token[new as usize] = self.mem.token[page as usize];
+            self.op.pages_copied += 1;
+            self.op.cow_copies += 1;
+            self.rmap(p).add_new_anon(new, mm_id);
+            self.ensure_anon_vma(k, v);
+            let mm = &mut self.mms[k];
+            mm.rss[MM_ANONPAGES] += 1;
+            let vma = &mut mm.vmas[v];
+            vma.ptes[i] = user_pte(l, new, vma.prot, vma.prot.write, true);
+            self.op.pte_writes += 1;
+            return Ok(());
+        }
+        let page = self.filemap_get(l, f, idx)?;
+        let head = self.mem.folio_head(page);
+        {
+            let mut r = self.rmap(p);
+            r.ref_add(head, 1);
+            r.add_file_ptes(head, page, 1, mm_id);
+        }
+        if write {
+            self.mem.set(head, PG_DIRTY);
+        }
+        let counter = if self.files[f].shmem { MM_SHMEMPAGES } else { MM_FILEPAGES };
+        let pw = self.page_prot_write(l, &self.mms[k].vmas[v]);
+        let mm = &mut self.mms[k];
+        mm.rss[counter] += 1;
+        let vma = &mut mm.vmas[v];
+        vma.ptes[i] = user_pte(l, page, vma.prot, pw || (write && vma.prot.write), write);
+        self.op.pte_writes += 1;
+        Ok(())
+    }
+
+    /// `wp_can_reuse_anon_folio()` (mm/memory.c): small folios (and, up to v6.8, large ones)
+    /// by refcount; v6.9 – v6.14 never a large folio; v6.15+ a large folio whose MM-ID slots
+    /// say one mm holds every mapping and whose every reference is a mapping.
+    fn wp_can_reuse_anon_folio(&self, p: &KernelProfile, head: u64) -> bool {
+        let refs = self.mem.refcount[head as usize];
+        let large = self.mem.folio_order(head) > 0;
+        if !large || p.large_cow_reuse == LargeCowReuse::RefcountOne {
+            // No LRU batches or swap cache in the model: only "refcount == 1" remains.
+            return refs == 1;
+        }
+        match p.large_cow_reuse {
+            LargeCowReuse::Never | LargeCowReuse::RefcountOne => false,
+            LargeCowReuse::MmId => {
+                let mapcount = self.mem.folio_mapcount(head);
+                if mapcount <= 1 || self.mem.test(head, PG_MAYBE_SHARED) {
+                    return false;
+                }
+                mapcount == refs as i64
+            }
+        }
+    }
+
+    /// `do_wp_page()`: a write (or GUP unshare) on a present, non-writable PTE.
+    pub(crate) fn do_wp_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, unshare: bool) -> Result<()> {
+        self.op.faults += 1;
+        let vma = &self.mms[k].vmas[v];
+        let (mut pte, vma_uffd_wp, vma_shared) = (vma.ptes[i], vma.uffd_wp, vma.shared);
+        if !vma_uffd_wp && l.pte_uffd_wp(pte) {
+            // A stale uffd-wp bit on an unregistered VMA is dropped.
+            pte = l.clear_uffd_wp_bit(pte);
+            self.mms[k].vmas[v].ptes[i] = pte;
+            self.op.pte_writes += 1;
+        }
+        let page = self.vm_normal_page(l, pte);
+        if vma_shared {
+            if unshare {
+                return Ok(());
+            }
+            // wp_page_shared(): write-notify done, make the PTE writable in place.
+            let vma = &mut self.mms[k].vmas[v];
+            vma.ptes[i] = l.pte_mkwrite(l.pte_mkdirty(l.pte_mkyoung(pte)));
+            self.op.pte_writes += 1;
+            if let Some(pg) = page {
+                let head = self.mem.folio_head(pg);
+                self.mem.set(head, PG_DIRTY);
+            }
+            return Ok(());
+        }
+        if let Some(pg) = page {
+            let head = self.mem.folio_head(pg);
+            if self.mem.test(head, PG_ANON)
+                && (self.mem.test(pg, PG_ANON_EXCLUSIVE) || self.wp_can_reuse_anon_folio(p, head))
+            {
+                self.mem.set(pg, PG_ANON_EXCLUSIVE);
+                self.op.cow_reuses += 1;
+                if unshare {
+                    return Ok(());
+                }
+                // wp_page_reuse()
+                let vma = &mut self.mms[k].vmas[v];
+                let mut n = l.pte_mkdirty(l.pte_mkyoung(pte));
+                if vma.prot.write {
+                    n = l.pte_mkwrite(n);
+                }
+                vma.ptes[i] = n;
+                self.op.pte_writes += 1;
+                return Ok(());
+            }
+        }
+        self.wp_page_copy(l, p, k, v, i, pte, page, unshare)
+    }
+
+    /// `wp_page_copy()`: a new order-0 anonymous page replaces the mapped one.
+    #[allow(clippy::too_many_arguments)]
+    fn wp_page_copy<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, old: u64, page: Option<u64>, unshare: bool) -> Result<()> {
+        let new = self.mem.alloc(0).ok_or_else(oom)?;
+        self.op.allocated(0);
+        self.op.cow_copies += 1;
+        let mm_id = self.mms[k].mm_id;
+        let old_head = page.map(|pg| self.mem.folio_head(pg));
+        if let (Some(pg), Some(h)) = (page, old_head) {
+            // do_wp_page() holds a reference across the copy.
+            self.rmap(p).ref_add(h, 1);
+            self.mem.token[new as usize] = self.mem.token[pg as usize];
+            self.op.pages_copied += 1;
+        }
+        let old_counter = old_head.filter(|&h| !self.mem.test(h, PG_ANON)).map(|h| {
+            if self.mem.test(h, PG_SWAPBACKED) { MM_SHMEMPAGES } else { MM_FILEPAGES }
+        });
+        self.ensure_anon_vma(k, v);
+        let mm = &mut self.mms[k];
+        match (page, old_counter) {
+            (None, _) => mm.rss[MM_ANONPAGES] += 1,
+            (Some(_), Some(c)) => {
+                mm.rss[c] -= 1;
+                mm.rss[MM_ANONPAGES] += 1;
+            }
+            (Some(_), None) => {}
+        }
+        let vma = &mm.vmas[v];
+        let n = if unshare {
+            let mut n = user_pte(l, new, vma.prot, false, false);
+            if l.pte_soft_dirty(old) {
+                n = l.pte_mksoft_dirty(n);
+            }
+            if l.pte_uffd_wp(old) {
+                n = l.set_uffd_wp_bit(n);
+            }
+            n
+        } else {
+            user_pte(l, new, vma.prot, vma.prot.write, true)
+        };
+        // ptep_clear_flush() of the old entry, then the new page goes in.
+        self.op.tlb_flush_ranges += 1;
+        self.op.tlb_flush_pages += 1;
+        self.rmap(p).add_new_anon(new, mm_id);
+        self.mms[k].vmas[v].ptes[i] = n;
+        self.op.pte_writes += 1;
+        if let (Some(pg), Some(h)) = (page, old_head) {
+            let mut r = self.rmap(p);
+            r.remove_ptes(h, pg, 1, mm_id);
+            // The old PTE's reference, then do_wp_page()'s own.
+            r.put_refs(h, 1);
+            r.put_refs(h, 1);
+        }
+        Ok(())
+    }
+
+    /// `pin_user_pages()` (mm/gup.c): faults the range in (a FOLL_WRITE pin breaks COW; a
+    /// read-only FOLL_LONGTERM pin unshares pages it may not pin as they are, per
+    /// `gup_must_unshare()`), then takes one FOLL_PIN per page and sets MMF_HAS_PINNED.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pin<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, write: bool, longterm: bool) -> Result<u32> {
+        let mut pfns = Vec::with_capacity((b - a) as usize);
+        for vpn in a..b {
+            let (v, i) = self.locate(k, vpn);
+            self.op.pte_reads += 1;
+            if l.pte_none(self.mms[k].vmas[v].ptes[i]) {
+                self.fault_none(l, p, k, v, vpn, write)?;
+            }
+            let pte = self.mms[k].vmas[v].ptes[i];
+            if write && !l.pte_write(pte) {
+                self.do_wp_page(l, p, k, v, i, false)?;
+            } else if !write && self.gup_must_unshare(l, k, v, pte, longterm) {
+                self.do_wp_page(l, p, k, v, i, true)?;
+            }
+            let pte = self.mms[k].vmas[v].ptes[i];
+            pfns.push(l.pte_pfn(pte));
+        }
+        for &pfn in &pfns {
+            if pfn != self.zero_pfn {
+                let head = self.mem.folio_head(pfn);
+                self.rmap(p).pin(head);
+            }
+        }
+        self.mms[k].has_pinned = true;
+        self.pins.push(Pin { pfns, longterm, active: true });
+        Ok(self.pins.len() as u32 - 1)
+    }
+
+    /// `gup_must_unshare()` for a read-only FOLL_PIN (mm/internal.h).
+    fn gup_must_unshare<L: PteLayout>(&self, l: &L, k: usize, v: usize, pte: u64, longterm: bool) -> bool {
+        let vma = &self.mms[k].vmas[v];
+        match self.vm_normal_page(l, pte) {
+            Some(pg) if self.mem.test(self.mem.folio_head(pg), PG_ANON) => {
+                !self.mem.test(pg, PG_ANON_EXCLUSIVE)
+            }
+            // The zero page and page-cache pages in a private mapping: only long-term pins
+            // need a private copy.
+            _ => longterm && vma.is_cow(),
+        }
+    }
+
+    /// clear_refs "4" (fs/proc/task_mmu.c): soft-dirty tracking starts: VM_SOFTDIRTY is
+    /// cleared and every present PTE loses soft-dirty and write permission.
+    pub fn clear_soft_dirty<L: PteLayout>(&mut self, l: &L, k: usize) {
+        let mut writes = 0;
+        for vma in &mut self.mms[k].vmas {
+            vma.vm_softdirty = false;
+            for e in vma.ptes.iter_mut() {
+                if !l.pte_none(*e) {
+                    *e = l.pte_clear_soft_dirty(l.pte_wrprotect(*e));
+                    writes += 1;
+                }
+            }
+        }
+        self.op.pte_writes += writes;
+        self.op.tlb_flush_ranges += 1;
+    }
+}

@@ -1,0 +1,582 @@
+//! The whole-system simulation: physical memory, processes, files and pins, and the
+//! operations on them. Each operation lives in its own module (fault, fork, zap, mprotect,
+//! gup); this one holds the state, argument checks and the "all or nothing" rule.
+//!
+//! Every public operation either succeeds or returns an error with the state untouched: it
+//! checks its arguments first, and an operation that may run out of memory half-way runs on
+//! a copy of the state when free memory is short of its worst case.
+
+use crate::arch::{Layout, PteLayout};
+use crate::error::{Error, Result};
+use crate::kernel::KernelProfile;
+use crate::memory::Memory;
+use crate::mm::{File, Mm, Pin, Prot, Vma, NOT_CACHED};
+use crate::rmap::Rmap;
+use crate::stats::Stats;
+use crate::with_layout;
+
+/// Where the first mmap of a process goes (bytes), and the gap between mappings.
+const MMAP_BASE: u64 = 0x10_0000_0000;
+
+/// The simulated system.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub mem: Memory,
+    pub mms: Vec<Mm>,
+    pub files: Vec<File>,
+    pub pins: Vec<Pin>,
+    /// Counters of the last operation, and of the whole run.
+    pub op: Stats,
+    pub total: Stats,
+    /// The next content token a write stores (0 is "zero-filled").
+    pub next_token: u32,
+    pub next_anon_vma: u32,
+    /// The shared zero page's pfn (one past the end of RAM; never allocated).
+    pub zero_pfn: u64,
+    pub page_shift: u32,
+    pub ptrs_per_pte: u64,
+    pub pmd_order: u32,
+}
+
+/// A simulation: a layout, a kernel profile and the state.
+#[derive(Clone, Debug)]
+pub struct Simulation {
+    pub layout: Layout,
+    pub profile: KernelProfile,
+    pub st: State,
+}
+
+/// What one access does: read, write, or GUP's unshare of a R/O longterm pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+pub fn order_of_size(size: u64, page_shift: u32) -> Option<u32> {
+    if size == 0 || !size.is_power_of_two() || size < (1 << page_shift) {
+        return None;
+    }
+    Some(size.trailing_zeros() - page_shift)
+}
+
+impl Simulation {
+    /// `memory_bytes` of RAM (a multiple of the page size) on `layout`, running `profile`.
+    pub fn new(layout: Layout, profile: KernelProfile, memory_bytes: u64, seed: u64) -> Result<Simulation> {
+        let g = layout.geometry();
+        let page = 1u64 << g.page_shift;
+        if memory_bytes == 0 || memory_bytes % page != 0 {
+            return Err(Error::value(format!(
+                "memory {memory_bytes} bytes is not a positive multiple of the {page}-byte page"
+            )));
+        }
+        let nr_pages = memory_bytes / page;
+        if nr_pages + 1 > g.max_pfn {
+            return Err(Error::value(format!(
+                "{nr_pages} pages do not fit the {} PFN field",
+                layout.name()
+            )));
+        }
+        let pmd_order = g.ptrs_per_pte.trailing_zeros();
+        let mem = Memory::new(nr_pages, pmd_order, seed)?;
+        Ok(Simulation {
+            layout,
+            profile,
+            st: State {
+                mem,
+                mms: Vec::new(),
+                files: Vec::new(),
+                pins: Vec::new(),
+                op: Stats::default(),
+                total: Stats::default(),
+                next_token: 1,
+                next_anon_vma: 1,
+                zero_pfn: nr_pages,
+                page_shift: g.page_shift,
+                ptrs_per_pte: g.ptrs_per_pte,
+                pmd_order,
+            },
+        })
+    }
+
+    /// Sets the simulated fragmentation: allocations of `order` fail with probability `p`.
+    pub fn set_fallback(&mut self, order: u32, p: f64) -> Result<()> {
+        if order == 0 || order > self.st.pmd_order {
+            return Err(Error::value(format!(
+                "fragmentation applies to folio orders 1..={}, not {order}",
+                self.st.pmd_order
+            )));
+        }
+        if !(0.0..=1.0).contains(&p) {
+            return Err(Error::value(format!("fallback probability {p} is not in [0, 1]")));
+        }
+        self.st.mem.fallback[order as usize] = p;
+        Ok(())
+    }
+
+    fn begin(&mut self) {
+        self.st.op = Stats::default();
+    }
+
+    fn end(&mut self) {
+        let op = self.st.op.clone();
+        self.st.total.add(&op);
+    }
+
+    /// Runs `f` on the state; if free memory is below `worst_case` pages, on a copy that
+    /// replaces the state only when `f` succeeds.
+    fn guarded<T>(
+        &mut self,
+        worst_case: u64,
+        f: impl FnOnce(&Layout, &KernelProfile, &mut State) -> Result<T>,
+    ) -> Result<T> {
+        self.begin();
+        let r = if self.st.mem.free_pages >= worst_case {
+            f(&self.layout, &self.profile, &mut self.st)
+        } else {
+            let mut trial = self.st.clone();
+            let r = f(&self.layout, &self.profile, &mut trial);
+            if r.is_ok() {
+                self.st = trial;
+            }
+            r
+        };
+        self.end();
+        r
+    }
+
+    // ---- argument checks ----------------------------------------------------------------
+
+    pub fn page_size(&self) -> u64 {
+        1 << self.st.page_shift
+    }
+
+    fn mm_index(&self, pid: u32) -> Result<usize> {
+        let k = (pid as usize).checked_sub(1).filter(|&k| k < self.st.mms.len());
+        match k {
+            Some(k) if !self.st.mms[k].exited => Ok(k),
+            Some(_) => Err(Error::value(format!("process {pid} has exited"))),
+            None => Err(Error::value(format!("no process {pid}"))),
+        }
+    }
+
+    /// Checks that `[addr, addr + len)` is a non-empty page-aligned user range; returns vpns.
+    fn vrange(&self, addr: u64, len: u64) -> Result<(u64, u64)> {
+        let ps = self.page_size();
+        if addr % ps != 0 || len % ps != 0 {
+            return Err(Error::value(format!(
+                "range {addr:#x}+{len:#x} is not aligned to the {ps}-byte page"
+            )));
+        }
+        if len == 0 {
+            return Err(Error::value("empty range"));
+        }
+        let end = addr.checked_add(len).filter(|&e| e <= 1 << 56).ok_or_else(|| {
+            Error::value(format!("range {addr:#x}+{len:#x} leaves the 56-bit user address space"))
+        })?;
+        Ok((addr >> self.st.page_shift, end >> self.st.page_shift))
+    }
+
+    fn mapped_range(&self, k: usize, addr: u64, len: u64) -> Result<(u64, u64)> {
+        let (a, b) = self.vrange(addr, len)?;
+        if !self.st.mms[k].fully_mapped(a, b) {
+            return Err(Error::value(format!(
+                "range {addr:#x}+{len:#x} is not entirely mapped in process {}",
+                self.st.mms[k].pid
+            )));
+        }
+        Ok((a, b))
+    }
+
+    // ---- processes and mappings ---------------------------------------------------------
+
+    /// A new process with an empty address space.
+    pub fn spawn(&mut self) -> u32 {
+        let pid = self.st.mms.len() as u32 + 1;
+        self.st.mms.push(Mm {
+            pid,
+            mm_id: pid,
+            vmas: Vec::new(),
+            rss: [0; 3],
+            has_pinned: false,
+            exited: false,
+            next_vpn: MMAP_BASE >> self.st.page_shift,
+        });
+        pid
+    }
+
+    /// A file (or shmem object) of `size` bytes whose page cache uses folios of `folio_size`.
+    pub fn create_file(&mut self, size: u64, folio_size: u64, shmem: bool) -> Result<u32> {
+        let ps = self.page_size();
+        let order = order_of_size(folio_size, self.st.page_shift)
+            .filter(|&o| o <= self.st.pmd_order)
+            .ok_or_else(|| {
+                Error::value(format!(
+                    "folio size {folio_size} is not a power of two between the page size and the \
+                     PMD size"
+                ))
+            })?;
+        if size == 0 || size % (ps << order) != 0 {
+            return Err(Error::value(format!(
+                "file size {size} is not a positive multiple of its folio size {folio_size}"
+            )));
+        }
+        let nr = size / ps;
+        self.st.files.push(File { nr_pages: nr, folio_order: order, shmem, cache: vec![NOT_CACHED; nr as usize] });
+        Ok(self.st.files.len() as u32 - 1)
+    }
+
+    /// `mmap()`: returns the start address. `file` maps a file object from byte `offset`;
+    /// a shared anonymous mapping gets its own shmem object. `mthp` lists the enabled
+    /// anonymous folio sizes in bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mmap(
+        &mut self,
+        pid: u32,
+        addr: Option<u64>,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+        file: Option<(u32, u64)>,
+        mthp: &[u64],
+        uffd_wp: bool,
+        uffd_event_fork: bool,
+    ) -> Result<u64> {
+        let k = self.mm_index(pid)?;
+        let ps = self.page_size();
+        let shift = self.st.page_shift;
+        let mut orders = 1u32;
+        for &size in mthp {
+            let o = order_of_size(size, shift).filter(|&o| o <= self.st.pmd_order && o != 1);
+            match o {
+                Some(o) => orders |= 1 << o,
+                None => {
+                    return Err(Error::value(format!(
+                        "mTHP size {size} is not one of the page size, 4 pages … the PMD size"
+                    )))
+                }
+            }
+        }
+        if len == 0 || len % ps != 0 {
+            return Err(Error::value(format!("length {len} is not a positive multiple of {ps}")));
+        }
+        let nr = len / ps;
+        if let Some((f, off)) = file {
+            let fo = self.st.files.get(f as usize).ok_or_else(|| Error::value(format!("no file {f}")))?;
+            if off % ps != 0 || off / ps + nr > fo.nr_pages {
+                return Err(Error::value(format!(
+                    "file range {off:#x}+{len:#x} is unaligned or beyond the file's {} pages",
+                    fo.nr_pages
+                )));
+            }
+        }
+        if uffd_wp && !self.layout.caps().uffd_wp {
+            return Err(Error::value(format!("{} has no uffd-wp PTE bit", self.layout.name())));
+        }
+        let pmd_pages = self.st.ptrs_per_pte;
+        let start = match addr {
+            Some(a) => {
+                let (a, b) = self.vrange(a, len)?;
+                let mm = &self.st.mms[k];
+                if mm.vmas.iter().any(|v| v.start < b && a < v.end()) {
+                    return Err(Error::value(format!(
+                        "address {:#x}+{len:#x} overlaps an existing mapping",
+                        a << shift
+                    )));
+                }
+                a
+            }
+            None => {
+                let mm = &self.st.mms[k];
+                mm.next_vpn.div_ceil(pmd_pages) * pmd_pages
+            }
+        };
+        if (start + nr) << shift > 1 << 56 {
+            return Err(Error::value("the address space is full"));
+        }
+        let (file_id, pgoff) = match file {
+            Some((f, off)) => (Some(f), off / ps),
+            None if shared => {
+                // Shared anonymous memory is a shmem object of the mapping's size.
+                self.st.files.push(File { nr_pages: nr, folio_order: 0, shmem: true, cache: vec![NOT_CACHED; nr as usize] });
+                (Some(self.st.files.len() as u32 - 1), 0)
+            }
+            None => (None, 0),
+        };
+        let mm = &mut self.st.mms[k];
+        let vma = Vma {
+            start,
+            ptes: vec![with_layout!(&self.layout, l => l.geometry().none_value); nr as usize],
+            prot,
+            shared,
+            file: file_id,
+            pgoff,
+            vm_softdirty: true,
+            uffd_wp,
+            uffd_event_fork,
+            dontfork: false,
+            wipeonfork: false,
+            anon_vma: 0,
+            mthp: orders,
+        };
+        let pos = mm.vmas.partition_point(|v| v.start < start);
+        mm.vmas.insert(pos, vma);
+        mm.merge_around(pos..pos + 1);
+        mm.next_vpn = mm.next_vpn.max(start + nr + pmd_pages);
+        Ok(start << shift)
+    }
+
+    /// Reads or writes every page of a range, faulting as the kernel would. A write stores a
+    /// fresh content token in each page.
+    pub fn touch(&mut self, pid: u32, addr: u64, len: u64, write: bool) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.mapped_range(k, addr, len)?;
+        let access = if write { Access::Write } else { Access::Read };
+        with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
+        let worst = self.st.worst_case_pages(k, a, b);
+        self.guarded(worst, |layout, p, st| {
+            with_layout!(layout, l => {
+                for vpn in a..b {
+                    st.access(l, p, k, vpn, access)?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Reads one page: the content token the process sees there (0 = zero-filled).
+    pub fn read(&mut self, pid: u32, addr: u64) -> Result<u32> {
+        let ps = self.page_size();
+        self.touch(pid, addr & !(ps - 1), ps, false)?;
+        let k = self.mm_index(pid)?;
+        Ok(with_layout!(&self.layout, l => self.st.token_at(l, k, addr >> self.st.page_shift)))
+    }
+
+    /// Writes one page; returns the token written.
+    pub fn write(&mut self, pid: u32, addr: u64) -> Result<u32> {
+        let ps = self.page_size();
+        self.touch(pid, addr & !(ps - 1), ps, true)?;
+        let k = self.mm_index(pid)?;
+        Ok(with_layout!(&self.layout, l => self.st.token_at(l, k, addr >> self.st.page_shift)))
+    }
+
+    /// `fork()`: returns the child's pid.
+    pub fn fork(&mut self, pid: u32) -> Result<u32> {
+        let k = self.mm_index(pid)?;
+        // Each copied pinned page needs one page, plus one preallocation that may go unused.
+        let worst = if self.st.mms[k].has_pinned {
+            self.st.mms[k].vmas.iter().map(|v| v.ptes.len() as u64).sum::<u64>() + 1
+        } else {
+            0
+        };
+        self.guarded(worst, |layout, p, st| with_layout!(layout, l => st.fork(l, p, k)))
+    }
+
+    /// `munmap()`; unmapped holes inside the range are allowed, as in the kernel.
+    pub fn munmap(&mut self, pid: u32, addr: u64, len: u64) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.vrange(addr, len)?;
+        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.munmap(l, p, k, a, b); Ok(()) }))
+    }
+
+    /// `exit()`: tears the address space down (pins stay until unpinned).
+    pub fn exit(&mut self, pid: u32) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.exit_mm(l, p, k); Ok(()) }))
+    }
+
+    /// `madvise()`: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork".
+    pub fn madvise(&mut self, pid: u32, addr: u64, len: u64, advice: &str) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.mapped_range(k, addr, len)?;
+        match advice {
+            "dontneed" => {
+                self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.madv_dontneed(l, p, k, a, b); Ok(()) }))
+            }
+            "dontfork" | "dofork" | "wipeonfork" | "keeponfork" => {
+                if advice == "wipeonfork" {
+                    let mm = &self.st.mms[k];
+                    let mut at = a;
+                    while at < b {
+                        let v = &mm.vmas[mm.find_vma(at).expect("range checked")];
+                        if !v.is_anon() {
+                            return Err(Error::value(
+                                "MADV_WIPEONFORK applies to private anonymous mappings only",
+                            ));
+                        }
+                        at = v.end();
+                    }
+                }
+                self.begin();
+                let mm = &mut self.st.mms[k];
+                let r = mm.isolate(a, b);
+                for v in &mut mm.vmas[r.clone()] {
+                    match advice {
+                        "dontfork" => v.dontfork = true,
+                        "dofork" => v.dontfork = false,
+                        "wipeonfork" => v.wipeonfork = true,
+                        _ => v.wipeonfork = false,
+                    }
+                }
+                mm.merge_around(r);
+                self.end();
+                Ok(())
+            }
+            _ => Err(Error::value(format!(
+                "unknown advice {advice:?}; known: dontneed, dontfork, dofork, wipeonfork, keeponfork"
+            ))),
+        }
+    }
+
+    /// `mprotect()`.
+    pub fn mprotect(&mut self, pid: u32, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.mapped_range(k, addr, len)?;
+        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.mprotect(l, p, k, a, b, prot); Ok(()) }))
+    }
+
+    /// `pin_user_pages()` with FOLL_PIN (and FOLL_WRITE / FOLL_LONGTERM): returns a pin id.
+    pub fn pin(&mut self, pid: u32, addr: u64, len: u64, write: bool, longterm: bool) -> Result<u32> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.mapped_range(k, addr, len)?;
+        let access = if write { Access::Write } else { Access::Read };
+        with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
+        let worst = self.st.worst_case_pages(k, a, b);
+        self.guarded(worst, |layout, p, st| with_layout!(layout, l => st.pin(l, p, k, a, b, write, longterm)))
+    }
+
+    pub fn unpin(&mut self, pin: u32) -> Result<()> {
+        let ok = self.st.pins.get(pin as usize).is_some_and(|p| p.active);
+        if !ok {
+            return Err(Error::value(format!("no active pin {pin}")));
+        }
+        self.begin();
+        let pfns = std::mem::take(&mut self.st.pins[pin as usize].pfns);
+        self.st.pins[pin as usize].active = false;
+        let mut r = Rmap { mem: &mut self.st.mem, stats: &mut self.st.op, profile: &self.profile };
+        for pfn in pfns {
+            let head = r.mem.folio_head(pfn);
+            r.unpin(head);
+        }
+        self.end();
+        Ok(())
+    }
+
+    fn pin_page(&self, pin: u32, index: u64) -> Result<u64> {
+        let p = self.st.pins.get(pin as usize).filter(|p| p.active).ok_or_else(|| Error::value(format!("no active pin {pin}")))?;
+        p.pfns.get(index as usize).copied().ok_or_else(|| {
+            Error::value(format!("pin {pin} covers {} pages, not page {index}", p.pfns.len()))
+        })
+    }
+
+    /// What a device reading page `index` of a pin sees.
+    pub fn pin_read(&self, pin: u32, index: u64) -> Result<u32> {
+        let pfn = self.pin_page(pin, index)?;
+        Ok(self.st.mem.token[pfn as usize])
+    }
+
+    /// A device write (DMA) into page `index` of a pin; returns the token written.
+    pub fn pin_write(&mut self, pin: u32, index: u64) -> Result<u32> {
+        let pfn = self.pin_page(pin, index)?;
+        let t = self.st.new_token();
+        self.st.mem.token[pfn as usize] = t;
+        Ok(t)
+    }
+
+    /// Soft-dirty reset (`echo 4 > /proc/pid/clear_refs`): clears VM_SOFTDIRTY and the PTEs'
+    /// soft-dirty bits, write-protecting them, so tracking starts.
+    pub fn clear_soft_dirty(&mut self, pid: u32) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        if !self.layout.caps().soft_dirty {
+            return Err(Error::value(format!("{} has no soft-dirty bit", self.layout.name())));
+        }
+        self.guarded(0, |layout, _p, st| with_layout!(layout, l => { st.clear_soft_dirty(l, k); Ok(()) }))
+    }
+
+    pub fn vma_index(&self, pid: u32, addr: u64) -> Result<(usize, usize)> {
+        let k = self.mm_index(pid)?;
+        let vpn = addr >> self.st.page_shift;
+        let v = self.st.mms[k].find_vma(vpn).ok_or_else(|| Error::value(format!("no mapping at {addr:#x} in process {pid}")))?;
+        Ok((k, v))
+    }
+
+    pub fn mm(&self, pid: u32) -> Result<&Mm> {
+        let k = (pid as usize).checked_sub(1).filter(|&k| k < self.st.mms.len()).ok_or_else(|| Error::value(format!("no process {pid}")))?;
+        Ok(&self.st.mms[k])
+    }
+}
+
+impl State {
+    pub fn new_token(&mut self) -> u32 {
+        let t = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        t
+    }
+
+    /// The content token process `k` sees at `vpn` (0 for none PTEs and the zero page).
+    pub fn token_at<L: PteLayout>(&self, l: &L, k: usize, vpn: u64) -> u32 {
+        let mm = &self.mms[k];
+        let Some(v) = mm.find_vma(vpn) else { return 0 };
+        let vma = &mm.vmas[v];
+        let pte = vma.ptes[(vpn - vma.start) as usize];
+        if l.pte_none(pte) {
+            return 0;
+        }
+        self.vm_normal_page(l, pte).map(|p| self.mem.token[p as usize]).unwrap_or(0)
+    }
+
+    /// An upper bound on the pages faults over `[a, b)` can allocate: the range plus one
+    /// largest enabled folio at either end.
+    fn worst_case_pages(&self, k: usize, a: u64, b: u64) -> u64 {
+        let mm = &self.mms[k];
+        let mut max_order = 0;
+        let mut at = a;
+        while at < b {
+            let Some(v) = mm.find_vma(at) else { break };
+            let vma = &mm.vmas[v];
+            max_order = max_order.max(31 - vma.mthp.leading_zeros());
+            if let Some(f) = vma.file {
+                max_order = max_order.max(self.files[f as usize].folio_order);
+            }
+            at = vma.end();
+        }
+        (b - a) + 2 * (1u64 << max_order)
+    }
+
+    /// `vm_normal_page()`: the page a present PTE maps, or `None` for special PTEs and the
+    /// shared zero page.
+    #[inline]
+    pub fn vm_normal_page<L: PteLayout>(&self, l: &L, pte: u64) -> Option<u64> {
+        if l.pte_special(pte) {
+            return None;
+        }
+        let pfn = l.pte_pfn(pte);
+        (pfn != self.zero_pfn).then_some(pfn)
+    }
+
+    pub fn rmap<'a>(&'a mut self, p: &'a KernelProfile) -> Rmap<'a> {
+        Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }
+    }
+
+    /// vm_page_prot's write bit: shared mappings without write-notify (shmem, no soft-dirty
+    /// tracking) map writable directly; private ones never (COW).
+    pub fn page_prot_write<L: PteLayout>(&self, l: &L, vma: &Vma) -> bool {
+        vma.prot.write && vma.shared && !self.wants_writenotify(l, vma)
+    }
+
+    /// `vma_wants_writenotify()` for a shared mapping: page-cache files account dirty pages;
+    /// soft-dirty tracking needs write faults too.
+    pub fn wants_writenotify<L: PteLayout>(&self, l: &L, vma: &Vma) -> bool {
+        let file_accounts_dirty = vma.file.is_some_and(|f| !self.files[f as usize].shmem);
+        file_accounts_dirty || vma.soft_dirty_tracking(l.caps())
+    }
+
+    pub fn new_anon_vma(&mut self) -> u32 {
+        let a = self.next_anon_vma;
+        self.next_anon_vma += 1;
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests;
