@@ -16,9 +16,11 @@ from ptebatch import _core
 from ptebatch._core import (
     KERNEL_VERSIONS,
     LAYOUT_NAMES,
+    AccessFault,
     Batch,
     CaptureError,
     InvariantError,
+    OutOfMemoryError,
     Layout,
     PtebatchError,
     SnapshotError,
@@ -27,6 +29,7 @@ from ptebatch._core import (
     fpb_form,
     layout,
 )
+from ptebatch.simulation import Mapping, Pin, Process, Simulation, format_size, parse_size, state_diff
 from ptebatch._flags import (
     FPB_IGNORE_DIRTY,
     FPB_IGNORE_SOFT_DIRTY,
@@ -71,6 +74,15 @@ __all__ = [
     "NEWEST_KERNEL",
     "Batch",
     "CaptureError",
+    "AccessFault",
+    "OutOfMemoryError",
+    "Simulation",
+    "Process",
+    "Mapping",
+    "Pin",
+    "parse_size",
+    "format_size",
+    "state_diff",
     "FPB_IGNORE_DIRTY",
     "FPB_IGNORE_SOFT_DIRTY",
     "FPB_MERGE_WRITE",

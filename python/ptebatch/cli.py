@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 import ptebatch as pb
+from ptebatch.study import Progress, folio_sizes, fork_study, format_fork_study
 from ptebatch.tables import mixed_table, unbacked_pfns
 
 #: One kernel per folio_pte_batch() form, plus 6.8 (per-PTE fork).
@@ -32,6 +33,22 @@ def _runs(lengths: np.ndarray) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
+    """The main job: the fork study (``ptebatch.study``)."""
+    kernels = args.kernel or ["6.8", pb.NEWEST_KERNEL]
+    sizes = args.size or None
+    n_sizes = len(sizes) if sizes else len(folio_sizes(args.arch))
+    print(f"ptebatch {pb.__version__}: fork() of {args.region} of written private anonymous memory "
+          f"on {args.arch}, one folio size at a time (PTE-mapped), under {' and '.join(kernels)}")
+    print("counters are the kernel work of the fork alone; sim.check() passed after every fork\n")
+    bar = Progress(n_sizes * len(kernels), "fork study")
+    t0 = time.perf_counter()
+    rows = fork_study(args.region, sizes, kernels, args.arch, progress=bar.step)
+    print(format_fork_study(rows, kernels))
+    print(f"\nratio = {kernels[0]} / {kernels[-1]}; total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def batches(args: argparse.Namespace) -> int:
     """Cuts a generated mTHP page table into fork batches for every layout and kernel."""
     layouts = args.layout or list(pb.LAYOUT_NAMES)
     kernels = args.kernel or list(DEMO_KERNELS)
@@ -78,7 +95,13 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptebatch", description=__doc__)
     sub = parser.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="fork batches of a generated page table per layout and kernel")
+    f = sub.add_parser("demo", help="the main job: fork study of 1 GiB per folio size, 6.8 vs newest")
+    f.add_argument("--region", default="1GiB", help="bytes of written anonymous memory (default 1GiB)")
+    f.add_argument("--size", action="append", help="folio size (repeatable; default 4K and every mTHP size)")
+    f.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
+                   help=f"kernel (repeatable; default 6.8 and {pb.NEWEST_KERNEL}; the first is the baseline)")
+    f.add_argument("--arch", default="x86-64", choices=pb.LAYOUT_NAMES)
+    d = sub.add_parser("batches", help="fork batches of a generated page table per layout and kernel")
     d.add_argument("--layout", action="append", choices=pb.LAYOUT_NAMES,
                    help="layout (repeatable; default: all)")
     d.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
@@ -98,9 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
     if args.command == "demo":
+        return demo(args)
+    if args.command == "batches":
         if args.ptes < 1:
             parser.error("--ptes must be at least 1")
-        return demo(args)
+        return batches(args)
     parser.print_help()
     return 2
 

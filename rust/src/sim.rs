@@ -493,6 +493,13 @@ impl Simulation {
         self.guarded(0, |layout, _p, st| with_layout!(layout, l => { st.clear_soft_dirty(l, k); Ok(()) }))
     }
 
+    /// /proc/<pid>/pagemap of `[addr, addr + len)`.
+    pub fn pagemap(&self, pid: u32, addr: u64, len: u64) -> Result<Vec<u64>> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.vrange(addr, len)?;
+        Ok(with_layout!(&self.layout, l => self.st.pagemap(l, &self.profile, k, a, b)))
+    }
+
     pub fn vma_index(&self, pid: u32, addr: u64) -> Result<(usize, usize)> {
         let k = self.mm_index(pid)?;
         let vpn = addr >> self.st.page_shift;

@@ -4,6 +4,7 @@ mod args;
 mod batch;
 mod errors;
 mod layout;
+mod sim;
 
 use pyo3::prelude::*;
 
@@ -12,6 +13,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<layout::PyLayout>()?;
     m.add_class::<batch::PyBatch>()?;
+    m.add_class::<sim::PySimulation>()?;
     m.add_function(wrap_pyfunction!(layout::layout, m)?)?;
     m.add_function(wrap_pyfunction!(batch::folio_pte_batch, m)?)?;
     m.add_function(wrap_pyfunction!(batch::batch_lengths, m)?)?;
@@ -23,5 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvariantError", py.get_type::<errors::InvariantError>())?;
     m.add("SnapshotError", py.get_type::<errors::SnapshotError>())?;
     m.add("CaptureError", py.get_type::<errors::CaptureError>())?;
+    m.add("OutOfMemoryError", py.get_type::<errors::OutOfMemoryError>())?;
+    m.add("AccessFault", py.get_type::<errors::AccessFault>())?;
     Ok(())
 }

@@ -1,0 +1,285 @@
+"""The simulation's Python face: ``Simulation``, ``Process``, ``Mapping`` and ``Pin``.
+
+The work happens in the Rust core (``ptebatch._core.Simulation``); the pure-Python twin
+(``ptebatch.reference.sim.Simulation``) has the same low-level API, so ``backend="reference"``
+runs the same script on the readable model. These classes only add names and sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+
+from . import _core
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
+          "TIB": 1 << 40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"64K"``, ``"2MiB"``, ``"16GiB"`` (binary units)."""
+    if isinstance(size, bool):
+        raise TypeError("a size must be an int or a string such as '64K', not bool")
+    if isinstance(size, (int, np.integer)):
+        if size < 0:
+            raise ValueError(f"size {size} is negative")
+        return int(size)
+    if not isinstance(size, str):
+        raise TypeError(f"a size must be an int or a string such as '64K', not {type(size).__name__}")
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", size)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read size {size!r}; use e.g. 4096, '64K', '2M', '16GiB'")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    """``65536`` → ``"64K"``: the kernel's hugepages-<size>kB style, shortened."""
+    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+class _Backend(Protocol):
+    """The low-level API both the Rust core and the reference implement."""
+
+    page_size: int
+
+    def spawn(self) -> int: ...
+    def state(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One mmap: its process, start address and length in bytes."""
+
+    process: "Process"
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def page(self, i: int) -> int:
+        """Address of page ``i`` of the mapping."""
+        if not 0 <= i < self.length // self.process.sim.page_size:
+            raise IndexError(f"page {i} is outside the mapping's {self.length // self.process.sim.page_size} pages")
+        return self.start + i * self.process.sim.page_size
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A FOLL_PIN of a user range: what a device doing DMA into it sees."""
+
+    sim: "Simulation"
+    id: int
+
+    def read(self, index: int = 0) -> int:
+        return self.sim._b.pin_read(self.id, index)
+
+    def write(self, index: int = 0) -> int:
+        return self.sim._b.pin_write(self.id, index)
+
+    def unpin(self) -> None:
+        self.sim._b.unpin(self.id)
+
+
+class Process:
+    """A simulated process (its mm). Addresses are bytes; sizes take ints or ``"64K"``-style strings."""
+
+    def __init__(self, sim: "Simulation", pid: int):
+        self.sim = sim
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"Process(pid={self.pid})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Process) and other.sim is self.sim and other.pid == self.pid
+
+    def __hash__(self) -> int:
+        return hash((id(self.sim), self.pid))
+
+    def mmap(self, length: int | str, prot: str = "rw", shared: bool = False, *, file: int | None = None,
+             offset: int | str = 0, mthp: Iterable[int | str] = (), addr: int | None = None,
+             uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
+        """``mmap()``: anonymous private by default; ``mthp`` lists the enabled anonymous folio sizes."""
+        n = parse_size(length)
+        sizes = [parse_size(s) for s in mthp]
+        start = self.sim._b.mmap(self.pid, n, prot, shared, file, parse_size(offset), sizes, addr,
+                                 uffd_wp, uffd_event_fork)
+        return Mapping(self, start, n)
+
+    def touch(self, addr: int, length: int | str, write: bool = False) -> None:
+        """Reads or writes every page of the range (faulting as the kernel would)."""
+        self.sim._b.touch(self.pid, addr, parse_size(length), write)
+
+    def read(self, addr: int) -> int:
+        """The content token this process sees at ``addr`` (0 = zero-filled)."""
+        return self.sim._b.read(self.pid, addr)
+
+    def write(self, addr: int) -> int:
+        """Writes the page at ``addr``; returns the new token."""
+        return self.sim._b.write(self.pid, addr)
+
+    def fork(self) -> "Process":
+        return Process(self.sim, self.sim._b.fork(self.pid))
+
+    def munmap(self, addr: int, length: int | str) -> None:
+        self.sim._b.munmap(self.pid, addr, parse_size(length))
+
+    def mprotect(self, addr: int, length: int | str, prot: str) -> None:
+        self.sim._b.mprotect(self.pid, addr, parse_size(length), prot)
+
+    def madvise(self, addr: int, length: int | str, advice: str) -> None:
+        """``advice``: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork"."""
+        self.sim._b.madvise(self.pid, addr, parse_size(length), advice)
+
+    def pin(self, addr: int, length: int | str, *, write: bool = True, longterm: bool = True) -> Pin:
+        """``pin_user_pages(FOLL_PIN [| FOLL_WRITE] [| FOLL_LONGTERM])``."""
+        return Pin(self.sim, self.sim._b.pin(self.pid, addr, parse_size(length), write, longterm))
+
+    def exit(self) -> None:
+        self.sim._b.exit(self.pid)
+
+    def clear_soft_dirty(self) -> None:
+        """``echo 4 > /proc/<pid>/clear_refs``."""
+        self.sim._b.clear_soft_dirty(self.pid)
+
+    def pagemap(self, addr: int, length: int | str) -> np.ndarray:
+        """/proc/<pid>/pagemap entries (uint64) of the range, as root reads them."""
+        return np.asarray(self.sim._b.pagemap(self.pid, addr, parse_size(length)), dtype=np.uint64)
+
+    def ptes(self, mapping: Mapping | int) -> np.ndarray:
+        """A copy of the PTE array of the VMA holding the mapping's start (or an address)."""
+        addr = mapping.start if isinstance(mapping, Mapping) else mapping
+        return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
+
+    def vmas(self) -> list[dict[str, Any]]:
+        return list(self.sim._b.vmas(self.pid))
+
+    def rss(self) -> dict[str, int]:
+        return dict(self.sim._b.rss(self.pid))
+
+
+class Simulation:
+    """A simulated machine: ``arch`` (a PTE layout), ``kernel`` ("6.8" … newest), ``memory`` of RAM.
+
+    ``batching=False`` runs the same kernel with fork, zap and mprotect per PTE, the
+    baseline that batching must equal. ``fragmentation`` maps folio sizes to the fraction of
+    their allocations that fail as if memory were fragmented (``{"64K": 0.3}``).
+    """
+
+    def __init__(self, arch: str = "x86-64", kernel: str = "6.18", memory: int | str = "1GiB", *,
+                 seed: int = 0, batching: bool = True, fragmentation: dict[int | str, float] | None = None,
+                 backend: str = "rust"):
+        if backend == "rust":
+            self._b: Any = _core.Simulation(arch, kernel, parse_size(memory), seed, batching)
+        elif backend == "reference":
+            from .reference.sim import Simulation as RefSimulation
+
+            self._b = RefSimulation(arch, kernel, parse_size(memory), seed, batching)
+        else:
+            raise ValueError(f"backend must be 'rust' or 'reference', not {backend!r}")
+        self.arch, self.kernel, self.batching, self.backend = arch, kernel, batching, backend
+        for size, p in (fragmentation or {}).items():
+            n = parse_size(size)
+            order = n.bit_length() - 1 - (self.page_size.bit_length() - 1)
+            if n != self.page_size << max(order, 0) or order < 1:
+                raise ValueError(f"fragmentation size {size!r} is not a large folio size")
+            self._b.set_fallback(order, float(p))
+
+    @classmethod
+    def _wrap(cls, backend: Any, like: "Simulation") -> "Simulation":
+        sim = cls.__new__(cls)
+        sim._b = backend
+        sim.arch, sim.kernel, sim.batching, sim.backend = like.arch, like.kernel, like.batching, like.backend
+        return sim
+
+    def __repr__(self) -> str:
+        return (f"Simulation(arch={self.arch!r}, kernel={self.kernel!r}, memory={format_size(self.nr_pages * self.page_size)!r}, "
+                f"batching={self.batching}, backend={self.backend!r})")
+
+    @property
+    def page_size(self) -> int:
+        return int(self._b.page_size)
+
+    @property
+    def nr_pages(self) -> int:
+        return int(self._b.nr_pages)
+
+    @property
+    def free_pages(self) -> int:
+        return int(self._b.free_pages)
+
+    @property
+    def zero_pfn(self) -> int:
+        return int(self._b.zero_pfn)
+
+    def spawn(self) -> Process:
+        return Process(self, self._b.spawn())
+
+    def process(self, pid: int) -> Process:
+        return Process(self, pid)
+
+    def create_file(self, size: int | str, folio_size: int | str = 4096, *, shmem: bool = False) -> int:
+        """A file (or shmem object) whose page cache uses folios of ``folio_size``; returns its id."""
+        return self._b.create_file(parse_size(size), parse_size(folio_size), shmem)
+
+    def check(self) -> None:
+        """Recomputes every invariant from the page tables; raises ``InvariantError`` naming the rule."""
+        self._b.check()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters since the start."""
+        return dict(self._b.stats)
+
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """Counters of the last operation."""
+        return dict(self._b.last_stats)
+
+    def page(self, pfn: int) -> dict[str, Any]:
+        return dict(self._b.page(pfn))
+
+    def kpagecount(self, pfn: int) -> int:
+        return self._b.kpagecount(pfn)
+
+    def state(self) -> dict[str, Any]:
+        """The whole state in canonical form (numpy arrays and ints)."""
+        return {k: (np.asarray(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in self._b.state().items()}
+
+    def clone(self) -> "Simulation":
+        """An independent copy, for A/B experiments."""
+        return Simulation._wrap(self._b.clone(), self)
+
+    def state_equal(self, other: "Simulation") -> bool:
+        return state_diff(self.state(), other.state()) == []
+
+
+def state_diff(a: dict[str, Any], b: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Names of the state fields that differ (with a short description), skipping ``ignore``."""
+    out = []
+    skip = set(ignore)
+    for key in sorted(set(a) | set(b)):
+        if key in skip:
+            continue
+        if key not in a or key not in b:
+            out.append(f"{key}: present on one side only")
+            continue
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        if x.shape != y.shape:
+            out.append(f"{key}: shape {x.shape} vs {y.shape}")
+        elif not np.array_equal(x, y):
+            idx = np.argwhere(x != y)
+            out.append(f"{key}: {len(idx)} element(s) differ, first at {tuple(idx[0])}: {x[tuple(idx[0])]} vs {y[tuple(idx[0])]}")
+    return out
+
+
+__all__ = ["Simulation", "Process", "Mapping", "Pin", "parse_size", "format_size", "state_diff"]
