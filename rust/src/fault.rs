@@ -422,7 +422,7 @@ impl State {
             }
         }
         self.mms[k].has_pinned = true;
-        self.pins.push(Pin { pfns, longterm, active: true });
+        self.pins.push(Pin { pfns, write, longterm, active: true });
         Ok(self.pins.len() as u32 - 1)
     }
 

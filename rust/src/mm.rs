@@ -250,6 +250,8 @@ pub const NOT_CACHED: u64 = u64::MAX;
 #[derive(Clone, Debug)]
 pub struct Pin {
     pub pfns: Vec<u64>,
+    /// FOLL_WRITE: the device may write into the pages.
+    pub write: bool,
     pub longterm: bool,
     pub active: bool,
 }

@@ -455,8 +455,11 @@ impl Simulation {
         self.st.pins[pin as usize].active = false;
         let mut r = Rmap { mem: &mut self.st.mem, stats: &mut self.st.op, profile: &self.profile };
         for pfn in pfns {
-            let head = r.mem.folio_head(pfn);
-            r.unpin(head);
+            // The shared zero page is not reference-counted.
+            if pfn != self.st.zero_pfn {
+                let head = r.mem.folio_head(pfn);
+                r.unpin(head);
+            }
         }
         self.end();
         Ok(())
@@ -472,12 +475,18 @@ impl Simulation {
     /// What a device reading page `index` of a pin sees.
     pub fn pin_read(&self, pin: u32, index: u64) -> Result<u32> {
         let pfn = self.pin_page(pin, index)?;
+        if pfn == self.st.zero_pfn {
+            return Ok(0);
+        }
         Ok(self.st.mem.token[pfn as usize])
     }
 
     /// A device write (DMA) into page `index` of a pin; returns the token written.
     pub fn pin_write(&mut self, pin: u32, index: u64) -> Result<u32> {
         let pfn = self.pin_page(pin, index)?;
+        if !self.st.pins[pin as usize].write {
+            return Err(Error::value(format!("pin {pin} is read-only (taken without FOLL_WRITE)")));
+        }
         let t = self.st.new_token();
         self.st.mem.token[pfn as usize] = t;
         Ok(t)

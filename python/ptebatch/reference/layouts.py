@@ -177,6 +177,33 @@ class RefLayout:
         """pte_batch_hint(), generic: always 1 — include/linux/pgtable.h"""
         return 1
 
+    # -- what the simulation builds PTEs with (the Rust PteLayout trait's helpers) ---------------
+
+    def pfn_pte_template(self, pfn: int, exec: bool, prot_none: bool) -> int:
+        """pfn_pte(pfn, PAGE_NONE / PAGE_READONLY_EXEC / PAGE_READONLY): the user templates."""
+        if prot_none:
+            prot = self.PAGE_NONE
+        elif exec:
+            prot = self.PAGE_READONLY_EXEC
+        else:
+            prot = self.PAGE_READONLY
+        return self.pfn_pte(pfn, prot)
+
+    @_u64_args
+    def pte_mkspecial(self, v: int) -> int:
+        """pte_mkspecial() — the arch's special bit (include/linux/pgtable.h, arch headers)"""
+        return v | self.SPECIAL
+
+    @_u64_args
+    def set_uffd_wp_bit(self, v: int) -> int:
+        """The arch's uffd-wp bit set, nothing else (identity where the arch has none)."""
+        return v | self.UFFD_WP if self.UFFD_WP is not None else v
+
+    @_u64_args
+    def clear_uffd_wp_bit(self, v: int) -> int:
+        """The arch's uffd-wp bit cleared, nothing else (pte_clear_uffd_wp() without the write side)."""
+        return v & ~self.UFFD_WP if self.UFFD_WP is not None else v
+
 
 # ============================================================================================
 # x86-64

@@ -1,0 +1,206 @@
+"""Invariants: the kernel's accounting recomputed from scratch by rescanning every page table,
+and compared with the stored counters (rust/src/check.rs). The first broken rule is raised as
+an InvariantError "rule: message" with ``.rule`` set."""
+
+from __future__ import annotations
+
+from .errors import broken
+from .kernel import KernelProfile
+from .memory import (
+    GUP_PIN_COUNTING_BIAS,
+    MM_ID_DUMMY,
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_FILE,
+    PG_MAYBE_SHARED,
+    PG_SWAPBACKED,
+)
+from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, RSS_NAMES
+from .state import State
+
+MANY = (1 << 32) - 1  # owner[pfn] of a page mapped by more than one mm
+
+
+def where_mapped(st: State, l, pfn: int) -> str:
+    """Where ``pfn`` is mapped (pid and address), for messages."""
+    for mm in st.mms:
+        for vma in mm.vmas:
+            for i, e in enumerate(vma.ptes):
+                if not l.pte_none(e) and l.pte_pfn(e) == pfn:
+                    return f"; mapped by pid {mm.pid} at {(vma.start + i) << st.page_shift:#x}"
+    return "; not mapped by any page table"
+
+
+class _Scan:
+    """What the page tables say: per-page mappings, owners, writable mappings, per-(folio, mm) maps."""
+
+    def __init__(self, n: int) -> None:
+        self.count = [0] * n
+        self.owner = [0] * n
+        self.writable = [0] * n
+        self.per_mm: dict[tuple[int, int], int] = {}
+
+
+def check(st: State, l, p: KernelProfile) -> None:
+    """Checks every invariant; raises InvariantError for the first one broken."""
+    n = st.mem.nr_pages()
+    scan = _Scan(n)
+    for mm in st.mms:
+        check_mm(st, l, mm, scan)
+    pins = [0] * n
+    for pin in st.pins:
+        if not pin.active:
+            continue
+        for pfn in pin.pfns:
+            if pfn != st.zero_pfn:
+                if pfn >= n or st.mem.is_free(pfn):
+                    raise broken("pin-of-free-page", f"a pin holds pfn {pfn:#x}, which is free")
+                pins[pfn] += 1
+    cached = [False] * n
+    for f in st.files:
+        for pfn in f.cache:
+            if pfn != NOT_CACHED:
+                cached[pfn] = True
+    free = 0
+    pfn = 0
+    while pfn < n:
+        if st.mem.is_free(pfn):
+            if st.mem.refcount[pfn] != 0 or st.mem.mapcount[pfn] != 0:
+                raise broken("free-page-state", f"free pfn {pfn:#x} has refcount "
+                             f"{st.mem.refcount[pfn]} mapcount {st.mem.mapcount[pfn]}")
+            free += 1
+            pfn += 1
+            continue
+        check_folio(st, l, p, pfn, scan, pins, cached)
+        pfn += 1 << st.mem.folio_order(pfn)
+    if free != st.mem.free_pages:
+        raise broken("free-pages", f"the allocator counts {st.mem.free_pages} free pages, "
+                     f"{free} pages are free")
+
+
+def check_mm(st: State, l, mm, scan: _Scan) -> None:
+    """The page tables of one mm: PTE rules, and the rss counters."""
+    if mm.exited and mm.vmas:
+        raise broken("exited-mm", f"pid {mm.pid} has exited but still has VMAs")
+    n = st.mem.nr_pages()
+    rss = [0, 0, 0]
+    for vi, vma in enumerate(mm.vmas):
+        if vi > 0 and mm.vmas[vi - 1].end() > vma.start:
+            raise broken("vma-order", f"pid {mm.pid}: VMAs overlap at {vma.start << st.page_shift:#x}")
+        for i, e in enumerate(vma.ptes):
+            if l.pte_none(e):
+                continue
+            at = f"pid {mm.pid} address {(vma.start + i) << st.page_shift:#x} (PTE {e:#x})"
+            pfn = l.pte_pfn(e)
+            if pfn == st.zero_pfn:
+                if l.pte_write(e) or not l.pte_special(e):
+                    raise broken("zero-page-pte",
+                                 f"{at}: the zero page must be mapped special and read-only")
+                continue
+            if pfn >= n or st.mem.is_free(pfn):
+                raise broken("pte-maps-free-page", f"{at} maps pfn {pfn:#x}, which is not allocated")
+            head = st.mem.folio_head(pfn)
+            anon = st.mem.test(head, PG_ANON)
+            if vma.is_anon() and not anon:
+                raise broken("anon-vma-maps-file-page",
+                             f"{at} maps page-cache pfn {pfn:#x} in a private anonymous mapping")
+            scan.count[pfn] += 1
+            if scan.owner[pfn] == 0:
+                scan.owner[pfn] = mm.pid
+            elif scan.owner[pfn] != mm.pid:
+                scan.owner[pfn] = MANY
+            if l.pte_write(e):
+                scan.writable[pfn] += 1
+                if vma.is_cow() and not (anon and st.mem.test(pfn, PG_ANON_EXCLUSIVE)):
+                    raise broken("writable-cow-not-exclusive",
+                                 f"{at} is writable in a private mapping but pfn {pfn:#x} is not "
+                                 "an exclusive anonymous page")
+            if st.mem.folio_order(head) > 0:
+                scan.per_mm[(head, mm.mm_id)] = scan.per_mm.get((head, mm.mm_id), 0) + 1
+            if anon:
+                rss[MM_ANONPAGES] += 1
+            elif st.mem.test(head, PG_SWAPBACKED):
+                rss[MM_SHMEMPAGES] += 1
+            else:
+                rss[MM_FILEPAGES] += 1
+    for c in range(3):
+        if rss[c] != mm.rss[c]:
+            raise broken("rss", f"pid {mm.pid}: {RSS_NAMES[c]} rss counter is {mm.rss[c]}, "
+                         f"page tables map {rss[c]} such pages")
+
+
+def check_folio(st: State, l, p: KernelProfile, head: int, scan: _Scan, pins: list[int],
+                cached: list[bool]) -> None:
+    """One allocated folio: mapcounts, exclusivity, refcount, page-cache flag, large-folio record."""
+    order = st.mem.folio_order(head)
+    nr = 1 << order
+
+    def what(pg: int) -> str:
+        return f"pfn {pg:#x} (folio {head:#x}, order {order})"
+
+    maps = mapped_pages = pin_refs = 0
+    for pg in range(head, head + nr):
+        if st.mem.mapcount[pg] != scan.count[pg]:
+            raise broken("page-mapcount", f"{what(pg)}: stored mapcount {st.mem.mapcount[pg]}, "
+                         f"page tables map it {scan.count[pg]} time(s){where_mapped(st, l, pg)}")
+        if st.mem.test(pg, PG_ANON_EXCLUSIVE) and scan.owner[pg] == MANY:
+            raise broken("anon-exclusive-shared", f"{what(pg)} is PageAnonExclusive but mapped "
+                         f"by several processes{where_mapped(st, l, pg)}")
+        if scan.writable[pg] > 0 and scan.owner[pg] == MANY and st.mem.test(head, PG_ANON):
+            raise broken("writable-shared-anon", f"{what(pg)} is an anonymous page mapped writable "
+                         f"while mapped by several processes{where_mapped(st, l, pg)}")
+        maps += scan.count[pg]
+        mapped_pages += scan.count[pg] > 0
+        pin_refs += pins[pg]
+    refs = st.mem.refcount[head]
+    bias = 1 if order > 0 else GUP_PIN_COUNTING_BIAS
+    cache_refs = nr if cached[head] else 0
+    if cached[head] != st.mem.test(head, PG_FILE):
+        raise broken("page-cache-flag", f"{what(head)}: PG_FILE does not match page-cache membership")
+    expect = maps + pin_refs * bias + cache_refs
+    if refs != expect:
+        raise broken("refcount", f"{what(head)}: refcount {refs}, expected {expect} = {maps} "
+                     f"mapping(s) + {pin_refs} pin(s) + {cache_refs} page-cache reference(s)"
+                     f"{where_mapped(st, l, head)}")
+    if refs <= 0:
+        raise broken("refcount", f"{what(head)}: an allocated folio with refcount {refs}")
+    if order > 0:
+        check_large_folio(st, l, p, head, what(head), maps, mapped_pages, pin_refs, scan)
+
+
+def check_large_folio(st: State, l, p: KernelProfile, head: int, what: str, maps: int,
+                      mapped_pages: int, pin_refs: int, scan: _Scan) -> None:
+    """A large folio's record: large/entire mapcount, nr_pages_mapped, pincount, MM-ID slots."""
+    lf = st.mem.large.get(head)
+    if lf is None:
+        raise broken("large-folio-record", f"{what} has no large-folio record")
+    if lf.large_mapcount + 1 != maps:
+        raise broken("large-mapcount", f"{what}: large mapcount {lf.large_mapcount + 1}, page "
+                     f"tables map it {maps} time(s){where_mapped(st, l, head)}")
+    if lf.entire_mapcount != -1:
+        raise broken("entire-mapcount",
+                     f"{what}: entire mapcount {lf.entire_mapcount + 1} without PMD mappings")
+    if lf.nr_pages_mapped != mapped_pages:
+        raise broken("nr-pages-mapped",
+                     f"{what}: nr_pages_mapped {lf.nr_pages_mapped}, {mapped_pages} page(s) are mapped")
+    if lf.pincount != pin_refs:
+        raise broken("pincount", f"{what}: pincount {lf.pincount}, {pin_refs} pin(s)")
+    if not p.mm_id:
+        return
+    total = maps - 1
+    for s in (0, 1):
+        mm_id, c = lf.mm_id[s], lf.mm_id_mapcount[s]
+        if mm_id == MM_ID_DUMMY:
+            if c != -1:
+                raise broken("mm-id-slot", f"{what}: free MM-ID slot {s} has mapcount {c + 1}")
+            continue
+        have = scan.per_mm.get((head, mm_id), 0)
+        if c < 0 or c + 1 > have:
+            raise broken("mm-id-slot", f"{what}: MM-ID slot {s} says mm {mm_id} maps it {c + 1} "
+                         f"time(s), it maps it {have}{where_mapped(st, l, head)}")
+    if not st.mem.test(head, PG_MAYBE_SHARED) and total >= 0:
+        owned = any(lf.mm_id[s] != MM_ID_DUMMY and lf.mm_id_mapcount[s] == total for s in (0, 1))
+        mms = sum(1 for (h, _) in scan.per_mm if h == head)
+        if not owned or mms > 1:
+            raise broken("mm-id-shared-bit", f"{what}: \"maybe mapped shared\" is clear but "
+                         f"{mms} mm(s) map it{where_mapped(st, l, head)}")

@@ -1,0 +1,199 @@
+"""Address spaces: mm_structs with their VMAs (each VMA's PTEs as one list), rss counters, and
+the page-cache objects that file-backed VMAs map (rust/src/mm.rs)."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES = 0, 1, 2  # include/linux/mm_types_task.h
+RSS_NAMES = ("file", "anon", "shmem")
+NOT_CACHED = (1 << 64) - 1  # a file page that is not in the page cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Prot:
+    """PROT_READ | PROT_WRITE | PROT_EXEC; all False is PROT_NONE."""
+
+    read: bool = False
+    write: bool = False
+    exec: bool = False
+
+    @classmethod
+    def parse(cls, s: str) -> Prot | None:
+        """"rw", "r", "rwx", "none", "" (PROT_NONE), in any letter order; None if malformed."""
+        if s == "none":
+            return cls()
+        read = write = exe = False
+        for c in s:
+            if c == "r":
+                read = True
+            elif c == "w":
+                write = True
+            elif c == "x":
+                exe = True
+            elif c != "-":
+                return None
+        return cls(read, write, exe)
+
+    def none(self) -> bool:
+        return not (self.read or self.write or self.exec)
+
+    def as_string(self) -> str:
+        if self.none():
+            return "none"
+        return ("r" if self.read else "") + ("w" if self.write else "") + ("x" if self.exec else "")
+
+
+@dataclasses.dataclass
+class Vma:
+    """A vm_area_struct; addresses are virtual page numbers, ``ptes[i]`` maps ``start + i``."""
+
+    start: int
+    ptes: list[int]
+    prot: Prot
+    shared: bool  # VM_SHARED (VM_MAYWRITE assumed: a private mapping is a COW mapping)
+    file: int | None  # the file or shmem object mapped
+    pgoff: int  # the file page of ``start``
+    vm_softdirty: bool  # VM_SOFTDIRTY: soft-dirty tracking is on only while it is clear
+    uffd_wp: bool  # VM_UFFD_WP
+    uffd_event_fork: bool  # UFFD_FEATURE_EVENT_FORK: the child keeps VM_UFFD_WP
+    dontfork: bool  # VM_DONTCOPY (MADV_DONTFORK)
+    wipeonfork: bool  # VM_WIPEONFORK
+    anon_vma: int  # 0 = none yet
+    mthp: int  # enabled anonymous folio orders, bit n = order n
+
+    def end(self) -> int:
+        return self.start + len(self.ptes)
+
+    def contains(self, vpn: int) -> bool:
+        return self.start <= vpn < self.end()
+
+    def is_cow(self) -> bool:
+        """is_cow_mapping() — include/linux/mm.h"""
+        return not self.shared
+
+    def is_anon(self) -> bool:
+        """A private anonymous mapping (shared anonymous memory is a shmem object)."""
+        return self.file is None
+
+    def soft_dirty_tracking(self, layout) -> bool:
+        """vma_soft_dirty_enabled() — include/linux/mm.h"""
+        return layout.has_soft_dirty and not self.vm_softdirty
+
+    def clone_without_ptes(self) -> Vma:
+        return dataclasses.replace(self, ptes=[])
+
+    def split_off(self, at: int) -> Vma:
+        """__split_vma() — mm/vma.c: this VMA keeps [start, at), the returned one is [at, end)."""
+        k = at - self.start
+        tail = self.clone_without_ptes()
+        tail.start = at
+        tail.ptes = self.ptes[k:]
+        del self.ptes[k:]
+        if tail.file is not None:
+            tail.pgoff = self.pgoff + k
+        return tail
+
+    def can_merge(self, nxt: Vma) -> bool:
+        """vma_merge() rules the model has: same flags, contiguous file offsets, compatible anon_vma."""
+        return (
+            self.end() == nxt.start
+            and self.prot == nxt.prot
+            and self.shared == nxt.shared
+            and self.file == nxt.file
+            and (self.file is None or self.pgoff + len(self.ptes) == nxt.pgoff)
+            and self.vm_softdirty == nxt.vm_softdirty
+            and self.uffd_wp == nxt.uffd_wp
+            and self.uffd_event_fork == nxt.uffd_event_fork
+            and self.dontfork == nxt.dontfork
+            and self.wipeonfork == nxt.wipeonfork
+            and self.mthp == nxt.mthp
+            and (self.anon_vma == 0 or nxt.anon_vma == 0 or self.anon_vma == nxt.anon_vma)
+        )
+
+
+@dataclasses.dataclass
+class Mm:
+    """An mm_struct."""
+
+    pid: int
+    mm_id: int  # never 0 (MM_ID_DUMMY)
+    vmas: list[Vma]  # sorted by start, non-overlapping
+    rss: list[int]  # MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES
+    has_pinned: bool  # MMF_HAS_PINNED
+    exited: bool
+    next_vpn: int  # where the next mmap without an address goes
+
+    def find_vma(self, vpn: int) -> int | None:
+        """find_vma(), exact: the index of the VMA holding ``vpn``."""
+        k = bisect.bisect_right(self.vmas, vpn, key=lambda v: v.start)
+        return k - 1 if k > 0 and self.vmas[k - 1].contains(vpn) else None
+
+    def fully_mapped(self, lo: int, hi: int) -> bool:
+        """Whether every page of [lo, hi) lies in some VMA."""
+        at = lo
+        while at < hi:
+            k = self.find_vma(at)
+            if k is None:
+                return False
+            at = self.vmas[k].end()
+        return True
+
+    def split_at(self, at: int) -> None:
+        """Splits the VMA holding ``at`` so that ``at`` is a boundary."""
+        k = self.find_vma(at)
+        if k is not None and self.vmas[k].start != at:
+            self.vmas.insert(k + 1, self.vmas[k].split_off(at))
+
+    def isolate(self, lo: int, hi: int) -> range:
+        """Indices of the VMAs inside [lo, hi) after splitting at both ends."""
+        self.split_at(lo)
+        self.split_at(hi)
+        a = bisect.bisect_right(self.vmas, lo, key=lambda v: v.end())  # first with end > lo
+        b = bisect.bisect_left(self.vmas, hi, key=lambda v: v.start)  # first with start >= hi
+        return range(a, max(a, b))
+
+    def merge_around(self, r: range) -> None:
+        """Merges the neighbours Vma.can_merge allows, around the VMAs ``r``."""
+        lo = max(r.start - 1, 0)
+        k = min(r.stop + 1, len(self.vmas))
+        while k > lo + 1:
+            k -= 1
+            if self.vmas[k - 1].can_merge(self.vmas[k]):
+                nxt = self.vmas.pop(k)
+                prev = self.vmas[k - 1]
+                if prev.anon_vma == 0:
+                    prev.anon_vma = nxt.anon_vma
+                prev.ptes.extend(nxt.ptes)
+
+
+@dataclasses.dataclass
+class File:
+    """A file or shmem object; ``cache[index]`` is the pfn of that page or NOT_CACHED."""
+
+    nr_pages: int
+    folio_order: int  # order of the page-cache folios
+    shmem: bool
+    cache: list[int]
+
+
+@dataclasses.dataclass
+class Pin:
+    """A FOLL_PIN pin of a user range."""
+
+    pfns: list[int]
+    write: bool  # FOLL_WRITE: the device may write into the pages
+    longterm: bool
+    active: bool
+
+
+def user_pte(l, pfn: int, prot: Prot, page_prot_write: bool, dirty: bool) -> int:
+    """mk_pte(page, vm_page_prot), pte_sw_mkyoung(), then pte_mkwrite(pte_mkdirty()) as asked."""
+    v = l.pfn_pte_template(pfn, prot.exec, prot.none())
+    v = l.pte_mkyoung(v)
+    if dirty:
+        v = l.pte_mkdirty(v)
+    if page_prot_write:
+        v = l.pte_mkwrite(v)
+    return v

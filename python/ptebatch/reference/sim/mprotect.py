@@ -1,0 +1,121 @@
+"""mprotect(): change_protection() → change_pte_range() (rust/src/mprotect.rs; mm/mprotect.c).
+Per PTE up to v6.16; from v6.17 runs of one large folio at once, whose young and dirty bits
+are read into one value (modify_prot_start_ptes())."""
+
+from __future__ import annotations
+
+from .batching import folio_pte_batch, fpb_flags
+from .kernel import KernelProfile
+from .memory import PG_ANON, PG_ANON_EXCLUSIVE
+from .mm import Prot, Vma
+from .state import State
+
+
+def pte_modify(l, old: int, prot: Prot, page_prot_write: bool) -> int:
+    """pte_modify(pte, newprot): new permissions; pfn, dirty, young, soft-dirty, uffd-wp, special kept"""
+    n = l.pfn_pte_template(l.pte_pfn(old), prot.exec, prot.none())
+    if page_prot_write and not prot.none():
+        n = l.pte_mkwrite(n)
+    if l.pte_dirty(old):
+        n = l.pte_mkdirty(n)
+    n = l.pte_mkyoung(n) if l.pte_young(old) else l.pte_mkold(n)
+    n = l.pte_mksoft_dirty(n) if l.pte_soft_dirty(old) else l.pte_clear_soft_dirty(n)
+    if l.pte_uffd_wp(old):
+        n = l.set_uffd_wp_bit(n)
+    if l.pte_special(old):
+        n = l.pte_mkspecial(n)
+    return n
+
+
+def mprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, prot: Prot) -> None:
+    """mprotect_fixup() per VMA of [a, b) — mm/mprotect.c, then the merge"""
+    r = st.mms[k].isolate(a, b)
+    for v in r:
+        st.mms[k].vmas[v].prot = prot
+        change_protection(st, l, p, k, v)
+    st.mms[k].merge_around(r)
+
+
+def can_change_pte_writable(st: State, l, vma: Vma, pte: int, page: int | None) -> bool:
+    """can_change_pte_writable() — mm/mprotect.c"""
+    if not vma.prot.write or l.pte_protnone(pte):
+        return False
+    if vma.soft_dirty_tracking(l) and not l.pte_soft_dirty(pte):
+        return False
+    if vma.uffd_wp and l.pte_uffd_wp(pte):
+        return False
+    if not vma.shared:
+        return page is not None and (st.mem.test(st.mem.folio_head(page), PG_ANON)
+                                     and st.mem.test(page, PG_ANON_EXCLUSIVE))
+    return l.pte_dirty(pte)
+
+
+def change_protection(st: State, l, p: KernelProfile, k: int, v: int) -> None:
+    """change_protection() — mm/mprotect.c: change_pte_range() per page table"""
+    vma = st.mms[k].vmas[v]
+    ptrs = st.ptrs_per_pte
+    s = 0
+    while s < len(vma.ptes):
+        e = min(len(vma.ptes), s + ptrs - ((vma.start + s) & (ptrs - 1)))
+        change_pte_range(st, l, p, vma, s, e)
+        s = e
+
+
+def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int) -> None:
+    """change_pte_range() — mm/mprotect.c: entries [s, e) of one page table"""
+    page_prot_write = st.page_prot_write(l, vma)
+    # vma_wants_manual_pte_write_upgrade()
+    try_writable = st.wants_writenotify(l, vma) if vma.shared else vma.prot.write
+    changed = False
+    i = s
+    while i < e:
+        old = vma.ptes[i]
+        st.op.pte_reads += 1
+        if l.pte_none(old):
+            i += 1
+            continue
+        changed = True
+        page = st.vm_normal_page(l, old)
+        nr = 1
+        if page is not None and e - i > 1 and p.fpb is not None and p.mprotect_batched:
+            head = st.mem.folio_head(page)
+            order = st.mem.folio_order(head)
+            if order > 0:
+                flags = fpb_flags(p.fpb, respect_soft_dirty=True, respect_write=True)
+                nr = folio_pte_batch(l, p.fpb, vma.ptes, vma.start, i, e - i, head, 1 << order,
+                                     flags).nr
+                st.op.folio_pte_batch_calls += 1
+                st.op.pte_reads += nr
+        st.op.batch(nr)
+        ptent = pte_modify(l, modify_prot_start_ptes(l, vma.ptes[i:i + nr]), vma.prot,
+                           page_prot_write)
+        out = []
+        for j in range(nr):
+            x = l.pte_advance_pfn(ptent, j)
+            if try_writable and not l.pte_write(x):
+                # One decision per run for shared mappings, per page for private ones
+                # (commit_anon_folio_batch() splits by exclusivity).
+                if vma.shared:
+                    writable = can_change_pte_writable(st, l, vma, ptent, page)
+                else:
+                    writable = can_change_pte_writable(st, l, vma, x,
+                                                       None if page is None else page + j)
+                if writable:
+                    x = l.pte_mkwrite(x)
+            out.append(x)
+        vma.ptes[i:i + nr] = out
+        st.op.pte_writes += nr
+        i += nr
+    if changed:
+        st.op.tlb_flush_ranges += 1
+
+
+def modify_prot_start_ptes(l, run: list[int]) -> int:
+    """modify_prot_start_ptes() — mm/mprotect.c: the first PTE with the run's young and dirty OR-ed in"""
+    merged = run[0]
+    for x in run[1:]:
+        if l.pte_dirty(x):
+            merged = l.pte_mkdirty(merged)
+        if l.pte_young(x):
+            merged = l.pte_mkyoung(merged)
+    return merged

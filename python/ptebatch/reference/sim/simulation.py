@@ -1,0 +1,605 @@
+"""The public ``Simulation``: argument checks, the all-or-nothing rule, and the operations
+(the ``Simulation`` half of rust/src/sim.rs, with the Python binding's argument conversion).
+
+Every operation either succeeds or raises with the state untouched: arguments are checked
+first, and an operation that may run out of memory half-way runs on a copy of the state when
+free memory is short of its worst case.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import copy
+import operator
+from typing import Sequence
+
+from .. import layouts
+from . import check as check_mod
+from . import fault, fork, mprotect, procfs, zap
+from .errors import value_error
+from .kernel import KernelProfile
+from .memory import (
+    FREE,
+    PG_ANON,
+    PG_ANON_EXCLUSIVE,
+    PG_DIRTY,
+    PG_FILE,
+    PG_MAYBE_SHARED,
+    PG_PARTIALLY_MAPPED,
+    PG_SWAPBACKED,
+    Memory,
+)
+from .mm import NOT_CACHED, RSS_NAMES, File, Mm, Prot, Vma
+from .state import State
+from .stats import Stats
+
+MMAP_BASE = 0x10_0000_0000  # where the first mmap of a process goes (bytes)
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+USER_END = 1 << 56
+
+
+# ---- argument conversion (what the binding's PyO3 extraction does) ----------------------------
+
+def _int(value: object, limit: int) -> int:
+    """An unsigned integer argument: anything with __index__ (bools too), OverflowError out of range."""
+    number = operator.index(value)  # type: ignore[arg-type]
+    if not 0 <= number <= limit:
+        raise OverflowError("out of range integral type conversion attempted")
+    return number
+
+
+def _u32(value: object) -> int:
+    return _int(value, U32_MAX)
+
+
+def _u64(value: object) -> int:
+    return _int(value, U64_MAX)
+
+
+def _bool(value: object) -> bool:
+    """A bool argument: a Python or numpy bool, nothing else."""
+    if isinstance(value, bool) or type(value).__name__ == "bool" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"'{type(value).__name__}' object is not an instance of 'bool'")
+
+
+def _f64(value: object) -> float:
+    """A float argument: anything with __float__ or __index__ (not a str)."""
+    cls = type(value)
+    if hasattr(cls, "__float__"):
+        return cls.__float__(value)  # type: ignore[attr-defined]
+    if hasattr(cls, "__index__"):
+        return float(operator.index(value))  # type: ignore[arg-type]
+    raise TypeError(f"must be real number, not {cls.__name__}")
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"'{type(value).__name__}' object cannot be converted to 'PyString'")
+    return value
+
+
+def _u64_list(value: object) -> list[int]:
+    """A Vec<u64> argument: a sequence (not a str) of unsigned integers."""
+    if isinstance(value, str):
+        raise TypeError("Can't extract `str` to `Vec`")
+    if isinstance(value, collections.abc.Mapping) or not hasattr(type(value), "__getitem__") \
+            or not hasattr(type(value), "__len__"):
+        raise TypeError(f"'{type(value).__name__}' object is not an instance of 'Sequence'")
+    return [_u64(v) for v in value]  # type: ignore[attr-defined]
+
+
+def _prot(value: str) -> Prot:
+    prot = Prot.parse(value)
+    if prot is None:
+        raise ValueError(f'prot "{value}": use letters r, w, x (e.g. "rw") or "none"')
+    return prot
+
+
+def order_of_size(size: int, page_shift: int) -> int | None:
+    """The folio order of ``size`` bytes, if it is a power of two of at least one page."""
+    if size == 0 or size & (size - 1) or size < (1 << page_shift):
+        return None
+    return (size & -size).bit_length() - 1 - page_shift
+
+
+class Simulation:
+    """A simulated machine: a PTE layout, a kernel version and the whole system state."""
+
+    FREE_ORDER = FREE
+
+    def __init__(self, arch: str, kernel: str, memory: int, seed: int = 0,
+                 batching: bool = True) -> None:
+        arch, kernel, memory, seed = _str(arch), _str(kernel), _u64(memory), _u64(seed)
+        batching = _bool(batching)
+        if arch not in layouts.LAYOUT_NAMES:
+            raise value_error(f'unknown layout "{arch}"; known layouts: {", ".join(layouts.LAYOUT_NAMES)}')
+        profile = KernelProfile.parse(kernel)
+        self.arch, self.kernel, self.batching = arch, kernel, batching
+        self.layout = layouts.layout(arch)
+        self.profile = profile if batching else profile.unbatched()
+        l = self.layout
+        page = 1 << l.page_shift
+        if memory == 0 or memory % page != 0:
+            raise value_error(f"memory {memory} bytes is not a positive multiple of the {page}-byte page")
+        nr_pages = memory // page
+        if nr_pages + 1 > l.max_pfn:
+            raise value_error(f"{nr_pages} pages do not fit the {l.name} PFN field")
+        pmd_order = l.ptrs_per_pte.bit_length() - 1
+        self.st = State(Memory(nr_pages, pmd_order, seed), zero_pfn=nr_pages,
+                        page_shift=l.page_shift, ptrs_per_pte=l.ptrs_per_pte, pmd_order=pmd_order)
+
+    def __repr__(self) -> str:
+        live = sum(1 for m in self.st.mms if not m.exited)
+        return (f'Simulation(arch="{self.arch}", kernel="{self.kernel}", '
+                f"memory={self.nr_pages * self.page_size}, batching={str(self.batching).lower()}, "
+                f"processes={live})")
+
+    def clone(self) -> Simulation:
+        """An independent copy."""
+        return copy.deepcopy(self)
+
+    # ---- the all-or-nothing rule ------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self.st.op = Stats()
+
+    def _end(self) -> None:
+        self.st.total.add(self.st.op)
+
+    def _guarded(self, worst_case: int, f):
+        """Runs ``f(state)``; below ``worst_case`` free pages, on a copy kept only on success."""
+        self._begin()
+        try:
+            if self.st.mem.free_pages >= worst_case:
+                return f(self.st)
+            trial = copy.deepcopy(self.st)
+            result = f(trial)
+            self.st = trial
+            return result
+        finally:
+            self._end()
+
+    # ---- argument checks ----------------------------------------------------------------
+
+    def _mm_index(self, pid: int) -> int:
+        k = pid - 1
+        if not 0 <= k < len(self.st.mms):
+            raise value_error(f"no process {pid}")
+        if self.st.mms[k].exited:
+            raise value_error(f"process {pid} has exited")
+        return k
+
+    def _mm(self, pid: int) -> Mm:
+        """The mm of ``pid``, exited or not."""
+        if not 1 <= pid <= len(self.st.mms):
+            raise value_error(f"no process {pid}")
+        return self.st.mms[pid - 1]
+
+    def _vrange(self, addr: int, length: int) -> tuple[int, int]:
+        """A non-empty, page-aligned user range as vpns."""
+        ps = self.page_size
+        if addr % ps != 0 or length % ps != 0:
+            raise value_error(f"range {addr:#x}+{length:#x} is not aligned to the {ps}-byte page")
+        if length == 0:
+            raise value_error("empty range")
+        end = addr + length
+        if end > U64_MAX or end > USER_END:
+            raise value_error(f"range {addr:#x}+{length:#x} leaves the 56-bit user address space")
+        return addr >> self.st.page_shift, end >> self.st.page_shift
+
+    def _mapped_range(self, k: int, addr: int, length: int) -> tuple[int, int]:
+        a, b = self._vrange(addr, length)
+        if not self.st.mms[k].fully_mapped(a, b):
+            raise value_error(f"range {addr:#x}+{length:#x} is not entirely mapped in process "
+                              f"{self.st.mms[k].pid}")
+        return a, b
+
+    # ---- properties -------------------------------------------------------------------------
+
+    @property
+    def page_size(self) -> int:
+        return 1 << self.st.page_shift
+
+    @property
+    def zero_pfn(self) -> int:
+        return self.st.zero_pfn
+
+    @property
+    def nr_pages(self) -> int:
+        return self.st.mem.nr_pages()
+
+    @property
+    def free_pages(self) -> int:
+        return self.st.mem.free_pages
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the whole run."""
+        return self.st.total.as_dict()
+
+    @property
+    def last_stats(self) -> dict:
+        """Counters of the last operation."""
+        return self.st.op.as_dict()
+
+    # ---- configuration, processes and mappings ----------------------------------------------
+
+    def set_fallback(self, order: int, p: float) -> None:
+        """Allocations of ``order`` fail with probability ``p``, as if memory were fragmented."""
+        order, p = _u32(order), _f64(p)
+        if order == 0 or order > self.st.pmd_order:
+            raise value_error(f"fragmentation applies to folio orders 1..={self.st.pmd_order}, not {order}")
+        if not 0.0 <= p <= 1.0:
+            raise value_error(f"fallback probability {p} is not in [0, 1]")
+        self.st.mem.fallback[order] = p
+
+    def spawn(self) -> int:
+        """A new process with an empty address space; returns its pid."""
+        pid = len(self.st.mms) + 1
+        self.st.mms.append(Mm(pid=pid, mm_id=pid, vmas=[], rss=[0, 0, 0], has_pinned=False,
+                              exited=False, next_vpn=MMAP_BASE >> self.st.page_shift))
+        return pid
+
+    def create_file(self, size: int, folio_size: int, shmem: bool = False) -> int:
+        """A file (or shmem object) of ``size`` bytes cached in folios of ``folio_size``; returns its id."""
+        size, folio_size, shmem = _u64(size), _u64(folio_size), _bool(shmem)
+        ps = self.page_size
+        order = order_of_size(folio_size, self.st.page_shift)
+        if order is None or order > self.st.pmd_order:
+            raise value_error(f"folio size {folio_size} is not a power of two between the page "
+                              "size and the PMD size")
+        if size == 0 or size % (ps << order) != 0:
+            raise value_error(f"file size {size} is not a positive multiple of its folio size {folio_size}")
+        nr = size // ps
+        self.st.files.append(File(nr_pages=nr, folio_order=order, shmem=shmem, cache=[NOT_CACHED] * nr))
+        return len(self.st.files) - 1
+
+    def mmap(self, pid: int, length: int, prot: str = "rw", shared: bool = False,
+             file: int | None = None, offset: int = 0, mthp: Sequence[int] = (),
+             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False) -> int:
+        """mmap(): returns the start address. ``file`` maps a file object from byte ``offset``; a
+        shared anonymous mapping gets its own shmem object; ``mthp`` lists the enabled
+        anonymous folio sizes in bytes."""
+        pid, length, prot, shared = _u32(pid), _u64(length), _str(prot), _bool(shared)
+        file = None if file is None else _u32(file)
+        offset, sizes = _u64(offset), _u64_list(mthp)
+        addr = None if addr is None else _u64(addr)
+        uffd_wp, uffd_event_fork = _bool(uffd_wp), _bool(uffd_event_fork)
+        prot_ = _prot(prot)
+        return self._mmap(pid, addr, length, prot_, shared,
+                          None if file is None else (file, offset), sizes, uffd_wp, uffd_event_fork)
+
+    def _mmap(self, pid: int, addr: int | None, length: int, prot: Prot, shared: bool,
+              file: tuple[int, int] | None, mthp: list[int], uffd_wp: bool,
+              uffd_event_fork: bool) -> int:
+        """do_mmap() — mm/mmap.c, as the model has it"""
+        st, l = self.st, self.layout
+        k = self._mm_index(pid)
+        ps = self.page_size
+        shift = st.page_shift
+        orders = 1
+        for size in mthp:
+            o = order_of_size(size, shift)
+            if o is None or o > st.pmd_order or o == 1:
+                raise value_error(f"mTHP size {size} is not one of the page size, 4 pages … the PMD size")
+            orders |= 1 << o
+        if length == 0 or length % ps != 0:
+            raise value_error(f"length {length} is not a positive multiple of {ps}")
+        nr = length // ps
+        if file is not None:
+            f, off = file
+            if f >= len(st.files):
+                raise value_error(f"no file {f}")
+            if off % ps != 0 or off // ps + nr > st.files[f].nr_pages:
+                raise value_error(f"file range {off:#x}+{length:#x} is unaligned or beyond the "
+                                  f"file's {st.files[f].nr_pages} pages")
+        if uffd_wp and not l.has_uffd_wp:
+            raise value_error(f"{l.name} has no uffd-wp PTE bit")
+        pmd_pages = st.ptrs_per_pte
+        mm = st.mms[k]
+        if addr is not None:
+            a, b = self._vrange(addr, length)
+            if any(v.start < b and a < v.end() for v in mm.vmas):
+                raise value_error(f"address {a << shift:#x}+{length:#x} overlaps an existing mapping")
+            start = a
+        else:
+            start = -(-mm.next_vpn // pmd_pages) * pmd_pages
+        # As in the Rust, the shift wraps at 64 bits (a suspected bug: a huge length slips through).
+        if ((start + nr) << shift) & U64_MAX > USER_END:
+            raise value_error("the address space is full")
+        if file is not None:
+            file_id, pgoff = file[0], file[1] // ps
+        elif shared:
+            # Shared anonymous memory is a shmem object of the mapping's size.
+            st.files.append(File(nr_pages=nr, folio_order=0, shmem=True, cache=[NOT_CACHED] * nr))
+            file_id, pgoff = len(st.files) - 1, 0
+        else:
+            file_id, pgoff = None, 0
+        vma = Vma(start=start, ptes=[l.none_value] * nr, prot=prot, shared=shared, file=file_id,
+                  pgoff=pgoff, vm_softdirty=True, uffd_wp=uffd_wp, uffd_event_fork=uffd_event_fork,
+                  dontfork=False, wipeonfork=False, anon_vma=0, mthp=orders)
+        pos = sum(1 for v in mm.vmas if v.start < start)
+        mm.vmas.insert(pos, vma)
+        mm.merge_around(range(pos, pos + 1))
+        mm.next_vpn = max(mm.next_vpn, start + nr + pmd_pages)
+        return start << shift
+
+    # ---- accesses ---------------------------------------------------------------------------
+
+    def touch(self, pid: int, addr: int, length: int, write: bool = False) -> None:
+        """Reads or writes every page of a range, faulting as the kernel would; a write stores a
+        fresh content token in each page."""
+        self._touch(_u32(pid), _u64(addr), _u64(length), _bool(write))
+
+    def _touch(self, pid: int, addr: int, length: int, write: bool) -> None:
+        k = self._mm_index(pid)
+        a, b = self._mapped_range(k, addr, length)
+        acc = fault.WRITE if write else fault.READ
+        fault.check_access(self.st, self.layout, k, a, b, acc)
+        worst = self.st.worst_case_pages(k, a, b)
+
+        def run(st: State) -> None:
+            for vpn in range(a, b):
+                fault.access(st, self.layout, self.profile, k, vpn, acc)
+
+        self._guarded(worst, run)
+
+    def read(self, pid: int, addr: int) -> int:
+        """Reads one page: the content token the process sees there (0 = zero-filled)."""
+        return self._access_one(_u32(pid), _u64(addr), False)
+
+    def write(self, pid: int, addr: int) -> int:
+        """Writes one page; returns the token written."""
+        return self._access_one(_u32(pid), _u64(addr), True)
+
+    def _access_one(self, pid: int, addr: int, write: bool) -> int:
+        ps = self.page_size
+        self._touch(pid, addr & ~(ps - 1), ps, write)
+        k = self._mm_index(pid)
+        return self.st.token_at(self.layout, k, addr >> self.st.page_shift)
+
+    # ---- fork, unmapping, madvise, mprotect -------------------------------------------------
+
+    def fork(self, pid: int) -> int:
+        """fork(): returns the child's pid."""
+        k = self._mm_index(_u32(pid))
+        mm = self.st.mms[k]
+        # Each copied pinned page needs one page, plus one preallocation that may go unused.
+        worst = sum(len(v.ptes) for v in mm.vmas) + 1 if mm.has_pinned else 0
+        return self._guarded(worst, lambda st: fork.fork(st, self.layout, self.profile, k))
+
+    def munmap(self, pid: int, addr: int, length: int) -> None:
+        """munmap(); unmapped holes inside the range are allowed, as in the kernel."""
+        pid, addr, length = _u32(pid), _u64(addr), _u64(length)
+        k = self._mm_index(pid)
+        a, b = self._vrange(addr, length)
+        self._guarded(0, lambda st: zap.munmap(st, self.layout, self.profile, k, a, b))
+
+    def exit(self, pid: int) -> None:
+        """exit(): tears the address space down (pins stay until unpinned)."""
+        k = self._mm_index(_u32(pid))
+        self._guarded(0, lambda st: zap.exit_mm(st, self.layout, self.profile, k))
+
+    def madvise(self, pid: int, addr: int, length: int, advice: str) -> None:
+        """madvise(): "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork"."""
+        pid, addr, length, advice = _u32(pid), _u64(addr), _u64(length), _str(advice)
+        k = self._mm_index(pid)
+        a, b = self._mapped_range(k, addr, length)
+        if advice == "dontneed":
+            self._guarded(0, lambda st: zap.madv_dontneed(st, self.layout, self.profile, k, a, b))
+            return
+        if advice not in ("dontfork", "dofork", "wipeonfork", "keeponfork"):
+            raise value_error(f'unknown advice "{advice}"; known: dontneed, dontfork, dofork, '
+                              "wipeonfork, keeponfork")
+        mm = self.st.mms[k]
+        if advice == "wipeonfork":
+            at = a
+            while at < b:
+                v = mm.vmas[mm.find_vma(at)]
+                if not v.is_anon():
+                    raise value_error("MADV_WIPEONFORK applies to private anonymous mappings only")
+                at = v.end()
+        self._begin()
+        r = mm.isolate(a, b)
+        for v in mm.vmas[r.start:r.stop]:
+            if advice in ("dontfork", "dofork"):
+                v.dontfork = advice == "dontfork"  # VM_DONTCOPY
+            else:
+                v.wipeonfork = advice == "wipeonfork"  # VM_WIPEONFORK
+        mm.merge_around(r)
+        self._end()
+
+    def mprotect(self, pid: int, addr: int, length: int, prot: str) -> None:
+        """mprotect()."""
+        pid, addr, length, prot = _u32(pid), _u64(addr), _u64(length), _str(prot)
+        prot_ = _prot(prot)
+        k = self._mm_index(pid)
+        a, b = self._mapped_range(k, addr, length)
+        self._guarded(0, lambda st: mprotect.mprotect(st, self.layout, self.profile, k, a, b, prot_))
+
+    # ---- pins -------------------------------------------------------------------------------
+
+    def pin(self, pid: int, addr: int, length: int, write: bool = True, longterm: bool = True) -> int:
+        """pin_user_pages() with FOLL_PIN (and FOLL_WRITE / FOLL_LONGTERM): returns a pin id."""
+        pid, addr, length = _u32(pid), _u64(addr), _u64(length)
+        write, longterm = _bool(write), _bool(longterm)
+        k = self._mm_index(pid)
+        a, b = self._mapped_range(k, addr, length)
+        fault.check_access(self.st, self.layout, k, a, b, fault.WRITE if write else fault.READ)
+        worst = self.st.worst_case_pages(k, a, b)
+        return self._guarded(worst, lambda st: fault.pin_user_pages(
+            st, self.layout, self.profile, k, a, b, write, longterm))
+
+    def unpin(self, pin: int) -> None:
+        """unpin_user_pages()."""
+        pin = _u32(pin)
+        if not (pin < len(self.st.pins) and self.st.pins[pin].active):
+            raise value_error(f"no active pin {pin}")
+        self._begin()
+        record = self.st.pins[pin]
+        pfns, record.pfns = record.pfns, []
+        record.active = False
+        r = self.st.rmap(self.profile)
+        for pfn in pfns:
+            if pfn != self.st.zero_pfn:  # the shared zero page is not reference-counted
+                r.unpin(self.st.mem.folio_head(pfn))
+        self._end()
+
+    def _pin_page(self, pin: int, index: int) -> int:
+        if not (pin < len(self.st.pins) and self.st.pins[pin].active):
+            raise value_error(f"no active pin {pin}")
+        pfns = self.st.pins[pin].pfns
+        if index >= len(pfns):
+            raise value_error(f"pin {pin} covers {len(pfns)} pages, not page {index}")
+        return pfns[index]
+
+    def pin_read(self, pin: int, index: int) -> int:
+        """What a device reading page ``index`` of a pin sees."""
+        pfn = self._pin_page(_u32(pin), _u64(index))
+        return 0 if pfn == self.st.zero_pfn else self.st.mem.token[pfn]
+
+    def pin_write(self, pin: int, index: int) -> int:
+        """A device write (DMA) into page ``index`` of a pin; returns the token written."""
+        pin, index = _u32(pin), _u64(index)
+        pfn = self._pin_page(pin, index)
+        if not self.st.pins[pin].write:
+            raise value_error(f"pin {pin} is read-only (taken without FOLL_WRITE)")
+        t = self.st.new_token()
+        self.st.mem.token[pfn] = t
+        return t
+
+    # ---- soft-dirty, /proc, checks ----------------------------------------------------------
+
+    def clear_soft_dirty(self, pid: int) -> None:
+        """echo 4 > /proc/<pid>/clear_refs: soft-dirty tracking starts."""
+        k = self._mm_index(_u32(pid))
+        if not self.layout.has_soft_dirty:
+            raise value_error(f"{self.layout.name} has no soft-dirty bit")
+        self._guarded(0, lambda st: fault.clear_soft_dirty(st, self.layout, k))
+
+    def pagemap(self, pid: int, addr: int, length: int) -> list[int]:
+        """/proc/<pid>/pagemap entries of a range, as root reads them."""
+        pid, addr, length = _u32(pid), _u64(addr), _u64(length)
+        k = self._mm_index(pid)
+        a, b = self._vrange(addr, length)
+        return procfs.pagemap(self.st, self.layout, self.profile, k, a, b)
+
+    def kpagecount(self, pfn: int) -> int:
+        """/proc/kpagecount of ``pfn``."""
+        return procfs.kpagecount(self.st, _u64(pfn))
+
+    def check(self) -> None:
+        """Raises InvariantError ("rule: ...", ``.rule``) for the first broken invariant."""
+        check_mod.check(self.st, self.layout, self.profile)
+
+    # ---- inspection (the binding's helpers) -------------------------------------------------
+
+    def state(self) -> dict:
+        """The canonical state: everything the simulation holds, as ints and lists."""
+        return canonical_state(self.st)
+
+    def vmas(self, pid: int) -> list[dict]:
+        """The VMAs of a process, as dicts (addresses in bytes)."""
+        mm, shift = self._mm(_u32(pid)), self.st.page_shift
+        return [{"start": v.start << shift, "end": v.end() << shift, "prot": v.prot.as_string(),
+                 "shared": v.shared, "file": v.file, "offset": v.pgoff << shift,
+                 "vm_softdirty": v.vm_softdirty, "uffd_wp": v.uffd_wp, "dontfork": v.dontfork,
+                 "wipeonfork": v.wipeonfork, "anon_vma": v.anon_vma,
+                 "mthp": [1 << (o + shift) for o in range(32) if v.mthp & (1 << o)]}
+                for v in mm.vmas]
+
+    def ptes(self, pid: int, addr: int) -> list[int]:
+        """A copy of the PTE list of the VMA holding ``addr``."""
+        pid, addr = _u32(pid), _u64(addr)
+        k = self._mm_index(pid)
+        v = self.st.mms[k].find_vma(addr >> self.st.page_shift)
+        if v is None:
+            raise value_error(f"no mapping at {addr:#x} in process {pid}")
+        return list(self.st.mms[k].vmas[v].ptes)
+
+    def rss(self, pid: int) -> dict:
+        """rss counters of a process: {"file", "anon", "shmem"}."""
+        return dict(zip(RSS_NAMES, self._mm(_u32(pid)).rss))
+
+    def page(self, pfn: int) -> dict:
+        """One page's state, with the kernel's meaning of every count."""
+        pfn = _u64(pfn)
+        st, m = self.st, self.st.mem
+        if pfn == st.zero_pfn:
+            return {"zero_page": True, "free": False, "mapcount": 0}
+        if pfn >= m.nr_pages():
+            raise value_error(f"pfn {pfn:#x} is beyond the {m.nr_pages()} pages of memory")
+        d: dict = {"zero_page": False, "free": m.is_free(pfn)}
+        if m.is_free(pfn):
+            return d
+        head = m.folio_head(pfn)
+        d.update(folio=head, order=m.folio_order(head), mapcount=m.mapcount[pfn],
+                 anon_exclusive=m.test(pfn, PG_ANON_EXCLUSIVE), token=m.token[pfn],
+                 refcount=m.refcount[head], folio_mapcount=m.folio_mapcount(head),
+                 anon=m.test(head, PG_ANON), file=m.test(head, PG_FILE),
+                 swapbacked=m.test(head, PG_SWAPBACKED), dirty=m.test(head, PG_DIRTY),
+                 partially_mapped=m.test(head, PG_PARTIALLY_MAPPED),
+                 maybe_mapped_shared=m.test(head, PG_MAYBE_SHARED),
+                 maybe_dma_pinned=m.folio_maybe_dma_pinned(head))
+        lf = m.large.get(head)
+        if lf is not None:
+            d.update(large_mapcount=lf.large_mapcount + 1, entire_mapcount=lf.entire_mapcount + 1,
+                     nr_pages_mapped=lf.nr_pages_mapped, pincount=lf.pincount,
+                     mm_ids=list(lf.mm_id),
+                     mm_id_mapcounts=[lf.mm_id_mapcount[0] + 1, lf.mm_id_mapcount[1] + 1])
+        return d
+
+    def memory_array(self, name: str) -> list[int]:
+        """A copy of one per-page list: "order" (255 = free), "flags", "mapcount", "refcount", "token"."""
+        name = _str(name)
+        if name not in ("order", "flags", "mapcount", "refcount", "token"):
+            raise value_error(f'unknown memory array "{name}"; known: order, flags, mapcount, '
+                              "refcount, token")
+        return list(getattr(self.st.mem, name))
+
+    def decode_pte(self, pte: int) -> dict:
+        """A PTE of this simulation's layout, decoded into its logical bits."""
+        pte, l = _u64(pte), self.layout
+        return {"none": l.pte_none(pte), "present": l.pte_present(pte), "pfn": l.pte_pfn(pte),
+                "write": l.pte_write(pte), "dirty": l.pte_dirty(pte), "young": l.pte_young(pte),
+                "soft_dirty": l.pte_soft_dirty(pte), "uffd_wp": l.pte_uffd_wp(pte),
+                "special": l.pte_special(pte)}
+
+
+def canonical_state(st: State) -> dict:
+    """The state as plain ints and lists (booleans as 0/1), in the Rust binding's layout."""
+    mem = st.mem
+    large = [[h, lf.large_mapcount, lf.entire_mapcount, lf.nr_pages_mapped, lf.pincount,
+              lf.mm_id[0], lf.mm_id[1], lf.mm_id_mapcount[0], lf.mm_id_mapcount[1]]
+             for h, lf in sorted(mem.large.items())]
+    vmas, ptes = [], []
+    for mm in st.mms:
+        for v in mm.vmas:
+            vmas.append([mm.pid, v.start, len(v.ptes), int(v.prot.read), int(v.prot.write),
+                         int(v.prot.exec), int(v.shared), -1 if v.file is None else v.file,
+                         v.pgoff, int(v.vm_softdirty), int(v.uffd_wp), int(v.uffd_event_fork),
+                         int(v.dontfork), int(v.wipeonfork), v.anon_vma, v.mthp])
+            ptes.extend(v.ptes)
+    return {
+        "order": list(mem.order),
+        "flags": list(mem.flags),
+        "mapcount": list(mem.mapcount),
+        "refcount": list(mem.refcount),
+        "token": list(mem.token),
+        "large": large,
+        "free_blocks": [[pfn, o] for pfn, o in mem.free_blocks()],
+        "free_pages": mem.free_pages,
+        "next_token": st.next_token,
+        "next_anon_vma": st.next_anon_vma,
+        "rng": mem.rng.state,
+        "mms": [[m.pid, m.mm_id, m.rss[0], m.rss[1], m.rss[2], int(m.has_pinned), int(m.exited),
+                 m.next_vpn] for m in st.mms],
+        "vmas": vmas,
+        "ptes": ptes,
+        "files": [[f.nr_pages, f.folio_order, int(f.shmem)] for f in st.files],
+        "file_cache": [c for f in st.files for c in f.cache],
+        "pins": [[int(p.active), int(p.longterm), len(p.pfns)] for p in st.pins],
+        "pin_pfns": [pfn for p in st.pins for pfn in p.pfns],
+    }
