@@ -40,7 +40,9 @@ DEVIATIONS = {
     "soft-dirty-untracked": "soft-dirty is not compared while VM_SOFTDIRTY is set; the child takes "
                             "the first PTE's bit for the batch (§2.4, §8.7)",
     "mprotect-ad-merge": "v6.17+ batched mprotect reads young/dirty of the run into one template "
-                         "(modify_prot_start_ptes) and writes it to every PTE (§6)",
+                         "(modify_prot_start_ptes) and writes it to every PTE (§6); on x86 the "
+                         "merging pte_mkdirty() also sets soft-dirty, so with soft-dirty tracking "
+                         "can_change_pte_writable() may then make the whole run writable",
     "deferred-split-per-pte": "a per-PTE zap of a whole folio passes through 'partially mapped' "
                               "and queues it for deferred split; one batch does not (§3.3)",
 }
@@ -76,7 +78,7 @@ def pte_masks(state: dict[str, Any], mprotect_merged: bool) -> np.ndarray:
         if vm_softdirty:
             m |= SOFT_DIRTY
         if mprotect_merged:
-            m |= DIRTY | SAVED_DIRTY | ACCESSED | SOFT_DIRTY
+            m |= DIRTY | SAVED_DIRTY | ACCESSED | SOFT_DIRTY | RW
         masks.append(np.full(npages, m, dtype=np.uint64))
     return np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint64)
 

@@ -10,6 +10,8 @@ decide differently.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -39,6 +41,6 @@ def machine_for(kernel: str) -> type[SimMachine]:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_batched_equals_per_pte(kernel: str) -> None:
     m = machine_for(kernel)
-    m.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
+    m.TestCase.settings = settings(max_examples=int(os.environ.get("PTEBATCH_SIM_EXAMPLES", 40)), stateful_step_count=30, deadline=None,
                                    suppress_health_check=list(HealthCheck))
     m.TestCase().runTest()

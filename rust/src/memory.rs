@@ -5,12 +5,15 @@
 //! a folio's first page, as `folio->_refcount`) and a content token for COW-isolation checks.
 //! Fields that the kernel keeps in a large folio's tail pages (`_large_mapcount`,
 //! `_entire_mapcount`, `_nr_pages_mapped`, `_pincount`, the MM-ID slots) live in
-//! [`LargeFolio`] records keyed by the folio's first pfn; they use the kernel's "minus one"
-//! encoding where the algorithms (§3.4 of shared/spec/kernel-algorithms.md) depend on it.
+//! [`LargeFolio`] records; like the kernel, which keeps them in the tail `struct page`s, the
+//! model finds a folio's record through its first tail page, whose refcount slot (unused:
+//! tail pages have no refcount) holds the record's index. The records use the kernel's
+//! "minus one" encoding where the algorithms (§3.4 of shared/spec/kernel-algorithms.md)
+//! depend on it.
 //!
-//! 14 bytes per page plus one record per large folio.
+//! 14 bytes per page plus one 32-byte record per large folio.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
 
@@ -90,7 +93,9 @@ pub struct Memory {
     pub mapcount: Vec<i32>,
     pub refcount: Vec<i32>,
     pub token: Vec<u32>,
-    pub large: HashMap<u64, LargeFolio>,
+    /// Large-folio records; `refcount[head + 1]` is the index of a large folio's record.
+    large: Vec<LargeFolio>,
+    large_free: Vec<u32>,
     /// Free blocks per order, by first pfn (buddy allocator).
     free_lists: Vec<BTreeSet<u64>>,
     pub free_pages: u64,
@@ -119,7 +124,8 @@ impl Memory {
             mapcount: vec![0; n],
             refcount: vec![0; n],
             token: vec![0; n],
-            large: HashMap::new(),
+            large: Vec::new(),
+            large_free: Vec::new(),
             free_lists: vec![BTreeSet::new(); max_order as usize + 1],
             free_pages: 0,
             max_order,
@@ -209,7 +215,17 @@ impl Memory {
         }
         self.refcount[pfn as usize] = 1;
         if order > 0 {
-            self.large.insert(pfn, LargeFolio::new());
+            let idx = match self.large_free.pop() {
+                Some(i) => {
+                    self.large[i as usize] = LargeFolio::new();
+                    i
+                }
+                None => {
+                    self.large.push(LargeFolio::new());
+                    self.large.len() as u32 - 1
+                }
+            };
+            self.refcount[pfn as usize + 1] = idx as i32;
         }
         Some(pfn)
     }
@@ -218,6 +234,9 @@ impl Memory {
     pub fn free(&mut self, head: u64) {
         let order = self.folio_order(head);
         let n = 1u64 << order;
+        if order > 0 {
+            self.large_free.push(self.refcount[head as usize + 1] as u32);
+        }
         for p in head..head + n {
             let i = p as usize;
             self.order[i] = FREE;
@@ -226,7 +245,6 @@ impl Memory {
             self.refcount[i] = 0;
             self.token[i] = 0;
         }
-        self.large.remove(&head);
         self.free_pages += n;
         let (mut pfn, mut o) = (head, order);
         while o < self.max_order {
@@ -252,19 +270,58 @@ impl Memory {
         v
     }
 
+    /// The record of the large folio starting at `head`, if it is one.
     pub fn large_folio(&self, head: u64) -> Option<&LargeFolio> {
-        self.large.get(&head)
+        let o = *self.order.get(head as usize)?;
+        if o == FREE || o == 0 || self.folio_head(head) != head {
+            return None;
+        }
+        self.large.get(self.refcount[head as usize + 1] as usize)
     }
 
-    /// The large-folio record of an allocated large folio. Callers only ask for folios they
-    /// found allocated with order > 0, which always have one.
+    /// The record of an allocated large folio; callers only ask for folios they found
+    /// allocated with order > 0, which always have one.
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
-        self.large.entry(head).or_insert_with(LargeFolio::new)
+        let idx = self.refcount[head as usize + 1] as usize;
+        &mut self.large[idx]
+    }
+
+    /// Every large folio's first pfn and record, in pfn order.
+    pub fn large_folios(&self) -> Vec<(u64, LargeFolio)> {
+        let mut out = Vec::new();
+        let mut pfn = 0u64;
+        while pfn < self.nr_pages() {
+            let o = self.order[pfn as usize];
+            if o == FREE {
+                pfn += 1;
+                continue;
+            }
+            if o > 0 {
+                out.push((pfn, self.large[self.refcount[pfn as usize + 1] as usize]));
+            }
+            pfn += 1 << o;
+        }
+        out
+    }
+
+    /// The refcount array as the kernel means it: tail pages have none (their slot holds
+    /// the record index here).
+    pub fn folio_refcounts(&self) -> Vec<i32> {
+        let mut r = self.refcount.clone();
+        for (head, _) in self.large_folios() {
+            r[head as usize + 1] = 0;
+        }
+        r
+    }
+
+    /// Bytes of memory state: the per-page arrays and the large-folio records.
+    pub fn state_bytes(&self) -> usize {
+        self.order.len() * 14 + self.large.capacity() * std::mem::size_of::<LargeFolio>()
     }
 
     /// `folio_mapcount()`: mappings of all pages of the folio.
     pub fn folio_mapcount(&self, head: u64) -> i64 {
-        match self.large.get(&head) {
+        match self.large_folio(head) {
             Some(lf) => lf.large_mapcount as i64 + 1,
             None => self.mapcount[head as usize] as i64,
         }
@@ -273,7 +330,7 @@ impl Memory {
     /// `folio_maybe_dma_pinned()`: pincount for large folios, the refcount bias heuristic
     /// for small ones.
     pub fn folio_maybe_dma_pinned(&self, head: u64) -> bool {
-        match self.large.get(&head) {
+        match self.large_folio(head) {
             Some(lf) => lf.pincount > 0,
             None => self.refcount[head as usize] >= GUP_PIN_COUNTING_BIAS,
         }

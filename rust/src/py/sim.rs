@@ -9,7 +9,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::arch::{Layout, PteLayout};
 use crate::error::Error;
 use crate::kernel::KernelProfile;
-use crate::memory::{LargeFolio, FREE, PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPBACKED};
+use crate::memory::{FREE, PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPBACKED};
 use crate::mm::Prot;
 use crate::sim::Simulation;
 use crate::stats::{Stats, COUNTER_NAMES};
@@ -323,7 +323,7 @@ impl PySimulation {
             "order" => PyArray1::from_slice(py, &m.order).into_any(),
             "flags" => PyArray1::from_slice(py, &m.flags).into_any(),
             "mapcount" => PyArray1::from_slice(py, &m.mapcount).into_any(),
-            "refcount" => PyArray1::from_slice(py, &m.refcount).into_any(),
+            "refcount" => m.folio_refcounts().into_pyarray(py).into_any(),
             "token" => PyArray1::from_slice(py, &m.token).into_any(),
             _ => {
                 return Err(Error::value(format!(
@@ -342,13 +342,12 @@ impl PySimulation {
         d.set_item("order", PyArray1::from_slice(py, &m.order))?;
         d.set_item("flags", PyArray1::from_slice(py, &m.flags))?;
         d.set_item("mapcount", PyArray1::from_slice(py, &m.mapcount))?;
-        d.set_item("refcount", PyArray1::from_slice(py, &m.refcount))?;
+        d.set_item("refcount", m.folio_refcounts().into_pyarray(py))?;
         d.set_item("token", PyArray1::from_slice(py, &m.token))?;
-        let mut heads: Vec<(&u64, &LargeFolio)> = m.large.iter().collect();
-        heads.sort_unstable_by_key(|(h, _)| **h);
-        let rows = heads
+        let rows = m
+            .large_folios()
             .into_iter()
-            .map(|(&h, lf)| {
+            .map(|(h, lf)| {
                 vec![
                     h as i64,
                     lf.large_mapcount as i64,
@@ -423,11 +422,8 @@ impl PySimulation {
     /// records), for the memory-cost figure.
     fn state_bytes(&self) -> u64 {
         let st = &self.inner.st;
-        let m = &st.mem;
-        let per_page = m.order.len() * (1 + 1 + 4 + 4 + 4);
-        let large = m.large.capacity() * (std::mem::size_of::<LargeFolio>() + 8 + 1);
         let ptes: usize = st.mms.iter().flat_map(|mm| mm.vmas.iter()).map(|v| v.ptes.capacity() * 8).sum();
-        (per_page + large + ptes) as u64
+        (st.mem.state_bytes() + ptes) as u64
     }
 
     /// The name a free page's order has in `memory_array("order")`.
