@@ -134,3 +134,66 @@ fn errors_leave_state_unchanged() {
     s.exit(p).unwrap();
     assert!(s.fork(p).is_err());
 }
+
+/// Every rule of `check()` fires on the corruption it exists for.
+#[test]
+fn check_names_each_broken_rule() {
+    let base = || {
+        let mut s = sim("6.18");
+        let p = s.spawn();
+        let a = s.mmap(p, None, 64 << 10, rw(), false, None, &[16 << 10], false, false).unwrap();
+        s.touch(p, a, 64 << 10, true).unwrap();
+        let c = s.fork(p).unwrap();
+        s.write(c, a).unwrap();
+        check(&s);
+        (s, a)
+    };
+    let rule = |s: &Simulation| with_layout!(&s.layout, l => s.st.check(l, &s.profile)).unwrap_err().rule.unwrap();
+    let pfn1 = |s: &Simulation, a: u64| pfn_at(s, 1, a + 4096) as usize;
+
+    let (mut s, a) = base();
+    let p = pfn1(&s, a);
+    s.st.mem.mapcount[p] += 1;
+    assert_eq!(rule(&s), "page-mapcount");
+
+    let (mut s, a) = base();
+    let p = pfn1(&s, a);
+    let head = s.st.mem.folio_head(p as u64) as usize;
+    s.st.mem.refcount[head] += 1;
+    assert_eq!(rule(&s), "refcount");
+
+    let (mut s, _) = base();
+    s.st.mms[0].rss[1] -= 1;
+    assert_eq!(rule(&s), "rss");
+
+    let (mut s, a) = base();
+    let p = pfn1(&s, a);
+    s.st.mem.set(p as u64, PG_ANON_EXCLUSIVE);
+    assert_eq!(rule(&s), "anon-exclusive-shared");
+
+    let (mut s, a) = base();
+    let p = pfn1(&s, a);
+    let head = s.st.mem.folio_head(p as u64);
+    s.st.mem.clear(head, crate::memory::PG_MAYBE_SHARED);
+    assert_eq!(rule(&s), "mm-id-shared-bit");
+
+    let (mut s, a) = base();
+    let p = pfn1(&s, a);
+    let head = s.st.mem.folio_head(p as u64);
+    s.st.mem.lf(head).nr_pages_mapped -= 1;
+    assert_eq!(rule(&s), "nr-pages-mapped");
+
+    let (mut s, a) = base();
+    let (k, v) = s.vma_index(1, a).unwrap();
+    let e = &mut s.st.mms[k].vmas[v].ptes[1];
+    *e = with_layout!(&s.layout, l => l.pte_mkwrite(*e));
+    assert_eq!(rule(&s), "writable-cow-not-exclusive");
+
+    let (mut s, a) = base();
+    let (k, v) = s.vma_index(1, a).unwrap();
+    let free = s.st.mem.nr_pages() - 1;
+    assert!(s.st.mem.is_free(free));
+    let e = &mut s.st.mms[k].vmas[v].ptes[1];
+    *e = with_layout!(&s.layout, l => l.mk_pte(free, crate::arch::PteBits::present()).unwrap());
+    assert_eq!(rule(&s), "pte-maps-free-page");
+}
