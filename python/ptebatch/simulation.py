@@ -195,6 +195,14 @@ class Simulation:
             self._b.set_fallback(order, float(p))
 
     @classmethod
+    def from_snapshot(cls, snap: Any, kernel: str | None = None, **kw: Any) -> tuple["Simulation", dict[int, Process]]:
+        """The simulated state of a captured snapshot (``ptebatch.replay.from_snapshot``): returns
+        the simulation and a map from captured pid to simulated process."""
+        from .replay import from_snapshot
+
+        return from_snapshot(snap, kernel, **kw)
+
+    @classmethod
     def _wrap(cls, backend: Any, like: "Simulation") -> "Simulation":
         sim = cls.__new__(cls)
         sim._b = backend

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod mm;
 pub mod mprotect;
 pub mod procfs;
+pub mod restore;
 pub mod rmap;
 pub mod sim;
 pub mod stats;

@@ -230,6 +230,50 @@ impl Memory {
         Some(pfn)
     }
 
+    /// Allocates the block of `2^order` pages at `pfn` (naturally aligned) if it is free,
+    /// splitting the free block that holds it; for rebuilding captured memory.
+    pub fn alloc_at(&mut self, pfn: u64, order: u32) -> bool {
+        let Some(from) = (order..=self.max_order).find(|&o| self.free_lists[o as usize].contains(&(pfn & !((1u64 << o) - 1)))) else {
+            return false;
+        };
+        let mut block = pfn & !((1u64 << from) - 1);
+        self.free_lists[from as usize].remove(&block);
+        for o in (order..from).rev() {
+            // Keep the half holding pfn, free the other.
+            let half = 1u64 << o;
+            if pfn >= block + half {
+                self.free_lists[o as usize].insert(block);
+                block += half;
+            } else {
+                self.free_lists[o as usize].insert(block + half);
+            }
+        }
+        let n = 1u64 << order;
+        self.free_pages -= n;
+        for p in pfn..pfn + n {
+            let i = p as usize;
+            self.order[i] = order as u8;
+            self.flags[i] = 0;
+            self.mapcount[i] = 0;
+            self.refcount[i] = 0;
+            self.token[i] = 0;
+        }
+        if order > 0 {
+            let idx = match self.large_free.pop() {
+                Some(i) => {
+                    self.large[i as usize] = LargeFolio::new();
+                    i
+                }
+                None => {
+                    self.large.push(LargeFolio::new());
+                    self.large.len() as u32 - 1
+                }
+            };
+            self.refcount[pfn as usize + 1] = idx as i32;
+        }
+        true
+    }
+
     /// Returns a folio to the allocator, merging free buddies.
     pub fn free(&mut self, head: u64) {
         let order = self.folio_order(head);

@@ -430,6 +430,31 @@ impl PySimulation {
     #[classattr]
     const FREE_ORDER: u8 = FREE;
 
+    /// Places a captured folio at pfn `head`: `kind` "anon", or "file" with the file id and
+    /// the file page of its first page.
+    #[pyo3(signature = (head, order, kind, file = None, index = 0, dirty = false))]
+    fn place_folio(&mut self, head: u64, order: u32, kind: &str, file: Option<u32>, index: u64, dirty: bool) -> PyResult<()> {
+        let k = match (kind, file) {
+            ("anon", None) => crate::restore::FolioKind::Anon,
+            ("file", Some(fid)) => crate::restore::FolioKind::File { fid, index },
+            _ => return Err(Error::value("kind must be \"anon\", or \"file\" with file=<id>").into()),
+        };
+        Ok(self.inner.place_folio(head, order, k, dirty)?)
+    }
+
+    /// Writes one captured PTE.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
+    fn place_pte(&mut self, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
+        Ok(self.inner.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp)?)
+    }
+
+    /// Recomputes every counter from the page tables after placing folios and PTEs.
+    fn rebuild_accounting(&mut self, py: Python<'_>) -> PyResult<()> {
+        let s = &mut self.inner;
+        Ok(py.detach(|| s.rebuild_accounting())?)
+    }
+
     /// Decodes a PTE of this simulation's layout into its logical bits.
     fn decode_pte<'py>(&self, py: Python<'py>, pte: u64) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
