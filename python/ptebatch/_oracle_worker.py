@@ -30,10 +30,13 @@ class Region:
         self.off = (-base) % align
         self.addr = base + self.off
         self.size = size
+        self.stamp = 0
 
     def write(self, page: int) -> None:
-        i = self.off + page * PAGE
-        self.m[i] = (self.m[i] + 1) % 256
+        # Store without loading first: a read would map the shared zero page, and the write
+        # after it would copy into an order-0 page instead of faulting in a large folio.
+        self.stamp = self.stamp % 255 + 1
+        self.m[self.off + page * PAGE] = self.stamp
 
     def at(self, page: int) -> int:
         return self.addr + page * PAGE

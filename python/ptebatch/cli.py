@@ -92,6 +92,75 @@ def batches(args: argparse.Namespace) -> int:
     return 0
 
 
+def capture_cmd(args: argparse.Namespace) -> int:
+    """Captures live processes into a snapshot file."""
+    from ptebatch.capture import capture
+
+    t0 = time.perf_counter()
+    snap = capture(args.pid)
+    snap.save(args.output)
+    pm = snap.arrays["pagemap"]
+    present = int(np.count_nonzero(pm >> np.uint64(63)))
+    print(f"captured {len(snap.arrays['vma_start'])} VMAs, {len(pm)} pages ({present} present) of "
+          f"pid {', '.join(map(str, args.pid))} in {time.perf_counter() - t0:.2f} s -> {args.output}")
+    print(f"inferred (not visible from user space): {', '.join(snap.inferred)}")
+    return 0
+
+
+def thpmaps_cmd(args: argparse.Namespace) -> int:
+    """thpmaps-style report of a live process or a snapshot."""
+    from ptebatch.capture import capture
+    from ptebatch.snapshot import Snapshot
+    from ptebatch.thpmaps import report
+
+    snap = Snapshot.load(args.snapshot) if args.snapshot else capture(args.pid)
+    cont = [pb.parse_size(c) for c in args.cont or []]
+    print(report(snap, cont=cont, rollup=args.rollup, inc_empty=args.inc_empty))
+    return 0
+
+
+def replay_cmd(args: argparse.Namespace) -> int:
+    """Replays a snapshot and forks every process under each kernel, printing the counters."""
+    from ptebatch.snapshot import Snapshot
+
+    snap = Snapshot.load(args.snapshot)
+    kernels = args.kernel or ["6.8", pb.NEWEST_KERNEL]
+    print(f"snapshot of pid {snap.pids} ({snap.header['kernel_release']}, {snap.header['arch']}, "
+          f"captured {snap.header['capture_time']}); inferred: {', '.join(snap.inferred)}")
+    print(f"{'kernel':>7} {'pid':>8} {'PTEs copied':>11} {'batches':>8} {'refcount ops':>12} {'rmap calls':>10}")
+    for k in kernels:
+        sim, procs = pb.Simulation.from_snapshot(snap, k)
+        for pid, p in procs.items():
+            p.fork()
+            st = sim.last_stats
+            copied = sum(st["batch_histogram"][n] * n for n in range(len(st["batch_histogram"])))
+            print(f"{k:>7} {pid:>8} {copied:>11} {st['batches']:>8} {st['refcount_atomics']:>12} {st['rmap_calls']:>10}")
+        sim.check()
+    return 0
+
+
+def oracle_cmd(args: argparse.Namespace) -> int:
+    """Runs the scripted sequence against the live kernel and the model, per folio size."""
+    from ptebatch import oracle
+
+    why = oracle.missing_requirements()
+    if why:
+        print(f"cannot run the kernel oracle here: {why}")
+        return 1
+    sizes = [pb.parse_size(s) for s in (args.size or ["4K", "16K", "64K", "128K", "2M"])]
+    print(f"{'size':>6} {'kernel':>6} {'folio pages seen':>16} {'steps':>5} {'pages compared':>14} {'mismatches':>10} {'runs':>4}")
+    bad = 0
+    for size in sizes:
+        r = oracle.run_retrying(size)
+        bad += r.mismatches
+        print(f"{pb.format_size(size):>6} {r.kernel:>6} {str(r.folio_pages):>16} {len(r.steps):>5} {r.pages:>14} "
+              f"{r.mismatches:>10} {r.attempts:>4}")
+        for s in r.steps:
+            for m in s.mismatches[:5]:
+                print(f"       {s.step}: {m}")
+    return 1 if bad else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptebatch", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -117,11 +186,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="chance of a run of empty PTEs between folios (default 0.15)")
     d.add_argument("--width", type=int, default=100, help="cut batch lists to this width")
     d.add_argument("-v", "--verbose", action="store_true", help="also print histograms and times")
+    c = sub.add_parser("capture", help="capture live processes' page tables into a snapshot (root)")
+    c.add_argument("--pid", type=int, action="append", required=True, help="process id (repeatable)")
+    c.add_argument("-o", "--output", required=True, help="snapshot file (.npz)")
+    t = sub.add_parser("thpmaps", help="thpmaps-style report of a live process or a snapshot")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pid", type=int, action="append", help="process id (repeatable)")
+    src.add_argument("--snapshot", help="a snapshot file instead of a live process")
+    t.add_argument("--cont", action="append", help="also count contiguous aligned blocks of SIZE (repeatable)")
+    t.add_argument("--rollup", action="store_true", help="sum over all VMAs")
+    t.add_argument("--inc-empty", action="store_true", help="print zero counters too")
+    r = sub.add_parser("replay", help="replay a snapshot and fork it under each kernel")
+    r.add_argument("snapshot")
+    r.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS)
+    o = sub.add_parser("oracle", help="compare the model with the running kernel (root; sets mTHP controls, restores them)")
+    o.add_argument("--size", action="append", help="folio size (repeatable; default 4K 16K 64K 128K 2M)")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
     if args.command == "demo":
         return demo(args)
+    try:
+        if args.command == "capture":
+            return capture_cmd(args)
+        if args.command == "thpmaps":
+            return thpmaps_cmd(args)
+        if args.command == "replay":
+            return replay_cmd(args)
+        if args.command == "oracle":
+            return oracle_cmd(args)
+    except (pb.CaptureError, pb.SnapshotError) as e:
+        print(f"ptebatch {args.command}: {e}", file=sys.stderr)
+        return 1
     if args.command == "batches":
         if args.ptes < 1:
             parser.error("--ptes must be at least 1")
