@@ -94,7 +94,14 @@ class Worker:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self("quit")
-        self.proc.wait(timeout=30)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f:
+                f.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
