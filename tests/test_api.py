@@ -193,10 +193,20 @@ def test_errors_form_a_hierarchy():
         assert issubclass(e, pb.PtebatchError) and issubclass(e, Exception)
 
 
-def test_cli_demo_runs_and_shows_the_xen_overrun(capsys):
+def test_cli_demo_is_the_fork_study(capsys):
     from ptebatch import cli
 
-    assert cli.main(["demo", "--layout", "x86-64-xenpv", "--layout", "arm64-4k", "--ptes", "1024"]) == 0
+    assert cli.main(["demo", "--region", "16M", "--size", "4K", "--size", "64K"]) == 0
+    out = capsys.readouterr().out
+    lines = [l.split() for l in out.splitlines()]
+    ratio = [l for l in lines if l and l[0] == "ratio" and l[1] != "="]
+    assert len(ratio) == 2 and ratio[1][1] == "16x" and ratio[1][2] == "16x", out
+
+
+def test_cli_batches_runs_and_shows_the_xen_overrun(capsys):
+    from ptebatch import cli
+
+    assert cli.main(["batches", "--layout", "x86-64-xenpv", "--layout", "arm64-4k", "--ptes", "1024"]) == 0
     out = capsys.readouterr().out
     assert "== x86-64-xenpv" in out and "== arm64-4k" in out
     xen = out.split("== x86-64-xenpv")[1].split("==")[0]
