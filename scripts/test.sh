@@ -10,4 +10,5 @@ bash scripts/setup.sh
 .venv/bin/python -m mypy.stubtest ptebatch._core
 cargo test --quiet
 .venv/bin/pytest -q tests
-PTEBATCH_BENCH_PTES=65536 .venv/bin/pytest -q benches --benchmark-disable
+PTEBATCH_BENCH_PTES=65536 PTEBATCH_BENCH_FORK_BYTES=$((4 << 20)) PTEBATCH_BENCH_FORK_REF_BYTES=$((1 << 20)) \
+    .venv/bin/pytest -q benches --benchmark-disable

@@ -167,6 +167,10 @@ class Process:
         return dict(self.sim._b.rss(self.pid))
 
 
+#: Columns of the state's two-dimensional tables (see ``Simulation.state``).
+_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3, "pins": 3}
+
+
 class Simulation:
     """A simulated machine: ``arch`` (a PTE layout), ``kernel`` ("6.8" … newest), ``memory`` of RAM.
 
@@ -261,7 +265,14 @@ class Simulation:
 
     def state(self) -> dict[str, Any]:
         """The whole state in canonical form (numpy arrays and ints)."""
-        return {k: (np.asarray(v) if isinstance(v, (list, np.ndarray)) else v) for k, v in self._b.state().items()}
+        out = {}
+        for k, v in self._b.state().items():
+            if isinstance(v, (list, np.ndarray)):
+                v = np.asarray(v)
+                if k in _TABLE_WIDTHS:
+                    v = v.reshape(-1, _TABLE_WIDTHS[k])
+            out[k] = v
+        return out
 
     def clone(self) -> "Simulation":
         """An independent copy, for A/B experiments."""
