@@ -98,48 +98,47 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | No
     vma_of_page = np.repeat(np.arange(nv), np.diff(a["vma_page_offset"]))
     idx = np.flatnonzero(normal)
     heads, lengths = snap.folio_of(pfns_all[idx])
-    hflags, _ = snap.frame_info(heads) if len(heads) else (np.zeros(0, np.uint64), None)
-    placed: set[int] = set()
-    for k, page_i in enumerate(idx):
-        head = int(heads[k])
-        if head in placed:
-            continue
-        n = int(lengths[k])
-        if n & (n - 1):
-            raise SnapshotError(f"folio at pfn {head:#x} has {n} pages, not a power of two")
-        order = n.bit_length() - 1
-        fl = int(hflags[k])
-        dirty = bool(fl & KPF_DIRTY)
-        if fl & KPF_ANON:
-            sim._b.place_folio(head, order, "anon", dirty=dirty)
-        else:
-            v = int(vma_of_page[page_i])
-            fid = file_of.get(v)
-            if fid is None:
-                raise SnapshotError(f"page-cache folio {head:#x} is mapped by an anonymous VMA")
-            in_vma = int(page_i - a["vma_page_offset"][v])
-            index = (int(a["vma_pgoff"][v]) if a["vma_flags"][v] & VMA_FILE else 0) + in_vma - (int(pfns_all[page_i]) - head)
-            sim._b.place_folio(head, order, "file", file=fid, index=max(index, 0), dirty=dirty)
-        placed.add(head)
-
-    # PTEs.
-    starts = a["vma_start"]
-    for page_i in np.flatnonzero(usable):
+    uniq, first = np.unique(heads, return_index=True)
+    lens = lengths[first]
+    if np.any(lens & (lens - 1)):
+        bad = int(uniq[np.flatnonzero(lens & (lens - 1))[0]])
+        raise SnapshotError(f"folio at pfn {bad:#x} is not a power-of-two number of pages")
+    orders = np.log2(lens).astype(np.uint8)
+    hflags, _ = snap.frame_info(uniq) if len(uniq) else (np.zeros(0, np.uint64), None)
+    is_anon = (hflags & np.uint64(KPF_ANON)) != 0
+    dirty = (hflags & np.uint64(KPF_DIRTY)) != 0
+    sim._b.place_anon_folios(uniq[is_anon].astype(np.uint64), orders[is_anon], dirty[is_anon])
+    for k in np.flatnonzero(~is_anon):
+        head, page_i = int(uniq[k]), int(idx[first[k]])
         v = int(vma_of_page[page_i])
-        f = int(a["vma_flags"][v])
-        e = int(pm[page_i])
-        addr = int(starts[v]) + int(page_i - a["vma_page_offset"][v]) * page
-        fl = int(flags_all[page_i])
-        anon = bool(fl & KPF_ANON)
-        pid = procs[int(a["vma_pid"][v])].pid
-        if zero[page_i]:
-            sim._b.place_pte(pid, addr, sim.zero_pfn, False, False, True, bool(e & PM_SOFT_DIRTY), bool(e & PM_UFFD_WP))
-            continue
-        shared = bool(f & VMA_SHARED)
-        write = bool(f & VMA_WRITE) and (shared or (anon and bool(e & PM_MMAP_EXCLUSIVE)))
-        dirty = anon or bool(fl & KPF_DIRTY) or (shared and write)
-        sim._b.place_pte(pid, addr, int(e & PM_PFN_MASK), write, dirty, True, bool(e & PM_SOFT_DIRTY),
-                         bool(e & PM_UFFD_WP))
+        fid = file_of.get(v)
+        if fid is None:
+            raise SnapshotError(f"page-cache folio {head:#x} is mapped by an anonymous VMA")
+        in_vma = page_i - int(a["vma_page_offset"][v])
+        base = int(a["vma_pgoff"][v]) if a["vma_flags"][v] & VMA_FILE else 0
+        index = base + in_vma - (int(pfns_all[page_i]) - head)
+        sim._b.place_folio(head, int(orders[k]), "file", file=fid, index=max(index, 0), dirty=bool(dirty[k]))
+
+    # PTEs, one bulk call per process.
+    sel = np.flatnonzero(usable)
+    v_of = vma_of_page[sel]
+    addrs = a["vma_start"][v_of] + (sel - a["vma_page_offset"][v_of]).astype(np.uint64) * np.uint64(page)
+    e = pm[sel]
+    fl = flags_all[sel]
+    vf = a["vma_flags"][v_of]
+    anon = (fl & np.uint64(KPF_ANON)) != 0
+    shared = (vf & VMA_SHARED) != 0
+    excl = (e & np.uint64(PM_MMAP_EXCLUSIVE)) != 0
+    write = ((vf & VMA_WRITE) != 0) & (shared | (anon & excl))
+    dirty_pte = anon | ((fl & np.uint64(KPF_DIRTY)) != 0) | (shared & write)
+    bits = (write.astype(np.uint8) | (dirty_pte.astype(np.uint8) << 1) | np.uint8(4)
+            | (((e & np.uint64(PM_SOFT_DIRTY)) != 0).astype(np.uint8) << 3)
+            | (((e & np.uint64(PM_UFFD_WP)) != 0).astype(np.uint8) << 4))
+    pfn = np.where(zero[sel], np.uint64(sim.zero_pfn), e & np.uint64(PM_PFN_MASK)).astype(np.uint64)
+    owner = a["vma_pid"][v_of]
+    for pid, proc in procs.items():
+        m = owner == pid
+        sim._b.place_ptes(proc.pid, addrs[m].astype(np.uint64), pfn[m], bits[m].astype(np.uint8))
     sim._b.rebuild_accounting()
     return sim, procs
 

@@ -46,6 +46,7 @@ impl State {
         let mut owner = vec![0u32; n];
         let mut writable = vec![0u32; n];
         let mut per_mm: HashMap<(u64, u32), i64> = HashMap::new();
+        let mut mms_of: HashMap<u64, usize> = HashMap::new();
         for mm in &self.mms {
             if mm.exited && !mm.vmas.is_empty() {
                 return Err(broken("exited-mm", format!("pid {} has exited but still has VMAs", mm.pid)));
@@ -90,7 +91,11 @@ impl State {
                         }
                     }
                     if self.mem.folio_order(head) > 0 {
-                        *per_mm.entry((head, mm.mm_id)).or_insert(0) += 1;
+                        let c = per_mm.entry((head, mm.mm_id)).or_insert(0);
+                        if *c == 0 {
+                            *mms_of.entry(head).or_insert(0) += 1;
+                        }
+                        *c += 1;
                     }
                     let c = if anon {
                         MM_ANONPAGES
@@ -207,7 +212,7 @@ impl State {
                     }
                     if !self.mem.test(head, PG_MAYBE_SHARED) && total >= 0 {
                         let owned = (0..2).any(|s| lf.mm_id[s] != MM_ID_DUMMY && lf.mm_id_mapcount[s] as i64 == total);
-                        let mms = per_mm.keys().filter(|(h, _)| *h == head).count();
+                        let mms = mms_of.get(&head).copied().unwrap_or(0);
                         if !owned || mms > 1 {
                             return Err(broken("mm-id-shared-bit", format!("{}: \"maybe mapped shared\" is clear but {mms} mm(s) map it{}", what(pfn), self.where_mapped(l, head))));
                         }

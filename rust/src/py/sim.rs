@@ -449,6 +449,39 @@ impl PySimulation {
         Ok(self.inner.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp)?)
     }
 
+    /// Writes many captured PTEs of one process; `bits` per PTE: write 1, dirty 2, young 4,
+    /// soft-dirty 8, uffd-wp 16. Stops at the first bad entry (the caller rebuilds or drops
+    /// the simulation, which is under construction).
+    fn place_ptes(&mut self, py: Python<'_>, pid: u32, addr: numpy::PyReadonlyArray1<'_, u64>, pfn: numpy::PyReadonlyArray1<'_, u64>, bits: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<()> {
+        let (a, p, b) = (addr.as_slice()?, pfn.as_slice()?, bits.as_slice()?);
+        if a.len() != p.len() || a.len() != b.len() {
+            return Err(Error::value("addr, pfn and bits must have the same length").into());
+        }
+        let s = &mut self.inner;
+        Ok(py.detach(|| {
+            for i in 0..a.len() {
+                let f = b[i];
+                s.place_pte(pid, a[i], p[i], f & 1 != 0, f & 2 != 0, f & 4 != 0, f & 8 != 0, f & 16 != 0)?;
+            }
+            Ok::<(), Error>(())
+        })?)
+    }
+
+    /// Places many anonymous folios (`dirty` per folio).
+    fn place_anon_folios(&mut self, py: Python<'_>, heads: numpy::PyReadonlyArray1<'_, u64>, orders: numpy::PyReadonlyArray1<'_, u8>, dirty: numpy::PyReadonlyArray1<'_, bool>) -> PyResult<()> {
+        let (h, o, d) = (heads.as_slice()?, orders.as_slice()?, dirty.as_slice()?);
+        if h.len() != o.len() || h.len() != d.len() {
+            return Err(Error::value("heads, orders and dirty must have the same length").into());
+        }
+        let s = &mut self.inner;
+        Ok(py.detach(|| {
+            for i in 0..h.len() {
+                s.place_folio(h[i], o[i] as u32, crate::restore::FolioKind::Anon, d[i])?;
+            }
+            Ok::<(), Error>(())
+        })?)
+    }
+
     /// Recomputes every counter from the page tables after placing folios and PTEs.
     fn rebuild_accounting(&mut self, py: Python<'_>) -> PyResult<()> {
         let s = &mut self.inner;
