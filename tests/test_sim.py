@@ -274,6 +274,16 @@ def test_fragmentation_falls_back_to_smaller_folios() -> None:
     sim.check()
 
 
+def test_memory_arrays() -> None:
+    sim, p, v = written("6.18", "64K", length="256K")
+    p.fork()
+    mc = sim.memory.mapcount
+    assert mc.dtype == np.int32 and int((mc == 2).sum()) == 64
+    assert int(sim.memory.refcount.sum()) == 4 * 32
+    with pytest.raises(AttributeError):
+        sim.memory.nope
+
+
 def test_clone_and_state_equal() -> None:
     sim, p, v = written("6.18", "64K")
     other = sim.clone()

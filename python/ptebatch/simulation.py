@@ -89,6 +89,20 @@ class Pin:
         self.sim._b.unpin(self.id)
 
 
+class MemoryArrays:
+    """Numpy copies of the simulation's per-pfn arrays, read on attribute access."""
+
+    FIELDS = ("order", "flags", "mapcount", "refcount", "token")
+
+    def __init__(self, sim: "Simulation"):
+        self._sim = sim
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name not in MemoryArrays.FIELDS:
+            raise AttributeError(f"no memory array {name!r}; known: {', '.join(MemoryArrays.FIELDS)}")
+        return np.asarray(self._sim.state()[name]) if self._sim.backend == "reference" else self._sim._b.memory_array(name)
+
+
 class Process:
     """A simulated process (its mm). Addresses are bytes; sizes take ints or ``"64K"``-style strings."""
 
@@ -258,7 +272,15 @@ class Simulation:
         return dict(self._b.last_stats)
 
     def page(self, pfn: int) -> dict[str, Any]:
+        """One page's state with the kernel's meaning of every count (mapcount, refcount of its
+        folio, anon_exclusive, order, large/entire mapcount, MM-ID slots, ...)."""
         return dict(self._b.page(pfn))
+
+    @property
+    def memory(self) -> "MemoryArrays":
+        """Per-pfn arrays (copies): ``order`` (255 = free), ``flags``, ``mapcount``, ``refcount``,
+        ``token``."""
+        return MemoryArrays(self)
 
     def kpagecount(self, pfn: int) -> int:
         return self._b.kpagecount(pfn)
