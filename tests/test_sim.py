@@ -376,3 +376,29 @@ def test_other_architectures(arch: str) -> None:
     assert sim.last_stats["batches"] == 4
     c.write(v.start)
     sim.check()
+
+
+@pytest.mark.parametrize("event_fork", [False, True])
+def test_uffd_wp_protect_fork_and_resolve(event_fork: bool) -> None:
+    sim = pb.Simulation("x86-64", "6.18", "16M")
+    p = sim.spawn()
+    v = p.mmap("64K", mthp=["16K"], uffd_wp=True, uffd_event_fork=event_fork)
+    p.touch(v.start, v.length, write=True)
+    assert sim.page(pfn(p, v.start))["order"] == 0, "userfaultfd-armed VMAs fault order 0"
+    p.uffd_writeprotect(v.start, "32K")
+    with pytest.raises(pb.AccessFault, match="uffd-wp"):
+        p.write(v.page(1))
+    p.read(v.page(1))
+    assert pte(sim, p, v.page(1))["uffd_wp"] and not pte(sim, p, v.page(1))["write"]
+    assert p.pagemap(v.page(1), 4096)[0] & np.uint64(1 << 57)
+    c = p.fork()
+    assert c.vmas()[0]["uffd_wp"] is event_fork
+    assert pte(sim, c, v.page(1))["uffd_wp"] is event_fork, "the child keeps uffd-wp only with EVENT_FORK"
+    c.exit()
+    p.uffd_writeprotect(v.start, "32K", enable=False)
+    before = pfn(p, v.page(1))
+    p.write(v.page(1))
+    assert pfn(p, v.page(1)) == before
+    with pytest.raises(ValueError, match="not registered"):
+        p.uffd_writeprotect(p.mmap("4K").start, 4096)
+    sim.check()

@@ -161,6 +161,11 @@ class Process:
     def exit(self) -> None:
         self.sim._b.exit(self.pid)
 
+    def uffd_writeprotect(self, addr: int, length: int | str, enable: bool = True) -> None:
+        """``UFFDIO_WRITEPROTECT`` on a range mapped with ``uffd_wp=True``; a write to a protected
+        page then raises ``AccessFault`` (it would wait for the monitor)."""
+        self.sim._b.uffd_writeprotect(self.pid, addr, parse_size(length), enable)
+
     def clear_soft_dirty(self) -> None:
         """``echo 4 > /proc/<pid>/clear_refs``."""
         self.sim._b.clear_soft_dirty(self.pid)

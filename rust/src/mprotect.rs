@@ -37,9 +37,24 @@ impl State {
         let r = self.mms[k].isolate(a, b);
         for v in r.clone() {
             self.mms[k].vmas[v].prot = prot;
-            self.change_protection(l, p, k, v);
+            let n = self.mms[k].vmas[v].ptes.len();
+            self.change_protection(l, p, k, v, 0, n, None);
         }
         self.mms[k].merge_around(r);
+    }
+
+    /// `UFFDIO_WRITEPROTECT` (`mwriteprotect_range()`, mm/userfaultfd.c): `change_protection()`
+    /// with MM_CP_UFFD_WP (set the bit, write-protect) or MM_CP_UFFD_WP_RESOLVE (clear it, and
+    /// let `can_change_pte_writable()` restore write access). VMAs are not split.
+    pub fn uffd_writeprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, enable: bool) {
+        for v in 0..self.mms[k].vmas.len() {
+            let vma = &self.mms[k].vmas[v];
+            let (s, e) = (vma.start.max(a), vma.end().min(b));
+            if s < e {
+                let (ia, ib) = ((s - vma.start) as usize, (e - vma.start) as usize);
+                self.change_protection(l, p, k, v, ia, ib, Some(enable));
+            }
+        }
     }
 
     /// `can_change_pte_writable()`.
@@ -61,16 +76,19 @@ impl State {
         l.pte_dirty(pte)
     }
 
-    fn change_protection<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize) {
+    /// `change_protection()` over entries `[from, to)` of VMA `v`; `uffd` is MM_CP_UFFD_WP
+    /// (`Some(true)`) or MM_CP_UFFD_WP_RESOLVE (`Some(false)`), `None` for mprotect.
+    #[allow(clippy::too_many_arguments)]
+    fn change_protection<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, from: usize, to: usize, uffd: Option<bool>) {
         let vma = &self.mms[k].vmas[v];
-        let (start, len) = (vma.start, vma.ptes.len());
+        let (start, len) = (vma.start, to);
         let prot = vma.prot;
         let page_prot_write = self.page_prot_write(l, vma);
-        // vma_wants_manual_pte_write_upgrade()
-        let try_writable = if vma.shared { self.wants_writenotify(l, vma) } else { vma.prot.write };
+        // vma_wants_manual_pte_write_upgrade(); UFFDIO_WRITEPROTECT asks only when resolving.
+        let try_writable = uffd != Some(true) && if vma.shared { self.wants_writenotify(l, vma) } else { vma.prot.write };
         let flags = FpbFlags { respect_soft_dirty: true, respect_write: true, ..Default::default() };
         let ptrs = self.ptrs_per_pte as usize;
-        let mut s = 0usize;
+        let mut s = from;
         while s < len {
             let e = len.min(s + ptrs - ((start as usize + s) & (ptrs - 1)));
             let mut changed = false;
@@ -108,7 +126,12 @@ impl State {
                         merged = l.pte_mkyoung(merged);
                     }
                 }
-                let ptent = pte_modify(l, merged, prot, page_prot_write);
+                let mut ptent = pte_modify(l, merged, prot, page_prot_write);
+                match uffd {
+                    Some(true) => ptent = l.set_uffd_wp_bit(l.pte_wrprotect(ptent)),
+                    Some(false) => ptent = l.clear_uffd_wp_bit(ptent),
+                    None => {}
+                }
                 let mut out = Vec::with_capacity(nr);
                 for j in 0..nr {
                     let mut x = l.pte_advance_pfn(ptent, j as u64);

@@ -435,6 +435,25 @@ impl Simulation {
         self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.mprotect(l, p, k, a, b, prot); Ok(()) }))
     }
 
+    /// `ioctl(UFFDIO_WRITEPROTECT)` on a range registered in write-protect mode.
+    pub fn uffd_writeprotect(&mut self, pid: u32, addr: u64, len: u64, enable: bool) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let (a, b) = self.mapped_range(k, addr, len)?;
+        let mm = &self.st.mms[k];
+        let mut at = a;
+        while at < b {
+            let v = &mm.vmas[mm.find_vma(at).expect("range checked")];
+            if !v.uffd_wp {
+                return Err(Error::value(format!(
+                    "{:#x} is not registered with userfaultfd in write-protect mode",
+                    at << self.st.page_shift
+                )));
+            }
+            at = v.end();
+        }
+        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.uffd_writeprotect(l, p, k, a, b, enable); Ok(()) }))
+    }
+
     /// `pin_user_pages()` with FOLL_PIN (and FOLL_WRITE / FOLL_LONGTERM): returns a pin id.
     pub fn pin(&mut self, pid: u32, addr: u64, len: u64, write: bool, longterm: bool) -> Result<u32> {
         let k = self.mm_index(pid)?;

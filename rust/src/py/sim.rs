@@ -187,6 +187,13 @@ impl PySimulation {
         Ok(py.detach(|| s.pin(pid, addr, length, write, longterm))?)
     }
 
+    /// `ioctl(UFFDIO_WRITEPROTECT)`: `enable` write-protects, otherwise resolves.
+    #[pyo3(signature = (pid, addr, length, enable = true))]
+    fn uffd_writeprotect(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, enable: bool) -> PyResult<()> {
+        let s = &mut self.inner;
+        Ok(py.detach(|| s.uffd_writeprotect(pid, addr, length, enable))?)
+    }
+
     fn unpin(&mut self, pin: u32) -> PyResult<()> {
         Ok(self.inner.unpin(pin)?)
     }
