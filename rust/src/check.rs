@@ -8,9 +8,8 @@ use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{
     GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_FILE, PG_MAYBE_SHARED,
-    PG_SWAPBACKED,
 };
-use crate::mm::{MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, RSS_NAMES};
+use crate::mm::{mm_counter, NOT_CACHED, RSS_NAMES};
 use crate::sim::State;
 
 /// `owner[pfn]` of a page mapped by more than one mm.
@@ -97,13 +96,7 @@ impl State {
                         }
                         *c += 1;
                     }
-                    let c = if anon {
-                        MM_ANONPAGES
-                    } else if self.mem.test(head, PG_SWAPBACKED) {
-                        MM_SHMEMPAGES
-                    } else {
-                        MM_FILEPAGES
-                    };
+                    let c = mm_counter(&self.mem, head);
                     rss[c] += 1;
                 }
             }

@@ -9,7 +9,7 @@ use crate::arch::PteLayout;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelProfile, LargeCowReuse};
 use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED};
-use crate::mm::{user_pte, Pin, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED};
+use crate::mm::{mm_counter, user_pte, Pin, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED};
 use crate::sim::{Access, State};
 
 fn oom() -> Error {
@@ -352,9 +352,7 @@ impl State {
             self.mem.token[new as usize] = self.mem.token[pg as usize];
             self.op.pages_copied += 1;
         }
-        let old_counter = old_head.filter(|&h| !self.mem.test(h, PG_ANON)).map(|h| {
-            if self.mem.test(h, PG_SWAPBACKED) { MM_SHMEMPAGES } else { MM_FILEPAGES }
-        });
+        let old_counter = old_head.filter(|&h| !self.mem.test(h, PG_ANON)).map(|h| mm_counter(&self.mem, h));
         self.ensure_anon_vma(k, v);
         let mm = &mut self.mms[k];
         match (page, old_counter) {

@@ -6,8 +6,8 @@ use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
-use crate::memory::{PG_ANON, PG_SWAPBACKED};
-use crate::mm::{user_pte, Mm, Vma, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES};
+use crate::memory::PG_ANON;
+use crate::mm::{mm_counter, user_pte, Mm, Vma, MM_ANONPAGES};
 use crate::rmap::Rmap;
 use crate::sim::State;
 
@@ -176,7 +176,7 @@ impl State {
         let head = self.mem.folio_head(page);
         let order = self.mem.folio_order(head);
         let anon = self.mem.test(head, PG_ANON);
-        let file_counter = if self.mem.test(head, PG_SWAPBACKED) { MM_SHMEMPAGES } else { MM_FILEPAGES };
+        let file_counter = mm_counter(&self.mem, head);
         if let (None, true, true, Some(form)) = (&prealloc, order > 0, max_nr != 1, p.fpb.filter(|_| p.fork_batched)) {
             let table = Table { ptes: &self.mms[ctx.k].vmas[ctx.vi].ptes, first_vpn: ctx.start };
             let folio = Folio { pfn: head, nr_pages: 1 << order };

@@ -203,6 +203,14 @@ impl Memory {
         for o in (order..from).rev() {
             self.free_lists[o as usize].insert(pfn + (1 << o));
         }
+        self.init_folio(pfn, order);
+        self.refcount[pfn as usize] = 1;
+        Some(pfn)
+    }
+
+    /// Takes a free block as a new folio: pages cleared, refcount 0, a fresh large-folio
+    /// record for order > 0.
+    fn init_folio(&mut self, pfn: u64, order: u32) {
         let n = 1u64 << order;
         self.free_pages -= n;
         for p in pfn..pfn + n {
@@ -213,7 +221,6 @@ impl Memory {
             self.refcount[i] = 0;
             self.token[i] = 0;
         }
-        self.refcount[pfn as usize] = 1;
         if order > 0 {
             let idx = match self.large_free.pop() {
                 Some(i) => {
@@ -227,7 +234,6 @@ impl Memory {
             };
             self.refcount[pfn as usize + 1] = idx as i32;
         }
-        Some(pfn)
     }
 
     /// Allocates the block of `2^order` pages at `pfn` (naturally aligned) if it is free,
@@ -248,29 +254,7 @@ impl Memory {
                 self.free_lists[o as usize].insert(block + half);
             }
         }
-        let n = 1u64 << order;
-        self.free_pages -= n;
-        for p in pfn..pfn + n {
-            let i = p as usize;
-            self.order[i] = order as u8;
-            self.flags[i] = 0;
-            self.mapcount[i] = 0;
-            self.refcount[i] = 0;
-            self.token[i] = 0;
-        }
-        if order > 0 {
-            let idx = match self.large_free.pop() {
-                Some(i) => {
-                    self.large[i as usize] = LargeFolio::new();
-                    i
-                }
-                None => {
-                    self.large.push(LargeFolio::new());
-                    self.large.len() as u32 - 1
-                }
-            };
-            self.refcount[pfn as usize + 1] = idx as i32;
-        }
+        self.init_folio(pfn, order);
         true
     }
 

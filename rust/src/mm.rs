@@ -2,12 +2,24 @@
 //! and the page-cache objects (files and shmem) that file-backed VMAs map.
 
 use crate::arch::{Caps, PteLayout};
+use crate::memory::{Memory, PG_ANON, PG_SWAPBACKED};
 
 /// `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SHMEMPAGES` (include/linux/mm_types_task.h).
 pub const MM_FILEPAGES: usize = 0;
 pub const MM_ANONPAGES: usize = 1;
 pub const MM_SHMEMPAGES: usize = 2;
 pub const RSS_NAMES: [&str; 3] = ["file", "anon", "shmem"];
+
+/// `mm_counter(folio)`: the rss counter a folio's pages are counted in.
+pub fn mm_counter(mem: &Memory, head: u64) -> usize {
+    if mem.test(head, PG_ANON) {
+        MM_ANONPAGES
+    } else if mem.test(head, PG_SWAPBACKED) {
+        MM_SHMEMPAGES
+    } else {
+        MM_FILEPAGES
+    }
+}
 
 /// `PROT_READ | PROT_WRITE | PROT_EXEC`; all false is PROT_NONE.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

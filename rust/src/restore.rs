@@ -5,7 +5,7 @@
 use crate::arch::{PteBits, PteLayout};
 use crate::error::{Error, Result};
 use crate::memory::{LargeFolio, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED};
-use crate::mm::{MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED};
+use crate::mm::{mm_counter, NOT_CACHED};
 use crate::sim::Simulation;
 use crate::with_layout;
 
@@ -131,7 +131,7 @@ impl Simulation {
                     st.mem.refcount[head as usize] += 1;
                     let anon = st.mem.test(head, PG_ANON);
                     any_anon |= anon;
-                    rss[if anon { MM_ANONPAGES } else if st.mem.test(head, PG_SWAPBACKED) { MM_SHMEMPAGES } else { MM_FILEPAGES }] += 1;
+                    rss[mm_counter(&st.mem, head)] += 1;
                     if st.mem.folio_order(head) > 0 {
                         let first = st.mem.mapcount[pfn as usize] == 1;
                         let lf = st.mem.lf(head);

@@ -6,8 +6,8 @@
 use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::kernel::KernelProfile;
-use crate::memory::{PG_ANON, PG_DIRTY, PG_SWAPBACKED};
-use crate::mm::{MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES};
+use crate::memory::{PG_ANON, PG_DIRTY};
+use crate::mm::mm_counter;
 use crate::rmap::Rmap;
 use crate::sim::State;
 
@@ -76,13 +76,7 @@ impl State {
             if dirty {
                 self.mem.set(head, PG_DIRTY);
             }
-            let counter = if anon {
-                MM_ANONPAGES
-            } else if self.mem.test(head, PG_SWAPBACKED) {
-                MM_SHMEMPAGES
-            } else {
-                MM_FILEPAGES
-            };
+            let counter = mm_counter(&self.mem, head);
             rss[counter] -= nr as i64;
             Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }.remove_ptes(head, page, nr as u64, mm_id);
             gather.push((head, nr as u32));
