@@ -13,9 +13,8 @@ from .memory import (
     PG_ANON_EXCLUSIVE,
     PG_FILE,
     PG_MAYBE_SHARED,
-    PG_SWAPBACKED,
 )
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, RSS_NAMES
+from .mm import NOT_CACHED, RSS_NAMES, mm_counter
 from .state import State
 
 MANY = (1 << 32) - 1  # owner[pfn] of a page mapped by more than one mm
@@ -117,12 +116,7 @@ def check_mm(st: State, l, mm, scan: _Scan) -> None:
                                  "an exclusive anonymous page")
             if st.mem.folio_order(head) > 0:
                 scan.per_mm[(head, mm.mm_id)] = scan.per_mm.get((head, mm.mm_id), 0) + 1
-            if anon:
-                rss[MM_ANONPAGES] += 1
-            elif st.mem.test(head, PG_SWAPBACKED):
-                rss[MM_SHMEMPAGES] += 1
-            else:
-                rss[MM_FILEPAGES] += 1
+            rss[mm_counter(st.mem, head)] += 1
     for c in range(3):
         if rss[c] != mm.rss[c]:
             raise broken("rss", f"pid {mm.pid}: {RSS_NAMES[c]} rss counter is {mm.rss[c]}, "

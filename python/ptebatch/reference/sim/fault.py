@@ -6,7 +6,7 @@ from __future__ import annotations
 from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, user_pte
+from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -284,7 +284,7 @@ def wp_page_copy(st: State, l, p: KernelProfile, k: int, v: int, i: int, old: in
         st.op.pages_copied += 1
     old_counter = None
     if old_head is not None and not st.mem.test(old_head, PG_ANON):
-        old_counter = MM_SHMEMPAGES if st.mem.test(old_head, PG_SWAPBACKED) else MM_FILEPAGES
+        old_counter = mm_counter(st.mem, old_head)
     ensure_anon_vma(st, k, v)
     mm = st.mms[k]
     if page is None:

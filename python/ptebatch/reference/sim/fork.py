@@ -9,8 +9,8 @@ from ..._flags import FpbFlags
 from .batching import folio_pte_batch, fork_flags
 from .errors import out_of_memory
 from .kernel import KernelProfile
-from .memory import PG_ANON, PG_SWAPBACKED
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, Mm, Prot, user_pte
+from .memory import PG_ANON
+from .mm import MM_ANONPAGES, Mm, Prot, mm_counter, user_pte
 from .state import State
 
 
@@ -125,7 +125,7 @@ def copy_present_ptes(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
     head = st.mem.folio_head(page)
     order = st.mem.folio_order(head)
     anon = st.mem.test(head, PG_ANON)
-    file_counter = MM_SHMEMPAGES if st.mem.test(head, PG_SWAPBACKED) else MM_FILEPAGES
+    file_counter = mm_counter(st.mem, head)
     if ctx.prealloc is None and order > 0 and max_nr != 1 and p.fpb is not None and p.fork_batched:
         src_ptes = st.mms[ctx.k].vmas[ctx.vi].ptes
         b = folio_pte_batch(l, p.fpb, src_ptes, ctx.start, i, max_nr, head, 1 << order, ctx.flags)

@@ -130,6 +130,12 @@ class Memory:
         self.free_lists[source].remove(pfn)
         for o in reversed(range(order, source)):
             self.free_lists[o].add(pfn + (1 << o))  # the upper halves go back
+        self.init_folio(pfn, order)
+        self.refcount[pfn] = 1
+        return pfn
+
+    def init_folio(self, pfn: int, order: int) -> None:
+        """A free block taken as a new folio: pages cleared, refcount 0, a fresh large-folio record."""
         n = 1 << order
         self.free_pages -= n
         for p in range(pfn, pfn + n):
@@ -138,10 +144,26 @@ class Memory:
             self.mapcount[p] = 0
             self.refcount[p] = 0
             self.token[p] = 0
-        self.refcount[pfn] = 1
         if order > 0:
             self.large[pfn] = LargeFolio()
-        return pfn
+
+    def alloc_at(self, pfn: int, order: int) -> bool:
+        """The naturally aligned block at ``pfn`` taken if free, splitting the free block holding it."""
+        source = next((o for o in range(order, self.max_order + 1)
+                       if pfn & ~((1 << o) - 1) in self.free_lists[o]), None)
+        if source is None:
+            return False
+        block = pfn & ~((1 << source) - 1)
+        self.free_lists[source].remove(block)
+        for o in reversed(range(order, source)):
+            half = 1 << o
+            if pfn >= block + half:  # keep the half holding pfn, free the other
+                self.free_lists[o].add(block)
+                block += half
+            else:
+                self.free_lists[o].add(block + half)
+        self.init_folio(pfn, order)
+        return True
 
     def free(self, head: int) -> None:
         """__free_pages(): back to the allocator, merging free buddies."""

@@ -6,9 +6,20 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+from .memory import PG_ANON, PG_SWAPBACKED
+
 MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES = 0, 1, 2  # include/linux/mm_types_task.h
 RSS_NAMES = ("file", "anon", "shmem")
 NOT_CACHED = (1 << 64) - 1  # a file page that is not in the page cache
+
+
+def mm_counter(mem, head: int) -> int:
+    """mm_counter() — include/linux/mm.h: the rss counter a folio's pages count in."""
+    if mem.test(head, PG_ANON):
+        return MM_ANONPAGES
+    if mem.test(head, PG_SWAPBACKED):
+        return MM_SHMEMPAGES
+    return MM_FILEPAGES
 
 
 @dataclasses.dataclass(frozen=True)

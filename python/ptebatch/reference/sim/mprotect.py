@@ -31,9 +31,18 @@ def mprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, prot: Prot)
     """mprotect_fixup() per VMA of [a, b) — mm/mprotect.c, then the merge"""
     r = st.mms[k].isolate(a, b)
     for v in r:
-        st.mms[k].vmas[v].prot = prot
-        change_protection(st, l, p, k, v)
+        vma = st.mms[k].vmas[v]
+        vma.prot = prot
+        change_protection(st, l, p, vma, 0, len(vma.ptes), None)
     st.mms[k].merge_around(r)
+
+
+def uffd_writeprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, enable: bool) -> None:
+    """mwriteprotect_range() — mm/userfaultfd.c: change_protection() with MM_CP_UFFD_WP(_RESOLVE)"""
+    for vma in st.mms[k].vmas:
+        s, e = max(vma.start, a), min(vma.end(), b)
+        if s < e:
+            change_protection(st, l, p, vma, s - vma.start, e - vma.start, enable)
 
 
 def can_change_pte_writable(st: State, l, vma: Vma, pte: int, page: int | None) -> bool:
@@ -50,22 +59,27 @@ def can_change_pte_writable(st: State, l, vma: Vma, pte: int, page: int | None) 
     return l.pte_dirty(pte)
 
 
-def change_protection(st: State, l, p: KernelProfile, k: int, v: int) -> None:
-    """change_protection() — mm/mprotect.c: change_pte_range() per page table"""
-    vma = st.mms[k].vmas[v]
+def change_protection(st: State, l, p: KernelProfile, vma: Vma, lo: int, hi: int,
+                      uffd: bool | None) -> None:
+    """change_protection() — mm/mprotect.c: change_pte_range() per page table over entries [lo, hi).
+
+    ``uffd``: True for MM_CP_UFFD_WP, False for MM_CP_UFFD_WP_RESOLVE, None for mprotect.
+    """
     ptrs = st.ptrs_per_pte
-    s = 0
-    while s < len(vma.ptes):
-        e = min(len(vma.ptes), s + ptrs - ((vma.start + s) & (ptrs - 1)))
-        change_pte_range(st, l, p, vma, s, e)
+    s = lo
+    while s < hi:
+        e = min(hi, s + ptrs - ((vma.start + s) & (ptrs - 1)))
+        change_pte_range(st, l, p, vma, s, e, uffd)
         s = e
 
 
-def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int) -> None:
+def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
+                     uffd: bool | None) -> None:
     """change_pte_range() — mm/mprotect.c: entries [s, e) of one page table"""
     page_prot_write = st.page_prot_write(l, vma)
-    # vma_wants_manual_pte_write_upgrade()
-    try_writable = st.wants_writenotify(l, vma) if vma.shared else vma.prot.write
+    # vma_wants_manual_pte_write_upgrade(); UFFDIO_WRITEPROTECT asks only when resolving.
+    try_writable = uffd is not True and (
+        st.wants_writenotify(l, vma) if vma.shared else vma.prot.write)
     changed = False
     i = s
     while i < e:
@@ -89,6 +103,10 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int) -
         st.op.batch(nr)
         ptent = pte_modify(l, modify_prot_start_ptes(l, vma.ptes[i:i + nr]), vma.prot,
                            page_prot_write)
+        if uffd is True:
+            ptent = l.set_uffd_wp_bit(l.pte_wrprotect(ptent))
+        elif uffd is False:
+            ptent = l.clear_uffd_wp_bit(ptent)
         out = []
         for j in range(nr):
             x = l.pte_advance_pfn(ptent, j)

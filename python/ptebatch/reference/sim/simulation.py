@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import decimal
 import operator
 from typing import Sequence
 
 from .. import layouts
 from . import check as check_mod
-from . import fault, fork, mprotect, procfs, zap
+from . import fault, fork, mprotect, procfs, restore, zap
 from .errors import value_error
 from .kernel import KernelProfile
 from .memory import (
@@ -41,27 +42,38 @@ USER_END = 1 << 56
 
 # ---- argument conversion (what the binding's PyO3 extraction does) ----------------------------
 
-def _int(value: object, limit: int) -> int:
-    """An unsigned integer argument: anything with __index__ (bools too), OverflowError out of range."""
+def _not_instance(value: object, expected: str) -> TypeError:
+    """PyO3's message for an argument of the wrong type."""
+    if value is None:
+        return TypeError(f"'None' is not an instance of '{expected}'")
+    return TypeError(f"'{type(value).__name__}' object is not an instance of '{expected}'")
+
+
+def _u32(value: object) -> int:
+    """A u32 argument: anything with __index__ (bools too); OverflowError out of range."""
     number = operator.index(value)  # type: ignore[arg-type]
-    if not 0 <= number <= limit:
+    if number >= 1 << 63 or number < -(1 << 63):
+        raise OverflowError("Python int too large to convert to C long")
+    if not 0 <= number <= U32_MAX:
         raise OverflowError("out of range integral type conversion attempted")
     return number
 
 
-def _u32(value: object) -> int:
-    return _int(value, U32_MAX)
-
-
 def _u64(value: object) -> int:
-    return _int(value, U64_MAX)
+    """A u64 argument: anything with __index__ (bools too); OverflowError out of range."""
+    number = operator.index(value)  # type: ignore[arg-type]
+    if number < 0:
+        raise OverflowError("can't convert negative int to unsigned")
+    if number > U64_MAX:
+        raise OverflowError("int too big to convert")
+    return number
 
 
 def _bool(value: object) -> bool:
     """A bool argument: a Python or numpy bool, nothing else."""
     if isinstance(value, bool) or type(value).__name__ == "bool" and type(value).__module__ == "numpy":
         return bool(value)
-    raise TypeError(f"'{type(value).__name__}' object is not an instance of 'bool'")
+    raise _not_instance(value, "bool")
 
 
 def _f64(value: object) -> float:
@@ -74,9 +86,19 @@ def _f64(value: object) -> float:
     raise TypeError(f"must be real number, not {cls.__name__}")
 
 
+def _rust_float(x: float) -> str:
+    """``x`` as Rust's Display prints an f64 (no exponent, no trailing ".0")."""
+    if x != x:
+        return "NaN"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    text = format(decimal.Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"'{type(value).__name__}' object cannot be converted to 'PyString'")
+        raise _not_instance(value, "str")
     return value
 
 
@@ -86,7 +108,7 @@ def _u64_list(value: object) -> list[int]:
         raise TypeError("Can't extract `str` to `Vec`")
     if isinstance(value, collections.abc.Mapping) or not hasattr(type(value), "__getitem__") \
             or not hasattr(type(value), "__len__"):
-        raise TypeError(f"'{type(value).__name__}' object is not an instance of 'Sequence'")
+        raise _not_instance(value, "Sequence")
     return [_u64(v) for v in value]  # type: ignore[attr-defined]
 
 
@@ -232,7 +254,7 @@ class Simulation:
         if order == 0 or order > self.st.pmd_order:
             raise value_error(f"fragmentation applies to folio orders 1..={self.st.pmd_order}, not {order}")
         if not 0.0 <= p <= 1.0:
-            raise value_error(f"fallback probability {p} is not in [0, 1]")
+            raise value_error(f"fallback probability {_rust_float(p)} is not in [0, 1]")
         self.st.mem.fallback[order] = p
 
     def spawn(self) -> int:
@@ -419,6 +441,23 @@ class Simulation:
         a, b = self._mapped_range(k, addr, length)
         self._guarded(0, lambda st: mprotect.mprotect(st, self.layout, self.profile, k, a, b, prot_))
 
+    def uffd_writeprotect(self, pid: int, addr: int, length: int, enable: bool = True) -> None:
+        """ioctl(UFFDIO_WRITEPROTECT) on a range registered in write-protect mode: ``enable``
+        write-protects, otherwise resolves (VMAs are not split)."""
+        pid, addr, length, enable = _u32(pid), _u64(addr), _u64(length), _bool(enable)
+        k = self._mm_index(pid)
+        a, b = self._mapped_range(k, addr, length)
+        mm = self.st.mms[k]
+        at = a
+        while at < b:
+            v = mm.vmas[mm.find_vma(at)]
+            if not v.uffd_wp:
+                raise value_error(f"{at << self.st.page_shift:#x} is not registered with "
+                                  "userfaultfd in write-protect mode")
+            at = v.end()
+        self._guarded(0, lambda st: mprotect.uffd_writeprotect(st, self.layout, self.profile, k,
+                                                               a, b, enable))
+
     # ---- pins -------------------------------------------------------------------------------
 
     def pin(self, pid: int, addr: int, length: int, write: bool = True, longterm: bool = True) -> int:
@@ -493,6 +532,60 @@ class Simulation:
     def check(self) -> None:
         """Raises InvariantError ("rule: ...", ``.rule``) for the first broken invariant."""
         check_mod.check(self.st, self.layout, self.profile)
+
+    # ---- rebuilding captured memory (rust/src/restore.rs) -----------------------------------
+
+    def place_folio(self, head: int, order: int, kind: str, file: int | None = None,
+                    index: int = 0, dirty: bool = False) -> None:
+        """Places a captured folio at pfn ``head``: ``kind`` "anon", or "file" with ``file`` and
+        the file page ``index`` of its first page."""
+        head, order, kind = _u64(head), _u32(order), _str(kind)
+        file = None if file is None else _u32(file)
+        index, dirty = _u64(index), _bool(dirty)
+        if kind == "anon" and file is None:
+            where = None
+        elif kind == "file" and file is not None:
+            where = (file, index)
+        else:
+            raise value_error('kind must be "anon", or "file" with file=<id>')
+        restore.place_folio(self.st, head, order, where, dirty)
+
+    def place_pte(self, pid: int, addr: int, pfn: int, write: bool = False, dirty: bool = False,
+                  young: bool = True, soft_dirty: bool = False, uffd_wp: bool = False) -> None:
+        """Writes one captured PTE."""
+        pid, addr, pfn = _u32(pid), _u64(addr), _u64(pfn)
+        flags = [_bool(x) for x in (write, dirty, young, soft_dirty, uffd_wp)]
+        self._place_pte(pid, addr, pfn, *flags)
+
+    def _place_pte(self, pid: int, addr: int, pfn: int, *flags: bool) -> None:
+        k = self._mm_index(pid)
+        v = self.st.mms[k].find_vma(addr >> self.st.page_shift)
+        if v is None:
+            raise value_error(f"no mapping at {addr:#x} in process {pid}")
+        restore.place_pte(self.st, self.layout, k, v, addr >> self.st.page_shift, pfn, *flags)
+
+    def place_ptes(self, pid: int, addr: Sequence[int], pfn: Sequence[int], bits: Sequence[int]) -> None:
+        """Writes many captured PTEs of one process; ``bits``: write 1, dirty 2, young 4,
+        soft-dirty 8, uffd-wp 16. Stops at the first bad entry."""
+        pid = _u32(pid)
+        addr, pfn, bits = [_u64(x) for x in addr], [_u64(x) for x in pfn], [int(x) & 0xFF for x in bits]
+        if not len(addr) == len(pfn) == len(bits):
+            raise value_error("addr, pfn and bits must have the same length")
+        for a, f, b in zip(addr, pfn, bits):
+            self._place_pte(pid, a, f, *(bool(b & m) for m in (1, 2, 4, 8, 16)))
+
+    def place_anon_folios(self, heads: Sequence[int], orders: Sequence[int], dirty: Sequence[bool]) -> None:
+        """Places many anonymous folios (``dirty`` per folio)."""
+        heads, orders, dirty = [_u64(h) for h in heads], [int(o) & 0xFF for o in orders], [bool(d) for d in dirty]
+        if not len(heads) == len(orders) == len(dirty):
+            raise value_error("heads, orders and dirty must have the same length")
+        for h, o, d in zip(heads, orders, dirty):
+            restore.place_folio(self.st, h, o, None, d)
+
+    def rebuild_accounting(self) -> None:
+        """Recomputes every counter from the page tables after placing folios and PTEs."""
+        restore.rebuild_accounting(self.st, self.layout, self.profile)
+        self.check()
 
     # ---- inspection (the binding's helpers) -------------------------------------------------
 

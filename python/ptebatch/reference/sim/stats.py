@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 COUNTER_NAMES = (
     "refcount_atomics",
     "mapcount_updates",
@@ -29,14 +31,30 @@ def _grow(values: list[int], length: int) -> None:
     values.extend([0] * (length - len(values)))
 
 
+@dataclasses.dataclass
 class Stats:
     """Counters of one operation or of a whole run; the lists grow on demand, never shrink."""
 
-    def __init__(self) -> None:
-        for name in COUNTER_NAMES:
-            setattr(self, name, 0)
-        self.batch_histogram: list[int] = []  # [n] = runs of n PTEs handled at once
-        self.alloc_by_order: list[int] = []  # [order] = folios allocated of that order
+    refcount_atomics: int = 0  # one per folio_ref_add() / folio_put_refs()
+    mapcount_updates: int = 0  # per-page _mapcount changes, plus one per large-mapcount update
+    rmap_calls: int = 0  # one per folio_*_rmap_*() call
+    pte_reads: int = 0
+    pte_writes: int = 0
+    tlb_flush_ranges: int = 0
+    tlb_flush_pages: int = 0
+    folio_pte_batch_calls: int = 0
+    batches: int = 0  # runs handled at once by fork, zap, mprotect
+    pages_copied: int = 0
+    folios_allocated: int = 0
+    folios_freed: int = 0
+    faults: int = 0
+    cow_copies: int = 0
+    cow_reuses: int = 0
+    fork_eagain_retries: int = 0
+    pins: int = 0
+    deferred_splits: int = 0
+    batch_histogram: list[int] = dataclasses.field(default_factory=list)  # [n]: runs of n PTEs
+    alloc_by_order: list[int] = dataclasses.field(default_factory=list)  # [order]: folios
 
     def batch(self, n: int) -> None:
         """One run of ``n`` PTEs handled at once (fork, zap, mprotect)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from .batching import folio_pte_batch, fpb_flags
 from .kernel import KernelProfile
-from .memory import PG_ANON, PG_DIRTY, PG_SWAPBACKED
-from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES
+from .memory import PG_ANON, PG_DIRTY
+from .mm import mm_counter
 from .state import State
 
 #: An mmu_gather's page references: (folio head, count), dropped at tlb_finish_mmu().
@@ -84,13 +84,7 @@ def zap_present_folio_ptes(st: State, l, p: KernelProfile, vma, i: int, nr: int,
     st.op.tlb_flush_pages += nr
     if dirty:
         st.mem.set(head, PG_DIRTY)
-    if anon:
-        counter = MM_ANONPAGES
-    elif st.mem.test(head, PG_SWAPBACKED):
-        counter = MM_SHMEMPAGES
-    else:
-        counter = MM_FILEPAGES
-    rss[counter] -= nr
+    rss[mm_counter(st.mem, head)] -= nr
     st.rmap(p).remove_ptes(head, page, nr, mm_id)
     gather.append((head, nr))
 
