@@ -178,7 +178,8 @@ class SimMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.procs[0].maps) < 6)
     @rule(data=st.data(), pages=st.integers(1, 640), mthp=MTHP,
-          kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared"]),
+          kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared",
+                                "anon-uffd", "anon-uffd-fork"]),
           prot=st.sampled_from(["rw", "rw", "r"]))
     def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...], kind: str, prot: str) -> None:
         p = data.draw(st.sampled_from(self.procs))
@@ -187,7 +188,9 @@ class SimMachine(RuleBasedStateMachine):
             file, shared = self.files[0], kind == "file-shared"
         else:
             file, shared = None, kind == "shared-anon"
-        start = self.all(lambda s: s.process(p.pid).mmap(pages * PAGE, prot, shared, file=file, mthp=mthp).start)
+        uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
+        start = self.all(lambda s: s.process(p.pid).mmap(pages * PAGE, prot, shared, file=file, mthp=mthp,
+                                                          uffd_wp=uffd, uffd_event_fork=fork_event).start)
         if start is not None:
             p.maps.append(Mapping(start, pages))
 
@@ -246,6 +249,11 @@ class SimMachine(RuleBasedStateMachine):
         p = data.draw(st.sampled_from(self.procs[1:]))
         self.procs.remove(p)
         self.all(lambda s: s.process(p.pid).exit())
+
+    @rule(data=st.data(), enable=st.booleans())
+    def uffd_writeprotect(self, data: st.DataObject, enable: bool) -> None:
+        p, a, n = self.addr(data)
+        self.all(lambda s: s.process(p.pid).uffd_writeprotect(a, n, enable))
 
     @rule(data=st.data())
     def clear_soft_dirty(self, data: st.DataObject) -> None:

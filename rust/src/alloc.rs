@@ -26,3 +26,14 @@ pub(crate) fn vec_with_capacity_huge<T>(n: usize) -> Vec<T> {
     }
     v
 }
+
+/// `n` copies of `v`, or an out-of-memory error instead of an abort when the allocation
+/// cannot be made.
+pub fn try_filled<T: Clone>(n: usize, v: T, what: &str) -> crate::error::Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| {
+        crate::error::Error::out_of_memory(format!("cannot allocate {what} of {n} entries"))
+    })?;
+    out.resize(n, v);
+    Ok(out)
+}

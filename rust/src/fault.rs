@@ -231,6 +231,7 @@ impl State {
                 Ok(pg) => pg,
                 Err(e) => {
                     self.mem.free(new);
+                    self.op.folios_freed += 1;
                     return Err(e);
                 }
             };

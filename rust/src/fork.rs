@@ -7,7 +7,7 @@ use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::PG_ANON;
-use crate::mm::{mm_counter, user_pte, Mm, Vma, MM_ANONPAGES};
+use crate::mm::{mm_counter, Mm, Vma, MM_ANONPAGES};
 use crate::rmap::Rmap;
 use crate::sim::State;
 
@@ -36,6 +36,12 @@ impl State {
         let pid = self.mms.len() as u32 + 1;
         let c = self.mms.len();
         let none = l.geometry().none_value;
+        // The child's page tables first, so that running out of host memory changes nothing.
+        let mut tables = Vec::new();
+        for v in self.mms[k].vmas.iter().filter(|v| !v.dontfork) {
+            tables.push(crate::alloc::try_filled(v.ptes.len(), none, "a page table")?);
+        }
+        let mut tables = tables.into_iter();
         self.mms.push(Mm {
             pid,
             mm_id: pid,
@@ -53,7 +59,7 @@ impl State {
                 continue;
             }
             let mut dst: Vma = src.clone_without_ptes();
-            dst.ptes = vec![none; src.ptes.len()];
+            dst.ptes = tables.next().expect("one table per copied VMA");
             // dup_userfaultfd(): without UFFD_FEATURE_EVENT_FORK the child is unregistered.
             dst.uffd_wp = src.uffd_wp && src.uffd_event_fork;
             dst.uffd_event_fork = dst.uffd_wp;
@@ -241,7 +247,12 @@ impl State {
         self.op.pages_copied += 1;
         Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }.add_new_anon(new, ctx.dst_mm_id);
         rss[MM_ANONPAGES] += 1;
-        let mut n = user_pte(l, new, ctx.dst_prot, ctx.dst_prot_write, true);
+        // mk_pte(new, vm_page_prot) without pte_sw_mkyoung(): young only where the arch's
+        // user template is (x86, arm64), then maybe_mkwrite(pte_mkdirty()).
+        let mut n = l.pte_mkdirty(l.pfn_pte_template(new, ctx.dst_prot.exec, ctx.dst_prot.none()));
+        if ctx.dst_prot_write {
+            n = l.pte_mkwrite(n);
+        }
         if ctx.dst_uffd_wp && l.pte_uffd_wp(pte) {
             n = l.set_uffd_wp_bit(n);
         }

@@ -118,12 +118,13 @@ impl Memory {
             )));
         }
         let n = nr_pages as usize;
+        use crate::alloc::try_filled;
         let mut m = Memory {
-            order: vec![FREE; n],
-            flags: vec![0; n],
-            mapcount: vec![0; n],
-            refcount: vec![0; n],
-            token: vec![0; n],
+            order: try_filled(n, FREE, "the page-order array")?,
+            flags: try_filled(n, 0, "the page-flag array")?,
+            mapcount: try_filled(n, 0, "the mapcount array")?,
+            refcount: try_filled(n, 0, "the refcount array")?,
+            token: try_filled(n, 0, "the token array")?,
             large: Vec::new(),
             large_free: Vec::new(),
             free_lists: vec![BTreeSet::new(); max_order as usize + 1],

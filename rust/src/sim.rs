@@ -18,6 +18,9 @@ use crate::with_layout;
 /// Where the first mmap of a process goes (bytes), and the gap between mappings.
 const MMAP_BASE: u64 = 0x10_0000_0000;
 
+/// The largest mapping the model takes, in pages (its page table is one array).
+pub const MAX_VMA_PAGES: u64 = 1 << 31;
+
 /// The simulated system.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -261,6 +264,11 @@ impl Simulation {
             return Err(Error::value(format!("length {len} is not a positive multiple of {ps}")));
         }
         let nr = len / ps;
+        if nr > MAX_VMA_PAGES {
+            return Err(Error::value(format!(
+                "a mapping of {nr} pages is beyond the model's {MAX_VMA_PAGES} pages per mapping"
+            )));
+        }
         if let Some((f, off)) = file {
             let fo = self.st.files.get(f as usize).ok_or_else(|| Error::value(format!("no file {f}")))?;
             if off % ps != 0 || off / ps + nr > fo.nr_pages {
@@ -294,6 +302,7 @@ impl Simulation {
         if (start + nr) << shift > 1 << 56 {
             return Err(Error::value("the address space is full"));
         }
+        let ptes = crate::alloc::try_filled(nr as usize, self.layout.geometry().none_value, "a page table")?;
         let (file_id, pgoff) = match file {
             Some((f, off)) => (Some(f), off / ps),
             None if shared => {
@@ -306,7 +315,7 @@ impl Simulation {
         let mm = &mut self.st.mms[k];
         let vma = Vma {
             start,
-            ptes: vec![with_layout!(&self.layout, l => l.geometry().none_value); nr as usize],
+            ptes,
             prot,
             shared,
             file: file_id,
@@ -560,8 +569,8 @@ impl State {
         self.vm_normal_page(l, pte).map(|p| self.mem.token[p as usize]).unwrap_or(0)
     }
 
-    /// An upper bound on the pages faults over `[a, b)` can allocate: the range plus one
-    /// largest enabled folio at either end.
+    /// An upper bound on the pages faults over `[a, b)` can allocate: two per page (a private
+    /// file page costs its page-cache page and the copy) plus one largest folio at either end.
     fn worst_case_pages(&self, k: usize, a: u64, b: u64) -> u64 {
         let mm = &self.mms[k];
         let mut max_order = 0;
@@ -575,7 +584,7 @@ impl State {
             }
             at = vma.end();
         }
-        (b - a) + 2 * (1u64 << max_order)
+        2 * (b - a) + 2 * (1u64 << max_order)
     }
 
     /// `vm_normal_page()`: the page a present PTE maps, or `None` for special PTEs and the

@@ -201,6 +201,7 @@ def do_cow_fault(st: State, l, p: KernelProfile, k: int, v: int, i: int, f: int,
         page = filemap_get(st, l, f, idx)
     except Exception:
         st.mem.free(new)
+        st.op.folios_freed += 1
         raise
     st.mem.token[new] = st.mem.token[page]
     st.op.pages_copied += 1

@@ -10,7 +10,7 @@ from .batching import folio_pte_batch, fork_flags
 from .errors import out_of_memory
 from .kernel import KernelProfile
 from .memory import PG_ANON
-from .mm import MM_ANONPAGES, Mm, Prot, mm_counter, user_pte
+from .mm import MM_ANONPAGES, Mm, Prot, mm_counter
 from .state import State
 
 
@@ -172,7 +172,10 @@ def copy_present_page(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
     st.op.pages_copied += 1
     st.rmap(p).add_new_anon(new, ctx.dst_mm_id)
     rss[MM_ANONPAGES] += 1
-    n = user_pte(l, new, ctx.dst_prot, ctx.dst_prot.write, True)
+    # mk_pte(new, vm_page_prot) without pte_sw_mkyoung(), then maybe_mkwrite(pte_mkdirty())
+    n = l.pte_mkdirty(l.pfn_pte_template(new, ctx.dst_prot.exec, ctx.dst_prot.none()))
+    if ctx.dst_prot.write:
+        n = l.pte_mkwrite(n)
     if ctx.dst_uffd_wp and l.pte_uffd_wp(pte):
         n = l.set_uffd_wp_bit(n)
     dst[i] = n

@@ -38,6 +38,8 @@ MMAP_BASE = 0x10_0000_0000  # where the first mmap of a process goes (bytes)
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 USER_END = 1 << 56
+#: The largest mapping the model takes, in pages (rust/src/sim.rs MAX_VMA_PAGES).
+MAX_VMA_PAGES = 1 << 31
 
 
 # ---- argument conversion (what the binding's PyO3 extraction does) ----------------------------
@@ -310,6 +312,8 @@ class Simulation:
         if length == 0 or length % ps != 0:
             raise value_error(f"length {length} is not a positive multiple of {ps}")
         nr = length // ps
+        if nr > MAX_VMA_PAGES:
+            raise value_error(f"a mapping of {nr} pages is beyond the model's {MAX_VMA_PAGES} pages per mapping")
         if file is not None:
             f, off = file
             if f >= len(st.files):
@@ -328,8 +332,7 @@ class Simulation:
             start = a
         else:
             start = -(-mm.next_vpn // pmd_pages) * pmd_pages
-        # As in the Rust, the shift wraps at 64 bits (a suspected bug: a huge length slips through).
-        if ((start + nr) << shift) & U64_MAX > USER_END:
+        if (start + nr) << shift > USER_END:
             raise value_error("the address space is full")
         if file is not None:
             file_id, pgoff = file[0], file[1] // ps

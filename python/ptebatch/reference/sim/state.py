@@ -63,7 +63,8 @@ class State:
         return 0 if page is None else self.mem.token[page]
 
     def worst_case_pages(self, k: int, a: int, b: int) -> int:
-        """Pages faults over [a, b) can allocate at most: the range plus one largest folio at each end."""
+        """Pages faults over [a, b) can allocate at most: two per page (page-cache page and private
+        copy) plus one largest folio at each end."""
         mm = self.mms[k]
         max_order = 0
         at = a
@@ -76,7 +77,7 @@ class State:
             if vma.file is not None:
                 max_order = max(max_order, self.files[vma.file].folio_order)
             at = vma.end()
-        return (b - a) + 2 * (1 << max_order)
+        return 2 * (b - a) + 2 * (1 << max_order)
 
     def vm_normal_page(self, l, pte: int) -> int | None:
         """vm_normal_page() — mm/memory.c: None for special PTEs and the shared zero page."""
