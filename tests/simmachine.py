@@ -18,7 +18,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import ptebatch as pb
 
-PAGE = 4096
 MEMORY = 8 << 20
 
 # x86-64 PTE bits (docs/semantics.md §1): the only bits a documented deviation touches.
@@ -126,6 +125,7 @@ class SimMachine(RuleBasedStateMachine):
                 shared=st.sampled_from([False, False, False, True]))
     def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool) -> None:
         self.sims = self.make_sims()
+        self.page = self.sims[0].page_size
         self.procs: list[Proc] = []
         self.pins: list[int] = []
         self.files: list[int] = []
@@ -139,9 +139,12 @@ class SimMachine(RuleBasedStateMachine):
         self.files.append(f)
         # Most interesting sequences start from memory that is already faulted in.
         p = self.procs[0]
-        start = self.all(lambda s: s.process(p.pid).mmap(pages * PAGE, "rw", shared, mthp=mthp).start)
+        start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp).start)
+        if start is None:
+            # An mTHP size this layout has not (its PMD is smaller): plain pages then.
+            start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared).start)
         p.maps.append(Mapping(start, pages))
-        self.all(lambda s: s.process(p.pid).touch(start, pages * PAGE, write))
+        self.all(lambda s: s.process(p.pid).touch(start, pages * self.page, write))
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -169,10 +172,10 @@ class SimMachine(RuleBasedStateMachine):
             m = data.draw(st.sampled_from(p.maps))
             first = data.draw(st.integers(0, m.pages - 1))
             n = data.draw(st.integers(1, min(pages_max, m.pages - first)))
-            return p, m.start + first * PAGE, n * PAGE
+            return p, m.start + first * self.page, n * self.page
         # Sometimes a range that is not (entirely) mapped.
         base = p.maps[0].start if p.maps else 0x10_0000_0000
-        return p, base + data.draw(st.integers(-4, 600)) * PAGE, data.draw(st.integers(1, 8)) * PAGE
+        return p, base + data.draw(st.integers(-4, 600)) * self.page, data.draw(st.integers(1, 8)) * self.page
 
     # -- operations ------------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class SimMachine(RuleBasedStateMachine):
         else:
             file, shared = None, kind == "shared-anon"
         uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
-        start = self.all(lambda s: s.process(p.pid).mmap(pages * PAGE, prot, shared, file=file, mthp=mthp,
+        start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, prot, shared, file=file, mthp=mthp,
                                                           uffd_wp=uffd, uffd_event_fork=fork_event).start)
         if start is not None:
             p.maps.append(Mapping(start, pages))
