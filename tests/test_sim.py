@@ -402,3 +402,51 @@ def test_uffd_wp_protect_fork_and_resolve(event_fork: bool) -> None:
     with pytest.raises(ValueError, match="not registered"):
         p.uffd_writeprotect(p.mmap("4K").start, 4096)
     sim.check()
+
+
+def _cont(sim: pb.Simulation, p: pb.Process, v: pb.Mapping) -> list[bool]:
+    L = pb.layout(sim.arch)
+    return [bool(x) for x in L.pte_cont(p.ptes(v))]
+
+
+def test_arm64_contpte_fold_fork_cow_and_zap() -> None:
+    """arm64 v6.9+: 64K folios are mapped as contpte blocks; fork keeps whole blocks folded in
+    parent and child; a COW write unfolds only the written block; 6.8 never folds."""
+    sim = pb.Simulation("arm64-4k", "6.18", "64M")
+    p = sim.spawn()
+    v = p.mmap("256K", mthp=["64K"])
+    p.touch(v.start, v.length, write=True)
+    assert all(_cont(sim, p, v))
+    c = p.fork()
+    assert all(_cont(sim, p, v)) and all(_cont(sim, c, v))
+    assert sim.last_stats["batches"] == 4
+    c.write(v.page(3))
+    cc = _cont(sim, c, v)
+    assert not any(cc[:16]) and all(cc[16:]), "only the written block unfolds"
+    assert all(_cont(sim, p, v))
+    p.munmap(v.page(20), 4096)
+    pc = _cont(sim, p, v)
+    assert all(pc[:16]) and not any(pc[16:20]), "a partial munmap unfolds the cut block"
+    sim.check()
+    old = pb.Simulation("arm64-4k", "6.8", "64M")
+    q = old.spawn()
+    w = q.mmap("256K", mthp=["64K"])
+    q.touch(w.start, w.length, write=True)
+    assert not any(_cont(old, q, w))
+    old.check()
+
+
+def test_arm64_contpte_refolds_after_mprotect() -> None:
+    for kernel in ("6.12", "6.18"):
+        sim = pb.Simulation("arm64-4k", kernel, "64M")
+        p = sim.spawn()
+        v = p.mmap("128K", mthp=["64K"])
+        p.touch(v.start, v.length, write=True)
+        p.mprotect(v.start, v.length, "r")
+        assert all(_cont(sim, p, v)), kernel
+        p.mprotect(v.page(2), 4096, "rw")
+        cont = _cont(sim, p, v)
+        assert not any(cont[:16]) and all(cont[16:]), kernel
+        p.mprotect(v.start, v.length, "rw")
+        assert all(_cont(sim, p, v)), "the last commit of each block folds it again"
+        sim.check()

@@ -36,6 +36,40 @@ impl State {
         "; not mapped by any page table".into()
     }
 
+    /// arm64 contpte blocks: PTE_CONT only where the kernel folds (v6.9+), and then on whole,
+    /// naturally aligned blocks of valid entries mapping consecutive, aligned pfns with the
+    /// same attributes but for young/dirty.
+    fn check_contpte<L: PteLayout>(&self, l: &L, p: &KernelProfile, pid: u32, vma: &crate::mm::Vma) -> Result<()> {
+        let n = State::cont_ptes(l, p);
+        let mut i = 0usize;
+        while i < vma.ptes.len() {
+            let e = vma.ptes[i];
+            if l.pte_none(e) || !l.pte_cont(e) {
+                i += 1;
+                continue;
+            }
+            let at = format!("pid {pid} address {:#x}", (vma.start + i as u64) << self.page_shift);
+            let Some(n) = n else {
+                return Err(broken("contpte-block", format!("{at}: PTE_CONT where this kernel never folds")));
+            };
+            let off = (vma.start as usize + i) % n;
+            let ok = off == 0 && i + n <= vma.ptes.len() && {
+                let norm = |x: u64| l.pte_mkold(l.pte_mkclean(x));
+                let base = norm(vma.ptes[i]);
+                l.pte_pfn(base) % n as u64 == 0
+                    && (0..n).all(|k| {
+                        let x = vma.ptes[i + k];
+                        l.pte_valid(x) && l.pte_cont(x) && norm(x) == l.pte_advance_pfn(base, k as u64)
+                    })
+            };
+            if !ok {
+                return Err(broken("contpte-block", format!("{at}: a PTE_CONT block that is not {n} aligned, uniform entries")));
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     /// Checks every invariant; the first one broken comes back as an Invariant error that
     /// names the rule, the page or folio, and a process and address that map it.
     pub fn check<L: PteLayout>(&self, l: &L, p: &KernelProfile) -> Result<()> {
@@ -55,6 +89,7 @@ impl State {
                 if vi > 0 && mm.vmas[vi - 1].end() > vma.start {
                     return Err(broken("vma-order", format!("pid {}: VMAs overlap at {:#x}", mm.pid, vma.start << shift)));
                 }
+                self.check_contpte(l, p, mm.pid, vma)?;
                 for (i, &e) in vma.ptes.iter().enumerate() {
                     if l.pte_none(e) {
                         continue;

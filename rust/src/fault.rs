@@ -115,8 +115,7 @@ impl State {
         let i = (vpn - vma.start) as usize;
         if !write {
             let pte = l.pte_mkspecial(l.pte_mkyoung(l.pfn_pte_template(self.zero_pfn, vma.prot.exec, false)));
-            self.mms[k].vmas[v].ptes[i] = pte;
-            self.op.pte_writes += 1;
+            self.set_pte(l, p, k, v, i, pte);
             return Ok(());
         }
         // thp_vma_suitable_orders() then the highest order whose range is pte_none; PMD order is
@@ -170,13 +169,10 @@ impl State {
         self.ensure_anon_vma(k, v);
         let mm = &mut self.mms[k];
         mm.rss[MM_ANONPAGES] += nr as i64;
-        let vma = &mut mm.vmas[v];
+        let vma = &mm.vmas[v];
         let pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write);
         let base = ((vpn & !(nr - 1)) - vma.start) as usize;
-        for j in 0..nr as usize {
-            vma.ptes[base + j] = l.pte_advance_pfn(pte, j as u64);
-        }
-        self.op.pte_writes += nr;
+        self.set_ptes(l, p, k, v, base, pte, nr as usize);
         Ok(())
     }
 
@@ -242,9 +238,9 @@ impl State {
             self.ensure_anon_vma(k, v);
             let mm = &mut self.mms[k];
             mm.rss[MM_ANONPAGES] += 1;
-            let vma = &mut mm.vmas[v];
-            vma.ptes[i] = user_pte(l, new, vma.prot, vma.prot.write, true);
-            self.op.pte_writes += 1;
+            let vma = &mm.vmas[v];
+            let pte = user_pte(l, new, vma.prot, vma.prot.write, true);
+            self.set_pte(l, p, k, v, i, pte);
             return Ok(());
         }
         let page = self.filemap_get(l, f, idx)?;
@@ -261,9 +257,9 @@ impl State {
         let pw = self.page_prot_write(l, &self.mms[k].vmas[v]);
         let mm = &mut self.mms[k];
         mm.rss[counter] += 1;
-        let vma = &mut mm.vmas[v];
-        vma.ptes[i] = user_pte(l, page, vma.prot, pw || (write && vma.prot.write), write);
-        self.op.pte_writes += 1;
+        let vma = &mm.vmas[v];
+        let pte = user_pte(l, page, vma.prot, pw || (write && vma.prot.write), write);
+        self.set_pte(l, p, k, v, i, pte);
         Ok(())
     }
 
@@ -293,12 +289,13 @@ impl State {
     pub(crate) fn do_wp_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, unshare: bool) -> Result<()> {
         self.op.faults += 1;
         let vma = &self.mms[k].vmas[v];
-        let (mut pte, vma_uffd_wp, vma_shared) = (vma.ptes[i], vma.uffd_wp, vma.shared);
+        let (vma_uffd_wp, vma_shared) = (vma.uffd_wp, vma.shared);
+        let mut pte = self.ptep_get(l, p, k, v, i);
         if !vma_uffd_wp && l.pte_uffd_wp(pte) {
             // A stale uffd-wp bit on an unregistered VMA is dropped.
             pte = l.clear_uffd_wp_bit(pte);
-            self.mms[k].vmas[v].ptes[i] = pte;
-            self.op.pte_writes += 1;
+            self.set_pte(l, p, k, v, i, pte);
+            pte = self.ptep_get(l, p, k, v, i);
         }
         let page = self.vm_normal_page(l, pte);
         if vma_shared {
@@ -306,9 +303,7 @@ impl State {
                 return Ok(());
             }
             // wp_page_shared(): write-notify done, make the PTE writable in place.
-            let vma = &mut self.mms[k].vmas[v];
-            vma.ptes[i] = l.pte_mkwrite(l.pte_mkdirty(l.pte_mkyoung(pte)));
-            self.op.pte_writes += 1;
+            self.set_access_flags(l, p, k, v, i, l.pte_mkwrite(l.pte_mkdirty(l.pte_mkyoung(pte))));
             if let Some(pg) = page {
                 let head = self.mem.folio_head(pg);
                 self.mem.set(head, PG_DIRTY);
@@ -326,13 +321,11 @@ impl State {
                     return Ok(());
                 }
                 // wp_page_reuse()
-                let vma = &mut self.mms[k].vmas[v];
                 let mut n = l.pte_mkdirty(l.pte_mkyoung(pte));
-                if vma.prot.write {
+                if self.mms[k].vmas[v].prot.write {
                     n = l.pte_mkwrite(n);
                 }
-                vma.ptes[i] = n;
-                self.op.pte_writes += 1;
+                self.set_access_flags(l, p, k, v, i, n);
                 return Ok(());
             }
         }
@@ -378,11 +371,11 @@ impl State {
             user_pte(l, new, vma.prot, vma.prot.write, true)
         };
         // ptep_clear_flush() of the old entry, then the new page goes in.
+        self.unfold(l, p, k, v, i);
         self.op.tlb_flush_ranges += 1;
         self.op.tlb_flush_pages += 1;
         self.rmap(p).add_new_anon(new, mm_id);
-        self.mms[k].vmas[v].ptes[i] = n;
-        self.op.pte_writes += 1;
+        self.set_pte(l, p, k, v, i, n);
         if let (Some(pg), Some(h)) = (page, old_head) {
             let mut r = self.rmap(p);
             r.remove_ptes(h, pg, 1, mm_id);
@@ -391,6 +384,14 @@ impl State {
             r.put_refs(h, 1);
         }
         Ok(())
+    }
+
+    /// `ptep_set_access_flags()` for a write fault: on a contpte block the change of write
+    /// permission unfolds the block first (arm64); then the one entry is written.
+    fn set_access_flags<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, pte: u64) {
+        self.unfold(l, p, k, v, i);
+        self.mms[k].vmas[v].ptes[i] = l.clear_cont_bit(pte);
+        self.op.pte_writes += 1;
     }
 
     /// `pin_user_pages()` (mm/gup.c): faults the range in (a FOLL_WRITE pin breaks COW; a
@@ -405,7 +406,7 @@ impl State {
             if l.pte_none(self.mms[k].vmas[v].ptes[i]) {
                 self.fault_none(l, p, k, v, vpn, write)?;
             }
-            let pte = self.mms[k].vmas[v].ptes[i];
+            let pte = self.ptep_get(l, p, k, v, i);
             if write && !l.pte_write(pte) {
                 self.do_wp_page(l, p, k, v, i, false)?;
             } else if !write && self.gup_must_unshare(l, k, v, pte, longterm) {

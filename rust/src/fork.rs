@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::PG_ANON;
 use crate::mm::{mm_counter, Mm, Vma, MM_ANONPAGES};
+use crate::contpte::{folio_of, Cont};
 use crate::rmap::Rmap;
 use crate::sim::State;
 
@@ -123,7 +124,7 @@ impl State {
         loop {
             let mut again = false;
             while i < e {
-                let pte = self.mms[ctx.k].vmas[ctx.vi].ptes[i];
+                let pte = self.ptep_get(l, p, ctx.k, ctx.vi, i);
                 self.op.pte_reads += 1;
                 if l.pte_none(pte) {
                     i += 1;
@@ -176,7 +177,7 @@ impl State {
     ) -> std::result::Result<usize, Again> {
         let Some(page) = self.vm_normal_page(l, pte) else {
             self.op.batch(1);
-            self.copy_ptes_tail(l, ctx, dst, i, pte, 1);
+            self.copy_ptes_tail(l, p, ctx, dst, i, pte, 1);
             return Ok(1);
         };
         let head = self.mem.folio_head(page);
@@ -207,7 +208,7 @@ impl State {
                 tpl = l.pte_mkwrite(tpl);
             }
             self.op.batch(b.nr);
-            self.copy_ptes_tail(l, ctx, dst, i, tpl, b.nr);
+            self.copy_ptes_tail(l, p, ctx, dst, i, tpl, b.nr);
             return Ok(b.nr);
         }
         let mut r = Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p };
@@ -223,7 +224,7 @@ impl State {
             rss[file_counter] += 1;
         }
         self.op.batch(1);
-        self.copy_ptes_tail(l, ctx, dst, i, pte, 1);
+        self.copy_ptes_tail(l, p, ctx, dst, i, pte, 1);
         Ok(1)
     }
 
@@ -256,8 +257,7 @@ impl State {
         if ctx.dst_uffd_wp && l.pte_uffd_wp(pte) {
             n = l.set_uffd_wp_bit(n);
         }
-        dst[i] = n;
-        self.op.pte_writes += 1;
+        self.child_set_ptes(l, p, ctx, dst, i, n, 1);
         self.op.batch(1);
         Ok(1)
     }
@@ -265,10 +265,12 @@ impl State {
     /// `__copy_present_ptes()`: write-protect the parent's run if the mapping is COW and the
     /// template is writable, then `set_ptes()` the child's run from the template made old,
     /// clean if shared, and without uffd-wp unless the child VMA has it.
-    fn copy_ptes_tail<L: PteLayout>(&mut self, l: &L, ctx: &CopyCtx, dst: &mut [u64], i: usize, tpl: u64, nr: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn copy_ptes_tail<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], i: usize, tpl: u64, nr: usize) {
         let mut t = tpl;
         if ctx.is_cow && l.pte_write(t) {
-            // wrprotect_ptes()
+            // wrprotect_ptes(): blocks covered in part are unfolded, whole ones keep PTE_CONT.
+            self.unfold_partial(l, p, ctx.k, ctx.vi, i, nr);
             let src = &mut self.mms[ctx.k].vmas[ctx.vi].ptes;
             for e in &mut src[i..i + nr] {
                 *e = l.pte_wrprotect(*e);
@@ -283,10 +285,25 @@ impl State {
         if !ctx.dst_uffd_wp {
             t = l.clear_uffd_wp_bit(t);
         }
-        // set_ptes(): the pfn advances by one per entry.
-        for (j, e) in dst[i..i + nr].iter_mut().enumerate() {
-            *e = l.pte_advance_pfn(t, j as u64);
-        }
+        self.child_set_ptes(l, p, ctx, dst, i, t, nr);
+    }
+
+    /// `set_ptes()` into the child's table (not yet part of the child mm).
+    #[allow(clippy::too_many_arguments)]
+    fn child_set_ptes<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], i: usize, pte: u64, nr: usize) {
         self.op.pte_writes += nr as u64;
+        let Some(n) = State::cont_ptes(l, p) else {
+            for (j, e) in dst[i..i + nr].iter_mut().enumerate() {
+                *e = l.pte_advance_pfn(pte, j as u64);
+            }
+            return;
+        };
+        let mut c = Cont { t: dst, first_vpn: ctx.start, n };
+        if nr == 1 {
+            let mem = &self.mem;
+            c.set_pte(l, i, pte, |pfn| folio_of(mem, pfn), &mut self.op);
+        } else {
+            c.set_ptes(l, i, pte, nr);
+        }
     }
 }

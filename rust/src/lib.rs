@@ -7,6 +7,7 @@ mod alloc;
 pub mod arch;
 pub mod batch;
 pub mod check;
+pub mod contpte;
 pub mod error;
 pub mod fault;
 pub mod fork;

@@ -34,27 +34,34 @@ pub fn pte_modify<L: PteLayout>(l: &L, old: u64, prot: Prot, page_prot_write: bo
 impl State {
     /// `mprotect()` of `[a, b)` (vpns, entirely mapped).
     pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) {
+        self.unfold_at_split(l, p, k, a);
+        self.unfold_at_split(l, p, k, b);
+        // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
         let r = self.mms[k].isolate(a, b);
         for v in r.clone() {
             self.mms[k].vmas[v].prot = prot;
-            let n = self.mms[k].vmas[v].ptes.len();
-            self.change_protection(l, p, k, v, 0, n, None);
         }
         self.mms[k].merge_around(r);
+        self.change_range(l, p, k, a, b, None);
+    }
+
+    /// `change_protection()` over `[a, b)` (vpns) across the VMAs there.
+    fn change_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, uffd: Option<bool>) {
+        for v in 0..self.mms[k].vmas.len() {
+            let vma = &self.mms[k].vmas[v];
+            let (s, e) = (vma.start.max(a), vma.end().min(b));
+            if s < e {
+                let (ia, ib) = ((s - vma.start) as usize, (e - vma.start) as usize);
+                self.change_protection(l, p, k, v, ia, ib, uffd);
+            }
+        }
     }
 
     /// `UFFDIO_WRITEPROTECT` (`mwriteprotect_range()`, mm/userfaultfd.c): `change_protection()`
     /// with MM_CP_UFFD_WP (set the bit, write-protect) or MM_CP_UFFD_WP_RESOLVE (clear it, and
     /// let `can_change_pte_writable()` restore write access). VMAs are not split.
     pub fn uffd_writeprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, enable: bool) {
-        for v in 0..self.mms[k].vmas.len() {
-            let vma = &self.mms[k].vmas[v];
-            let (s, e) = (vma.start.max(a), vma.end().min(b));
-            if s < e {
-                let (ia, ib) = ((s - vma.start) as usize, (e - vma.start) as usize);
-                self.change_protection(l, p, k, v, ia, ib, Some(enable));
-            }
-        }
+        self.change_range(l, p, k, a, b, Some(enable));
     }
 
     /// `can_change_pte_writable()`.
@@ -115,9 +122,14 @@ impl State {
                     }
                 }
                 self.op.batch(nr);
+                // ptep_modify_prot_start() clears each entry; on arm64 that unfolds a contpte
+                // block first (which repaints it with the block's young and dirty bits).
+                for j in i..i + nr {
+                    self.unfold(l, p, k, v, j);
+                }
                 // modify_prot_start_ptes(): young and dirty of the whole run in one value.
                 let run = &self.mms[k].vmas[v].ptes[i..i + nr];
-                let mut merged = old;
+                let mut merged = l.clear_cont_bit(run[0]);
                 for &x in &run[1..] {
                     if l.pte_dirty(x) {
                         merged = l.pte_mkdirty(merged);
@@ -150,6 +162,10 @@ impl State {
                 }
                 self.mms[k].vmas[v].ptes[i..i + nr].copy_from_slice(&out);
                 self.op.pte_writes += nr as u64;
+                // Each commit is a set_pte_at(), which may fold a completed block.
+                for j in i..i + nr {
+                    self.try_fold(l, p, k, v, j);
+                }
                 i += nr;
             }
             if changed {

@@ -417,6 +417,13 @@ impl Simulation {
                     }
                 }
                 self.begin();
+                // The model keeps contpte blocks inside one VMA: a block a split would cut is
+                // unfolded (the kernel may leave it folded across the two VMAs).
+                let (layout, profile) = (&self.layout, &self.profile);
+                with_layout!(layout, l => {
+                    self.st.unfold_at_split(l, profile, k, a);
+                    self.st.unfold_at_split(l, profile, k, b);
+                });
                 let mm = &mut self.st.mms[k];
                 let r = mm.isolate(a, b);
                 for v in &mut mm.vmas[r.clone()] {

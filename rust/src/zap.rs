@@ -16,21 +16,22 @@ pub type Gather = Vec<(u64, u32)>;
 
 impl State {
     /// Zaps entries `[a, b)` of VMA `v` of process `k`, one page table at a time.
-    pub fn zap_vma_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, b: usize, gather: &mut Gather) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn zap_vma_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, b: usize, fullmm: bool, gather: &mut Gather) {
         let start = self.mms[k].vmas[v].start;
         let ptrs = self.ptrs_per_pte as usize;
         let mut s = a;
         while s < b {
             let to_pmd = ptrs - ((start as usize + s) & (ptrs - 1));
             let e = b.min(s + to_pmd);
-            self.zap_pte_range(l, p, k, v, s, e, gather);
+            self.zap_pte_range(l, p, k, v, s, e, fullmm, gather);
             s = e;
         }
     }
 
     /// `zap_pte_range()` over `[a, e)` of one page table.
     #[allow(clippy::too_many_arguments)]
-    fn zap_pte_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, e: usize, gather: &mut Gather) {
+    fn zap_pte_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, e: usize, fullmm: bool, gather: &mut Gather) {
         let none = l.geometry().none_value;
         let mm_id = self.mms[k].mm_id;
         let start = self.mms[k].vmas[v].start;
@@ -47,6 +48,9 @@ impl State {
             cleared = true;
             let Some(page) = self.vm_normal_page(l, pte) else {
                 // No page (the zero page): clear the one entry.
+                if !fullmm {
+                    self.unfold(l, p, k, v, i);
+                }
                 self.mms[k].vmas[v].ptes[i] = none;
                 self.op.pte_writes += 1;
                 self.op.tlb_flush_pages += 1;
@@ -68,6 +72,11 @@ impl State {
             // zap_present_folio_ptes(): file folios take the dirty bit of any cleared PTE
             // (get_and_clear_full_ptes); anonymous ones do not need it.
             let anon = self.mem.test(head, PG_ANON);
+            // clear_full_ptes(): contpte blocks the run covers in part are unfolded first
+            // (not when the whole mm goes, where arm64 skips it).
+            if !fullmm {
+                self.unfold_partial(l, p, k, v, i, nr);
+            }
             let ptes = &mut self.mms[k].vmas[v].ptes[i..i + nr];
             let dirty = !anon && ptes.iter().any(|&x| l.pte_dirty(x));
             ptes.fill(none);
@@ -101,11 +110,13 @@ impl State {
 
     /// `munmap()` of `[a, b)` (vpns): VMAs split at the ends, zapped and removed.
     pub fn munmap<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64) {
+        self.unfold_at_split(l, p, k, a);
+        self.unfold_at_split(l, p, k, b);
         let r = self.mms[k].isolate(a, b);
         let mut gather = Gather::new();
         for v in r.clone() {
             let n = self.mms[k].vmas[v].ptes.len();
-            self.zap_vma_range(l, p, k, v, 0, n, &mut gather);
+            self.zap_vma_range(l, p, k, v, 0, n, false, &mut gather);
         }
         self.mms[k].vmas.drain(r);
         self.tlb_finish(l, p, gather);
@@ -116,7 +127,7 @@ impl State {
         let mut gather = Gather::new();
         for v in 0..self.mms[k].vmas.len() {
             let n = self.mms[k].vmas[v].ptes.len();
-            self.zap_vma_range(l, p, k, v, 0, n, &mut gather);
+            self.zap_vma_range(l, p, k, v, 0, n, true, &mut gather);
         }
         self.mms[k].vmas.clear();
         self.mms[k].exited = true;
@@ -131,7 +142,7 @@ impl State {
             let (s, e) = (vma.start.max(a), vma.end().min(b));
             if s < e {
                 let (ia, ib) = ((s - vma.start) as usize, (e - vma.start) as usize);
-                self.zap_vma_range(l, p, k, v, ia, ib, &mut gather);
+                self.zap_vma_range(l, p, k, v, ia, ib, false, &mut gather);
             }
         }
         self.tlb_finish(l, p, gather);

@@ -177,6 +177,12 @@ impl PteLayout for Arm64 {
     fn pte_mkspecial(&self, v: u64) -> u64 {
         v | SPECIAL
     }
+    fn clear_cont_bit(&self, v: u64) -> u64 {
+        v & !CONT
+    }
+    fn pte_valid(&self, v: u64) -> bool {
+        v & VALID != 0
+    }
     fn set_cont_bit(&self, v: u64) -> u64 {
         v | CONT
     }

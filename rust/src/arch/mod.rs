@@ -125,6 +125,14 @@ pub trait PteLayout: Sync {
     fn set_cont_bit(&self, pte: u64) -> u64 {
         pte
     }
+    /// Clears arm64 `PTE_CONT` (`pte_mknoncont`); identity elsewhere.
+    fn clear_cont_bit(&self, pte: u64) -> u64 {
+        pte
+    }
+    /// `pte_valid()`: the hardware-valid bit (arm64); elsewhere present and not PROT_NONE.
+    fn pte_valid(&self, pte: u64) -> bool {
+        self.pte_present(pte) && !self.pte_protnone(pte)
+    }
 
     /// `pte_advance_pfn(pte, nr)` (include/linux/pgtable.h, v6.9; arch overrides on x86, arm64).
     /// Generic form: add `nr << PFN_PTE_SHIFT` to the raw value.
