@@ -20,12 +20,13 @@ import ptebatch as pb
 
 MEMORY = 8 << 20
 
-# x86-64 PTE bits (docs/semantics.md §1): the only bits a documented deviation touches.
-RW = 1 << 1
-ACCESSED = 1 << 5
-DIRTY = 1 << 6
-SAVED_DIRTY = 1 << 58
-SOFT_DIRTY = 1 << 11
+# PTE bits a documented deviation may touch, per architecture (docs/semantics.md §1).
+BITS = {
+    "x86-64": dict(write=1 << 1, young=1 << 5, dirty=(1 << 6) | (1 << 58), soft_dirty=1 << 11, cont=0),
+    # arm64: PTE_WRITE (DBM) and PTE_RDONLY carry write and hardware-dirty, PTE_DIRTY is bit 55.
+    "arm64": dict(write=(1 << 51) | (1 << 7), young=1 << 10, dirty=(1 << 55) | (1 << 7), soft_dirty=0,
+                  cont=1 << 52),
+}
 
 # Folio flags (rust/src/memory.rs).
 PG_DIRTY = 1 << 4
@@ -44,6 +45,10 @@ DEVIATIONS = {
                          "can_change_pte_writable() may then make the whole run writable",
     "deferred-split-per-pte": "a per-PTE zap of a whole folio passes through 'partially mapped' "
                               "and queues it for deferred split; one batch does not (§3.3)",
+    "contpte-layout": "arm64: per-PTE and batched paths fold and unfold contpte blocks differently "
+                      "(per-PTE write-protect unfolds, a per-PTE child refolds); PTE_CONT and the "
+                      "young/dirty repaint of folding differ, mappings and counters do not "
+                      "(pte-layouts.md §2.5)",
 }
 
 
@@ -66,33 +71,37 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
         return (type(e).__name__, None)
 
 
-def pte_masks(state: dict[str, Any], mprotect_merged: bool) -> np.ndarray:
-    """Per-PTE masks of the bits the documented deviations may change."""
+def pte_masks(state: dict[str, Any], bits: dict[str, int], deviations: set[str],
+              mprotect_merged: bool) -> np.ndarray:
+    """Per-PTE masks of the bits the named deviations may change."""
     masks = []
     for row in np.asarray(state["vmas"]).reshape(-1, 16):
         npages, shared, vm_softdirty = int(row[2]), bool(row[6]), bool(row[9])
         m = 0
-        if shared:
-            m |= RW
-        if vm_softdirty:
-            m |= SOFT_DIRTY
+        if "contpte-layout" in deviations and bits["cont"]:
+            m |= bits["cont"] | bits["young"] | bits["dirty"]
+        if shared and "fork-write-merge-shared" in deviations:
+            m |= bits["write"]
+        if vm_softdirty and "soft-dirty-untracked" in deviations:
+            m |= bits["soft_dirty"]
         if mprotect_merged:
-            m |= DIRTY | SAVED_DIRTY | ACCESSED | SOFT_DIRTY | RW
+            m |= bits["dirty"] | bits["young"] | bits["soft_dirty"] | bits["write"]
         masks.append(np.full(npages, m, dtype=np.uint64))
     return np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint64)
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], *, deviations: set[str], same_version: bool,
-            mprotect_merged: bool) -> list[str]:
+            mprotect_merged: bool, arch: str = "x86-64") -> list[str]:
     """Differences between two states after masking the named deviations."""
     a, b = dict(a), dict(b)
     if deviations:
-        ma = pte_masks(a, mprotect_merged)
-        mb = pte_masks(b, mprotect_merged)
+        bits = BITS["arm64" if arch.startswith("arm64") else arch]
+        ma = pte_masks(a, bits, deviations, mprotect_merged)
+        mb = pte_masks(b, bits, deviations, mprotect_merged)
         if len(ma) == len(a["ptes"]) and len(mb) == len(b["ptes"]):
             a["ptes"] = np.asarray(a["ptes"], dtype=np.uint64) & ~ma
             b["ptes"] = np.asarray(b["ptes"], dtype=np.uint64) & ~mb
-        fmask = PG_PARTIALLY_MAPPED | (PG_DIRTY if mprotect_merged else 0)
+        fmask = (PG_PARTIALLY_MAPPED if "deferred-split-per-pte" in deviations else 0) | (PG_DIRTY if mprotect_merged else 0)
         a["flags"] = np.asarray(a["flags"]) & ~np.uint8(fmask)
         b["flags"] = np.asarray(b["flags"]) & ~np.uint8(fmask)
     ignore = []
@@ -284,5 +293,5 @@ class SimMachine(RuleBasedStateMachine):
                     continue
             mprotect_merged = self.mprotected and "mprotect-ad-merge" in deviations
             diff = compare(states[i], states[j], deviations=deviations, same_version=same_version,
-                           mprotect_merged=mprotect_merged)
+                           mprotect_merged=mprotect_merged, arch=self.sims[i].arch)
             assert diff == [], f"{self.sims[i]!r} vs {self.sims[j]!r}: {diff}"
