@@ -204,6 +204,21 @@ class RefLayout:
         """The arch's uffd-wp bit cleared, nothing else (pte_clear_uffd_wp() without the write side)."""
         return v & ~self.UFFD_WP if self.UFFD_WP is not None else v
 
+    @_u64_args
+    def set_cont_bit(self, v: int) -> int:
+        """arm64 PTE_CONT set (pte_mkcont()); identity elsewhere."""
+        return v
+
+    @_u64_args
+    def clear_cont_bit(self, v: int) -> int:
+        """arm64 PTE_CONT cleared (pte_mknoncont()); identity elsewhere."""
+        return v
+
+    @_u64_args
+    def pte_valid(self, v: int) -> bool:
+        """pte_valid(): the hardware-valid bit (arm64); elsewhere present and not PROT_NONE."""
+        return self.pte_present(v) and not self.pte_protnone(v)
+
 
 # ============================================================================================
 # x86-64
@@ -562,6 +577,21 @@ class Arm64(RefLayout):
         """pte_advance_pfn(): rebuild from pte_pfn() + nr and pte_pgprot() — arch/arm64/include/asm/pgtable.h"""
         prot = v & ~self.PTE_ADDR_LOW  # pte_pgprot()
         return prot | (((self.pte_pfn(v) + nr) << self.page_shift) & MASK64)
+
+    @_u64_args
+    def set_cont_bit(self, v: int) -> int:
+        """pte_mkcont() — arch/arm64/include/asm/pgtable.h"""
+        return v | self.PTE_CONT
+
+    @_u64_args
+    def clear_cont_bit(self, v: int) -> int:
+        """pte_mknoncont() — arch/arm64/include/asm/pgtable.h"""
+        return v & ~self.PTE_CONT
+
+    @_u64_args
+    def pte_valid(self, v: int) -> bool:
+        """pte_valid() — arch/arm64/include/asm/pgtable.h"""
+        return bool(v & self.PTE_VALID)
 
     @_u64_args
     def pte_valid_cont(self, v: int) -> bool:

@@ -4,6 +4,7 @@ an InvariantError "rule: message" with ``.rule`` set."""
 
 from __future__ import annotations
 
+from .contpte import cont_ptes
 from .errors import broken
 from .kernel import KernelProfile
 from .memory import (
@@ -45,7 +46,7 @@ def check(st: State, l, p: KernelProfile) -> None:
     n = st.mem.nr_pages()
     scan = _Scan(n)
     for mm in st.mms:
-        check_mm(st, l, mm, scan)
+        check_mm(st, l, p, mm, scan)
     pins = [0] * n
     for pin in st.pins:
         if not pin.active:
@@ -77,7 +78,38 @@ def check(st: State, l, p: KernelProfile) -> None:
                      f"{free} pages are free")
 
 
-def check_mm(st: State, l, mm, scan: _Scan) -> None:
+def check_contpte(st: State, l, p: KernelProfile, pid: int, vma) -> None:
+    """arm64 contpte blocks: PTE_CONT only where the kernel folds (v6.9+), and then on whole,
+    naturally aligned blocks of valid entries mapping consecutive, aligned pfns with the same
+    attributes but for young/dirty."""
+    n = cont_ptes(l, p)
+    ptes = vma.ptes
+    i = 0
+    while i < len(ptes):
+        e = ptes[i]
+        if l.pte_none(e) or not l.pte_cont(e):
+            i += 1
+            continue
+        at = f"pid {pid} address {(vma.start + i) << st.page_shift:#x}"
+        if n is None:
+            raise broken("contpte-block", f"{at}: PTE_CONT where this kernel never folds")
+        off = (vma.start + i) % n
+        ok = off == 0 and i + n <= len(ptes)
+        if ok:
+            def norm(x: int) -> int:
+                return l.pte_mkold(l.pte_mkclean(x))
+
+            base = norm(ptes[i])
+            ok = l.pte_pfn(base) % n == 0 and all(
+                l.pte_valid(ptes[i + k]) and l.pte_cont(ptes[i + k])
+                and norm(ptes[i + k]) == l.pte_advance_pfn(base, k) for k in range(n))
+        if not ok:
+            raise broken("contpte-block",
+                         f"{at}: a PTE_CONT block that is not {n} aligned, uniform entries")
+        i += n
+
+
+def check_mm(st: State, l, p: KernelProfile, mm, scan: _Scan) -> None:
     """The page tables of one mm: PTE rules, and the rss counters."""
     if mm.exited and mm.vmas:
         raise broken("exited-mm", f"pid {mm.pid} has exited but still has VMAs")
@@ -86,6 +118,7 @@ def check_mm(st: State, l, mm, scan: _Scan) -> None:
     for vi, vma in enumerate(mm.vmas):
         if vi > 0 and mm.vmas[vi - 1].end() > vma.start:
             raise broken("vma-order", f"pid {mm.pid}: VMAs overlap at {vma.start << st.page_shift:#x}")
+        check_contpte(st, l, p, mm.pid, vma)
         for i, e in enumerate(vma.ptes):
             if l.pte_none(e):
                 continue

@@ -7,6 +7,7 @@ from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
 from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
+from . import contpte
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -98,8 +99,7 @@ def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, 
     i = vpn - vma.start
     if not write:
         zero = l.pfn_pte_template(st.zero_pfn, vma.prot.exec, False)
-        vma.ptes[i] = l.pte_mkspecial(l.pte_mkyoung(zero))
-        st.op.pte_writes += 1
+        contpte.set_pte(st, l, p, vma, i, l.pte_mkspecial(l.pte_mkyoung(zero)))
         return
     chosen = None
     for o in anon_orders(st, l, vma, vpn):
@@ -128,9 +128,7 @@ def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, 
     vma = mm.vmas[v]
     pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write)
     base = (vpn & ~(nr - 1)) - vma.start
-    for j in range(nr):
-        vma.ptes[base + j] = l.pte_advance_pfn(pte, j)
-    st.op.pte_writes += nr
+    contpte.set_ptes(st, l, p, vma, base, pte, nr)
 
 
 def filemap_get(st: State, l, f: int, idx: int) -> int:
@@ -186,8 +184,8 @@ def do_file_fault(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, writ
     mm = st.mms[k]
     mm.rss[counter] += 1
     vma = mm.vmas[v]
-    vma.ptes[i] = user_pte(l, page, vma.prot, pw or (write and vma.prot.write), write)
-    st.op.pte_writes += 1
+    contpte.set_pte(st, l, p, vma, i,
+                    user_pte(l, page, vma.prot, pw or (write and vma.prot.write), write))
 
 
 def do_cow_fault(st: State, l, p: KernelProfile, k: int, v: int, i: int, f: int, idx: int,
@@ -211,8 +209,7 @@ def do_cow_fault(st: State, l, p: KernelProfile, k: int, v: int, i: int, f: int,
     mm = st.mms[k]
     mm.rss[MM_ANONPAGES] += 1
     vma = mm.vmas[v]
-    vma.ptes[i] = user_pte(l, new, vma.prot, vma.prot.write, True)
-    st.op.pte_writes += 1
+    contpte.set_pte(st, l, p, vma, i, user_pte(l, new, vma.prot, vma.prot.write, True))
 
 
 def wp_can_reuse_anon_folio(st: State, p: KernelProfile, head: int) -> bool:
@@ -233,17 +230,17 @@ def do_wp_page(st: State, l, p: KernelProfile, k: int, v: int, i: int, unshare: 
     """do_wp_page() — mm/memory.c: a write (or GUP unshare) on a present, non-writable PTE"""
     st.op.faults += 1
     vma = st.mms[k].vmas[v]
-    pte = vma.ptes[i]
+    pte = contpte.ptep_get(st, l, p, vma, i)
     if not vma.uffd_wp and l.pte_uffd_wp(pte):
         pte = l.clear_uffd_wp_bit(pte)  # a stale uffd-wp bit on an unregistered VMA
-        vma.ptes[i] = pte
-        st.op.pte_writes += 1
+        contpte.set_pte(st, l, p, vma, i, pte)
+        pte = contpte.ptep_get(st, l, p, vma, i)
     page = st.vm_normal_page(l, pte)
     if vma.shared:
         if unshare:
             return
-        vma.ptes[i] = l.pte_mkwrite(l.pte_mkdirty(l.pte_mkyoung(pte)))  # wp_page_shared()
-        st.op.pte_writes += 1
+        # wp_page_shared()
+        set_access_flags(st, l, p, vma, i, l.pte_mkwrite(l.pte_mkdirty(l.pte_mkyoung(pte))))
         if page is not None:
             st.mem.set(st.mem.folio_head(page), PG_DIRTY)
         return
@@ -255,17 +252,24 @@ def do_wp_page(st: State, l, p: KernelProfile, k: int, v: int, i: int, unshare: 
             st.op.cow_reuses += 1
             if unshare:
                 return
-            wp_page_reuse(st, l, vma, i, pte)
+            wp_page_reuse(st, l, p, vma, i, pte)
             return
     wp_page_copy(st, l, p, k, v, i, pte, page, unshare)
 
 
-def wp_page_reuse(st: State, l, vma, i: int, pte: int) -> None:
+def wp_page_reuse(st: State, l, p: KernelProfile, vma, i: int, pte: int) -> None:
     """wp_page_reuse() — mm/memory.c: young, dirty and (if the VMA is writable) writable in place"""
     n = l.pte_mkdirty(l.pte_mkyoung(pte))
     if vma.prot.write:
         n = l.pte_mkwrite(n)
-    vma.ptes[i] = n
+    set_access_flags(st, l, p, vma, i, n)
+
+
+def set_access_flags(st: State, l, p: KernelProfile, vma, i: int, pte: int) -> None:
+    """ptep_set_access_flags() for a write fault: on a contpte block the change of write
+    permission unfolds the block first (arm64); then the one entry is written."""
+    contpte.unfold(st, l, p, vma, i)
+    vma.ptes[i] = l.clear_cont_bit(pte)
     st.op.pte_writes += 1
 
 
@@ -302,11 +306,11 @@ def wp_page_copy(st: State, l, p: KernelProfile, k: int, v: int, i: int, old: in
             n = l.set_uffd_wp_bit(n)
     else:
         n = user_pte(l, new, vma.prot, vma.prot.write, True)
+    contpte.unfold(st, l, p, st.mms[k].vmas[v], i)
     st.op.tlb_flush_ranges += 1  # ptep_clear_flush() of the old entry
     st.op.tlb_flush_pages += 1
     st.rmap(p).add_new_anon(new, mm_id)
-    st.mms[k].vmas[v].ptes[i] = n
-    st.op.pte_writes += 1
+    contpte.set_pte(st, l, p, st.mms[k].vmas[v], i, n)
     if page is not None:
         r = st.rmap(p)
         r.remove_ptes(old_head, page, 1, mm_id)
@@ -323,7 +327,7 @@ def pin_user_pages(st: State, l, p: KernelProfile, k: int, a: int, b: int, write
         st.op.pte_reads += 1
         if l.pte_none(st.mms[k].vmas[v].ptes[i]):
             fault_none(st, l, p, k, v, vpn, write)
-        pte = st.mms[k].vmas[v].ptes[i]
+        pte = contpte.ptep_get(st, l, p, st.mms[k].vmas[v], i)
         if write and not l.pte_write(pte):
             do_wp_page(st, l, p, k, v, i, unshare=False)
         elif not write and gup_must_unshare(st, l, k, v, pte, longterm):

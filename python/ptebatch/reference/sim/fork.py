@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..._flags import FpbFlags
+from . import contpte
 from .batching import folio_pte_batch, fork_flags
 from .errors import out_of_memory
 from .kernel import KernelProfile
@@ -86,7 +87,7 @@ def copy_pte_range(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[int],
     while True:
         again = False
         while i < e:
-            pte = st.mms[ctx.k].vmas[ctx.vi].ptes[i]
+            pte = contpte.ptep_get(st, l, p, st.mms[ctx.k].vmas[ctx.vi], i)
             st.op.pte_reads += 1
             if l.pte_none(pte):
                 i += 1
@@ -120,7 +121,7 @@ def copy_present_ptes(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
     page = st.vm_normal_page(l, pte)
     if page is None:
         st.op.batch(1)
-        copy_ptes_tail(st, l, ctx, dst, i, pte, 1)
+        copy_ptes_tail(st, l, p, ctx, dst, i, pte, 1)
         return 1
     head = st.mem.folio_head(page)
     order = st.mem.folio_order(head)
@@ -145,7 +146,7 @@ def copy_present_ptes(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
         if b.any_writable:  # v6.9 - v6.16 (None in v6.17, which merged it into b.pte)
             tpl = l.pte_mkwrite(tpl)
         st.op.batch(b.nr)
-        copy_ptes_tail(st, l, ctx, dst, i, tpl, b.nr)
+        copy_ptes_tail(st, l, p, ctx, dst, i, tpl, b.nr)
         return b.nr
     r = st.rmap(p)
     r.ref_add(head, 1)
@@ -158,7 +159,7 @@ def copy_present_ptes(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
         r.dup_file_ptes(head, page, 1, ctx.dst_mm_id)
         rss[file_counter] += 1
     st.op.batch(1)
-    copy_ptes_tail(st, l, ctx, dst, i, pte, 1)
+    copy_ptes_tail(st, l, p, ctx, dst, i, pte, 1)
     return 1
 
 
@@ -178,16 +179,18 @@ def copy_present_page(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[in
         n = l.pte_mkwrite(n)
     if ctx.dst_uffd_wp and l.pte_uffd_wp(pte):
         n = l.set_uffd_wp_bit(n)
-    dst[i] = n
-    st.op.pte_writes += 1
+    child_set_ptes(st, l, p, ctx, dst, i, n, 1)
     st.op.batch(1)
     return 1
 
 
-def copy_ptes_tail(st: State, l, ctx: CopyCtx, dst: list[int], i: int, tpl: int, nr: int) -> None:
+def copy_ptes_tail(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[int], i: int,
+                   tpl: int, nr: int) -> None:
     """__copy_present_ptes() — mm/memory.c: wrprotect the parent's run if COW, set_ptes() the child's"""
     t = tpl
     if ctx.is_cow and l.pte_write(t):
+        # wrprotect_ptes(): blocks covered in part are unfolded, whole ones keep PTE_CONT.
+        contpte.unfold_partial(st, l, p, st.mms[ctx.k].vmas[ctx.vi], i, nr)
         src = st.mms[ctx.k].vmas[ctx.vi].ptes
         for j in range(i, i + nr):
             src[j] = l.pte_wrprotect(src[j])  # wrprotect_ptes()
@@ -198,6 +201,21 @@ def copy_ptes_tail(st: State, l, ctx: CopyCtx, dst: list[int], i: int, tpl: int,
     t = l.pte_mkold(t)
     if not ctx.dst_uffd_wp:
         t = l.clear_uffd_wp_bit(t)
-    for j in range(nr):
-        dst[i + j] = l.pte_advance_pfn(t, j)  # set_ptes()
+    child_set_ptes(st, l, p, ctx, dst, i, t, nr)
+
+
+def child_set_ptes(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[int], i: int,
+                   pte: int, nr: int) -> None:
+    """set_ptes() into the child's table (not yet part of the child mm)."""
     st.op.pte_writes += nr
+    n = contpte.cont_ptes(l, p)
+    if n is None:
+        for j in range(nr):
+            dst[i + j] = l.pte_advance_pfn(pte, j)
+        return
+    c = contpte.Cont(dst, ctx.start, n)
+    if nr == 1:
+        mem = st.mem
+        c.set_pte(l, i, pte, lambda pfn: contpte.folio_of(mem, pfn), st.op)
+    else:
+        c.set_ptes(l, i, pte, nr)

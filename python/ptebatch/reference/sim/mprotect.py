@@ -4,6 +4,7 @@ are read into one value (modify_prot_start_ptes())."""
 
 from __future__ import annotations
 
+from . import contpte
 from .batching import folio_pte_batch, fpb_flags
 from .kernel import KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE
@@ -28,21 +29,29 @@ def pte_modify(l, old: int, prot: Prot, page_prot_write: bool) -> int:
 
 
 def mprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, prot: Prot) -> None:
-    """mprotect_fixup() per VMA of [a, b) — mm/mprotect.c, then the merge"""
+    """mprotect_fixup() — mm/mprotect.c: split and merge the VMAs of [a, b) first, then
+    change_protection() the range"""
+    contpte.unfold_at_split(st, l, p, k, a)
+    contpte.unfold_at_split(st, l, p, k, b)
     r = st.mms[k].isolate(a, b)
     for v in r:
-        vma = st.mms[k].vmas[v]
-        vma.prot = prot
-        change_protection(st, l, p, vma, 0, len(vma.ptes), None)
+        st.mms[k].vmas[v].prot = prot
     st.mms[k].merge_around(r)
+    change_range(st, l, p, k, a, b, None)
+
+
+def change_range(st: State, l, p: KernelProfile, k: int, a: int, b: int,
+                 uffd: bool | None) -> None:
+    """change_protection() over [a, b) (vpns) across the VMAs there."""
+    for vma in st.mms[k].vmas:
+        s, e = max(vma.start, a), min(vma.end(), b)
+        if s < e:
+            change_protection(st, l, p, vma, s - vma.start, e - vma.start, uffd)
 
 
 def uffd_writeprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, enable: bool) -> None:
     """mwriteprotect_range() — mm/userfaultfd.c: change_protection() with MM_CP_UFFD_WP(_RESOLVE)"""
-    for vma in st.mms[k].vmas:
-        s, e = max(vma.start, a), min(vma.end(), b)
-        if s < e:
-            change_protection(st, l, p, vma, s - vma.start, e - vma.start, enable)
+    change_range(st, l, p, k, a, b, enable)
 
 
 def can_change_pte_writable(st: State, l, vma: Vma, pte: int, page: int | None) -> bool:
@@ -101,6 +110,10 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
                 st.op.folio_pte_batch_calls += 1
                 st.op.pte_reads += nr
         st.op.batch(nr)
+        # ptep_modify_prot_start() clears each entry; on arm64 that unfolds a contpte block
+        # first (which repaints it with the block's young and dirty bits).
+        for j in range(i, i + nr):
+            contpte.unfold(st, l, p, vma, j)
         ptent = pte_modify(l, modify_prot_start_ptes(l, vma.ptes[i:i + nr]), vma.prot,
                            page_prot_write)
         if uffd is True:
@@ -123,6 +136,9 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
             out.append(x)
         vma.ptes[i:i + nr] = out
         st.op.pte_writes += nr
+        # Each commit is a set_pte_at(), which may fold a completed block.
+        for j in range(i, i + nr):
+            contpte.try_fold(st, l, p, vma, j)
         i += nr
     if changed:
         st.op.tlb_flush_ranges += 1
@@ -130,7 +146,7 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
 
 def modify_prot_start_ptes(l, run: list[int]) -> int:
     """modify_prot_start_ptes() — mm/mprotect.c: the first PTE with the run's young and dirty OR-ed in"""
-    merged = run[0]
+    merged = l.clear_cont_bit(run[0])
     for x in run[1:]:
         if l.pte_dirty(x):
             merged = l.pte_mkdirty(merged)

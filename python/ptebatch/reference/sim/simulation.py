@@ -16,7 +16,7 @@ from typing import Sequence
 
 from .. import layouts
 from . import check as check_mod
-from . import fault, fork, mprotect, procfs, restore, zap
+from . import contpte, fault, fork, mprotect, procfs, restore, zap
 from .errors import value_error
 from .kernel import KernelProfile
 from .memory import (
@@ -427,6 +427,10 @@ class Simulation:
                     raise value_error("MADV_WIPEONFORK applies to private anonymous mappings only")
                 at = v.end()
         self._begin()
+        # The model keeps contpte blocks inside one VMA: a block a split would cut is unfolded
+        # (the kernel may leave it folded across the two VMAs).
+        contpte.unfold_at_split(self.st, self.layout, self.profile, k, a)
+        contpte.unfold_at_split(self.st, self.layout, self.profile, k, b)
         r = mm.isolate(a, b)
         for v in mm.vmas[r.start:r.stop]:
             if advice in ("dontfork", "dofork"):

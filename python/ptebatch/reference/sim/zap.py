@@ -4,6 +4,7 @@ when the mmu_gather finishes."""
 
 from __future__ import annotations
 
+from . import contpte
 from .batching import folio_pte_batch, fpb_flags
 from .kernel import KernelProfile
 from .memory import PG_ANON, PG_DIRTY
@@ -15,19 +16,19 @@ Gather = list
 
 
 def zap_vma_range(st: State, l, p: KernelProfile, k: int, v: int, a: int, b: int,
-                  gather: Gather) -> None:
+                  fullmm: bool, gather: Gather) -> None:
     """unmap_page_range() — mm/memory.c: entries [a, b) of a VMA, one page table at a time"""
     start = st.mms[k].vmas[v].start
     ptrs = st.ptrs_per_pte
     s = a
     while s < b:
         e = min(b, s + ptrs - ((start + s) & (ptrs - 1)))
-        zap_pte_range(st, l, p, k, v, s, e, gather)
+        zap_pte_range(st, l, p, k, v, s, e, fullmm, gather)
         s = e
 
 
 def zap_pte_range(st: State, l, p: KernelProfile, k: int, v: int, a: int, e: int,
-                  gather: Gather) -> None:
+                  fullmm: bool, gather: Gather) -> None:
     """zap_pte_range() — mm/memory.c: entries [a, e) of one page table"""
     mm_id = st.mms[k].mm_id
     vma = st.mms[k].vmas[v]
@@ -43,12 +44,14 @@ def zap_pte_range(st: State, l, p: KernelProfile, k: int, v: int, a: int, e: int
         cleared = True
         page = st.vm_normal_page(l, pte)
         if page is None:  # the zero page: clear the one entry
+            if not fullmm:
+                contpte.unfold(st, l, p, vma, i)
             vma.ptes[i] = l.none_value
             st.op.pte_writes += 1
             st.op.tlb_flush_pages += 1
             i += 1
             continue
-        nr = zap_present_ptes(st, l, p, vma, i, e, page, mm_id, rss, gather)
+        nr = zap_present_ptes(st, l, p, vma, i, e, page, mm_id, rss, fullmm, gather)
         i += nr
     mm = st.mms[k]
     for c in range(3):
@@ -58,7 +61,7 @@ def zap_pte_range(st: State, l, p: KernelProfile, k: int, v: int, a: int, e: int
 
 
 def zap_present_ptes(st: State, l, p: KernelProfile, vma, i: int, e: int, page: int, mm_id: int,
-                     rss: list[int], gather: Gather) -> int:
+                     rss: list[int], fullmm: bool, gather: Gather) -> int:
     """zap_present_ptes() — mm/memory.c: the run of one folio at ``i``; returns its length"""
     head = st.mem.folio_head(page)
     order = st.mem.folio_order(head)
@@ -70,14 +73,19 @@ def zap_present_ptes(st: State, l, p: KernelProfile, vma, i: int, e: int, page: 
         st.op.folio_pte_batch_calls += 1
         st.op.pte_reads += nr
     st.op.batch(nr)
-    zap_present_folio_ptes(st, l, p, vma, i, nr, head, page, mm_id, rss, gather)
+    zap_present_folio_ptes(st, l, p, vma, i, nr, head, page, mm_id, rss, fullmm, gather)
     return nr
 
 
 def zap_present_folio_ptes(st: State, l, p: KernelProfile, vma, i: int, nr: int, head: int,
-                           page: int, mm_id: int, rss: list[int], gather: Gather) -> None:
+                           page: int, mm_id: int, rss: list[int], fullmm: bool,
+                           gather: Gather) -> None:
     """zap_present_folio_ptes() — mm/memory.c: clear the run, file folios take its dirty bit"""
     anon = st.mem.test(head, PG_ANON)
+    # clear_full_ptes(): contpte blocks the run covers in part are unfolded first (not when the
+    # whole mm goes, where arm64 skips it).
+    if not fullmm:
+        contpte.unfold_partial(st, l, p, vma, i, nr)
     dirty = not anon and any(l.pte_dirty(x) for x in vma.ptes[i:i + nr])  # get_and_clear_full_ptes()
     vma.ptes[i:i + nr] = [l.none_value] * nr
     st.op.pte_writes += nr
@@ -98,10 +106,12 @@ def tlb_finish(st: State, p: KernelProfile, gather: Gather) -> None:
 
 def munmap(st: State, l, p: KernelProfile, k: int, a: int, b: int) -> None:
     """do_vmi_munmap() — mm/vma.c: VMAs split at the ends, zapped and removed"""
+    contpte.unfold_at_split(st, l, p, k, a)
+    contpte.unfold_at_split(st, l, p, k, b)
     r = st.mms[k].isolate(a, b)
     gather: Gather = []
     for v in r:
-        zap_vma_range(st, l, p, k, v, 0, len(st.mms[k].vmas[v].ptes), gather)
+        zap_vma_range(st, l, p, k, v, 0, len(st.mms[k].vmas[v].ptes), False, gather)
     del st.mms[k].vmas[r.start:r.stop]
     tlb_finish(st, p, gather)
 
@@ -110,7 +120,7 @@ def exit_mm(st: State, l, p: KernelProfile, k: int) -> None:
     """exit_mmap() — mm/mmap.c: every VMA zapped (full-mm gather), the mm marked exited"""
     gather: Gather = []
     for v in range(len(st.mms[k].vmas)):
-        zap_vma_range(st, l, p, k, v, 0, len(st.mms[k].vmas[v].ptes), gather)
+        zap_vma_range(st, l, p, k, v, 0, len(st.mms[k].vmas[v].ptes), True, gather)
     st.mms[k].vmas.clear()
     st.mms[k].exited = True
     tlb_finish(st, p, gather)
@@ -122,5 +132,5 @@ def madv_dontneed(st: State, l, p: KernelProfile, k: int, a: int, b: int) -> Non
     for v, vma in enumerate(st.mms[k].vmas):
         s, e = max(vma.start, a), min(vma.end(), b)
         if s < e:
-            zap_vma_range(st, l, p, k, v, s - vma.start, e - vma.start, gather)
+            zap_vma_range(st, l, p, k, v, s - vma.start, e - vma.start, False, gather)
     tlb_finish(st, p, gather)
