@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "maturin>=1.7,<2" "numpy>=1.23" "pytest>=7" "hypothesis>=6.80" "pytest-benchmark>=4"
-.venv/bin/maturin develop --release -q
+# maturin installs into $VIRTUAL_ENV when one is active: make it this checkout's .venv.
+VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release -q
