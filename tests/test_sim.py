@@ -448,5 +448,12 @@ def test_arm64_contpte_refolds_after_mprotect() -> None:
         cont = _cont(sim, p, v)
         assert not any(cont[:16]) and all(cont[16:]), kernel
         p.mprotect(v.start, v.length, "rw")
-        assert all(_cont(sim, p, v)), "the last commit of each block folds it again"
+        cont = _cont(sim, p, v)
+        if kernel == "6.12":
+            # Per entry: the commit of a block's last entry (set_pte_at) folds it again.
+            assert all(cont), kernel
+        else:
+            # v6.17+ batches by equal write bit ([0,2), [2,3), [3,16)); set_ptes() of a part of a
+            # block never folds, and the last entry is not a one-entry commit.
+            assert not any(cont[:16]) and all(cont[16:]), kernel
         sim.check()

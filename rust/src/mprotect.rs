@@ -122,11 +122,9 @@ impl State {
                     }
                 }
                 self.op.batch(nr);
-                // ptep_modify_prot_start() clears each entry; on arm64 that unfolds a contpte
-                // block first (which repaints it with the block's young and dirty bits).
-                for j in i..i + nr {
-                    self.unfold(l, p, k, v, j);
-                }
+                // modify_prot_start_ptes() clears the run; on arm64 (get_and_clear_ptes) that
+                // first unfolds the contpte blocks the run covers in part, repainting them.
+                self.unfold_partial(l, p, k, v, i, nr);
                 // modify_prot_start_ptes(): young and dirty of the whole run in one value.
                 let run = &self.mms[k].vmas[v].ptes[i..i + nr];
                 let mut merged = l.clear_cont_bit(run[0]);
@@ -145,6 +143,9 @@ impl State {
                     None => {}
                 }
                 let mut out = Vec::with_capacity(nr);
+                // commit_anon_folio_batch() commits private anonymous runs in sub-batches of
+                // equal PageAnonExclusive when it may make them writable.
+                let split = !self.mms[k].vmas[v].shared && try_writable && !l.pte_write(ptent) && page.is_some();
                 for j in 0..nr {
                     let mut x = l.pte_advance_pfn(ptent, j as u64);
                     // One decision per run for shared mappings, per page (its exclusivity)
@@ -160,11 +161,21 @@ impl State {
                     }
                     out.push(x);
                 }
-                self.mms[k].vmas[v].ptes[i..i + nr].copy_from_slice(&out);
-                self.op.pte_writes += nr as u64;
-                // Each commit is a set_pte_at(), which may fold a completed block.
-                for j in i..i + nr {
-                    self.try_fold(l, p, k, v, j);
+                // modify_prot_commit_ptes(): set_ptes() of each sub-batch (on arm64 that folds
+                // whole aligned blocks, and a one-entry commit may fold a completed block).
+                let excl = |j: usize| page.is_some_and(|pg| self.mem.test(pg + j as u64, PG_ANON_EXCLUSIVE));
+                let mut j = 0;
+                let mut subs = Vec::new();
+                while j < nr {
+                    let mut end = j + 1;
+                    while end < nr && (!split || excl(end) == excl(j)) {
+                        end += 1;
+                    }
+                    subs.push((j, end));
+                    j = end;
+                }
+                for (a, b) in subs {
+                    self.set_ptes(l, p, k, v, i + a, out[a], b - a);
                 }
                 i += nr;
             }

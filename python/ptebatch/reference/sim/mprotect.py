@@ -110,10 +110,9 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
                 st.op.folio_pte_batch_calls += 1
                 st.op.pte_reads += nr
         st.op.batch(nr)
-        # ptep_modify_prot_start() clears each entry; on arm64 that unfolds a contpte block
-        # first (which repaints it with the block's young and dirty bits).
-        for j in range(i, i + nr):
-            contpte.unfold(st, l, p, vma, j)
+        # modify_prot_start_ptes() clears the run; on arm64 (get_and_clear_ptes) that first
+        # unfolds the contpte blocks the run covers in part, repainting them.
+        contpte.unfold_partial(st, l, p, vma, i, nr)
         ptent = pte_modify(l, modify_prot_start_ptes(l, vma.ptes[i:i + nr]), vma.prot,
                            page_prot_write)
         if uffd is True:
@@ -121,6 +120,9 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
         elif uffd is False:
             ptent = l.clear_uffd_wp_bit(ptent)
         out = []
+        # commit_anon_folio_batch() commits private anonymous runs in sub-batches of equal
+        # PageAnonExclusive when it may make them writable.
+        split = not vma.shared and try_writable and not l.pte_write(ptent) and page is not None
         for j in range(nr):
             x = l.pte_advance_pfn(ptent, j)
             if try_writable and not l.pte_write(x):
@@ -134,11 +136,18 @@ def change_pte_range(st: State, l, p: KernelProfile, vma: Vma, s: int, e: int,
                 if writable:
                     x = l.pte_mkwrite(x)
             out.append(x)
-        vma.ptes[i:i + nr] = out
-        st.op.pte_writes += nr
-        # Each commit is a set_pte_at(), which may fold a completed block.
-        for j in range(i, i + nr):
-            contpte.try_fold(st, l, p, vma, j)
+        # modify_prot_commit_ptes(): set_ptes() of each sub-batch (on arm64 that folds whole
+        # aligned blocks, and a one-entry commit may fold a completed block).
+        def excl(j: int) -> bool:
+            return page is not None and st.mem.test(page + j, PG_ANON_EXCLUSIVE)
+
+        j = 0
+        while j < nr:
+            end = j + 1
+            while end < nr and (not split or excl(end) == excl(j)):
+                end += 1
+            contpte.set_ptes(st, l, p, vma, i + j, out[j], end - j)
+            j = end
         i += nr
     if changed:
         st.op.tlb_flush_ranges += 1
