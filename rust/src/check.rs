@@ -38,7 +38,8 @@ impl State {
 
     /// arm64 contpte blocks: PTE_CONT only where the kernel folds (v6.9+), and then on whole,
     /// naturally aligned blocks of valid entries mapping consecutive, aligned pfns with the
-    /// same attributes but for young/dirty.
+    /// same attributes but for young/dirty. PTE_CONT left on invalid (PROT_NONE) entries, which
+    /// `contpte_set_ptes()` writes for a whole PROT_NONE block, is inert and allowed.
     fn check_contpte<L: PteLayout>(&self, l: &L, p: &KernelProfile, pid: u32, vma: &crate::mm::Vma) -> Result<()> {
         let n = State::cont_ptes(l, p);
         let mut i = 0usize;
@@ -52,6 +53,10 @@ impl State {
             let Some(n) = n else {
                 return Err(broken("contpte-block", format!("{at}: PTE_CONT where this kernel never folds")));
             };
+            if !l.pte_valid(e) {
+                i += 1;
+                continue;
+            }
             let off = (vma.start as usize + i) % n;
             let ok = off == 0 && i + n <= vma.ptes.len() && {
                 let norm = |x: u64| l.pte_mkold(l.pte_mkclean(x));

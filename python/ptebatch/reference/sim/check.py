@@ -81,7 +81,8 @@ def check(st: State, l, p: KernelProfile) -> None:
 def check_contpte(st: State, l, p: KernelProfile, pid: int, vma) -> None:
     """arm64 contpte blocks: PTE_CONT only where the kernel folds (v6.9+), and then on whole,
     naturally aligned blocks of valid entries mapping consecutive, aligned pfns with the same
-    attributes but for young/dirty."""
+    attributes but for young/dirty. PTE_CONT left on invalid (PROT_NONE) entries, which
+    contpte_set_ptes() writes for a whole PROT_NONE block, is inert and allowed."""
     n = cont_ptes(l, p)
     ptes = vma.ptes
     i = 0
@@ -93,6 +94,9 @@ def check_contpte(st: State, l, p: KernelProfile, pid: int, vma) -> None:
         at = f"pid {pid} address {(vma.start + i) << st.page_shift:#x}"
         if n is None:
             raise broken("contpte-block", f"{at}: PTE_CONT where this kernel never folds")
+        if not l.pte_valid(e):
+            i += 1
+            continue
         off = (vma.start + i) % n
         ok = off == 0 and i + n <= len(ptes)
         if ok:
