@@ -13,17 +13,19 @@
 from __future__ import annotations
 
 from ptebatch import _core
-from ptebatch._core import (
-    KERNEL_VERSIONS,
-    LAYOUT_NAMES,
+from ptebatch.errors import (
     AccessFault,
-    Batch,
     CaptureError,
     InvariantError,
     OutOfMemoryError,
-    Layout,
     PtebatchError,
     SnapshotError,
+)
+from ptebatch._core import (
+    KERNEL_VERSIONS,
+    LAYOUT_NAMES,
+    Batch,
+    Layout,
     batch_lengths,
     folio_pte_batch,
     fpb_form,

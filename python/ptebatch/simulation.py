@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -304,6 +304,14 @@ class Simulation:
     def clone(self) -> "Simulation":
         """An independent copy, for A/B experiments."""
         return Simulation._wrap(self._b.clone(), self)
+
+    def set_progress(self, callback: Callable[[int, int], object] | None) -> None:
+        """Calls ``callback(done, total)`` about every 50 ms while a long step runs (work in
+        pages or PTEs). An exception it raises abandons the step, which leaves the state
+        unchanged, and propagates; so does Ctrl-C. ``None`` removes it. The reference backend
+        runs Python code throughout and never calls it."""
+        if self.backend == "rust":
+            self._b.set_progress(callback)
 
     def state_equal(self, other: "Simulation") -> bool:
         return state_diff(self.state(), other.state()) == []

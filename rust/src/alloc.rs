@@ -1,10 +1,14 @@
-//! Large output buffers backed by transparent huge pages where the kernel allows it.
-//!
-//! A fresh 64 MiB `Vec` costs one page fault per 4 KiB page on first write; on the VMs we
-//! measure on that was more than the whole scan. numpy asks for THP on its large arrays, and
-//! so do we (`MADV_HUGEPAGE`; a no-op where THP is off or on other systems).
+//! Host allocations sized by user input or by the simulated machine: fallible, so that a
+//! request the host cannot satisfy becomes [`Error::host_memory`] instead of an abort; and
+//! large output buffers backed by transparent huge pages where the kernel allows it.
+
+use crate::error::{Error, Result};
 
 /// `Vec::with_capacity(n)`, with THP requested for the 2 MiB-aligned part of a large buffer.
+///
+/// A fresh 64 MiB `Vec` costs one page fault per 4 KiB page on first write; on the VMs we
+/// measure on that was more than the whole scan. numpy asks for THP on its large arrays, and
+/// so do we (`MADV_HUGEPAGE`; a no-op where THP is off or on other systems).
 pub(crate) fn vec_with_capacity_huge<T>(n: usize) -> Vec<T> {
     let v: Vec<T> = Vec::with_capacity(n);
     #[cfg(target_os = "linux")]
@@ -27,13 +31,27 @@ pub(crate) fn vec_with_capacity_huge<T>(n: usize) -> Vec<T> {
     v
 }
 
-/// `n` copies of `v`, or an out-of-memory error instead of an abort when the allocation
-/// cannot be made.
-pub fn try_filled<T: Clone>(n: usize, v: T, what: &str) -> crate::error::Result<Vec<T>> {
+/// An empty `Vec` with room for `n` entries, or a host out-of-memory error.
+pub fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let mut out = Vec::new();
-    out.try_reserve_exact(n).map_err(|_| {
-        crate::error::Error::out_of_memory(format!("cannot allocate {what} of {n} entries"))
-    })?;
+    out.try_reserve_exact(n).map_err(|_| Error::host_memory::<T>(what, n))?;
+    Ok(out)
+}
+
+/// `n` copies of `v`, or a host out-of-memory error instead of an abort.
+pub fn try_filled<T: Clone>(n: usize, v: T, what: &str) -> Result<Vec<T>> {
+    let mut out = try_with_capacity(n, what)?;
     out.resize(n, v);
+    Ok(out)
+}
+
+/// A copy of `s`, or a host out-of-memory error. Copies in pieces between which `ticker`
+/// may stop it (a copy of the state for a long step takes long itself).
+pub fn try_copy<T: Clone>(s: &[T], what: &str, ticker: &crate::watch::Ticker) -> Result<Vec<T>> {
+    let mut out = try_with_capacity(s.len(), what)?;
+    for piece in s.chunks(1 << 20) {
+        ticker.poll()?;
+        out.extend_from_slice(piece);
+    }
     Ok(out)
 }

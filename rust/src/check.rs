@@ -80,9 +80,10 @@ impl State {
     pub fn check<L: PteLayout>(&self, l: &L, p: &KernelProfile) -> Result<()> {
         let n = self.mem.nr_pages() as usize;
         let shift = self.page_shift;
-        let mut count = vec![0u32; n];
-        let mut owner = vec![0u32; n];
-        let mut writable = vec![0u32; n];
+        use crate::alloc::try_filled;
+        let mut count = try_filled(n, 0u32, "check()'s mapping counts")?;
+        let mut owner = try_filled(n, 0u32, "check()'s owners")?;
+        let mut writable = try_filled(n, 0u32, "check()'s writable counts")?;
         let mut per_mm: HashMap<(u64, u32), i64> = HashMap::new();
         let mut mms_of: HashMap<u64, usize> = HashMap::new();
         for mm in &self.mms {
@@ -96,6 +97,9 @@ impl State {
                 }
                 self.check_contpte(l, p, mm.pid, vma)?;
                 for (i, &e) in vma.ptes.iter().enumerate() {
+                    if i % 4096 == 0 {
+                        self.ticker.tick(4096)?;
+                    }
                     if l.pte_none(e) {
                         continue;
                     }
@@ -147,7 +151,7 @@ impl State {
             }
         }
         // Pins and page-cache references.
-        let mut pins = vec![0u32; n];
+        let mut pins = try_filled(n, 0u32, "check()'s pin counts")?;
         for pin in self.pins.iter().filter(|p| p.active) {
             for &pfn in &pin.pfns {
                 if pfn != self.zero_pfn {
@@ -158,7 +162,7 @@ impl State {
                 }
             }
         }
-        let mut cached = vec![false; n];
+        let mut cached = try_filled(n, false, "check()'s page-cache map")?;
         for f in &self.files {
             for &pfn in f.cache.iter().filter(|&&c| c != NOT_CACHED) {
                 cached[pfn as usize] = true;
@@ -167,6 +171,9 @@ impl State {
         let mut free = 0u64;
         let mut pfn = 0usize;
         while pfn < n {
+            if pfn % 4096 == 0 {
+                self.ticker.tick(4096)?;
+            }
             if self.mem.is_free(pfn as u64) {
                 if self.mem.refcount[pfn] != 0 || self.mem.mapcount[pfn] != 0 {
                     return Err(broken("free-page-state", format!("free pfn {pfn:#x} has refcount {} mapcount {}", self.mem.refcount[pfn], self.mem.mapcount[pfn])));

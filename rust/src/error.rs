@@ -9,8 +9,12 @@ pub enum ErrorKind {
     Value,
     /// A bad argument type (`TypeError`).
     Type,
-    /// The simulated machine ran out of memory (`pb.OutOfMemoryError`).
+    /// The simulated machine ran out of memory (`pb.OutOfMemoryError`, `host=False`).
     OutOfMemory,
+    /// The host could not allocate what the model needs (`pb.OutOfMemoryError`, `host=True`).
+    HostMemory,
+    /// A [`crate::watch::Watch`] asked a long step to stop (Ctrl-C: `KeyboardInterrupt`).
+    Interrupted,
     /// The access would kill the process or block it (`pb.AccessFault`): SIGSEGV, a
     /// uffd-wp userfault.
     Fault,
@@ -37,6 +41,20 @@ impl Error {
 
     pub fn out_of_memory(message: impl Into<String>) -> Self {
         Error { kind: ErrorKind::OutOfMemory, message: message.into(), rule: None }
+    }
+
+    /// The host could not allocate `what` (`n` entries of `T`).
+    pub fn host_memory<T>(what: &str, n: usize) -> Self {
+        let bytes = (n as u128) * std::mem::size_of::<T>() as u128;
+        Error {
+            kind: ErrorKind::HostMemory,
+            message: format!("the host cannot allocate {what} ({n} entries, {bytes} bytes)"),
+            rule: None,
+        }
+    }
+
+    pub fn interrupted() -> Self {
+        Error { kind: ErrorKind::Interrupted, message: "interrupted; the step was abandoned".into(), rule: None }
     }
 
     pub fn fault(message: impl Into<String>) -> Self {

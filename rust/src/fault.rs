@@ -399,8 +399,9 @@ impl State {
     /// `gup_must_unshare()`), then takes one FOLL_PIN per page and sets MMF_HAS_PINNED.
     #[allow(clippy::too_many_arguments)]
     pub fn pin<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, write: bool, longterm: bool) -> Result<u32> {
-        let mut pfns = Vec::with_capacity((b - a) as usize);
+        let mut pfns = crate::alloc::try_with_capacity((b - a) as usize, "the pages of a pin")?;
         for vpn in a..b {
+            self.ticker.tick(1)?;
             let (v, i) = self.locate(k, vpn);
             self.op.pte_reads += 1;
             if l.pte_none(self.mms[k].vmas[v].ptes[i]) {
@@ -441,9 +442,10 @@ impl State {
 
     /// clear_refs "4" (fs/proc/task_mmu.c): soft-dirty tracking starts: VM_SOFTDIRTY is
     /// cleared and every present PTE loses soft-dirty and write permission.
-    pub fn clear_soft_dirty<L: PteLayout>(&mut self, l: &L, k: usize) {
+    pub fn clear_soft_dirty<L: PteLayout>(&mut self, l: &L, k: usize) -> Result<()> {
         let mut writes = 0;
         for vma in &mut self.mms[k].vmas {
+            self.ticker.tick(vma.ptes.len() as u64)?;
             vma.vm_softdirty = false;
             for e in vma.ptes.iter_mut() {
                 if !l.pte_none(*e) {
@@ -454,5 +456,6 @@ impl State {
         }
         self.op.pte_writes += writes;
         self.op.tlb_flush_ranges += 1;
+        Ok(())
     }
 }

@@ -110,6 +110,7 @@ impl State {
             let to_pmd = ptrs - ((ctx.start as usize + a) & (ptrs - 1));
             let e = len.min(a + to_pmd);
             self.copy_pte_range(l, p, ctx, dst, a, e, rss)?;
+            self.ticker.tick((e - a) as u64)?;
             a = e;
         }
         Ok(())

@@ -20,6 +20,7 @@ pub mod restore;
 pub mod rmap;
 pub mod sim;
 pub mod stats;
+pub mod watch;
 pub mod zap;
 
 #[cfg(feature = "python")]

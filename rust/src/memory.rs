@@ -146,6 +146,25 @@ impl Memory {
         Ok(m)
     }
 
+    /// A copy, or a host out-of-memory error (or a stop from `t`).
+    pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Memory> {
+        use crate::alloc::try_copy;
+        Ok(Memory {
+            order: try_copy(&self.order, "the page-order array", t)?,
+            flags: try_copy(&self.flags, "the page-flag array", t)?,
+            mapcount: try_copy(&self.mapcount, "the mapcount array", t)?,
+            refcount: try_copy(&self.refcount, "the refcount array", t)?,
+            token: try_copy(&self.token, "the token array", t)?,
+            large: try_copy(&self.large, "the large-folio records", t)?,
+            large_free: try_copy(&self.large_free, "the free large-folio records", t)?,
+            free_lists: self.free_lists.clone(),
+            free_pages: self.free_pages,
+            max_order: self.max_order,
+            fallback: self.fallback.clone(),
+            rng: self.rng.clone(),
+        })
+    }
+
     pub fn nr_pages(&self) -> u64 {
         self.order.len() as u64
     }

@@ -1,6 +1,7 @@
 //! Address spaces: `mm_struct`s with their VMAs, each VMA's PTEs as one array, rss counters,
 //! and the page-cache objects (files and shmem) that file-backed VMAs map.
 
+use crate::error::Result;
 use crate::arch::{Caps, PteLayout};
 use crate::memory::{Memory, PG_ANON, PG_SWAPBACKED};
 
@@ -121,17 +122,20 @@ impl Vma {
         caps.soft_dirty && !self.vm_softdirty
     }
 
-    /// Splits off `[at, end)` as a new VMA (`__split_vma`).
-    pub fn split_off(&mut self, at: u64) -> Vma {
+    /// Splits off `[at, end)` as a new VMA (`__split_vma`), its page table copied into
+    /// `room` (allocated beforehand, see [`Mm::split_room`]).
+    pub fn split_off(&mut self, at: u64, mut room: Vec<u64>) -> Vma {
         let k = (at - self.start) as usize;
-        let tail = self.ptes.split_off(k);
+        room.clear();
+        room.extend_from_slice(&self.ptes[k..]);
+        self.ptes.truncate(k);
+        self.ptes.shrink_to_fit();
         let mut v = self.clone_without_ptes();
         v.start = at;
-        v.ptes = tail;
+        v.ptes = room;
         if v.file.is_some() {
             v.pgoff = self.pgoff + k as u64;
         }
-        self.ptes.shrink_to_fit();
         v
     }
 
@@ -189,6 +193,17 @@ pub struct Mm {
 }
 
 impl Mm {
+    /// A copy, or a host out-of-memory error (or a stop from `t`).
+    pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Mm> {
+        let mut vmas = crate::alloc::try_with_capacity(self.vmas.len(), "the VMAs")?;
+        for v in &self.vmas {
+            let mut c = v.clone_without_ptes();
+            c.ptes = crate::alloc::try_copy(&v.ptes, "a page table", t)?;
+            vmas.push(c);
+        }
+        Ok(Mm { vmas, ..*self })
+    }
+
     /// Index of the VMA holding `vpn`.
     pub fn find_vma(&self, vpn: u64) -> Option<usize> {
         let k = self.vmas.partition_point(|v| v.start <= vpn);
@@ -207,20 +222,44 @@ impl Mm {
         true
     }
 
-    /// Splits VMAs so that `at` is a VMA boundary.
-    pub fn split_at(&mut self, at: u64) {
+    /// Room for the page tables that splits at `at` would cut off: allocated before anything
+    /// changes, so that a host out of memory leaves the address space as it was.
+    pub fn split_room(&self, at: &[u64]) -> Result<Vec<Vec<u64>>> {
+        let mut room = Vec::new();
+        for &x in at {
+            if let Some(k) = self.find_vma(x) {
+                if self.vmas[k].start != x {
+                    let n = (self.vmas[k].end() - x) as usize;
+                    room.push(crate::alloc::try_with_capacity(n, "the page table of a split VMA")?);
+                }
+            }
+        }
+        Ok(room)
+    }
+
+    /// Splits VMAs so that `at` is a VMA boundary, using room from [`Mm::split_room`].
+    fn split_at(&mut self, at: u64, room: &mut Vec<Vec<u64>>) {
         if let Some(k) = self.find_vma(at) {
             if self.vmas[k].start != at {
-                let tail = self.vmas[k].split_off(at);
+                let buf = room.pop().unwrap_or_default();
+                let tail = self.vmas[k].split_off(at, buf);
                 self.vmas.insert(k + 1, tail);
             }
         }
     }
 
-    /// Indices of the VMAs inside `[from, to)` after splitting at both ends.
-    pub fn isolate(&mut self, from: u64, to: u64) -> std::ops::Range<usize> {
-        self.split_at(from);
-        self.split_at(to);
+    /// Room for [`Mm::isolate`]`(from, to)`.
+    pub fn isolate_room(&self, from: u64, to: u64) -> Result<Vec<Vec<u64>>> {
+        // Splitting at `from` first leaves the VMA holding `to` with the same end; the room
+        // for `from` is taken (popped) first.
+        self.split_room(&[to, from])
+    }
+
+    /// Indices of the VMAs inside `[from, to)` after splitting at both ends, with the room
+    /// that [`Mm::isolate_room`] took beforehand.
+    pub fn isolate(&mut self, from: u64, to: u64, mut room: Vec<Vec<u64>>) -> std::ops::Range<usize> {
+        self.split_at(from, &mut room);
+        self.split_at(to, &mut room);
         let a = self.vmas.partition_point(|v| v.end() <= from);
         let b = self.vmas.partition_point(|v| v.start < to);
         a..b.max(a)
@@ -232,7 +271,10 @@ impl Mm {
         let mut k = (range.end + 1).min(self.vmas.len());
         while k > lo + 1 {
             k -= 1;
-            if self.vmas[k - 1].can_merge(&self.vmas[k]) {
+            // A merge the host has no memory for is skipped, as the kernel leaves VMAs
+            // unmerged when vma_merge() cannot allocate.
+            let extra = self.vmas[k].ptes.len();
+            if self.vmas[k - 1].can_merge(&self.vmas[k]) && self.vmas[k - 1].ptes.try_reserve(extra).is_ok() {
                 let next = self.vmas.remove(k);
                 let prev = &mut self.vmas[k - 1];
                 if prev.anon_vma == 0 {

@@ -3,6 +3,7 @@
 //! batching"), which reads the run's young and dirty bits into one template
 //! (`modify_prot_start_ptes()`) and so may mark clean PTEs of the run dirty.
 
+use crate::error::Result;
 use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::kernel::KernelProfile;
@@ -33,35 +34,37 @@ pub fn pte_modify<L: PteLayout>(l: &L, old: u64, prot: Prot, page_prot_write: bo
 
 impl State {
     /// `mprotect()` of `[a, b)` (vpns, entirely mapped).
-    pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) {
+    pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) -> Result<()> {
+        let room = self.mms[k].isolate_room(a, b)?;
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
-        let r = self.mms[k].isolate(a, b);
+        let r = self.mms[k].isolate(a, b, room);
         for v in r.clone() {
             self.mms[k].vmas[v].prot = prot;
         }
         self.mms[k].merge_around(r);
-        self.change_range(l, p, k, a, b, None);
+        self.change_range(l, p, k, a, b, None)
     }
 
     /// `change_protection()` over `[a, b)` (vpns) across the VMAs there.
-    fn change_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, uffd: Option<bool>) {
+    fn change_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, uffd: Option<bool>) -> Result<()> {
         for v in 0..self.mms[k].vmas.len() {
             let vma = &self.mms[k].vmas[v];
             let (s, e) = (vma.start.max(a), vma.end().min(b));
             if s < e {
                 let (ia, ib) = ((s - vma.start) as usize, (e - vma.start) as usize);
-                self.change_protection(l, p, k, v, ia, ib, uffd);
+                self.change_protection(l, p, k, v, ia, ib, uffd)?;
             }
         }
+        Ok(())
     }
 
     /// `UFFDIO_WRITEPROTECT` (`mwriteprotect_range()`, mm/userfaultfd.c): `change_protection()`
     /// with MM_CP_UFFD_WP (set the bit, write-protect) or MM_CP_UFFD_WP_RESOLVE (clear it, and
     /// let `can_change_pte_writable()` restore write access). VMAs are not split.
-    pub fn uffd_writeprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, enable: bool) {
-        self.change_range(l, p, k, a, b, Some(enable));
+    pub fn uffd_writeprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, enable: bool) -> Result<()> {
+        self.change_range(l, p, k, a, b, Some(enable))
     }
 
     /// `can_change_pte_writable()`.
@@ -86,7 +89,7 @@ impl State {
     /// `change_protection()` over entries `[from, to)` of VMA `v`; `uffd` is MM_CP_UFFD_WP
     /// (`Some(true)`) or MM_CP_UFFD_WP_RESOLVE (`Some(false)`), `None` for mprotect.
     #[allow(clippy::too_many_arguments)]
-    fn change_protection<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, from: usize, to: usize, uffd: Option<bool>) {
+    fn change_protection<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, from: usize, to: usize, uffd: Option<bool>) -> Result<()> {
         let vma = &self.mms[k].vmas[v];
         let (start, len) = (vma.start, to);
         let prot = vma.prot;
@@ -182,7 +185,9 @@ impl State {
             if changed {
                 self.op.tlb_flush_ranges += 1;
             }
+            self.ticker.tick((e - s) as u64)?;
             s = e;
         }
+        Ok(())
     }
 }

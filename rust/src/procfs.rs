@@ -25,11 +25,14 @@ impl State {
     }
 
     /// `pagemap_read()` of `[a, b)` (vpns) for process `k`, as root (PFNs shown).
-    pub fn pagemap<L: PteLayout>(&self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64) -> Vec<u64> {
+    pub fn pagemap<L: PteLayout>(&self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64) -> Result<Vec<u64>> {
         let mm = &self.mms[k];
         let caps = l.caps();
-        let mut out = Vec::with_capacity((b - a) as usize);
+        let mut out = crate::alloc::try_with_capacity((b - a) as usize, "a pagemap buffer")?;
         for vpn in a..b {
+            if vpn % 4096 == 0 {
+                self.ticker.tick(4096)?;
+            }
             let Some(v) = mm.find_vma(vpn) else {
                 out.push(0);
                 continue;
@@ -69,7 +72,7 @@ impl State {
             }
             out.push((l.pte_pfn(pte) & PM_PFRAME_MASK) | flags);
         }
-        out
+        Ok(out)
     }
 
     /// /proc/kpagecount: the page's precise mapcount (CONFIG_PAGE_MAPCOUNT); 0 for free

@@ -13,6 +13,7 @@ use crate::memory::Memory;
 use crate::mm::{File, Mm, Pin, Prot, Vma, NOT_CACHED};
 use crate::rmap::Rmap;
 use crate::stats::Stats;
+use crate::watch::{Ticker, Watch};
 use crate::with_layout;
 
 /// Where the first mmap of a process goes (bytes), and the gap between mappings.
@@ -20,6 +21,11 @@ const MMAP_BASE: u64 = 0x10_0000_0000;
 
 /// The largest mapping the model takes, in pages (its page table is one array).
 pub const MAX_VMA_PAGES: u64 = 1 << 31;
+
+/// Work (pages or PTEs) from which a step may be interrupted: such a step runs on a copy of
+/// the state, so that stopping it leaves the state as it was. Smaller steps finish in well
+/// under the half second a user waits after Ctrl-C.
+pub const INTERRUPTIBLE_WORK: u64 = 1 << 22;
 
 /// The simulated system.
 #[derive(Clone, Debug)]
@@ -39,6 +45,8 @@ pub struct State {
     pub page_shift: u32,
     pub ptrs_per_pte: u64,
     pub pmd_order: u32,
+    /// Asks the watch, if any, whether a long step may go on (not part of the state).
+    pub ticker: Ticker,
 }
 
 /// A simulation: a layout, a kernel profile and the state.
@@ -98,6 +106,7 @@ impl Simulation {
                 page_shift: g.page_shift,
                 ptrs_per_pte: g.ptrs_per_pte,
                 pmd_order,
+                ticker: Ticker::default(),
             },
         })
     }
@@ -117,6 +126,11 @@ impl Simulation {
         Ok(())
     }
 
+    /// Lets `watch` stop long steps (see [`crate::watch`]).
+    pub fn set_watch(&mut self, watch: Option<std::sync::Arc<dyn Watch>>) {
+        self.st.ticker.set_watch(watch);
+    }
+
     fn begin(&mut self) {
         self.st.op = Stats::default();
     }
@@ -126,26 +140,67 @@ impl Simulation {
         self.st.total.add(&op);
     }
 
-    /// Runs `f` on the state; if free memory is below `worst_case` pages, on a copy that
-    /// replaces the state only when `f` succeeds.
+    /// Runs `f`, a step of `work` pages or PTEs, on the state. The step runs on a copy that
+    /// replaces the state only when `f` succeeds if it may fail half-way: when free memory is
+    /// below `worst_case` pages, or when it is long enough to be interrupted by the watch.
+    /// Where the host cannot hold the copy, a step that needs it only to be interruptible runs
+    /// on the state, uninterruptibly.
     fn guarded<T>(
         &mut self,
         worst_case: u64,
+        work: u64,
         f: impl FnOnce(&Layout, &KernelProfile, &mut State) -> Result<T>,
     ) -> Result<T> {
         self.begin();
-        let r = if self.st.mem.free_pages >= worst_case {
-            f(&self.layout, &self.profile, &mut self.st)
-        } else {
-            let mut trial = self.st.clone();
-            let r = f(&self.layout, &self.profile, &mut trial);
-            if r.is_ok() {
-                self.st = trial;
+        let short_of_memory = self.st.mem.free_pages < worst_case;
+        let interruptible = work >= INTERRUPTIBLE_WORK && self.st.ticker.watched();
+        let trial = if short_of_memory || interruptible {
+            // The copy may be stopped too: nothing has changed yet.
+            self.st.ticker.start(work, interruptible);
+            let copy = self.st.try_clone();
+            self.st.ticker.stop();
+            match copy {
+                Ok(t) => Some(t),
+                Err(e) if short_of_memory || e.kind == crate::error::ErrorKind::Interrupted => {
+                    self.end();
+                    return Err(e);
+                }
+                Err(_) => None,
             }
-            r
+        } else {
+            None
+        };
+        let r = match trial {
+            Some(mut trial) => {
+                trial.ticker.start(work, interruptible);
+                let r = f(&self.layout, &self.profile, &mut trial);
+                trial.ticker.stop();
+                if r.is_ok() {
+                    self.st = trial;
+                }
+                r
+            }
+            None => {
+                self.st.ticker.start(work, false);
+                f(&self.layout, &self.profile, &mut self.st)
+            }
         };
         self.end();
         r
+    }
+
+    /// Runs a read-only pass of `work` units, which may always be interrupted.
+    fn watched<T>(&self, work: u64, f: impl FnOnce(&Layout, &KernelProfile, &State) -> Result<T>) -> Result<T> {
+        self.st.ticker.start(work, true);
+        let r = f(&self.layout, &self.profile, &self.st);
+        self.st.ticker.stop();
+        r
+    }
+
+    /// `check()`: every invariant, rescanned from the page tables.
+    pub fn check(&self) -> Result<()> {
+        let work = self.st.mem.nr_pages() + self.st.mms.iter().flat_map(|m| &m.vmas).map(|v| v.ptes.len() as u64).sum::<u64>();
+        self.watched(work, |layout, p, st| with_layout!(layout, l => st.check(l, p)))
     }
 
     // ---- argument checks ----------------------------------------------------------------
@@ -225,7 +280,8 @@ impl Simulation {
             )));
         }
         let nr = size / ps;
-        self.st.files.push(File { nr_pages: nr, folio_order: order, shmem, cache: vec![NOT_CACHED; nr as usize] });
+        let cache = crate::alloc::try_filled(nr as usize, NOT_CACHED, "a page cache")?;
+        self.st.files.push(File { nr_pages: nr, folio_order: order, shmem, cache });
         Ok(self.st.files.len() as u32 - 1)
     }
 
@@ -307,7 +363,8 @@ impl Simulation {
             Some((f, off)) => (Some(f), off / ps),
             None if shared => {
                 // Shared anonymous memory is a shmem object of the mapping's size.
-                self.st.files.push(File { nr_pages: nr, folio_order: 0, shmem: true, cache: vec![NOT_CACHED; nr as usize] });
+                let cache = crate::alloc::try_filled(nr as usize, NOT_CACHED, "a page cache")?;
+                self.st.files.push(File { nr_pages: nr, folio_order: 0, shmem: true, cache });
                 (Some(self.st.files.len() as u32 - 1), 0)
             }
             None => (None, 0),
@@ -343,9 +400,10 @@ impl Simulation {
         let access = if write { Access::Write } else { Access::Read };
         with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
         let worst = self.st.worst_case_pages(k, a, b);
-        self.guarded(worst, |layout, p, st| {
+        self.guarded(worst, b - a, |layout, p, st| {
             with_layout!(layout, l => {
                 for vpn in a..b {
+                    st.ticker.tick(1)?;
                     st.access(l, p, k, vpn, access)?;
                 }
                 Ok(())
@@ -378,20 +436,22 @@ impl Simulation {
         } else {
             0
         };
-        self.guarded(worst, |layout, p, st| with_layout!(layout, l => st.fork(l, p, k)))
+        let work = self.st.mms[k].vmas.iter().map(|v| v.ptes.len() as u64).sum();
+        self.guarded(worst, work, |layout, p, st| with_layout!(layout, l => st.fork(l, p, k)))
     }
 
     /// `munmap()`; unmapped holes inside the range are allowed, as in the kernel.
     pub fn munmap(&mut self, pid: u32, addr: u64, len: u64) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.vrange(addr, len)?;
-        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.munmap(l, p, k, a, b); Ok(()) }))
+        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.munmap(l, p, k, a, b)))
     }
 
     /// `exit()`: tears the address space down (pins stay until unpinned).
     pub fn exit(&mut self, pid: u32) -> Result<()> {
         let k = self.mm_index(pid)?;
-        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.exit_mm(l, p, k); Ok(()) }))
+        let work = self.st.mms[k].vmas.iter().map(|v| v.ptes.len() as u64).sum();
+        self.guarded(0, work, |layout, p, st| with_layout!(layout, l => st.exit_mm(l, p, k)))
     }
 
     /// `madvise()`: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork".
@@ -400,7 +460,7 @@ impl Simulation {
         let (a, b) = self.mapped_range(k, addr, len)?;
         match advice {
             "dontneed" => {
-                self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.madv_dontneed(l, p, k, a, b); Ok(()) }))
+                self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.madv_dontneed(l, p, k, a, b)))
             }
             "dontfork" | "dofork" | "wipeonfork" | "keeponfork" => {
                 if advice == "wipeonfork" {
@@ -416,6 +476,7 @@ impl Simulation {
                         at = v.end();
                     }
                 }
+                let room = self.st.mms[k].isolate_room(a, b)?;
                 self.begin();
                 // The model keeps contpte blocks inside one VMA: a block a split would cut is
                 // unfolded (the kernel may leave it folded across the two VMAs).
@@ -425,7 +486,7 @@ impl Simulation {
                     self.st.unfold_at_split(l, profile, k, b);
                 });
                 let mm = &mut self.st.mms[k];
-                let r = mm.isolate(a, b);
+                let r = mm.isolate(a, b, room);
                 for v in &mut mm.vmas[r.clone()] {
                     match advice {
                         "dontfork" => v.dontfork = true,
@@ -448,7 +509,7 @@ impl Simulation {
     pub fn mprotect(&mut self, pid: u32, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.mapped_range(k, addr, len)?;
-        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.mprotect(l, p, k, a, b, prot); Ok(()) }))
+        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.mprotect(l, p, k, a, b, prot)))
     }
 
     /// `ioctl(UFFDIO_WRITEPROTECT)` on a range registered in write-protect mode.
@@ -467,7 +528,7 @@ impl Simulation {
             }
             at = v.end();
         }
-        self.guarded(0, |layout, p, st| with_layout!(layout, l => { st.uffd_writeprotect(l, p, k, a, b, enable); Ok(()) }))
+        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.uffd_writeprotect(l, p, k, a, b, enable)))
     }
 
     /// `pin_user_pages()` with FOLL_PIN (and FOLL_WRITE / FOLL_LONGTERM): returns a pin id.
@@ -477,7 +538,7 @@ impl Simulation {
         let access = if write { Access::Write } else { Access::Read };
         with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
         let worst = self.st.worst_case_pages(k, a, b);
-        self.guarded(worst, |layout, p, st| with_layout!(layout, l => st.pin(l, p, k, a, b, write, longterm)))
+        self.guarded(worst, b - a, |layout, p, st| with_layout!(layout, l => st.pin(l, p, k, a, b, write, longterm)))
     }
 
     pub fn unpin(&mut self, pin: u32) -> Result<()> {
@@ -534,14 +595,15 @@ impl Simulation {
         if !self.layout.caps().soft_dirty {
             return Err(Error::value(format!("{} has no soft-dirty bit", self.layout.name())));
         }
-        self.guarded(0, |layout, _p, st| with_layout!(layout, l => { st.clear_soft_dirty(l, k); Ok(()) }))
+        let work = self.st.mms[k].vmas.iter().map(|v| v.ptes.len() as u64).sum();
+        self.guarded(0, work, |layout, _p, st| with_layout!(layout, l => st.clear_soft_dirty(l, k)))
     }
 
     /// /proc/<pid>/pagemap of `[addr, addr + len)`.
     pub fn pagemap(&self, pid: u32, addr: u64, len: u64) -> Result<Vec<u64>> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.vrange(addr, len)?;
-        Ok(with_layout!(&self.layout, l => self.st.pagemap(l, &self.profile, k, a, b)))
+        self.watched(b - a, |layout, p, st| with_layout!(layout, l => st.pagemap(l, p, k, a, b)))
     }
 
     pub fn vma_index(&self, pid: u32, addr: u64) -> Result<(usize, usize)> {
@@ -558,6 +620,39 @@ impl Simulation {
 }
 
 impl State {
+    /// A copy of the state, or a host out-of-memory error where the host cannot hold it (or
+    /// a stop from the ticker, when armed).
+    pub fn try_clone(&self) -> Result<State> {
+        let t = &self.ticker;
+        let mut mms = crate::alloc::try_with_capacity(self.mms.len(), "the processes")?;
+        for mm in &self.mms {
+            mms.push(mm.try_clone(t)?);
+        }
+        let mut files = crate::alloc::try_with_capacity(self.files.len(), "the files")?;
+        for f in &self.files {
+            files.push(File { cache: crate::alloc::try_copy(&f.cache, "a page cache", t)?, ..*f });
+        }
+        let mut pins = crate::alloc::try_with_capacity(self.pins.len(), "the pins")?;
+        for p in &self.pins {
+            pins.push(Pin { pfns: crate::alloc::try_copy(&p.pfns, "a pin", t)?, ..*p });
+        }
+        Ok(State {
+            mem: self.mem.try_clone(t)?,
+            mms,
+            files,
+            pins,
+            op: self.op.clone(),
+            total: self.total.clone(),
+            next_token: self.next_token,
+            next_anon_vma: self.next_anon_vma,
+            zero_pfn: self.zero_pfn,
+            page_shift: self.page_shift,
+            ptrs_per_pte: self.ptrs_per_pte,
+            pmd_order: self.pmd_order,
+            ticker: self.ticker.clone(),
+        })
+    }
+
     pub fn new_token(&mut self) -> u32 {
         let t = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(1);

@@ -21,11 +21,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch::fpb_form, m)?)?;
     m.add("LAYOUT_NAMES", layout::layout_names())?;
     m.add("KERNEL_VERSIONS", batch::kernel_versions())?;
-    m.add("PtebatchError", py.get_type::<errors::PtebatchError>())?;
-    m.add("InvariantError", py.get_type::<errors::InvariantError>())?;
-    m.add("SnapshotError", py.get_type::<errors::SnapshotError>())?;
-    m.add("CaptureError", py.get_type::<errors::CaptureError>())?;
-    m.add("OutOfMemoryError", py.get_type::<errors::OutOfMemoryError>())?;
-    m.add("AccessFault", py.get_type::<errors::AccessFault>())?;
+    // The exception classes live in ptebatch.errors; _core re-exports them.
+    let classes = py.import("ptebatch.errors")?;
+    for name in errors::NAMES {
+        m.add(name, classes.getattr(name)?)?;
+    }
     Ok(())
 }

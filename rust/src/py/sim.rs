@@ -1,8 +1,18 @@
 //! `Simulation`: the binding of [`crate::sim::Simulation`]. Converts arguments, releases
 //! the GIL around the operations and hands state out as numpy arrays (copies: the state
 //! moves under them, so a borrowed view could dangle).
+//!
+//! Threads: the simulation sits behind a mutex, so calls from several threads run one at a
+//! time, each whole; a thread waits for the mutex with the GIL released. Ctrl-C: long steps
+//! ask [`SignalWatch`] every 50 ms, which runs Python's signal handlers; a handler that raises
+//! (KeyboardInterrupt) abandons the step, which ran on a copy, and the exception propagates
+//! with the state unchanged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -12,8 +22,82 @@ use crate::kernel::KernelProfile;
 use crate::memory::{FREE, PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPBACKED};
 use crate::mm::Prot;
 use crate::sim::Simulation;
+use crate::error::ErrorKind;
 use crate::stats::{Stats, COUNTER_NAMES};
+use crate::watch::Watch;
 use crate::with_layout;
+
+/// Runs Python's signal handlers, then the progress callback, for a long step; keeps the
+/// exception either raised.
+#[derive(Default)]
+struct SignalWatch {
+    raised: Mutex<Option<PyErr>>,
+    progress: Mutex<Option<Py<PyAny>>>,
+}
+
+impl Watch for SignalWatch {
+    fn keep_going(&self, done: u64, total: u64) -> bool {
+        Python::attach(|py| {
+            let r = py.check_signals().and_then(|()| {
+                let cb = self.progress.lock().ok().and_then(|c| c.as_ref().map(|c| c.clone_ref(py)));
+                match cb {
+                    Some(cb) => cb.call1(py, (done, total)).map(drop),
+                    None => Ok(()),
+                }
+            });
+            match r {
+                Ok(()) => true,
+                Err(e) => {
+                    if let Ok(mut r) = self.raised.lock() {
+                        *r = Some(e);
+                    }
+                    false
+                }
+            }
+        })
+    }
+}
+
+impl SignalWatch {
+    /// The exception a stopped step raises: the signal handler's, or KeyboardInterrupt.
+    fn take(&self) -> PyErr {
+        let e = self.raised.lock().ok().and_then(|mut r| r.take());
+        e.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))
+    }
+}
+
+/// A small number per OS thread, to recognise a call that re-enters a simulation its own
+/// thread is already running.
+fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    TAG.with(|t| *t)
+}
+
+/// The locked simulation; clears the holder's tag when dropped.
+struct Held<'a> {
+    guard: MutexGuard<'a, Simulation>,
+    holder: &'a AtomicU64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.holder.store(0, Ordering::Release);
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Simulation;
+    fn deref(&self) -> &Simulation {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Simulation {
+        &mut self.guard
+    }
+}
 
 fn prot_arg(s: &str) -> PyResult<Prot> {
     Prot::parse(s).ok_or_else(|| {
@@ -38,13 +122,59 @@ fn table<'py>(py: Python<'py>, rows: Vec<Vec<i64>>, width: usize) -> PyResult<Bo
 }
 
 /// A whole simulated system: physical memory, processes, files and pins.
-#[pyclass(name = "Simulation", module = "ptebatch._core")]
-#[derive(Clone)]
+#[pyclass(name = "Simulation", module = "ptebatch._core", frozen)]
 pub struct PySimulation {
-    pub inner: Simulation,
+    inner: Mutex<Simulation>,
+    /// [`thread_tag`] of the thread holding `inner`, 0 when free.
+    holder: AtomicU64,
+    watch: Arc<SignalWatch>,
     arch: String,
     kernel: String,
     batching: bool,
+}
+
+impl PySimulation {
+    fn wrap(mut sim: Simulation, arch: String, kernel: String, batching: bool) -> PySimulation {
+        let watch = Arc::new(SignalWatch::default());
+        sim.set_watch(Some(watch.clone() as Arc<dyn Watch>));
+        PySimulation { inner: Mutex::new(sim), holder: AtomicU64::new(0), watch, arch, kernel, batching }
+    }
+
+    /// Locks the simulation; waits, with the GIL released, while another thread holds it.
+    fn lock(&self, py: Python<'_>) -> PyResult<Held<'_>> {
+        let me = thread_tag();
+        loop {
+            match self.inner.try_lock() {
+                Ok(guard) => {
+                    self.holder.store(me, Ordering::Release);
+                    return Ok(Held { guard, holder: &self.holder });
+                }
+                Err(TryLockError::Poisoned(_)) => {
+                    return Err(PyRuntimeError::new_err("the simulation is unusable: an earlier call panicked"));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    if self.holder.load(Ordering::Acquire) == me {
+                        return Err(PyRuntimeError::new_err(
+                            "the simulation was called from inside one of its own running steps (e.g. from a signal handler)",
+                        ));
+                    }
+                    py.detach(|| drop(self.inner.lock()));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the locked simulation with the GIL released; the one place where core
+    /// errors of a simulation step become Python exceptions.
+    fn run<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Simulation) -> crate::error::Result<T> + Send) -> PyResult<T> {
+        let mut held = self.lock(py)?;
+        let s: &mut Simulation = &mut held;
+        match py.detach(move || f(s)) {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind == ErrorKind::Interrupted => Err(self.watch.take()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 #[pymethods]
@@ -57,12 +187,8 @@ impl PySimulation {
         if !batching {
             profile = profile.unbatched();
         }
-        Ok(PySimulation {
-            inner: Simulation::new(layout, profile, memory, seed)?,
-            arch: arch.to_string(),
-            kernel: kernel.to_string(),
-            batching,
-        })
+        let sim = Simulation::new(layout, profile, memory, seed)?;
+        Ok(PySimulation::wrap(sim, arch.to_string(), kernel.to_string(), batching))
     }
 
     #[getter]
@@ -78,54 +204,71 @@ impl PySimulation {
         self.batching
     }
     #[getter]
-    fn zero_pfn(&self) -> u64 {
-        self.inner.st.zero_pfn
+    fn zero_pfn(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.st.zero_pfn)
     }
     #[getter]
-    fn page_size(&self) -> u64 {
-        self.inner.page_size()
+    fn page_size(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.page_size())
     }
     #[getter]
-    fn nr_pages(&self) -> u64 {
-        self.inner.st.mem.nr_pages()
+    fn nr_pages(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.st.mem.nr_pages())
     }
     #[getter]
-    fn free_pages(&self) -> u64 {
-        self.inner.st.mem.free_pages
+    fn free_pages(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.st.mem.free_pages)
     }
 
-    fn __repr__(&self) -> String {
-        format!(
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let s = self.lock(py)?;
+        Ok(format!(
             "Simulation(arch={:?}, kernel={:?}, memory={}, batching={}, processes={})",
             self.arch,
             self.kernel,
-            self.inner.st.mem.nr_pages() * self.inner.page_size(),
+            s.st.mem.nr_pages() * s.page_size(),
             self.batching,
-            self.inner.st.mms.iter().filter(|m| !m.exited).count()
-        )
+            s.st.mms.iter().filter(|m| !m.exited).count()
+        ))
     }
 
-    fn clone(&self) -> PySimulation {
-        Clone::clone(self)
+    /// An independent copy (an A/B experiment's other arm).
+    fn clone(&self, py: Python<'_>) -> PyResult<PySimulation> {
+        let copy = self.run(py, |s| {
+            Ok(Simulation { layout: s.layout.clone(), profile: s.profile.clone(), st: s.st.try_clone()? })
+        })?;
+        Ok(PySimulation::wrap(copy, self.arch.clone(), self.kernel.clone(), self.batching))
     }
 
-    fn set_fallback(&mut self, order: u32, p: f64) -> PyResult<()> {
-        Ok(self.inner.set_fallback(order, p)?)
+    /// Calls `callback(done, total)` about every 50 ms during long steps (and, before that,
+    /// Python's signal handlers). An exception it raises abandons the step, which leaves the
+    /// state unchanged, and propagates. `None` removes it.
+    #[pyo3(signature = (callback))]
+    fn set_progress(&self, callback: Option<Py<PyAny>>) -> PyResult<()> {
+        if let Ok(mut p) = self.watch.progress.lock() {
+            *p = callback;
+        }
+        Ok(())
     }
 
-    fn spawn(&mut self) -> u32 {
-        self.inner.spawn()
+    fn set_fallback(&self, py: Python<'_>, order: u32, p: f64) -> PyResult<()> {
+        self.run(py, |s| s.set_fallback(order, p))
+    }
+
+    fn spawn(&self, py: Python<'_>) -> PyResult<u32> {
+        self.run(py, |s| Ok(s.spawn()))
     }
 
     #[pyo3(signature = (size, folio_size, shmem = false))]
-    fn create_file(&mut self, size: u64, folio_size: u64, shmem: bool) -> PyResult<u32> {
-        Ok(self.inner.create_file(size, folio_size, shmem)?)
+    fn create_file(&self, py: Python<'_>, size: u64, folio_size: u64, shmem: bool) -> PyResult<u32> {
+        self.run(py, |s| s.create_file(size, folio_size, shmem))
     }
 
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = Vec::new(), addr = None, uffd_wp = false, uffd_event_fork = false))]
     fn mmap(
-        &mut self,
+        &self,
+        py: Python<'_>,
         pid: u32,
         length: u64,
         prot: &str,
@@ -138,107 +281,99 @@ impl PySimulation {
         uffd_event_fork: bool,
     ) -> PyResult<u64> {
         let prot = prot_arg(prot)?;
-        Ok(self.inner.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), &mthp, uffd_wp, uffd_event_fork)?)
+        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), &mthp, uffd_wp, uffd_event_fork))
     }
 
     #[pyo3(signature = (pid, addr, length, write = false))]
-    fn touch(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, write: bool) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.touch(pid, addr, length, write))?)
+    fn touch(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, write: bool) -> PyResult<()> {
+        self.run(py, |s| s.touch(pid, addr, length, write))
     }
 
-    fn read(&mut self, pid: u32, addr: u64) -> PyResult<u32> {
-        Ok(self.inner.read(pid, addr)?)
+    fn read(&self, py: Python<'_>, pid: u32, addr: u64) -> PyResult<u32> {
+        self.run(py, |s| s.read(pid, addr))
     }
 
-    fn write(&mut self, pid: u32, addr: u64) -> PyResult<u32> {
-        Ok(self.inner.write(pid, addr)?)
+    fn write(&self, py: Python<'_>, pid: u32, addr: u64) -> PyResult<u32> {
+        self.run(py, |s| s.write(pid, addr))
     }
 
-    fn fork(&mut self, py: Python<'_>, pid: u32) -> PyResult<u32> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.fork(pid))?)
+    fn fork(&self, py: Python<'_>, pid: u32) -> PyResult<u32> {
+        self.run(py, |s| s.fork(pid))
     }
 
-    fn munmap(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.munmap(pid, addr, length))?)
+    fn munmap(&self, py: Python<'_>, pid: u32, addr: u64, length: u64) -> PyResult<()> {
+        self.run(py, |s| s.munmap(pid, addr, length))
     }
 
-    fn exit(&mut self, py: Python<'_>, pid: u32) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.exit(pid))?)
+    fn exit(&self, py: Python<'_>, pid: u32) -> PyResult<()> {
+        self.run(py, |s| s.exit(pid))
     }
 
-    fn madvise(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, advice: &str) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.madvise(pid, addr, length, advice))?)
+    fn madvise(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, advice: &str) -> PyResult<()> {
+        self.run(py, |s| s.madvise(pid, addr, length, advice))
     }
 
-    fn mprotect(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, prot: &str) -> PyResult<()> {
+    fn mprotect(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, prot: &str) -> PyResult<()> {
         let prot = prot_arg(prot)?;
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.mprotect(pid, addr, length, prot))?)
+        self.run(py, |s| s.mprotect(pid, addr, length, prot))
     }
 
     #[pyo3(signature = (pid, addr, length, write = true, longterm = true))]
-    fn pin(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, write: bool, longterm: bool) -> PyResult<u32> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.pin(pid, addr, length, write, longterm))?)
+    fn pin(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, write: bool, longterm: bool) -> PyResult<u32> {
+        self.run(py, |s| s.pin(pid, addr, length, write, longterm))
     }
 
     /// `ioctl(UFFDIO_WRITEPROTECT)`: `enable` write-protects, otherwise resolves.
     #[pyo3(signature = (pid, addr, length, enable = true))]
-    fn uffd_writeprotect(&mut self, py: Python<'_>, pid: u32, addr: u64, length: u64, enable: bool) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.uffd_writeprotect(pid, addr, length, enable))?)
+    fn uffd_writeprotect(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, enable: bool) -> PyResult<()> {
+        self.run(py, |s| s.uffd_writeprotect(pid, addr, length, enable))
     }
 
-    fn unpin(&mut self, pin: u32) -> PyResult<()> {
-        Ok(self.inner.unpin(pin)?)
+    fn unpin(&self, py: Python<'_>, pin: u32) -> PyResult<()> {
+        self.run(py, |s| s.unpin(pin))
     }
 
-    fn pin_read(&self, pin: u32, index: u64) -> PyResult<u32> {
-        Ok(self.inner.pin_read(pin, index)?)
+    fn pin_read(&self, py: Python<'_>, pin: u32, index: u64) -> PyResult<u32> {
+        self.run(py, |s| s.pin_read(pin, index))
     }
 
-    fn pin_write(&mut self, pin: u32, index: u64) -> PyResult<u32> {
-        Ok(self.inner.pin_write(pin, index)?)
+    fn pin_write(&self, py: Python<'_>, pin: u32, index: u64) -> PyResult<u32> {
+        self.run(py, |s| s.pin_write(pin, index))
     }
 
-    fn clear_soft_dirty(&mut self, pid: u32) -> PyResult<()> {
-        Ok(self.inner.clear_soft_dirty(pid)?)
+    fn clear_soft_dirty(&self, py: Python<'_>, pid: u32) -> PyResult<()> {
+        self.run(py, |s| s.clear_soft_dirty(pid))
     }
 
     /// /proc/<pid>/pagemap entries of a range, as root would read them.
     fn pagemap<'py>(&self, py: Python<'py>, pid: u32, addr: u64, length: u64) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        Ok(self.inner.pagemap(pid, addr, length)?.into_pyarray(py))
+        Ok(self.run(py, |s| s.pagemap(pid, addr, length))?.into_pyarray(py))
     }
 
-    fn kpagecount(&self, pfn: u64) -> PyResult<u64> {
-        Ok(self.inner.st.kpagecount(pfn)?)
+    fn kpagecount(&self, py: Python<'_>, pfn: u64) -> PyResult<u64> {
+        self.run(py, |s| s.st.kpagecount(pfn))
     }
 
     /// Rescans every page table and compares with the stored counters.
     fn check(&self, py: Python<'_>) -> PyResult<()> {
-        let s = &self.inner;
-        Ok(py.detach(|| with_layout!(&s.layout, l => s.st.check(l, &s.profile)))?)
+        self.run(py, |s| s.check())
     }
 
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        stats_dict(py, &self.inner.st.total)
+        stats_dict(py, &self.lock(py)?.st.total)
     }
 
     #[getter]
     fn last_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        stats_dict(py, &self.inner.st.op)
+        stats_dict(py, &self.lock(py)?.st.op)
     }
 
     /// The VMAs of a process, as dicts (addresses in bytes).
     fn vmas<'py>(&self, py: Python<'py>, pid: u32) -> PyResult<Bound<'py, PyList>> {
-        let mm = self.inner.mm(pid)?;
-        let shift = self.inner.st.page_shift;
+        let s = self.lock(py)?;
+        let mm = s.mm(pid)?;
+        let shift = s.st.page_shift;
         let out = PyList::empty(py);
         for v in &mm.vmas {
             let d = PyDict::new(py);
@@ -262,13 +397,15 @@ impl PySimulation {
 
     /// A copy of the PTE array of the VMA holding `addr`.
     fn ptes<'py>(&self, py: Python<'py>, pid: u32, addr: u64) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        let (k, v) = self.inner.vma_index(pid, addr)?;
-        Ok(PyArray1::from_slice(py, &self.inner.st.mms[k].vmas[v].ptes))
+        let s = self.lock(py)?;
+        let (k, v) = s.vma_index(pid, addr)?;
+        Ok(PyArray1::from_slice(py, &s.st.mms[k].vmas[v].ptes))
     }
 
     /// rss counters of a process: {"file", "anon", "shmem"}.
     fn rss<'py>(&self, py: Python<'py>, pid: u32) -> PyResult<Bound<'py, PyDict>> {
-        let mm = self.inner.mm(pid)?;
+        let s = self.lock(py)?;
+        let mm = s.mm(pid)?;
         let d = PyDict::new(py);
         for (name, v) in crate::mm::RSS_NAMES.iter().zip(mm.rss) {
             d.set_item(name, v)?;
@@ -278,7 +415,8 @@ impl PySimulation {
 
     /// One page's state, with the kernel's meaning of every count.
     fn page<'py>(&self, py: Python<'py>, pfn: u64) -> PyResult<Bound<'py, PyDict>> {
-        let st = &self.inner.st;
+        let s = self.lock(py)?;
+        let st = &s.st;
         let d = PyDict::new(py);
         if pfn == st.zero_pfn {
             d.set_item("zero_page", true)?;
@@ -325,7 +463,8 @@ impl PySimulation {
     /// A copy of one per-page array: "order" (255 = free), "flags", "mapcount", "refcount",
     /// "token".
     fn memory_array<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-        let m = &self.inner.st.mem;
+        let s = self.lock(py)?;
+        let m = &s.st.mem;
         Ok(match name {
             "order" => PyArray1::from_slice(py, &m.order).into_any(),
             "flags" => PyArray1::from_slice(py, &m.flags).into_any(),
@@ -343,7 +482,8 @@ impl PySimulation {
 
     /// The whole state in the canonical form the reference simulation also produces.
     fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let st = &self.inner.st;
+        let s = self.lock(py)?;
+        let st = &s.st;
         let m = &st.mem;
         let d = PyDict::new(py);
         d.set_item("order", PyArray1::from_slice(py, &m.order))?;
@@ -427,10 +567,11 @@ impl PySimulation {
 
     /// Bytes of simulation state per simulated page (memory arrays, page tables, folio
     /// records), for the memory-cost figure.
-    fn state_bytes(&self) -> u64 {
-        let st = &self.inner.st;
+    fn state_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        let s = self.lock(py)?;
+        let st = &s.st;
         let ptes: usize = st.mms.iter().flat_map(|mm| mm.vmas.iter()).map(|v| v.ptes.capacity() * 8).sum();
-        (st.mem.state_bytes() + ptes) as u64
+        Ok((st.mem.state_bytes() + ptes) as u64)
     }
 
     /// The name a free page's order has in `memory_array("order")`.
@@ -440,65 +581,63 @@ impl PySimulation {
     /// Places a captured folio at pfn `head`: `kind` "anon", or "file" with the file id and
     /// the file page of its first page.
     #[pyo3(signature = (head, order, kind, file = None, index = 0, dirty = false))]
-    fn place_folio(&mut self, head: u64, order: u32, kind: &str, file: Option<u32>, index: u64, dirty: bool) -> PyResult<()> {
+    fn place_folio(&self, py: Python<'_>, head: u64, order: u32, kind: &str, file: Option<u32>, index: u64, dirty: bool) -> PyResult<()> {
         let k = match (kind, file) {
             ("anon", None) => crate::restore::FolioKind::Anon,
             ("file", Some(fid)) => crate::restore::FolioKind::File { fid, index },
             _ => return Err(Error::value("kind must be \"anon\", or \"file\" with file=<id>").into()),
         };
-        Ok(self.inner.place_folio(head, order, k, dirty)?)
+        self.run(py, |s| s.place_folio(head, order, k, dirty))
     }
 
     /// Writes one captured PTE.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
-    fn place_pte(&mut self, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
-        Ok(self.inner.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp)?)
+    fn place_pte(&self, py: Python<'_>, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
+        self.run(py, |s| s.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp))
     }
 
     /// Writes many captured PTEs of one process; `bits` per PTE: write 1, dirty 2, young 4,
     /// soft-dirty 8, uffd-wp 16. Stops at the first bad entry (the caller rebuilds or drops
     /// the simulation, which is under construction).
-    fn place_ptes(&mut self, py: Python<'_>, pid: u32, addr: numpy::PyReadonlyArray1<'_, u64>, pfn: numpy::PyReadonlyArray1<'_, u64>, bits: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<()> {
+    fn place_ptes(&self, py: Python<'_>, pid: u32, addr: numpy::PyReadonlyArray1<'_, u64>, pfn: numpy::PyReadonlyArray1<'_, u64>, bits: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<()> {
         let (a, p, b) = (addr.as_slice()?, pfn.as_slice()?, bits.as_slice()?);
         if a.len() != p.len() || a.len() != b.len() {
             return Err(Error::value("addr, pfn and bits must have the same length").into());
         }
-        let s = &mut self.inner;
-        Ok(py.detach(|| {
+        self.run(py, |s| {
             for i in 0..a.len() {
                 let f = b[i];
                 s.place_pte(pid, a[i], p[i], f & 1 != 0, f & 2 != 0, f & 4 != 0, f & 8 != 0, f & 16 != 0)?;
             }
-            Ok::<(), Error>(())
-        })?)
+            Ok(())
+        })
     }
 
     /// Places many anonymous folios (`dirty` per folio).
-    fn place_anon_folios(&mut self, py: Python<'_>, heads: numpy::PyReadonlyArray1<'_, u64>, orders: numpy::PyReadonlyArray1<'_, u8>, dirty: numpy::PyReadonlyArray1<'_, bool>) -> PyResult<()> {
+    fn place_anon_folios(&self, py: Python<'_>, heads: numpy::PyReadonlyArray1<'_, u64>, orders: numpy::PyReadonlyArray1<'_, u8>, dirty: numpy::PyReadonlyArray1<'_, bool>) -> PyResult<()> {
         let (h, o, d) = (heads.as_slice()?, orders.as_slice()?, dirty.as_slice()?);
         if h.len() != o.len() || h.len() != d.len() {
             return Err(Error::value("heads, orders and dirty must have the same length").into());
         }
-        let s = &mut self.inner;
-        Ok(py.detach(|| {
+        self.run(py, |s| {
             for i in 0..h.len() {
                 s.place_folio(h[i], o[i] as u32, crate::restore::FolioKind::Anon, d[i])?;
             }
-            Ok::<(), Error>(())
-        })?)
+            Ok(())
+        })
     }
 
     /// Recomputes every counter from the page tables after placing folios and PTEs.
-    fn rebuild_accounting(&mut self, py: Python<'_>) -> PyResult<()> {
-        let s = &mut self.inner;
-        Ok(py.detach(|| s.rebuild_accounting())?)
+    fn rebuild_accounting(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, |s| s.rebuild_accounting())
     }
 
     /// Decodes a PTE of this simulation's layout into its logical bits.
     fn decode_pte<'py>(&self, py: Python<'py>, pte: u64) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        with_layout!(&self.inner.layout, l => {
+        let layout = self.lock(py)?.layout.clone();
+        with_layout!(&layout, l => {
             d.set_item("none", l.pte_none(pte))?;
             d.set_item("present", l.pte_present(pte))?;
             d.set_item("pfn", l.pte_pfn(pte))?;

@@ -1,0 +1,145 @@
+//! Watching long steps: a [`Watch`] is asked now and then whether a step may go on (the
+//! Python layer answers "no" on Ctrl-C), and [`Ticker`] decides when to ask.
+//!
+//! A step that may be stopped runs on a copy of the state (see `Simulation::guarded`), so a
+//! stop abandons it whole: the caller sees [`Error::interrupted`] and the state it had.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Asked by long loops whether they may go on; `done` of `total` work units are finished.
+pub trait Watch: Send + Sync {
+    fn keep_going(&self, done: u64, total: u64) -> bool;
+}
+
+/// Work units between two looks at the clock: cheap enough for the hottest loop.
+const CLOCK_EVERY: u64 = 1 << 14;
+/// Time between two calls of the watch (each may take the GIL).
+const ASK_EVERY: Duration = Duration::from_millis(50);
+
+/// Counts work and asks the [`Watch`] at most every [`ASK_EVERY`]. Ticks take `&self`, so
+/// that read-only passes such as `check()` can be watched too.
+#[derive(Clone, Default)]
+pub struct Ticker {
+    watch: Option<Arc<dyn Watch>>,
+    /// Whether the running step may be stopped (it runs on a copy, or changes nothing).
+    armed: Cell<bool>,
+    done: Cell<u64>,
+    total: Cell<u64>,
+    until_clock: Cell<u64>,
+    last_ask: Cell<Option<Instant>>,
+}
+
+impl fmt::Debug for Ticker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticker").field("watched", &self.watch.is_some()).field("armed", &self.armed.get()).finish()
+    }
+}
+
+impl Ticker {
+    pub fn set_watch(&mut self, watch: Option<Arc<dyn Watch>>) {
+        self.watch = watch;
+    }
+
+    pub fn watched(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// Starts a step of `total` work units; `armed` if it may be stopped.
+    pub fn start(&self, total: u64, armed: bool) {
+        self.armed.set(armed && self.watch.is_some());
+        self.done.set(0);
+        self.total.set(total);
+        self.until_clock.set(CLOCK_EVERY);
+        self.last_ask.set(None);
+    }
+
+    /// Ends the step: later ticks never stop anything.
+    pub fn stop(&self) {
+        self.armed.set(false);
+    }
+
+    /// `n` more units done; an error when the watch says stop.
+    #[inline]
+    pub fn tick(&self, n: u64) -> Result<()> {
+        if !self.armed.get() {
+            return Ok(());
+        }
+        self.done.set(self.done.get() + n);
+        let left = self.until_clock.get();
+        if n < left {
+            self.until_clock.set(left - n);
+            return Ok(());
+        }
+        self.until_clock.set(CLOCK_EVERY);
+        self.ask()
+    }
+
+    /// Asks the watch (at most every [`ASK_EVERY`]) without counting work: for a step's
+    /// preparation, such as copying the state it will run on.
+    pub fn poll(&self) -> Result<()> {
+        if !self.armed.get() {
+            return Ok(());
+        }
+        self.ask()
+    }
+
+    #[cold]
+    fn ask(&self) -> Result<()> {
+        let now = Instant::now();
+        let last = self.last_ask.get().unwrap_or(now);
+        self.last_ask.set(Some(last));
+        if now.duration_since(last) < ASK_EVERY {
+            return Ok(());
+        }
+        self.last_ask.set(Some(now));
+        match &self.watch {
+            Some(w) if !w.keep_going(self.done.get(), self.total.get()) => Err(Error::interrupted()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct StopAfter(AtomicU64);
+    impl Watch for StopAfter {
+        fn keep_going(&self, _done: u64, _total: u64) -> bool {
+            self.0.fetch_sub(1, Ordering::SeqCst) > 1
+        }
+    }
+
+    #[test]
+    fn unarmed_ticker_never_stops() {
+        let mut t = Ticker::default();
+        let _ = &mut t;
+        t.set_watch(Some(Arc::new(StopAfter(AtomicU64::new(0)))));
+        t.start(1 << 30, false);
+        for _ in 0..1000 {
+            t.tick(1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn armed_ticker_stops_when_the_watch_says_so() {
+        let mut t = Ticker::default();
+        let _ = &mut t;
+        t.set_watch(Some(Arc::new(StopAfter(AtomicU64::new(2)))));
+        t.start(u64::MAX, true);
+        let begun = Instant::now();
+        let err = loop {
+            if let Err(e) = t.tick(CLOCK_EVERY) {
+                break e;
+            }
+            assert!(begun.elapsed() < Duration::from_secs(10), "the watch was never asked twice");
+        };
+        assert_eq!(err.kind, crate::error::ErrorKind::Interrupted);
+    }
+}
