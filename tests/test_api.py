@@ -191,24 +191,3 @@ def test_mk_pte_rejects_bits_the_arch_lacks_and_bad_flag_shapes():
 def test_errors_form_a_hierarchy():
     for e in (pb.InvariantError, pb.SnapshotError, pb.CaptureError):
         assert issubclass(e, pb.PtebatchError) and issubclass(e, Exception)
-
-
-def test_cli_demo_is_the_fork_study(capsys):
-    from ptebatch import cli
-
-    assert cli.main(["demo", "--region", "16M", "--size", "4K", "--size", "64K"]) == 0
-    out = capsys.readouterr().out
-    lines = [l.split() for l in out.splitlines()]
-    ratio = [l for l in lines if l and l[0] == "ratio" and l[1] != "="]
-    assert len(ratio) == 2 and ratio[1][1] == "16x" and ratio[1][2] == "16x", out
-
-
-def test_cli_batches_runs_and_shows_the_xen_overrun(capsys):
-    from ptebatch import cli
-
-    assert cli.main(["batches", "--layout", "x86-64-xenpv", "--layout", "arm64-4k", "--ptes", "1024"]) == 0
-    out = capsys.readouterr().out
-    assert "== x86-64-xenpv" in out and "== arm64-4k" in out
-    xen = out.split("== x86-64-xenpv")[1].split("==")[0]
-    # The pre-6.15 forms swallow a none PTE after a folio whose next frame is ballooned.
-    assert any(line.startswith(" * 6.9") for line in xen.splitlines())

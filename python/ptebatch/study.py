@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .simulation import Simulation, format_size, parse_size
+import numpy as np
+
+from ._core import PtebatchError, layout
+from .simulation import Process, Simulation, format_size, parse_size
+from .snapshot import PM_PFN_MASK
+
+#: Largest region the study forks: the simulated RAM grows with it.
+MAX_REGION = 64 << 30
 
 
 @dataclass
@@ -32,17 +39,45 @@ class ForkRow:
         return getattr(self, field) / self.ptes
 
 
+def pmd_size(arch: str) -> int:
+    """Bytes one page table maps on ``arch`` (the PMD size): page size × PTRS_PER_PTE."""
+    lay = layout(arch)
+    return lay.page_size * lay.ptrs_per_pte
+
+
 def folio_sizes(arch: str) -> list[int]:
-    """4K (order 0) and every mTHP size from 4 pages up to the PMD size of ``arch``."""
-    sim = Simulation(arch, "6.18", "4M")
-    page = sim.page_size
-    pmd = page * (page // 8)
+    """The page size (order 0) and every anonymous mTHP size of ``arch``: order 2 up to PMD
+    order (order 1 is not an anonymous mTHP order: THP_ORDERS_ALL_ANON in
+    include/linux/huge_mm.h, v6.8 on)."""
+    page, pmd = layout(arch).page_size, pmd_size(arch)
     sizes = [page]
     s = page * 4
     while s <= pmd:
         sizes.append(s)
         s *= 2
     return sizes
+
+
+def check_folio_size(size: int | str, arch: str) -> int:
+    """``size`` in bytes if a private anonymous folio can have it on ``arch``, else ValueError."""
+    n = parse_size(size)
+    sizes = folio_sizes(arch)
+    if n not in sizes:
+        raise ValueError(f"{format_size(n)} is not an anonymous folio size on {arch} "
+                         f"(the page size or a power of two from 4 pages to the PMD size: "
+                         f"{', '.join(map(format_size, sizes))})")
+    return n
+
+
+def check_region(region: int | str, arch: str) -> int:
+    """``region`` in bytes if it is a positive multiple of the page size up to ``MAX_REGION``."""
+    n = parse_size(region)
+    page = layout(arch).page_size
+    if n <= 0 or n % page:
+        raise ValueError(f"region {format_size(n)} is not a positive multiple of the {format_size(page)} page")
+    if n > MAX_REGION:
+        raise ValueError(f"region {format_size(n)} is larger than {format_size(MAX_REGION)}")
+    return n
 
 
 class Progress:
@@ -70,18 +105,29 @@ class Progress:
 def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = None,
                kernels: Sequence[str] = ("6.8", "7.0"), arch: str = "x86-64",
                progress: Callable[[str], None] | None = None) -> list[ForkRow]:
-    """Forks a written region of ``region`` bytes once per folio size and kernel."""
-    n = parse_size(region)
-    sizes_b = [parse_size(s) for s in sizes] if sizes else folio_sizes(arch)
+    """Forks a written region of ``region`` bytes once per folio size and kernel. ``sizes``
+    defaults to every folio size that divides the region; each must divide it."""
+    n = check_region(region, arch)
+    if sizes:
+        sizes_b = [check_folio_size(s, arch) for s in sizes]
+    else:
+        sizes_b = [s for s in folio_sizes(arch) if n % s == 0]
+    for size in sizes_b:
+        if n % size:
+            raise ValueError(f"folio size {format_size(size)} does not divide the {format_size(n)} region")
+    if not kernels:
+        raise ValueError("no kernel to fork under")
     rows = []
     for size in sizes_b:
         for kernel in kernels:
             # Room for the region, its folios' alignment and the page tables' neighbours.
-            sim = Simulation(arch, kernel, n + (n // 4) + (64 << 20))
+            memory = n + n // 4 + (64 << 20)
+            sim = Simulation(arch, kernel, -(-memory // size) * size)
             p = sim.spawn()
             mthp = [size] if size > sim.page_size else []
             v = p.mmap(n, mthp=mthp)
             p.touch(v.start, v.length, write=True)
+            _check_folios(sim, p, v.start, n, size)
             t0 = time.perf_counter()
             p.fork()
             dt = time.perf_counter() - t0
@@ -92,6 +138,17 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             if progress:
                 progress(f"{format_size(size)} {kernel}")
     return rows
+
+
+def _check_folios(sim: Simulation, p: Process, start: int, length: int, size: int) -> None:
+    """The row is labelled with ``size``: every page of the region must be in such a folio."""
+    pfns = (p.pagemap(start, length) & np.uint64(PM_PFN_MASK)).astype(np.int64)
+    orders = sim.memory.order[pfns]
+    want = size.bit_length() - sim.page_size.bit_length()
+    if np.any(orders != want):
+        got = sorted({format_size(sim.page_size << int(o)) for o in np.unique(orders)})
+        raise PtebatchError(f"the region was faulted in with {', '.join(got)} folios, not only "
+                            f"{format_size(size)}; the study cannot label it")
 
 
 def format_fork_study(rows: list[ForkRow], kernels: Sequence[str]) -> str:

@@ -7,6 +7,7 @@ and lie inside one folio get ``PTE_CONT``, as ``contpte_set_ptes()`` would write
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +71,23 @@ def mixed_table(layout: Layout, n_ptes: int, *, seed: int = 0,
                 hole_rate: float = 0.05, partial_rate: float = 0.1,
                 dirty_rate: float = 0.5, first_vpn: int = 0) -> GeneratedTable:
     """A table of folios of mixed orders (mTHP), some mapped only in part, with holes and
-    per-folio dirty state, placed at random virtual offsets."""
+    per-folio dirty state, placed at random virtual offsets. Orders may not exceed the
+    layout's PMD order: no folio is larger than what one page table maps."""
+    _check_count("n_ptes", n_ptes, 1)
+    _check_count("first_vpn", first_vpn, 0)
+    _check_count("seed", seed, 0)
+    pmd_order = layout.ptrs_per_pte.bit_length() - 1
+    if not folio_orders:
+        raise ValueError("folio_orders is empty")
+    for o in folio_orders:
+        _check_count("folio order", o, 0)
+        if o > pmd_order:
+            raise ValueError(f"folio order {o} is above the PMD order {pmd_order} of {layout.name}")
+    for name, rate in (("hole_rate", hole_rate), ("partial_rate", partial_rate), ("dirty_rate", dirty_rate)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise TypeError(f"{name} must be a number, not {type(rate).__name__}")
+        if not (math.isfinite(rate) and 0 <= rate <= 1):
+            raise ValueError(f"{name} must be a probability in [0, 1], not {rate}")
     rng = np.random.default_rng(seed)
     # Draw small folios more often than large ones, so a short table still holds many.
     weights = np.array([2.0 ** (-o / 2) for o in folio_orders])
@@ -112,7 +129,7 @@ def mixed_table(layout: Layout, n_ptes: int, *, seed: int = 0,
     start_arr = np.array(starts, dtype=np.uint64)
     size_arr = np.array(sizes, dtype=np.uint64)
     cont: np.ndarray | bool = False
-    if layout.has_contpte:
+    if layout.has_contpte and len(start_arr):
         idx = np.searchsorted(start_arr, all_pfns, side="right") - 1
         first = start_arr[np.maximum(idx, 0)]
         npages = size_arr[np.maximum(idx, 0)]
@@ -127,6 +144,13 @@ def mixed_table(layout: Layout, n_ptes: int, *, seed: int = 0,
                 cont[sel] = False
     ptes = layout.mk_pte(all_pfns, present=pres, write=True, dirty=dirty, young=True, cont=cont)
     return GeneratedTable(ptes, start_arr, size_arr, first_vpn)
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value}")
 
 
 def unbacked_pfns(t: GeneratedTable) -> np.ndarray:

@@ -1,8 +1,8 @@
 """A thpmaps-style report: how THP and mTHP memory is mapped, per VMA and rolled up.
 
-The counters carry the names of the kernel's tools/mm/thpmaps (shared/spec/seed-numbers.md
-§2.1): ``anon-thp-pmd-aligned-<size>kB``, ``anon-thp-pte-aligned-<size>kB``,
-``anon-thp-pte-unaligned-<size>kB``, ``anon-thp-pte-partial`` and the ``file-`` twins, plus
+The counters carry the names of the kernel's tools/mm/thpmaps: ``anon-thp-pmd-aligned-<size>kB``,
+``anon-thp-pte-aligned-<size>kB``, ``anon-thp-pte-unaligned-<size>kB``, ``anon-thp-pte-partial``
+and the ``file-`` twins, plus
 ``anon|file-cont-pte-aligned-<size>kB`` and ``-cont-pmd-aligned-`` for each ``--cont`` size.
 They are computed the same way: over runs of pages of THP folios whose virtual and physical
 frame numbers both advance by one, a folio counts as aligned or unaligned (by its virtual
@@ -37,10 +37,26 @@ def thp_sizes(page: int, pmd_pages: int) -> list[int]:
     return out
 
 
+def check_cont_sizes(cont: Iterable[int], page_size: int, pmd_pages: int) -> list[int]:
+    """``cont`` as a list if every block size (bytes) is a power of two from 2 pages to the
+    PMD size, as thpmaps' --cont requires; else ValueError naming the size."""
+    out = []
+    for c in cont:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise TypeError(f"a contiguous block size must be an int, not {type(c).__name__}")
+        c = int(c)
+        if c <= 0 or c & (c - 1) or not 2 * page_size <= c <= page_size * pmd_pages:
+            raise ValueError(f"contiguous block size {c} is not a power of two from 2 pages "
+                             f"({2 * page_size}) to the PMD size ({page_size * pmd_pages})")
+        out.append(c)
+    return out
+
+
 def vma_stats(snap: Snapshot, i: int, cont: Iterable[int] = ()) -> dict[str, int]:
     """Counters of VMA ``i`` of ``snap`` in kB; ``cont`` lists block sizes in bytes."""
     a = snap.arrays
     page, pmd = snap.page_size, snap.pmd_pages
+    cont = check_cont_sizes(cont, page, pmd)
     entries = snap.vma_pages(i)
     start_vfn = int(a["vma_start"][i]) // page
     present = (entries & np.uint64(PM_PRESENT)) != 0
@@ -114,8 +130,6 @@ def _runs(stats, snap, run, vfns, pfns, anon, head, page, pmd, cont) -> None:
             stats[f"{kind(int(h))}-thp-pte-{'aligned' if aligned else 'unaligned'}-{_kb(n, page)}kB"] += _kb(n, page)
     for c in cont:
         nc = c // page
-        if nc < 2:
-            continue
         v0, p0 = int(vfns[first]), int(pfns[first])
         if (v0 - p0) % nc:
             continue
@@ -134,7 +148,7 @@ def _in_windows(snap: Snapshot, pfn: int) -> bool:
 
 def report(snap: Snapshot, *, cont: Iterable[int] = (), rollup: bool = False, inc_empty: bool = False) -> str:
     """The report as text, in thpmaps' layout: a smaps-like header per VMA, then counters."""
-    cont = list(cont)
+    cont = check_cont_sizes(cont, snap.page_size, snap.pmd_pages)
     a = snap.arrays
     page = snap.page_size
     lines = []
@@ -234,4 +248,4 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
     return Snapshot(header, arrays, names)
 
 
-__all__ = ["vma_stats", "report", "snapshot_of", "thp_sizes"]
+__all__ = ["check_cont_sizes", "vma_stats", "report", "snapshot_of", "thp_sizes"]

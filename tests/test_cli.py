@@ -1,0 +1,441 @@
+"""The ``ptebatch`` command: what it prints, and that every mistake is one line and an exit code.
+
+A usage error exits 2, a runtime error 1, Ctrl-C 130; each is exactly one line on stderr, nothing
+on stdout and no traceback unless ``--debug``. The tests that read /proc of other processes need
+root and skip otherwise, or when PTEBATCH_SKIP_LIVE is set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ptebatch as pb
+from ptebatch import cli
+from ptebatch.snapshot import Snapshot
+from ptebatch.study import check_folio_size, folio_sizes, fork_study
+from ptebatch.tables import mixed_table
+from ptebatch.thpmaps import check_cont_sizes, snapshot_of
+
+PYTHON_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+LIVE = os.geteuid() == 0 and not os.environ.get("PTEBATCH_SKIP_LIVE")
+live = pytest.mark.skipif(not LIVE, reason="reads /proc of other processes: needs root (and no PTEBATCH_SKIP_LIVE)")
+
+
+def _snap(vmas: int = 2) -> Snapshot:
+    sim = pb.Simulation("x86-64", "6.18", "64M")
+    p = sim.spawn()
+    v = p.mmap("1M", mthp=["64K"])
+    p.touch(v.start, v.length, write=True)
+    for i in range(vmas - 1):
+        # Alternate the protection, so the VMAs do not merge; a read would map the zero page.
+        w = p.mmap("64K", prot="r" if i % 2 else "rw")
+        if not i % 2:
+            p.touch(w.start, w.length, write=True)
+    return snapshot_of(sim, [p])
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("snaps")
+    s = _snap()
+    out = {"ok": str(d / "ok.npz"), "missing": str(d / "missing.npz"), "garbage": str(d / "garbage.npz")}
+    s.save(out["ok"])
+    with open(out["garbage"], "wb") as f:
+        f.write(b"not a snapshot")
+    # A layout no one models; and two VMAs over the same addresses (each still matches its pagemap).
+    out["sparc"] = str(d / "sparc.npz")
+    Snapshot(dict(s.header, arch="sparc"), dict(s.arrays), s.vma_names).save(out["sparc"])
+    a = {k: v.copy() for k, v in s.arrays.items()}
+    length = a["vma_end"][1] - a["vma_start"][1]
+    a["vma_start"][1] = a["vma_start"][0]
+    a["vma_end"][1] = a["vma_start"][0] + length
+    out["overlap"] = str(d / "overlap.npz")
+    Snapshot(dict(s.header), a, s.vma_names).save(out["overlap"])
+    many = _snap(vmas=60)
+    out["many"] = str(d / "many.npz")
+    many.save(out["many"])
+    return out
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_error_line(code: int, out: str, err: str, want_code: int, want: str) -> None:
+    assert code == want_code, (code, out, err)
+    assert out == "", out
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("ptebatch") and ": error: " in lines[0], err
+    assert want in lines[0], err
+
+
+# -- usage errors: exit 2, naming the option ---------------------------------------------------
+
+USAGE = [
+    (["demo", "--size", "48K"], "argument --size: size '48K' is not a power of two"),
+    (["demo", "--size", "3K"], "argument --size: size '3K' is not a power of two"),
+    (["demo", "--size", "0"], "argument --size: size '0' is zero"),
+    (["demo", "--size", "64", "--region", "16M"], "argument --size: 64 is not an anonymous folio size"),
+    (["demo", "--size", "8K", "--region", "16M"], "argument --size: 8K is not an anonymous folio size"),
+    (["demo", "--size", "4M", "--region", "16M"], "argument --size: 4M is not an anonymous folio size on x86-64"),
+    (["demo", "--arch", "s390x", "--size", "2M", "--region", "16M"], "2M is not an anonymous folio size on s390x"),
+    (["demo", "--arch", "ppc64-64k", "--size", "4K", "--region", "16M"], "4K is not an anonymous folio size on ppc64-64k"),
+    (["demo", "--size", "2M", "--region", "1M"], "argument --size: 2M does not divide the 1M region"),
+    (["demo", "--size", "64K", "--region", "96K"], "argument --size: 64K does not divide the 96K region"),
+    (["demo", "--region", "0"], "argument --region: size '0' is zero"),
+    (["demo", "--region", "1.5GiB"], "argument --region: cannot read size '1.5GiB'"),
+    (["demo", "--region=-4K"], "argument --region: cannot read size '-4K'"),
+    (["demo", "--region", "6K"], "argument --region: region 6K is not a positive multiple of the 4K page"),
+    (["demo", "--arch", "arm64-64k", "--region", "16K"], "region 16K is not a positive multiple of the 64K page"),
+    (["demo", "--region", "1T"], "argument --region: region 1024G is larger than 64G"),
+    (["demo", "--kernel", "5.0"], "argument --kernel: invalid choice: '5.0'"),
+    (["demo", "--arch", "sparc"], "argument --arch: invalid choice: 'sparc'"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frob"], "invalid choice: 'frob'"),
+    (["batches", "--holes", "2"], "argument --holes: 2 is not a probability in [0, 1]"),
+    (["batches", "--holes", "nan"], "argument --holes: nan is not a probability"),
+    (["batches", "--holes=-inf"], "argument --holes: -inf is not a probability"),
+    (["batches", "--holes", "often"], "argument --holes: 'often' is not a number"),
+    (["batches", "--orders", "99"], "argument --orders: 99 is out of range (must be from 0 to 13)"),
+    (["batches", "--orders", "-1"], "argument --orders: -1 is out of range"),
+    (["batches", "--orders", "0", "1"], "argument --orders: order 1 is not an anonymous mTHP order"),
+    (["batches", "--orders", "9", "--layout", "ppc64-64k"], "order 9 is above the PMD order of every layout chosen"),
+    (["batches", "--orders"], "argument --orders: expected at least one argument"),
+    (["batches", "--ptes", "0"], "argument --ptes: 0 is out of range"),
+    (["batches", "--ptes", "1e3"], "argument --ptes: '1e3' is not an integer"),
+    (["batches", "--width", "2"], "argument --width: 2 is out of range (must be at least 4)"),
+    (["batches", "--seed", "-1"], "argument --seed: -1 is out of range"),
+    (["batches", "--first-vpn", "-1"], "argument --first-vpn: -1 is out of range"),
+    (["batches", "--first-vpn", str(1 << 48)], "argument --first-vpn: the table would end past virtual page"),
+    (["batches", "--layout", "vax"], "argument --layout: invalid choice: 'vax'"),
+    (["capture", "--pid", "0", "-o", "x.npz"], "argument --pid: 0 is out of range"),
+    (["capture", "--pid", "self", "-o", "x.npz"], "argument --pid: 'self' is not an integer"),
+    (["capture", "--pid", str(1 << 23), "-o", "x.npz"], "is out of range (must be from 1 to 4194304)"),
+    (["capture", "--pid", "1"], "the following arguments are required: -o/--output"),
+    (["thpmaps"], "one of the arguments --pid --snapshot is required"),
+    (["thpmaps", "--pid", "-3"], "argument --pid: -3 is out of range"),
+    (["thpmaps", "--pid", "1", "--snapshot", "x"], "argument --snapshot: not allowed with argument --pid"),
+    (["thpmaps", "--pid", "1", "--cont", "3K"], "argument --cont: size '3K' is not a power of two"),
+    (["thpmaps", "--pid", "1", "--cont", "0"], "argument --cont: size '0' is zero"),
+    (["replay"], "the following arguments are required: snapshot"),
+    (["replay", "x.npz", "--kernel", "9.9"], "argument --kernel: invalid choice: '9.9'"),
+    (["oracle", "--size", "3K"], "argument --size: size '3K' is not a power of two"),
+    (["oracle", "--size", "0"], "argument --size: size '0' is zero"),
+]
+
+
+@pytest.mark.parametrize("argv,want", USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv, want):
+    _one_error_line(*_run(capsys, argv), 2, want)
+
+
+@pytest.mark.parametrize("cont,want", [("1", "contiguous block size 1 is not a power of two from 2 pages"),
+                                       ("4K", "contiguous block size 4096 is not"),
+                                       ("4M", "contiguous block size 4194304 is not")])
+def test_cont_is_checked_against_the_snapshots_pages(capsys, snapshots, cont, want):
+    _one_error_line(*_run(capsys, ["thpmaps", "--snapshot", snapshots["ok"], "--cont", cont]), 2,
+                    "argument --cont: " + want)
+
+
+# -- runtime errors: exit 1 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("which,want", [
+    ("missing", "No such file or directory"),
+    ("garbage", "is not a readable snapshot"),
+    ("sparc", 'unknown layout "sparc"'),
+    ("overlap", "overlaps an existing mapping"),
+])
+def test_bad_snapshots_are_runtime_errors(capsys, snapshots, which, want):
+    _one_error_line(*_run(capsys, ["replay", snapshots[which]]), 1, want)
+    if which in ("missing", "garbage"):
+        _one_error_line(*_run(capsys, ["thpmaps", "--snapshot", snapshots[which]]), 1, want)
+
+
+def test_unwritable_output_fails_before_the_capture(capsys, tmp_path, monkeypatch):
+    import ptebatch.capture
+
+    def no_capture(pids):
+        raise AssertionError("the output is checked first")
+
+    monkeypatch.setattr(ptebatch.capture, "capture", no_capture)
+    pid = str(os.getpid())
+    _one_error_line(*_run(capsys, ["capture", "--pid", pid, "-o", str(tmp_path / "no" / "s.npz")]), 1,
+                    f"{tmp_path / 'no' / 's.npz'}: No such file or directory")
+    _one_error_line(*_run(capsys, ["capture", "--pid", pid, "-o", str(tmp_path)]), 1,
+                    f"{tmp_path}: Is a directory")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc,code,want", [
+    (pb.CaptureError("process 7 is a kernel thread"), 1, "ptebatch: error: process 7 is a kernel thread"),
+    (PermissionError(13, "Permission denied", "/proc/7/pagemap"), 1, "ptebatch: error: /proc/7/pagemap: Permission denied"),
+    (pb.SnapshotError("bad\nheader"), 1, "ptebatch: error: bad header"),
+    (pb.OutOfMemoryError("out of simulated memory"), 1, "ptebatch: error: out of simulated memory"),
+    (MemoryError(), 1, "ptebatch: error: out of memory"),
+    (KeyboardInterrupt(), 130, "ptebatch: interrupted"),
+])
+def test_errors_while_running_are_one_line(capsys, monkeypatch, exc, code, want):
+    import ptebatch.capture
+
+    def fail(*a, **kw):
+        raise exc
+
+    monkeypatch.setattr(ptebatch.capture, "capture", fail)
+    got, out, err = _run(capsys, ["thpmaps", "--pid", str(os.getpid())])
+    assert (got, out, err) == (code, "", want + "\n")
+
+
+def test_debug_shows_the_traceback(capsys, snapshots, monkeypatch):
+    with pytest.raises(pb.SnapshotError):
+        cli.main(["--debug", "replay", snapshots["missing"]])
+    with pytest.raises(pb.SnapshotError):
+        cli.main(["replay", snapshots["overlap"], "--debug"])
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "fork_study", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["demo", "--debug", "--region", "16M"])
+    # Usage errors need no traceback, with --debug or not.
+    assert cli.main(["--debug", "demo", "--size", "3K"]) == 2
+
+
+def test_help_documents_debug_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--debug" in out and "2 usage error" in out and "130" in out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
+# -- what used to run silently wrong ------------------------------------------------------------
+
+def test_folio_sizes_follow_the_layouts_pmd():
+    for name in pb.LAYOUT_NAMES:
+        L = pb.layout(name)
+        sizes = folio_sizes(name)
+        pmd = L.page_size * L.ptrs_per_pte
+        assert sizes[0] == L.page_size and sizes[-1] == pmd and 2 * L.page_size not in sizes
+        assert sizes[1:] == [L.page_size << o for o in range(2, L.ptrs_per_pte.bit_length())]
+    assert max(folio_sizes("s390x")) == 1 << 20  # 256 PTEs per table
+    assert folio_sizes("ppc64-64k") == [64 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20]  # 32 PTEs
+    with pytest.raises(ValueError, match="not an anonymous folio size on x86-64"):
+        check_folio_size("8K", "x86-64")
+
+
+@pytest.mark.parametrize("arch", ["s390x", "ppc64-64k", "arm64-64k"])
+def test_demo_runs_every_folio_size_of_the_arch(capsys, arch):
+    pmd = max(folio_sizes(arch))
+    region = 2 * pmd
+    code, out, err = _run(capsys, ["demo", "--arch", arch, "--region", pb.format_size(region)])
+    assert code == 0 and "Traceback" not in err, err
+    rows = [line.split() for line in out.splitlines()]
+    seen = {r[0] for r in rows if len(r) == 8 and r[1] in ("6.8", pb.NEWEST_KERNEL)}
+    assert seen == {pb.format_size(s) for s in folio_sizes(arch)}, out
+    page = pb.layout(arch).page_size
+    for r in rows:
+        if len(r) == 8 and r[1] == pb.NEWEST_KERNEL:
+            size = pb.parse_size(r[0])
+            # One batch per folio: the row ran folios of the size it names.
+            assert int(r[2]) == region // page and int(r[3]) == region // size, r
+
+
+def test_demo_leaves_out_sizes_that_do_not_divide_the_region(capsys):
+    code, out, err = _run(capsys, ["demo", "--region", "1M"])
+    assert code == 0, err
+    assert "note: skipped folio sizes that do not divide the region: 2M" in out
+    sizes = {line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["6.8"]}
+    assert "1M" in sizes and "2M" not in sizes
+
+
+def test_demo_is_the_fork_study(capsys):
+    assert cli.main(["demo", "--region", "16M", "--size", "4K", "--size", "64K"]) == 0
+    out = capsys.readouterr().out
+    lines = [l.split() for l in out.splitlines()]
+    ratio = [l for l in lines if l and l[0] == "ratio" and l[1] != "="]
+    assert len(ratio) == 2 and ratio[1][1] == "16x" and ratio[1][2] == "16x", out
+
+
+def test_fork_study_rejects_what_it_cannot_label():
+    for region, sizes, match in [("3M", ["2M"], "does not divide"), ("0", None, "positive multiple"),
+                                 ("16M", ["8K"], "not an anonymous folio size"), ("6K", None, "positive multiple")]:
+        with pytest.raises(ValueError, match=match):
+            fork_study(region, sizes, ["7.0"])
+    with pytest.raises(ValueError, match="no kernel"):
+        fork_study("16M", ["4K"], [])
+
+
+def test_batches_runs_and_shows_the_xen_overrun(capsys):
+    assert cli.main(["batches", "--layout", "x86-64-xenpv", "--layout", "arm64-4k", "--ptes", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "== x86-64-xenpv" in out and "== arm64-4k" in out
+    xen = out.split("== x86-64-xenpv")[1].split("==")[0]
+    # The pre-6.15 forms swallow a none PTE after a folio whose next frame is ballooned.
+    assert any(line.startswith(" * 6.9") for line in xen.splitlines())
+
+
+def test_batches_keep_folios_within_a_page_table(capsys):
+    code, out, err = _run(capsys, ["batches", "--layout", "ppc64-64k", "--layout", "x86-64",
+                                   "--ptes", "256", "--kernel", "7.0"])
+    assert code == 0, err
+    ppc = out.split("== ppc64-64k")[1].split("==")[0]
+    assert "orders 9 left out: above the PMD order 5" in ppc
+    assert "left out" not in out.split("== x86-64")[1]
+    code, out, err = _run(capsys, ["batches", "--layout", "ppc64-64k", "--layout", "x86-64",
+                                   "--orders", "9", "--ptes", "64", "--kernel", "7.0"])
+    assert code == 0 and "== ppc64-64k: skipped, every order asked for is above its PMD order 5" in out
+
+
+def test_batches_with_only_holes(capsys):
+    code, out, err = _run(capsys, ["batches", "--layout", "arm64-4k", "--holes", "1", "--ptes", "64",
+                                   "--kernel", "7.0"])
+    assert code == 0 and "0 folios, 0 present PTEs" in out, out + err
+
+
+def test_mixed_table_checks_its_arguments():
+    L = pb.layout("ppc64-64k")
+    for kw, exc in [(dict(n_ptes=0), ValueError), (dict(hole_rate=float("nan")), ValueError),
+                    (dict(dirty_rate=1.5), ValueError), (dict(folio_orders=(6,)), ValueError),
+                    (dict(folio_orders=()), ValueError), (dict(folio_orders=(-1,)), ValueError),
+                    (dict(first_vpn=-1), ValueError), (dict(n_ptes=2.0), TypeError),
+                    (dict(hole_rate="0.1"), TypeError)]:
+        args = dict(n_ptes=16, folio_orders=(0, 2))
+        args.update(kw)
+        with pytest.raises(exc):
+            mixed_table(L, **args)
+    assert len(mixed_table(L, 16, folio_orders=(5,))) == 16
+
+
+def test_thpmaps_cont_counts_blocks(capsys, snapshots):
+    code, out, err = _run(capsys, ["thpmaps", "--snapshot", snapshots["ok"], "--cont", "64K", "--rollup"])
+    assert code == 0, err
+    assert "anon-cont-pte-aligned-64kB:" in out and "anon-thp-pte-aligned-64kB:" in out
+    with pytest.raises(ValueError):
+        check_cont_sizes([3 << 10], 4096, 512)
+    with pytest.raises(TypeError):
+        check_cont_sizes(["64K"], 4096, 512)
+    assert check_cont_sizes([8192, 2 << 20], 4096, 512) == [8192, 2 << 20]
+
+
+def test_replay_forks_under_each_kernel(capsys, snapshots):
+    code, out, err = _run(capsys, ["replay", snapshots["ok"], "--kernel", "6.8", "--kernel", "7.0"])
+    assert code == 0 and err == ""
+    rows = [l.split() for l in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["6.8", "7.0"]
+
+
+# -- through a real process ---------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = PYTHON_PATH + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _ptebatch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptebatch", *args], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+
+
+@pytest.mark.parametrize("args,code,want", [
+    (["demo", "--size", "3K"], 2, "ptebatch demo: error: argument --size: size '3K' is not a power of two"),
+    (["batches", "--holes", "nan"], 2, "ptebatch batches: error: argument --holes: nan is not a probability"),
+    (["replay", "/nonexistent/s.npz"], 1, "ptebatch: error: cannot read snapshot '/nonexistent/s.npz'"),
+])
+def test_python_m_ptebatch(args, code, want):
+    r = _ptebatch(*args)
+    assert r.returncode == code and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(want), r.stderr
+
+
+def _first_line_then_close(*args: str) -> tuple[str, int, str]:
+    """``ptebatch ... | head -1``: read one line, close the pipe, let the writer find it gone."""
+    p = subprocess.Popen([sys.executable, "-m", "ptebatch", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_env())
+    try:
+        first = p.stdout.readline().decode()
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        code = p.wait(timeout=120)
+    finally:
+        p.kill() if p.poll() is None else None
+        p.stderr.close()
+    return first, code, err
+
+
+def test_a_closed_pipe_is_a_quiet_exit(snapshots):
+    # Far more output than a pipe holds, so the writer must meet the closed end.
+    first, code, err = _first_line_then_close("thpmaps", "--snapshot", snapshots["many"], "--inc-empty")
+    assert first.split()[0] == "1" and "-" in first.split()[1], first
+    assert (code, err) == (1, "")
+    first, code, err = _first_line_then_close("batches", "--ptes", "20000", "--width", "1000000")
+    assert first.startswith("ptebatch ") and (code, err) == (1, "")
+
+
+@live
+def test_a_closed_pipe_on_a_live_capture():
+    first, code, err = _first_line_then_close("thpmaps", "--pid", str(os.getpid()), "--inc-empty")
+    assert first.split()[0] == str(os.getpid()) and (code, err) == (1, "")
+
+
+def _is_kthreadd() -> bool:
+    try:
+        with open("/proc/2/comm") as f:
+            return f.read().strip() == "kthreadd"
+    except OSError:
+        return False
+
+
+@live
+@pytest.mark.skipif(not _is_kthreadd(), reason="pid 2 is not kthreadd in this pid namespace")
+def test_capturing_a_kernel_thread_is_one_line(tmp_path):
+    r = _ptebatch("capture", "--pid", "2", "-o", str(tmp_path / "k.npz"))
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("ptebatch: error: ") and "2" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@live
+def test_capturing_a_zombie_is_one_line(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(f"/proc/{child.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the child did not become a zombie")
+        r = _ptebatch("thpmaps", "--pid", str(child.pid))
+        assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("ptebatch: error: "), r.stderr
+        assert str(child.pid) in r.stderr
+    finally:
+        child.wait()
+
+
+def test_no_command_runs_the_demo(capsys, monkeypatch):
+    seen = []
+
+    def study(region, sizes, kernels, arch, progress=None):
+        seen.append((region, sizes, kernels, arch))
+        return []
+
+    monkeypatch.setattr(cli, "fork_study", study)
+    monkeypatch.setattr(cli, "format_fork_study", lambda rows, kernels: "")
+    assert cli.main([]) == 0 and cli.main(["--debug"]) == 0
+    assert seen[0] == seen[1] == (1 << 30, folio_sizes("x86-64"), ["6.8", pb.NEWEST_KERNEL], "x86-64")
+    assert capsys.readouterr().err == ""
