@@ -1,28 +1,11 @@
-"""The exception classes the simulation raises, shared with the compiled core when it has them."""
+"""The exception classes the simulation raises: the package's own (``ptebatch.errors``), the
+same classes the compiled core raises."""
 
 from __future__ import annotations
 
-try:
-    from ptebatch import _core
-except ImportError:  # pragma: no cover - the reference must work without the compiled core
-    _core = None
+from ptebatch.errors import AccessFault, InvariantError, OutOfMemoryError, PtebatchError
 
-
-def _exception(name: str, base: type) -> type:
-    """``ptebatch._core.<name>`` if the compiled core defines it, else a stand-in class."""
-    cls = getattr(_core, name, None)
-    if cls is None:
-        cls = type(name, (base,), {"__module__": "ptebatch.reference.sim"})
-    return cls
-
-
-PtebatchError = _exception("PtebatchError", Exception)
-#: The simulated machine ran out of memory (Rust ErrorKind::OutOfMemory).
-OutOfMemoryError = _exception("OutOfMemoryError", PtebatchError)
-#: The access would kill or block the process (Rust ErrorKind::Fault).
-AccessFault = _exception("AccessFault", PtebatchError)
-#: A kernel invariant does not hold (Rust ErrorKind::Invariant); ``.rule`` names it.
-InvariantError = _exception("InvariantError", PtebatchError)
+__all__ = ["AccessFault", "InvariantError", "OutOfMemoryError", "PtebatchError"]
 
 
 def value_error(message: str) -> ValueError:
@@ -39,6 +22,4 @@ def fault(message: str) -> Exception:
 
 def broken(rule: str, message: str) -> Exception:
     """An InvariantError "rule: message" with ``.rule`` set."""
-    e = InvariantError(f"{rule}: {message}")
-    e.rule = rule
-    return e
+    return InvariantError(f"{rule}: {message}", rule)
