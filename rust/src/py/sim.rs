@@ -235,7 +235,7 @@ impl PySimulation {
     /// An independent copy (an A/B experiment's other arm).
     fn clone(&self, py: Python<'_>) -> PyResult<PySimulation> {
         let copy = self.run(py, |s| {
-            Ok(Simulation { layout: s.layout.clone(), profile: s.profile.clone(), st: s.st.try_clone()? })
+            Ok(Simulation { layout: s.layout.clone(), profile: s.profile, st: s.st.try_clone()? })
         })?;
         Ok(PySimulation::wrap(copy, self.arch.clone(), self.kernel.clone(), self.batching))
     }
@@ -581,6 +581,7 @@ impl PySimulation {
     /// Places a captured folio at pfn `head`: `kind` "anon", or "file" with the file id and
     /// the file page of its first page.
     #[pyo3(signature = (head, order, kind, file = None, index = 0, dirty = false))]
+    #[allow(clippy::too_many_arguments)]
     fn place_folio(&self, py: Python<'_>, head: u64, order: u32, kind: &str, file: Option<u32>, index: u64, dirty: bool) -> PyResult<()> {
         let k = match (kind, file) {
             ("anon", None) => crate::restore::FolioKind::Anon,
