@@ -9,6 +9,6 @@ bash scripts/setup.sh
 .venv/bin/python -m pip install -q "mypy>=1.10"
 .venv/bin/python -m mypy.stubtest ptebatch._core
 cargo test --quiet
-.venv/bin/pytest -q tests
+PTEBATCH_AGREE_EXAMPLES=25 PTEBATCH_SIM_EXAMPLES=40 .venv/bin/pytest -q tests
 PTEBATCH_BENCH_PTES=65536 PTEBATCH_BENCH_FORK_BYTES=$((4 << 20)) PTEBATCH_BENCH_FORK_REF_BYTES=$((1 << 20)) \
     .venv/bin/pytest -q benches --benchmark-disable

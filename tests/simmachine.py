@@ -2,13 +2,17 @@
 at once and compares them after every step. Used by the batched-vs-per-PTE equivalence
 tests and by the Rust-vs-reference agreement tests.
 
-The known, documented deviations between per-PTE and batched kernels are masked by name
-(``DEVIATIONS``) and nothing else is.
+Every operation must give the same outcome and the same value (token, pid, address, pin id)
+in every simulation. The known, documented deviations between per-PTE and batched kernels
+(``DEVIATIONS``) are masked by name, and only where they can have happened: :class:`Drift`
+follows the PTEs and folios each deviating operation touched, and what later operations
+carry the difference to, until those entries are gone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -28,17 +32,19 @@ BITS = {
                   cont=1 << 52),
 }
 
-# Folio flags (rust/src/memory.rs).
+# Folio flags (rust/src/memory.rs), kept on the folio's first page.
+PG_ANON = 1 << 1
 PG_DIRTY = 1 << 4
 PG_PARTIALLY_MAPPED = 1 << 5
 PG_MAYBE_SHARED = 1 << 6
+FREE = 0xFF  # order of a free page
 
 #: Where a batched kernel may differ from the same kernel run per PTE, as the spec documents.
 DEVIATIONS = {
     "fork-write-merge-shared": "fork of a shared mapping: if any PTE of a batch is writable the "
                                "child gets all of them writable (kernel-algorithms.md §2.7, §8.6)",
-    "soft-dirty-untracked": "soft-dirty is not compared while VM_SOFTDIRTY is set; the child takes "
-                            "the first PTE's bit for the batch (§2.4, §8.7)",
+    "soft-dirty-untracked": "fork of a VMA with VM_SOFTDIRTY (soft-dirty not tracked): the child "
+                            "takes the first PTE's bit for the batch (§2.4, §8.7)",
     "mprotect-ad-merge": "v6.17+ batched mprotect reads young/dirty of the run into one template "
                          "(modify_prot_start_ptes) and writes it to every PTE (§6); on x86 the "
                          "merging pte_mkdirty() also sets soft-dirty, so with soft-dirty tracking "
@@ -50,6 +56,254 @@ DEVIATIONS = {
                       "young/dirty repaint of folding differ, mappings and counters do not "
                       "(pte-layouts.md §2.5)",
 }
+
+# An entry's key: pid << KEY_SHIFT | virtual page number (or contpte block number).
+KEY_SHIFT = 40
+
+
+def arch_bits(arch: str) -> dict[str, int]:
+    return BITS["arm64" if arch.startswith("arm64") else arch]
+
+
+class View:
+    """Per-PTE arrays of one state: keys, the folio each entry maps and its VMA's flags."""
+
+    def __init__(self, state: dict[str, Any], layout: pb.Layout):
+        self.state, self.layout = state, layout
+        vmas = np.asarray(state["vmas"], dtype=np.int64).reshape(-1, 16)
+        n = vmas[:, 2]
+        self.ptes = np.asarray(state["ptes"], dtype=np.uint64)
+        first = np.repeat((vmas[:, 0] << KEY_SHIFT) + vmas[:, 1], n)  # VMA start is a page number
+        self.keys = (first + np.arange(len(self.ptes)) - np.repeat(np.cumsum(n) - n, n)).astype(np.uint64)
+        self.pids = self.keys >> np.uint64(KEY_SHIFT)
+        self.shared = np.repeat(vmas[:, 6] != 0, n)
+        self.vm_softdirty = np.repeat(vmas[:, 9] != 0, n)
+        self.present = ~np.asarray(layout.pte_none(self.ptes), dtype=bool)
+
+    @cached_property
+    def folio(self) -> tuple[np.ndarray, np.ndarray]:
+        """(head pfn, order) of the folio each entry maps; order -1 where none is mapped."""
+        order_of = np.asarray(self.state["order"])
+        pfns = np.asarray(self.layout.pte_pfn(self.ptes), dtype=np.int64)
+        ok = self.present & (pfns < len(order_of))
+        order = np.where(ok, order_of[np.where(ok, pfns, 0)].astype(np.int64), -1)
+        order[order == FREE] = -1
+        head = pfns & ~((1 << np.maximum(order, 0)) - 1)
+        return head, order
+
+    def large(self, min_order: int = 1) -> np.ndarray:
+        """Entries that map a folio of at least ``min_order``."""
+        return self.folio[1] >= min_order
+
+    def heads(self, sel: np.ndarray, anon_only: bool = False) -> np.ndarray:
+        head, order = self.folio
+        sel = sel & (order >= 0)
+        if anon_only:
+            sel &= (np.asarray(self.state["flags"])[np.where(sel, head, 0)] & PG_ANON) != 0
+        return head[sel]
+
+    def in_range(self, pid: int, a: int | None = None, n: int | None = None) -> np.ndarray:
+        """Entries of ``pid`` in [a, a + n) (bytes), or all of them."""
+        sel = self.pids == pid
+        if a is not None and n is not None:
+            vpn = self.keys & np.uint64((1 << KEY_SHIFT) - 1)
+            shift = self.layout.page_shift
+            sel &= (vpn >= np.uint64(a >> shift)) & (vpn < np.uint64((a + n) >> shift))
+        return sel
+
+
+class Taint:
+    """Bits that may legitimately differ, per key (kept sorted for vectorised lookup)."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.bits = np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, keys: np.ndarray, bits: int | np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.uint64)
+        bits = np.broadcast_to(np.asarray(bits, dtype=np.uint64), keys.shape)
+        keep = bits != 0
+        if not keep.any():
+            return
+        k = np.concatenate([self.keys, keys[keep]])
+        b = np.concatenate([self.bits, bits[keep]])
+        order = np.argsort(k, kind="stable")
+        k, b = k[order], b[order]
+        self.keys, first = np.unique(k, return_index=True)
+        self.bits = np.bitwise_or.reduceat(b, first)
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=np.uint64)
+        i = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[i] == keys, self.bits[i], np.uint64(0))
+
+    def keep_only(self, live: np.ndarray) -> None:
+        sel = np.isin(self.keys, live)
+        self.keys, self.bits = self.keys[sel], self.bits[sel]
+
+    def clear(self, pid: int, bits: int) -> None:
+        mine = (self.keys >> np.uint64(KEY_SHIFT)) == np.uint64(pid)
+        self.bits = np.where(mine, self.bits & ~np.uint64(bits), self.bits)
+
+    def copy(self, src: int, dst: int) -> None:
+        """fork: the child's entries start as copies of the parent's."""
+        mine = (self.keys >> np.uint64(KEY_SHIFT)) == np.uint64(src)
+        low = self.keys[mine] & np.uint64((1 << KEY_SHIFT) - 1)
+        self.add(low | np.uint64(dst << KEY_SHIFT), self.bits[mine])
+
+
+class Drift:
+    """Where the named deviations may have made a batched simulation and the same kernel run
+    per PTE differ, and in which bits: per PTE, per contpte block (PTE_CONT, young, dirty) and
+    per folio (flags). Each deviation is noted only on kernels whose batched path has it and
+    only on the entries the deviating operation touched (batches need a large folio); then
+    followed where later operations carry it:
+
+    - fork copies the parent's entries, and their differences, to the child;
+    - mprotect and uffd-wp decide writability from dirty and soft-dirty
+      (``can_change_pte_writable``), so a difference there becomes one in write;
+    - a write through a PTE writable on one side only faults on the other, whose
+      ``wp_page_shared`` marks the folio dirty now; a zap of a PTE whose dirty bit differs
+      marks a file folio dirty on one side only;
+    - on arm64 any difference in a contpte-capable block may fold it on one side only.
+
+    Everything about an entry is forgotten once it is none on both sides, and about a folio
+    once it is free on both.
+    """
+
+    def __init__(self, deviations: set[str], arch: str, kernel: str):
+        self.deviations = deviations
+        self.bits = arch_bits(arch)
+        self.layout = pb.layout(arch)
+        form = pb.fpb_form(kernel)
+        self.fork_batched = form is not None
+        self.zap_batched = form not in (None, "seed")
+        self.mprotect_batched = form == "v6.17"
+        # contpte from v6.9, as zap batching; a block folds only over a folio at least its size.
+        self.cont_order: int | None = None
+        if "contpte-layout" in deviations and self.layout.has_contpte and self.zap_batched:
+            self.cont_order = self.layout.cont_ptes.bit_length() - 1
+        self.ptes = Taint()
+        self.blocks = Taint()
+        self.folios: dict[int, int] = {}
+
+    # -- what may differ -----------------------------------------------------------------
+
+    def block_bits(self) -> int:
+        return self.bits["cont"] | self.bits["young"] | self.bits["dirty"]
+
+    def pte_mask(self, v: View) -> np.ndarray:
+        m = self.ptes.get(v.keys)
+        if self.cont_order is not None:
+            m |= self.blocks.get(v.keys >> np.uint64(self.cont_order))
+        return m
+
+    def flag_mask(self, nr_pfns: int) -> np.ndarray:
+        m = np.zeros(nr_pfns, dtype=np.uint8)
+        for head, bits in self.folios.items():
+            m[head] |= bits
+        return m
+
+    # -- following operations ------------------------------------------------------------
+
+    def _note(self, v: View, sel: np.ndarray, bits: int) -> None:
+        self.ptes.add(v.keys[sel], bits)
+
+    def _note_blocks(self, v: View, sel: np.ndarray) -> None:
+        if self.cont_order is not None:
+            sel = sel & v.large(self.cont_order)
+            self.blocks.add(v.keys[sel] >> np.uint64(self.cont_order), self.block_bits())
+
+    def _note_folios(self, heads: np.ndarray, bits: int) -> None:
+        for h in heads.tolist():
+            self.folios[h] = self.folios.get(h, 0) | bits
+
+    def track(self, op: tuple, before: list[View], after: list[View]) -> None:
+        """Follows one successful operation ``op``: ("fork", parent, child), ("zap", pid, addr,
+        length), ("exit", pid), ("write", pid, addr, length), ("protect", pid, addr, length),
+        ("clear-soft-dirty", pid), or ("other", 0) for one that cannot deviate; given the
+        views of both states before and after it."""
+        kind, pid = op[0], op[1]
+        dev, b = self.deviations, self.bits
+        if kind == "fork":
+            child = op[2]
+            self.ptes.copy(pid, child)
+            self.blocks.copy(pid, child)
+            if self.fork_batched:
+                for v in after:
+                    batched = v.in_range(child) & v.large()
+                    if "fork-write-merge-shared" in dev:
+                        self._note(v, batched & v.shared, b["write"])
+                    if "soft-dirty-untracked" in dev:
+                        self._note(v, batched & v.vm_softdirty, b["soft_dirty"])
+                    # Per-PTE write-protect unfolds the parent's private blocks; the per-PTE
+                    # child refolds at each block's last entry.
+                    self._note_blocks(v, v.in_range(child) | (v.in_range(pid) & ~v.shared))
+        elif kind in ("zap", "exit", "write"):
+            for v in before:
+                sel = v.in_range(*op[1:])
+                m = self.pte_mask(v)
+                if kind == "write":
+                    self._note_folios(v.heads(sel & (m & np.uint64(b["write"]) != 0)), PG_DIRTY)
+                    continue
+                self._note_folios(v.heads(sel & (m & np.uint64(b["dirty"]) != 0)), PG_DIRTY)
+                if self.zap_batched and "deferred-split-per-pte" in dev:
+                    self._note_folios(v.heads(sel & v.large(), anon_only=True), PG_PARTIALLY_MAPPED)
+        elif kind == "protect":
+            for v in before:
+                sel = v.in_range(*op[1:])
+                m = self.pte_mask(v)
+                self._note(v, sel & (m & np.uint64(b["dirty"] | b["soft_dirty"]) != 0), b["write"])
+                if self.mprotect_batched:
+                    if "mprotect-ad-merge" in dev:
+                        self._note(v, sel & v.large(), b["dirty"] | b["young"] | b["soft_dirty"] | b["write"])
+                    self._note_blocks(v, sel)
+        elif kind == "clear-soft-dirty":
+            # Every PTE of the mm is write-protected and loses soft-dirty on both sides.
+            self.ptes.clear(pid, b["write"] | b["soft_dirty"])
+        if self.cont_order is not None:
+            for v in after:
+                self._note_blocks(v, self.ptes.get(v.keys) != 0)
+        self._forget(after)
+
+    def _forget(self, after: list[View]) -> None:
+        self.ptes.keep_only(np.concatenate([v.keys[v.present] for v in after]))
+        if self.cont_order is not None:
+            self.blocks.keep_only(np.concatenate([v.keys[v.present] >> np.uint64(self.cont_order)
+                                                  for v in after]))
+        orders = [np.asarray(v.state["order"]) for v in after]
+        self.folios = {h: f for h, f in self.folios.items() if any(o[h] != FREE for o in orders)}
+
+
+def contpte_mask(v: View) -> np.ndarray:
+    """Against a kernel without contpte (6.8): PTE_CONT and the young/dirty a fold or unfold
+    repaints, on the entries of folios a block can fold over."""
+    bits = arch_bits(v.layout.name)
+    if not v.layout.has_contpte:
+        return np.zeros(len(v.keys), dtype=np.uint64)
+    big = v.large(v.layout.cont_ptes.bit_length() - 1)
+    return np.where(big, np.uint64(bits["cont"] | bits["young"] | bits["dirty"]), np.uint64(0))
+
+
+def compare(a: View, b: View, pte_mask: np.ndarray | None, flag_mask: np.ndarray | None,
+            same_version: bool) -> list[str]:
+    """Differences between two states, after masking what may legitimately differ."""
+    sa, sb = dict(a.state), dict(b.state)
+    if pte_mask is not None and len(a.ptes) == len(pte_mask) == len(b.ptes):
+        sa["ptes"], sb["ptes"] = a.ptes & ~pte_mask, b.ptes & ~pte_mask
+    if flag_mask is not None:
+        sa["flags"] = np.asarray(sa["flags"]) & ~flag_mask
+        sb["flags"] = np.asarray(sb["flags"]) & ~flag_mask
+    if not same_version:
+        # MM-ID slots and the shared bit exist only from v6.15.
+        for s in (sa, sb):
+            s["large"] = np.asarray(s["large"]).reshape(-1, 9)[:, :5]
+            s["flags"] = np.asarray(s["flags"]) & ~np.uint8(PG_MAYBE_SHARED)
+    return pb.state_diff(sa, sb)
 
 
 @dataclass
@@ -71,57 +325,15 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
         return (type(e).__name__, None)
 
 
-def pte_masks(state: dict[str, Any], bits: dict[str, int], deviations: set[str],
-              mprotect_merged: bool) -> np.ndarray:
-    """Per-PTE masks of the bits the named deviations may change."""
-    masks = []
-    for row in np.asarray(state["vmas"]).reshape(-1, 16):
-        npages, shared, vm_softdirty = int(row[2]), bool(row[6]), bool(row[9])
-        m = 0
-        if "contpte-layout" in deviations and bits["cont"]:
-            m |= bits["cont"] | bits["young"] | bits["dirty"]
-        if shared and "fork-write-merge-shared" in deviations:
-            m |= bits["write"]
-        if vm_softdirty and "soft-dirty-untracked" in deviations:
-            m |= bits["soft_dirty"]
-        if mprotect_merged:
-            m |= bits["dirty"] | bits["young"] | bits["soft_dirty"] | bits["write"]
-        masks.append(np.full(npages, m, dtype=np.uint64))
-    return np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint64)
-
-
-def compare(a: dict[str, Any], b: dict[str, Any], *, deviations: set[str], same_version: bool,
-            mprotect_merged: bool, arch: str = "x86-64") -> list[str]:
-    """Differences between two states after masking the named deviations."""
-    a, b = dict(a), dict(b)
-    if deviations:
-        bits = BITS["arm64" if arch.startswith("arm64") else arch]
-        ma = pte_masks(a, bits, deviations, mprotect_merged)
-        mb = pte_masks(b, bits, deviations, mprotect_merged)
-        if len(ma) == len(a["ptes"]) and len(mb) == len(b["ptes"]):
-            a["ptes"] = np.asarray(a["ptes"], dtype=np.uint64) & ~ma
-            b["ptes"] = np.asarray(b["ptes"], dtype=np.uint64) & ~mb
-        fmask = (PG_PARTIALLY_MAPPED if "deferred-split-per-pte" in deviations else 0) | (PG_DIRTY if mprotect_merged else 0)
-        a["flags"] = np.asarray(a["flags"]) & ~np.uint8(fmask)
-        b["flags"] = np.asarray(b["flags"]) & ~np.uint8(fmask)
-    ignore = []
-    if not same_version:
-        # MM-ID slots and the shared bit exist only from v6.15.
-        a["large"] = np.asarray(a["large"]).reshape(-1, 9)[:, :5]
-        b["large"] = np.asarray(b["large"]).reshape(-1, 9)[:, :5]
-        a["flags"] = np.asarray(a["flags"]) & ~np.uint8(PG_MAYBE_SHARED)
-        b["flags"] = np.asarray(b["flags"]) & ~np.uint8(PG_MAYBE_SHARED)
-    return pb.state_diff(a, b, ignore)
-
-
 MTHP = st.sampled_from([(), ("16K",), ("64K",), ("16K", "64K"), ("64K", "2M"), ("16K", "64K", "2M")])
 
 
 class SimMachine(RuleBasedStateMachine):
     """Runs every operation on ``self.sims`` (built by :meth:`make_sims`) in lockstep."""
 
-    kernel = "6.18"
     max_procs = 5
+    #: Backends whose check() runs after every step; the others run it at the end of each run.
+    check_every_step = ("rust", "reference")
 
     def make_sims(self) -> list[pb.Simulation]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -134,18 +346,16 @@ class SimMachine(RuleBasedStateMachine):
                 shared=st.sampled_from([False, False, False, True]))
     def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool) -> None:
         self.sims = self.make_sims()
+        self.layouts = [pb.layout(s.arch) for s in self.sims]
         self.page = self.sims[0].page_size
         self.procs: list[Proc] = []
         self.pins: list[int] = []
-        self.files: list[int] = []
-        self.mprotected = False
         self.diverged: set[int] = set()
-        pids = {s.spawn().pid for s in self.sims}
-        assert len(pids) == 1
-        self.procs.append(Proc(pids.pop()))
-        for s in self.sims:
-            f = s.create_file("256K", "16K")
-        self.files.append(f)
+        self.drifts = {(i, j): Drift(dev, self.sims[i].arch, self.sims[i].kernel)
+                       for i, j, dev, same in self.comparisons() if dev and same}
+        self._views: list[View] | None = None
+        self.procs.append(Proc(self.all(lambda s: s.spawn().pid)))
+        self.file = self.all(lambda s: s.create_file("256K", "16K"))
         # Most interesting sequences start from memory that is already faulted in.
         p = self.procs[0]
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp).start)
@@ -153,27 +363,37 @@ class SimMachine(RuleBasedStateMachine):
             # An mTHP size this layout has not (its PMD is smaller): plain pages then.
             start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared).start)
         p.maps.append(Mapping(start, pages))
-        self.all(lambda s: s.process(p.pid).touch(start, pages * self.page, write))
+        self.all(lambda s: s.process(p.pid).touch(start, pages * self.page, write),
+                 ("write", p.pid, start, pages * self.page) if write else None)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def all(self, fn: Callable[[pb.Simulation], Any]) -> Any:
-        """Runs ``fn`` on every simulation; all must agree on success or the error class,
-        and a failed call must leave the state as it was."""
-        before = [s.state() for s in self.sims]
+    def views(self) -> list[View]:
+        """Every simulation's state now (kept until the next operation changes one)."""
+        if self._views is None:
+            self._views = [View(s.state(), l) for s, l in zip(self.sims, self.layouts)]
+        return self._views
+
+    def all(self, fn: Callable[[pb.Simulation], Any], op: tuple | None = None) -> Any:
+        """Runs ``fn`` on every simulation; all must give the same outcome and value, and a
+        failed call must leave the state as it was. ``op`` tells the deviation tracking what
+        a successful call did (see :meth:`Drift.track`)."""
+        before = self.views()
         results = [outcome(lambda s=s: fn(s)) for s in self.sims]
-        kinds = {r[0] for r in results}
-        assert len(kinds) == 1, f"simulations disagree on the outcome: {results}"
+        assert all(r == results[0] for r in results), f"simulations disagree: {results}"
         event(f"outcome {results[0][0]}")
         if results[0][0] != "ok":
             for s, b in zip(self.sims, before):
-                assert pb.state_diff(b, s.state()) == [], "a failed operation changed the state"
+                assert pb.state_diff(b.state, s.state()) == [], "a failed operation changed the state"
             return None
-        values = [r[1] for r in results]
-        return values[0]
-
-    def live(self) -> list[Proc]:
-        return [p for p in self.procs]
+        value = results[0][1]
+        self._views = None
+        after = self.views()
+        if op is not None and op[0] == "fork":
+            op = op + (value,)  # the child
+        for (i, j), drift in self.drifts.items():
+            drift.track(op or ("other", 0), [before[i], before[j]], [after[i], after[j]])
+        return value
 
     def addr(self, data: st.DataObject, pages_max: int = 24) -> tuple[Proc, int, int]:
         p = data.draw(st.sampled_from(self.procs))
@@ -197,7 +417,7 @@ class SimMachine(RuleBasedStateMachine):
         p = data.draw(st.sampled_from(self.procs))
         if kind.startswith("file"):
             pages = min(pages, 64)
-            file, shared = self.files[0], kind == "file-shared"
+            file, shared = self.file, kind == "file-shared"
         else:
             file, shared = None, kind == "shared-anon"
         uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
@@ -209,78 +429,93 @@ class SimMachine(RuleBasedStateMachine):
     @rule(data=st.data(), write=st.booleans())
     def touch(self, data: st.DataObject, write: bool) -> None:
         p, a, n = self.addr(data, pages_max=640)
-        self.all(lambda s: s.process(p.pid).touch(a, n, write))
+        self.all(lambda s: s.process(p.pid).touch(a, n, write), ("write", p.pid, a, n) if write else None)
 
     @rule(data=st.data(), write=st.booleans())
     def access(self, data: st.DataObject, write: bool) -> None:
         p, a, _ = self.addr(data)
-        tokens = self.all(lambda s: s.process(p.pid).write(a) if write else s.process(p.pid).read(a))
-        del tokens
+        if write:
+            self.all(lambda s: s.process(p.pid).write(a), ("write", p.pid, a, self.page))
+        else:
+            self.all(lambda s: s.process(p.pid).read(a))
 
-    @precondition(lambda self: len(self.procs) < 5)
+    @precondition(lambda self: len(self.procs) < self.max_procs)
     @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
         p = data.draw(st.sampled_from(self.procs))
-        child = self.all(lambda s: s.process(p.pid).fork().pid)
+        child = self.all(lambda s: s.process(p.pid).fork().pid, ("fork", p.pid))
         if child is not None:
             self.procs.append(Proc(child, list(p.maps)))
 
     @rule(data=st.data())
     def munmap(self, data: st.DataObject) -> None:
         p, a, n = self.addr(data)
-        self.all(lambda s: s.process(p.pid).munmap(a, n))
+        self.all(lambda s: s.process(p.pid).munmap(a, n), ("zap", p.pid, a, n))
 
     @rule(data=st.data(), prot=st.sampled_from(["r", "rw", "none"]))
     def mprotect(self, data: st.DataObject, prot: str) -> None:
         p, a, n = self.addr(data)
-        if self.all(lambda s: s.process(p.pid).mprotect(a, n, prot)) is None:
-            self.mprotected = True
+        self.all(lambda s: s.process(p.pid).mprotect(a, n, prot), ("protect", p.pid, a, n))
 
     @rule(data=st.data(), advice=st.sampled_from(["dontneed", "dontneed", "dontfork", "wipeonfork", "dofork"]))
     def madvise(self, data: st.DataObject, advice: str) -> None:
         p, a, n = self.addr(data)
-        self.all(lambda s: s.process(p.pid).madvise(a, n, advice))
+        self.all(lambda s: s.process(p.pid).madvise(a, n, advice),
+                 ("zap", p.pid, a, n) if advice == "dontneed" else None)
 
     @rule(data=st.data(), write=st.booleans(), longterm=st.booleans())
     def pin(self, data: st.DataObject, write: bool, longterm: bool) -> None:
         p, a, n = self.addr(data, pages_max=4)
-        pin = self.all(lambda s: s.process(p.pid).pin(a, n, write=write, longterm=longterm).id)
+        pin = self.all(lambda s: s.process(p.pid).pin(a, n, write=write, longterm=longterm).id,
+                       ("write", p.pid, a, n) if write else None)
         if pin is not None:
             self.pins.append(pin)
+
+    @precondition(lambda self: self.pins)
+    @rule(data=st.data(), index=st.integers(0, 4), write=st.booleans())
+    def dma(self, data: st.DataObject, index: int, write: bool) -> None:
+        """A device reads or writes a pinned page (index 4 is past every pin)."""
+        pin = data.draw(st.sampled_from(self.pins))
+        self.all(lambda s: pb.Pin(s, pin).write(index) if write else pb.Pin(s, pin).read(index))
 
     @precondition(lambda self: self.pins)
     @rule(data=st.data())
     def unpin(self, data: st.DataObject) -> None:
         pin = data.draw(st.sampled_from(self.pins))
         self.pins.remove(pin)
-        self.all(lambda s: s._b.unpin(pin))
+        self.all(lambda s: pb.Pin(s, pin).unpin())
 
     @precondition(lambda self: len(self.procs) > 1)
     @rule(data=st.data())
     def exit(self, data: st.DataObject) -> None:
         p = data.draw(st.sampled_from(self.procs[1:]))
         self.procs.remove(p)
-        self.all(lambda s: s.process(p.pid).exit())
+        self.all(lambda s: s.process(p.pid).exit(), ("exit", p.pid))
 
     @rule(data=st.data(), enable=st.booleans())
     def uffd_writeprotect(self, data: st.DataObject, enable: bool) -> None:
         p, a, n = self.addr(data)
-        self.all(lambda s: s.process(p.pid).uffd_writeprotect(a, n, enable))
+        self.all(lambda s: s.process(p.pid).uffd_writeprotect(a, n, enable), ("protect", p.pid, a, n))
 
     @rule(data=st.data())
     def clear_soft_dirty(self, data: st.DataObject) -> None:
         p = data.draw(st.sampled_from(self.procs))
-        self.all(lambda s: s.process(p.pid).clear_soft_dirty())
+        self.all(lambda s: s.process(p.pid).clear_soft_dirty(), ("clear-soft-dirty", p.pid))
 
     # -- after every step ------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        for s in getattr(self, "sims", []):
+            s.check()
 
     @invariant()
     def consistent(self) -> None:
         if not hasattr(self, "sims"):
             return
         for s in self.sims:
-            s.check()
-        states = [s.state() for s in self.sims]
+            if s.backend in self.check_every_step:
+                s.check()
+        views = self.views()
         for i, j, deviations, same_version in self.comparisons():
             if j in self.diverged:
                 continue
@@ -291,7 +526,13 @@ class SimMachine(RuleBasedStateMachine):
                 if (si["cow_copies"], si["cow_reuses"]) != (sj["cow_copies"], sj["cow_reuses"]):
                     self.diverged.add(j)
                     continue
-            mprotect_merged = self.mprotected and "mprotect-ad-merge" in deviations
-            diff = compare(states[i], states[j], deviations=deviations, same_version=same_version,
-                           mprotect_merged=mprotect_merged, arch=self.sims[i].arch)
+            pte_mask = flag_mask = None
+            if (i, j) in self.drifts:
+                drift = self.drifts[(i, j)]
+                pte_mask = drift.pte_mask(views[i])
+                flag_mask = drift.flag_mask(len(views[i].state["flags"]))
+            elif "contpte-layout" in deviations:
+                pte_mask = contpte_mask(views[i]) | contpte_mask(views[j]) \
+                    if len(views[i].keys) == len(views[j].keys) else None
+            diff = compare(views[i], views[j], pte_mask, flag_mask, same_version)
             assert diff == [], f"{self.sims[i]!r} vs {self.sims[j]!r}: {diff}"
