@@ -77,6 +77,50 @@ def _pread_u64(fd: int, first: int, count: int, path: str, pid: int | None = Non
     return out
 
 
+#: PF_KTHREAD in /proc/<pid>/stat's flags (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
+
+def proc_stat(pid: int) -> tuple[str, str, int, int]:
+    """(comm, state, flags, start time) of ``pid`` from /proc/<pid>/stat (fields 2, 3, 9, 22 of
+    proc(5)); raises ``CaptureError`` when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise CaptureError(f"process {pid} does not exist (or exited)") from e
+    except OSError as e:
+        raise CaptureError(f"cannot read /proc/{pid}/stat: {e.strerror}") from e
+    # comm may hold spaces and parentheses: it ends at the last ')'.
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    try:
+        return head.partition("(")[2], fields[0], int(fields[6]), int(fields[19])
+    except (IndexError, ValueError) as e:
+        raise CaptureError(f"cannot parse /proc/{pid}/stat") from e
+
+
+def _live(pid: int) -> tuple[str, str, int, int]:
+    """proc_stat of a process that has a user address space, or ``CaptureError`` saying why not."""
+    st = proc_stat(pid)
+    comm, state, flags, _ = st
+    if state in ("Z", "X", "x"):
+        raise CaptureError(f"process {pid} ({comm}) has exited (state {state}): it has no memory to capture")
+    if flags & PF_KTHREAD:
+        raise CaptureError(f"process {pid} ({comm}) is a kernel thread: it has no user address space")
+    return st
+
+
+def _unchanged(pid: int, before: tuple[str, str, int, int]) -> None:
+    """Raises ``CaptureError`` if ``pid`` died, or is another process, since ``before``."""
+    try:
+        now = _live(pid)
+    except CaptureError as e:
+        raise CaptureError(f"process {pid} exited during the capture ({e})") from e
+    if now[3] != before[3]:
+        raise CaptureError(f"process {pid} exited during the capture and its pid was reused")
+
+
 def read_vmas(pid: int) -> list[dict]:
     """The VMAs of ``pid`` from /proc/<pid>/smaps, with AnonHugePages and THPeligible."""
     path = f"/proc/{pid}/smaps"
@@ -118,6 +162,11 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
     pid_list = [pids] if isinstance(pids, int) else list(pids)
     if not pid_list:
         raise CaptureError("no process to capture")
+    for pid in pid_list:
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError(f"a pid must be a positive int, not {pid!r}")
+    if len(set(pid_list)) != len(pid_list):
+        raise ValueError(f"pids {pid_list} name a process twice")
     page = os.sysconf("SC_PAGE_SIZE")
     pmd = _pmd_pages(page)
     for path in ("/proc/kpageflags", "/proc/kpagecount"):
@@ -126,8 +175,13 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
                                              "vma_anon_huge_kb")}
     names: list[str] = []
     maps: list[np.ndarray] = []
+    started: dict[int, tuple[str, str, int, int]] = {}
     for pid in pid_list:
+        started[pid] = _live(pid)
         vmas = read_vmas(pid)
+        if not vmas:
+            _unchanged(pid, started[pid])
+            raise CaptureError(f"process {pid} ({started[pid][0]}) has no memory mappings")
         fd = _open(f"/proc/{pid}/pagemap", pid)
         try:
             for v in vmas:
@@ -152,8 +206,7 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
                 names.append(v["name"])
         finally:
             os.close(fd)
-        if not os.path.exists(f"/proc/{pid}"):
-            raise CaptureError(f"process {pid} exited during the capture")
+        _unchanged(pid, started[pid])
     pagemap = np.concatenate(maps) if maps else np.zeros(0, dtype=np.uint64)
     present = pagemap[(pagemap & np.uint64(PM_PRESENT)) != 0]
     pfns = present & np.uint64(PM_PFN_MASK)
@@ -162,6 +215,9 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
     wins = np.unique(pfns - pfns % np.uint64(pmd))
     kflags = _read_windows("/proc/kpageflags", wins, pmd)
     kcount = _read_windows("/proc/kpagecount", wins, pmd)
+    # An exit while the frames were read leaves pfns whose folios are already freed.
+    for pid in pid_list:
+        _unchanged(pid, started[pid])
     offsets = np.zeros(len(maps) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(m) for m in maps])
     header = {
@@ -208,4 +264,4 @@ def _read_windows(path: str, wins: np.ndarray, pmd: int) -> np.ndarray:
     return out
 
 
-__all__ = ["capture", "read_vmas", "CHUNK"]
+__all__ = ["capture", "read_vmas", "proc_stat", "CHUNK"]
