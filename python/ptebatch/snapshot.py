@@ -194,10 +194,11 @@ class Snapshot:
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise SnapshotError(f"cannot read snapshot {name!r}: {e.strerror}") from e
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SnapshotError(f"{name!r} is not a snapshot: it is {_file_kind(st.st_mode)}")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise SnapshotError(f"{name!r} is not a snapshot: it is {_file_kind(st.st_mode)}")
             try:
                 arrays = _read_members(f, st.st_size, max_bytes)
             except SnapshotError as e:
