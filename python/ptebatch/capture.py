@@ -1,9 +1,14 @@
-"""Capture of live page tables from /proc (shared/spec/pte-layouts.md §7).
+"""Capture of live page tables from /proc.
 
 For each process: the VMAs from /proc/<pid>/smaps (with AnonHugePages), the pagemap entry of
 every page of every VMA, read with large ``preadv`` calls straight into numpy arrays (as the
 kernel's tools/mm/thpmaps does); then /proc/kpageflags and /proc/kpagecount for every
 PMD-sized, aligned window of frames holding a mapped page. Needs root.
+
+A process is only captured whole: /proc/<pid>/stat is read before its maps and again after
+its pagemap and after the frame windows, and a process that is or becomes a zombie or dead,
+or whose start time changes (the pid was reused), raises ``CaptureError``; so do kernel
+threads (PF_KTHREAD) and processes without mappings. Errors are one line, fit for a CLI.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def _open(path: str, pid: int | None = None) -> int:
 def _pread_u64(fd: int, first: int, count: int, path: str, pid: int | None = None) -> np.ndarray:
     """``count`` little-endian u64 entries from entry ``first`` of a /proc file, in big preadv calls."""
     out = np.empty(count, dtype=np.uint64)
-    view = memoryview(out).cast("B")
+    view = out.view(np.uint8).data
     done = 0
     total = count * 8
     while done < total:
@@ -231,7 +236,7 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
         "inferred": list(INFERRED),
         "source": "live",
     }
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "vma_pid": np.asarray(cols["vma_pid"], dtype=np.int64),
         "vma_start": np.asarray(cols["vma_start"], dtype=np.uint64),
         "vma_end": np.asarray(cols["vma_end"], dtype=np.uint64),

@@ -5,9 +5,25 @@ page of them, plus /proc/kpageflags and /proc/kpagecount for every PMD-sized, na
 aligned window of page frames that contains a mapped page (a large folio never leaves its
 window, so every folio can be rebuilt from its compound head and tail flags).
 
-Files are written atomically (a temporary file in the same directory, then ``os.replace``)
-and validated on load: a corrupt, truncated or future-version file raises
-``ptebatch.SnapshotError`` and yields nothing.
+Saving (``Snapshot.save``) writes a temporary file in the target's directory and renames it
+over the target (``os.replace``), so a reader sees the old file or the new one, never half of
+one. The target must be a free name or a regular file: a directory, device (``/dev/null``),
+FIFO or socket is refused, and so is a symbolic link, dangling or not (writing through a
+link is how a privileged writer gets tricked into replacing another file; give the link's
+target instead). A new file gets the mode ``open()`` would give it (0666 less the umask); a
+replaced file keeps its permission bits and, where allowed, its owner. Failures raise
+``SnapshotError`` with a one-line message and leave no temporary file.
+
+Loading (``Snapshot.load``) reads only a regular file and never unpickles. Before any array
+data is read it checks the zip's member list (exactly the known members, none twice, stored
+or deflated, not encrypted), each member's declared size against its compressed size (no
+more than deflate can expand) and against the .npy header's dtype and one-dimensional shape,
+and the total against ``max_bytes``; memory use is thus bounded by what the file really holds.
+Then the JSON header (a header JSON cannot parse, such as an over-long integer or nesting
+too deep, is refused; field types are checked strictly, no bool for an int) and the
+consistency of the arrays are validated (``validate``). Any defect, whatever the
+underlying zip, zlib, JSON or numpy error, raises ``SnapshotError`` naming the file and the
+problem, and yields nothing.
 """
 
 from __future__ import annotations
@@ -166,7 +182,7 @@ class Snapshot:
                 if owner is not None:
                     with contextlib.suppress(PermissionError):
                         os.fchown(f.fileno(), *owner)
-                np.savez_compressed(f, header=np.frombuffer(blob, dtype=np.uint8), **self.arrays)
+                np.savez_compressed(f, header=np.frombuffer(blob, dtype=np.uint8), **self.arrays)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
             _output_mode(path)  # again: the path may have been replaced while writing
@@ -265,6 +281,7 @@ def _read_members(f: Any, size: int, max_bytes: int) -> dict[str, np.ndarray]:
     arrays = {}
     for i in infos:
         key = want[i.filename]
+        m: Any
         with zf.open(i) as m:
             dtype, n, offset = _npy_header(m, key, MEMBERS[key])
             if offset + n * dtype.itemsize != i.file_size:
@@ -358,14 +375,15 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     if not isinstance(header, dict):
         raise SnapshotError("the header is not a dict")
     v = header.get("schema_version")
-    if not _is_int(v):
+    if not isinstance(v, int) or isinstance(v, bool):
         raise SnapshotError("the header has no integer schema_version")
     if v > SCHEMA_VERSION:
         raise SnapshotError(f"snapshot schema version {v} is newer than this ptebatch reads ({SCHEMA_VERSION})")
     if v < 1:
         raise SnapshotError(f"snapshot schema version {v} is not valid")
-    for key, typ in (("kernel_release", str), ("arch", str), ("page_size", int), ("pmd_pages", int),
-                     ("capture_time", str), ("pids", list), ("inferred", list)):
+    fields: tuple[tuple[str, type], ...] = (("kernel_release", str), ("arch", str), ("page_size", int), ("pmd_pages", int),
+                     ("capture_time", str), ("pids", list), ("inferred", list))
+    for key, typ in fields:
         x = header.get(key)
         if not isinstance(x, typ) or isinstance(x, bool):
             raise SnapshotError(f"header field {key!r} is missing or not a {typ.__name__}")
@@ -387,11 +405,11 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     extra = set(arrays) - set(ARRAYS)
     if extra:
         raise SnapshotError(f"unknown snapshot arrays: {sorted(map(str, extra))[:4]}")
-    for k, typ in ARRAYS.items():
+    for k, dt in ARRAYS.items():
         a = arrays[k]
-        if not isinstance(a, np.ndarray) or a.dtype != np.dtype(typ) or a.ndim != 1:
+        if not isinstance(a, np.ndarray) or a.dtype != np.dtype(dt) or a.ndim != 1:
             what = f"{a.ndim}-d {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
-            raise SnapshotError(f"array {k!r} must be one-dimensional {np.dtype(typ)}, not {what}")
+            raise SnapshotError(f"array {k!r} must be one-dimensional {np.dtype(dt)}, not {what}")
     nv = len(arrays["vma_start"])
     for k in ("vma_pid", "vma_end", "vma_flags", "vma_pgoff", "vma_anon_huge_kb"):
         if len(arrays[k]) != nv:

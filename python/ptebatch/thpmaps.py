@@ -240,7 +240,7 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
               "arch": sim.arch.split("-")[0] if sim.arch.startswith(("arm64", "ppc64")) else sim.arch,
               "page_size": page, "pmd_pages": pmd, "capture_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "pids": [p.pid for p in procs], "inferred": [], "source": "simulation"}
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "vma_pid": np.asarray(cols["vma_pid"], np.int64), "vma_start": np.asarray(cols["vma_start"], np.uint64),
         "vma_end": np.asarray(cols["vma_end"], np.uint64), "vma_flags": np.asarray(cols["vma_flags"], np.uint32),
         "vma_pgoff": np.asarray(cols["vma_pgoff"], np.uint64),
