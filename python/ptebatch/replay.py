@@ -142,6 +142,48 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     return sim, procs
 
 
+def _file_groups(snap: Snapshot, normal: np.ndarray, flags: np.ndarray,
+                 pfns: np.ndarray) -> dict[int, tuple[str, int, bool]]:
+    """The file object (name, number, shmem) each file VMA maps. VMAs of one name map one
+    object unless their page cache disagrees (one file page at two pfns, one pfn at two file
+    pages, swap-backed pages and others): two unrelated shared anonymous mappings are both
+    "/dev/zero (deleted)"."""
+    a = snap.arrays
+    off = a["vma_page_offset"]
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray, bool | None]]] = {}
+    out: dict[int, tuple[str, int, bool]] = {}
+    for i in np.flatnonzero(a["vma_flags"] & np.uint32(VMA_FILE)):
+        lo, hi = int(off[i]), int(off[i + 1])
+        sel = np.flatnonzero(normal[lo:hi] & ((flags[lo:hi] & np.uint64(KPF_ANON)) == 0))
+        shmem = bool(np.any(flags[lo:hi][sel] & np.uint64(KPF_SWAPBACKED))) if len(sel) else None
+        # Every page of every page-cache folio the VMA maps: (file page, pfn).
+        p = pfns[lo:hi][sel]
+        heads, lens = snap.folio_of(p) if len(p) else (p, np.zeros(0, np.int64))
+        first_index = int(a["vma_pgoff"][i]) + sel.astype(np.int64) - (p - heads).astype(np.int64)
+        uh, k = np.unique(heads, return_index=True)
+        n = lens[k]
+        rep = np.repeat(np.arange(len(uh)), n)
+        step = np.arange(len(rep)) - np.repeat(np.cumsum(n) - n, n)
+        index, pfn = first_index[k][rep] + step, uh[rep] + step.astype(np.uint64)
+        name = snap.vma_names[i]
+        found = groups.setdefault(name, [])
+        for g, (gi, gp, gs) in enumerate(found):
+            if shmem is not None and gs is not None and shmem != gs:
+                continue
+            _, x, y = np.intersect1d(gi, index, assume_unique=True, return_indices=True)
+            _, u, w = np.intersect1d(gp, pfn, assume_unique=True, return_indices=True)
+            if np.array_equal(gp[x], pfn[y]) and np.array_equal(gi[u], index[w]):
+                merged, at = np.unique(np.concatenate([gi, index]), return_index=True)
+                found[g] = (merged, np.concatenate([gp, pfn])[at], gs if shmem is None else shmem)
+                break
+        else:
+            g = len(found)
+            found.append((index, pfn, shmem))
+        out[int(i)] = (name, g, False)
+    # A group is shmem when any of its pages is swap-backed.
+    return {i: (name, g, bool(groups[name][g][2])) for i, (name, g, _) in out.items()}
+
+
 def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray,
            new: np.ndarray | None) -> dict[int, "Process"]:
     page, pmd = snap.page_size, snap.pmd_pages
@@ -157,27 +199,22 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
         k = np.searchsorted(wins, p - p % np.uint64(pmd))
         return new[k] + p % np.uint64(pmd)
 
-    # One file object per distinct file name (shared by the processes that map it), shmem
-    # when its pages are swap-backed; each shared anonymous VMA gets its own shmem object.
+    # One file object per distinct file (see _file_groups); each shared anonymous VMA
+    # without a file gets its own shmem object.
     nv = len(a["vma_start"])
     vma_of_page = np.repeat(np.arange(nv), np.diff(a["vma_page_offset"]))
-    file_pages: dict[str, int] = {}
-    file_shmem: dict[str, bool] = {}
-    for i in range(nv):
-        if a["vma_flags"][i] & VMA_FILE:
-            name = snap.vma_names[i]
-            end = int(a["vma_pgoff"][i]) + int((a["vma_end"][i] - a["vma_start"][i]) // np.uint64(page))
-            file_pages[name] = max(file_pages.get(name, 0), end)
-            f = flags_all[a["vma_page_offset"][i]:a["vma_page_offset"][i + 1]][normal[a["vma_page_offset"][i]:a["vma_page_offset"][i + 1]]]
-            cached = f[(f & np.uint64(KPF_ANON)) == 0]
-            file_shmem[name] = file_shmem.get(name, False) or bool(np.any(cached & np.uint64(KPF_SWAPBACKED)))
-    fids: dict[str, int] = {}
-    for name, n in file_pages.items():
+    group = _file_groups(snap, normal, flags_all, pfns_all)
+    file_pages: dict[tuple[str, int, bool], int] = {}
+    for i, key in group.items():
+        end = int(a["vma_pgoff"][i]) + int((a["vma_end"][i] - a["vma_start"][i]) // np.uint64(page))
+        file_pages[key] = max(file_pages.get(key, 0), end)
+    fids: dict[tuple[str, int, bool], int] = {}
+    for key, n in file_pages.items():
         n = (n + pmd - 1) // pmd * pmd + pmd
         if n > MAX_IDENTITY_FRAMES:
-            raise SnapshotError(f"file {name!r} is mapped {n} pages deep; replay models files of up to "
+            raise SnapshotError(f"file {key[0]!r} is mapped {n} pages deep; replay models files of up to "
                                 f"{MAX_IDENTITY_FRAMES} pages")
-        fids[name] = sim.create_file(n * page, page, shmem=file_shmem[name])
+        fids[key] = sim.create_file(n * page, page, shmem=key[2])
     procs: dict[int, Process] = {pid: sim.spawn() for pid in snap.pids}
     file_of: dict[int, int] = {}
     for i in range(nv):
@@ -186,7 +223,7 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
         prot = "".join(c for c, bit in (("r", VMA_READ), ("w", VMA_WRITE), ("x", VMA_EXEC)) if f & bit) or "none"
         shared = bool(f & VMA_SHARED)
         if f & VMA_FILE:
-            fid: int | None = fids[snap.vma_names[i]]
+            fid: int | None = fids[group[i]]
         elif shared:
             fid = sim.create_file(end - start, page, shmem=True)
         else:
