@@ -5,7 +5,6 @@ Tests that read /proc of other processes skip when PTEBATCH_NO_LIVE is set."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import subprocess
@@ -195,18 +194,33 @@ def test_pid_reuse_during_the_capture_is_detected(monkeypatch) -> None:
         cap.capture(os.getpid())
 
 
+_SHARED_ANON_CHILD = """
+import ctypes, mmap, sys
+maps = [mmap.mmap(-1, 1 << 16) for _ in range(2)]
+for i, m in enumerate(maps):
+    m[:] = bytes([65 + i]) * len(m)
+print(*(ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in maps), flush=True)
+sys.stdin.read()
+"""
+
+
 @live
 def test_a_live_capture_replays() -> None:
-    """Including two unrelated shared anonymous mappings, both named "/dev/zero (deleted)"."""
-    a, b = mmap.mmap(-1, 1 << 16), mmap.mmap(-1, 1 << 16)
+    """Two unrelated shared anonymous mappings, both named "/dev/zero (deleted)", of an idle
+    process: the replay maps the same pages, each mapping its own shmem object."""
+    child = subprocess.Popen([sys.executable, "-c", _SHARED_ANON_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        a[:] = b"a" * len(a)
-        b[:] = b"b" * len(b)
-        snap = cap.capture(os.getpid())
+        assert child.stdout is not None
+        addrs = [int(x) for x in child.stdout.readline().split()]
+        snap = cap.capture(child.pid, ranges=[(x, x + (1 << 16)) for x in addrs])
     finally:
-        a.close()
-        b.close()
-    assert snap.vma_names.count("/dev/zero (deleted)") >= 2
+        child.kill()
+        child.wait()
+        for f in (child.stdin, child.stdout):
+            if f:
+                f.close()
+    assert snap.vma_names == ["/dev/zero (deleted)"] * 2
     try:
         sim, procs = pb.Simulation.from_snapshot(snap)
     except pb.SnapshotError as e:
@@ -214,10 +228,10 @@ def test_a_live_capture_replays() -> None:
             raise
         sim, procs = pb.Simulation.from_snapshot(snap, pb.NEWEST_KERNEL)
     sim.check()
-    p = procs[os.getpid()]
-    for i, name in enumerate(snap.vma_names):
-        if name == "/dev/zero (deleted)":
-            start, end = int(snap.arrays["vma_start"][i]), int(snap.arrays["vma_end"][i])
-            # pfn, present, exclusive, file (soft-dirty depends on VM_SOFTDIRTY, not captured)
-            mask = np.uint64((1 << 63) | (1 << 61) | (1 << 56) | ((1 << 55) - 1))
-            assert np.array_equal(p.pagemap(start, end - start) & mask, snap.vma_pages(i) & mask)
+    p = procs[child.pid]
+    # pfn, present, exclusive, file (soft-dirty depends on VM_SOFTDIRTY, not captured)
+    mask = np.uint64((1 << 63) | (1 << 61) | (1 << 56) | ((1 << 55) - 1))
+    for i in range(2):
+        start, end = int(snap.arrays["vma_start"][i]), int(snap.arrays["vma_end"][i])
+        assert np.array_equal(p.pagemap(start, end - start) & mask, snap.vma_pages(i) & mask)
+    assert len({v["file"] for v in p.vmas()}) == 2

@@ -259,3 +259,12 @@ def test_sparse_pfns_are_compacted(snap: Snapshot) -> None:
     assert np.array_equal(new % np.uint64(far.pmd_pages), old % np.uint64(far.pmd_pages))
     assert np.array_equal(far.frame_info(old)[1], again.frame_info(new)[1])
     assert np.array_equal(far.folio_of(old)[1], again.folio_of(new)[1])
+
+
+def test_placing_a_folio_beyond_memory_or_file_is_a_value_error() -> None:
+    sim = pb.Simulation("x86-64", "6.18", "16M")
+    f = sim.create_file("64K")
+    for args in [((1 << 64) - 512, 9, "anon"), (0, 0, "file", f, (1 << 64) - 1), (0, 4, "file", f, 14)]:
+        with pytest.raises(ValueError, match="beyond"):
+            sim._b.place_folio(*args)
+    sim.check()
