@@ -142,12 +142,11 @@ impl Simulation {
                         }
                         if mm_id_on {
                             let slot = (0..2).find(|&s| lf.mm_id[s] == mm_id).or_else(|| (0..2).find(|&s| lf.mm_id[s] == MM_ID_DUMMY));
-                            match slot {
-                                Some(s) => {
-                                    lf.mm_id[s] = mm_id;
-                                    lf.mm_id_mapcount[s] += 1;
-                                }
-                                None => {}
+                            // A third mm takes no slot; the folio then counts as maybe-shared
+                            // (below), since no slot holds all its mappings.
+                            if let Some(s) = slot {
+                                lf.mm_id[s] = mm_id;
+                                lf.mm_id_mapcount[s] += 1;
                             }
                         }
                     }
