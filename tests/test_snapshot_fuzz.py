@@ -317,3 +317,12 @@ def test_max_bytes_bounds_honest_files_too(tmp_path) -> None:
     with pytest.raises(pb.SnapshotError, match="max_bytes"):
         Snapshot.load(path, max_bytes=total // 2)
     Snapshot.load(path, max_bytes=2 * total)
+
+
+def test_a_flipped_data_byte_in_a_stored_member_fails_its_crc(tmp_path) -> None:
+    b = bytearray(STORED)
+    b[b.find(b"NUMPY", b.find(b"pagemap.npy")) + 200] ^= 1  # inside pagemap's data
+    path = tmp_path / "s.npz"
+    path.write_bytes(bytes(b))
+    with pytest.raises(pb.SnapshotError, match="CRC"):
+        Snapshot.load(path)
