@@ -326,3 +326,13 @@ def test_a_flipped_data_byte_in_a_stored_member_fails_its_crc(tmp_path) -> None:
     path.write_bytes(bytes(b))
     with pytest.raises(pb.SnapshotError, match="CRC"):
         Snapshot.load(path)
+
+
+@pytest.mark.parametrize("pgoff", [1 << 63, (1 << 64) - 1, (1 << 51) - 1])
+def test_file_offsets_beyond_a_loff_t(tmp_path, pgoff: int) -> None:
+    m = {k: v.copy() for k, v in _members().items()}
+    m["vma_pgoff"][np.flatnonzero(m["vma_flags"] & 16)[0]] = np.uint64(pgoff)
+    path = tmp_path / "s.npz"
+    path.write_bytes(_npz(m))
+    with pytest.raises(pb.SnapshotError, match="file offset"):
+        Snapshot.load(path)

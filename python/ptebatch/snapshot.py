@@ -426,8 +426,13 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     off = arrays["vma_page_offset"]
     if len(off) != nv + 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != len(arrays["pagemap"]):
         raise SnapshotError("vma_page_offset does not partition the pagemap array")
-    if not np.array_equal(np.diff(off).astype(np.uint64), (end - start) // np.uint64(ps)):
+    pages = (end - start) // np.uint64(ps)
+    if not np.array_equal(np.diff(off).astype(np.uint64), pages):
         raise SnapshotError("VMA sizes and pagemap entries disagree")
+    # A file offset is a loff_t: the VMA's last byte must lie below 2^63.
+    limit = np.uint64((1 << 63) // ps)
+    if np.any(arrays["vma_pgoff"] > limit - np.minimum(pages, limit)):
+        raise SnapshotError("a VMA's file offset is beyond what a file can hold")
     nw = len(arrays["win_start"])
     if len(arrays["kpageflags"]) != nw * pmd or len(arrays["kpagecount"]) != nw * pmd:
         raise SnapshotError("kpageflags/kpagecount do not cover the frame windows")
