@@ -140,4 +140,4 @@ def test_capture_reports_hidden_pfns(monkeypatch) -> None:
                         np.full(count, 1 << 63, dtype=np.uint64))
     monkeypatch.setattr(os.path, "exists", lambda p: True)
     with pytest.raises(pb.CaptureError, match="hidden"):
-        cap.capture(4242)
+        cap.capture(os.getpid())  # a live pid: capture checks /proc/<pid>/stat before and after

@@ -1,9 +1,14 @@
-"""Capture of live page tables from /proc (shared/spec/pte-layouts.md §7).
+"""Capture of live page tables from /proc.
 
 For each process: the VMAs from /proc/<pid>/smaps (with AnonHugePages), the pagemap entry of
 every page of every VMA, read with large ``preadv`` calls straight into numpy arrays (as the
 kernel's tools/mm/thpmaps does); then /proc/kpageflags and /proc/kpagecount for every
 PMD-sized, aligned window of frames holding a mapped page. Needs root.
+
+A process is only captured whole: /proc/<pid>/stat is read before its maps and again after
+its pagemap and after the frame windows, and a process that is or becomes a zombie or dead,
+or whose start time changes (the pid was reused), raises ``CaptureError``; so do kernel
+threads (PF_KTHREAD) and processes without mappings. Errors are one line, fit for a CLI.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def _open(path: str, pid: int | None = None) -> int:
 def _pread_u64(fd: int, first: int, count: int, path: str, pid: int | None = None) -> np.ndarray:
     """``count`` little-endian u64 entries from entry ``first`` of a /proc file, in big preadv calls."""
     out = np.empty(count, dtype=np.uint64)
-    view = memoryview(out).cast("B")
+    view = out.view(np.uint8).data
     done = 0
     total = count * 8
     while done < total:
@@ -75,6 +80,50 @@ def _pread_u64(fd: int, first: int, count: int, path: str, pid: int | None = Non
             raise CaptureError(f"short read of {path} at entry {first + done // 8}")
         done += got
     return out
+
+
+#: PF_KTHREAD in /proc/<pid>/stat's flags (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
+
+def proc_stat(pid: int) -> tuple[str, str, int, int]:
+    """(comm, state, flags, start time) of ``pid`` from /proc/<pid>/stat (fields 2, 3, 9, 22 of
+    proc(5)); raises ``CaptureError`` when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise CaptureError(f"process {pid} does not exist (or exited)") from e
+    except OSError as e:
+        raise CaptureError(f"cannot read /proc/{pid}/stat: {e.strerror}") from e
+    # comm may hold spaces and parentheses: it ends at the last ')'.
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    try:
+        return head.partition("(")[2], fields[0], int(fields[6]), int(fields[19])
+    except (IndexError, ValueError) as e:
+        raise CaptureError(f"cannot parse /proc/{pid}/stat") from e
+
+
+def _live(pid: int) -> tuple[str, str, int, int]:
+    """proc_stat of a process that has a user address space, or ``CaptureError`` saying why not."""
+    st = proc_stat(pid)
+    comm, state, flags, _ = st
+    if state in ("Z", "X", "x"):
+        raise CaptureError(f"process {pid} ({comm}) has exited (state {state}): it has no memory to capture")
+    if flags & PF_KTHREAD:
+        raise CaptureError(f"process {pid} ({comm}) is a kernel thread: it has no user address space")
+    return st
+
+
+def _unchanged(pid: int, before: tuple[str, str, int, int]) -> None:
+    """Raises ``CaptureError`` if ``pid`` died, or is another process, since ``before``."""
+    try:
+        now = _live(pid)
+    except CaptureError as e:
+        raise CaptureError(f"process {pid} exited during the capture ({e})") from e
+    if now[3] != before[3]:
+        raise CaptureError(f"process {pid} exited during the capture and its pid was reused")
 
 
 def read_vmas(pid: int) -> list[dict]:
@@ -118,6 +167,11 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
     pid_list = [pids] if isinstance(pids, int) else list(pids)
     if not pid_list:
         raise CaptureError("no process to capture")
+    for pid in pid_list:
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError(f"a pid must be a positive int, not {pid!r}")
+    if len(set(pid_list)) != len(pid_list):
+        raise ValueError(f"pids {pid_list} name a process twice")
     page = os.sysconf("SC_PAGE_SIZE")
     pmd = _pmd_pages(page)
     for path in ("/proc/kpageflags", "/proc/kpagecount"):
@@ -126,8 +180,13 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
                                              "vma_anon_huge_kb")}
     names: list[str] = []
     maps: list[np.ndarray] = []
+    started: dict[int, tuple[str, str, int, int]] = {}
     for pid in pid_list:
+        started[pid] = _live(pid)
         vmas = read_vmas(pid)
+        if not vmas:
+            _unchanged(pid, started[pid])
+            raise CaptureError(f"process {pid} ({started[pid][0]}) has no memory mappings")
         fd = _open(f"/proc/{pid}/pagemap", pid)
         try:
             for v in vmas:
@@ -152,8 +211,7 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
                 names.append(v["name"])
         finally:
             os.close(fd)
-        if not os.path.exists(f"/proc/{pid}"):
-            raise CaptureError(f"process {pid} exited during the capture")
+        _unchanged(pid, started[pid])
     pagemap = np.concatenate(maps) if maps else np.zeros(0, dtype=np.uint64)
     present = pagemap[(pagemap & np.uint64(PM_PRESENT)) != 0]
     pfns = present & np.uint64(PM_PFN_MASK)
@@ -162,6 +220,9 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
     wins = np.unique(pfns - pfns % np.uint64(pmd))
     kflags = _read_windows("/proc/kpageflags", wins, pmd)
     kcount = _read_windows("/proc/kpagecount", wins, pmd)
+    # An exit while the frames were read leaves pfns whose folios are already freed.
+    for pid in pid_list:
+        _unchanged(pid, started[pid])
     offsets = np.zeros(len(maps) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(m) for m in maps])
     header = {
@@ -175,7 +236,7 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
         "inferred": list(INFERRED),
         "source": "live",
     }
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "vma_pid": np.asarray(cols["vma_pid"], dtype=np.int64),
         "vma_start": np.asarray(cols["vma_start"], dtype=np.uint64),
         "vma_end": np.asarray(cols["vma_end"], dtype=np.uint64),
@@ -208,4 +269,4 @@ def _read_windows(path: str, wins: np.ndarray, pmd: int) -> np.ndarray:
     return out
 
 
-__all__ = ["capture", "read_vmas", "CHUNK"]
+__all__ = ["capture", "read_vmas", "proc_stat", "CHUNK"]

@@ -1,27 +1,45 @@
 """Replay: a :class:`~ptebatch.Simulation` built from a :class:`~ptebatch.snapshot.Snapshot`.
 
 Every captured process becomes a simulated process with the same VMAs at the same addresses;
-every mapped folio is placed at its captured pfns with its captured order; every present PTE
-maps the captured pfn. What /proc does not show is inferred, and the snapshot lists it
-(``INFERRED``): a private anonymous PTE is writable when the page is exclusively mapped and
-the VMA writable, anonymous pages are dirty, file pages dirty when their folio is, PTEs young,
-and PageAnonExclusive is set on anonymous pages mapped once. Then every counter is recomputed
+every mapped folio is placed with its captured order; every present PTE maps the captured
+page. What /proc does not show is inferred, and the snapshot lists it (``INFERRED``): a
+private anonymous PTE is writable when the page is exclusively mapped and the VMA writable,
+anonymous pages are dirty, file pages dirty when their folio is, PTEs young, and
+PageAnonExclusive is set on anonymous pages mapped once. Then every counter is recomputed
 from the page tables and ``check()`` runs.
+
+Frames keep their captured pfns while the highest one fits a machine of
+``MAX_IDENTITY_FRAMES`` frames. Beyond that (a capture of a big machine, where mapped pfns
+are sparse), the PMD-sized frame windows that hold mapped pages are packed into a dense
+range in pfn order: a folio never leaves its window, so every folio stays naturally aligned
+and every frame keeps its offset inside its PMD. :func:`replayed_pfns` gives the pfn a
+captured page gets. The machine is sized by the frames actually used, never by the largest
+captured pfn alone.
+
+A snapshot that cannot be rebuilt (overlapping folios, a page-cache folio in an anonymous
+VMA, VMAs beyond the address space, ...) raises ``SnapshotError``; bad arguments raise
+``ValueError``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from ._core import SnapshotError
-from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
+from ._core import KERNEL_VERSIONS, InvariantError, SnapshotError
+from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
                        PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_UFFD_WP, VMA_EXEC, VMA_FILE, VMA_READ,
                        VMA_SHARED, VMA_WRITE, Snapshot)
 
 if TYPE_CHECKING:
     from .simulation import Process, Simulation
+
+#: Largest machine, in frames, a replay builds with the captured pfns unchanged (64 GiB of
+#: 4 KiB pages; the simulation keeps about 14 bytes per frame).
+MAX_IDENTITY_FRAMES = 1 << 24
+#: Free PMD windows a replayed machine has beyond its highest used frame, for later faults.
+SPARE_WINDOWS = 64
 
 
 def layout_for(arch: str, page_size: int) -> str:
@@ -33,57 +51,179 @@ def layout_for(arch: str, page_size: int) -> str:
     return arch
 
 
-def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | None = None,
-                  mthp: list[int] | None = None) -> tuple["Simulation", dict[int, "Process"]]:
-    """Builds the simulated state of ``snap``; returns the simulation and a map from captured
-    pid to simulated process. ``kernel`` defaults to the captured kernel's release."""
+def kernel_of(snap: Snapshot) -> str:
+    """The modelled kernel version of the snapshot's kernel (``"simulated 6.18"`` included)."""
     from . import kernel_from_release
-    from .simulation import Simulation
 
+    release = snap.header["kernel_release"]
+    try:
+        return kernel_from_release(release.removeprefix("simulated "))
+    except ValueError as e:
+        raise SnapshotError(f"{e}; pass the kernel to replay it under") from None
+
+
+def _usable(snap: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(present, pfn, kpageflags, usable) per pagemap entry; usable pages are the ones replay
+    maps: present, not hugetlb (the simulation has no hugetlb)."""
+    pm = snap.arrays["pagemap"]
+    present = (pm & np.uint64(PM_PRESENT)) != 0
+    pfns = pm & np.uint64(PM_PFN_MASK)
+    flags = np.zeros(len(pm), dtype=np.uint64)
+    if present.any():
+        flags[present], _ = snap.frame_info(pfns[present])
+    return present, pfns, flags, present & ((flags & np.uint64(KPF_HUGE)) == 0)
+
+
+def _frame_map(snap: Snapshot, compact: bool | None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(used windows, their new starts or None for identity, frames needed)."""
+    _, pfns, flags, usable = _usable(snap)
+    normal = usable & ((flags & np.uint64(KPF_ZERO_PAGE)) == 0)
+    pmd = np.uint64(snap.pmd_pages)
+    used = pfns[normal]
+    wins = np.unique(used - used % pmd)
+    top = int(used.max()) + 1 if len(used) else 0
+    if compact is None:
+        compact = top > MAX_IDENTITY_FRAMES
+    if not compact:
+        if top > MAX_IDENTITY_FRAMES:
+            raise SnapshotError(f"pfn {top - 1:#x} needs a machine of {top} frames, more than "
+                                f"{MAX_IDENTITY_FRAMES}; replay with compact=True")
+        return wins, None, top
+    new = np.arange(len(wins), dtype=np.uint64) * pmd
+    return wins, new, len(wins) * snap.pmd_pages
+
+
+def replayed_pfns(snap: Snapshot, pfns: Iterable[int] | np.ndarray, *, compact: bool | None = None) -> np.ndarray:
+    """The pfn that :func:`from_snapshot` (with the same ``compact``) gives each captured pfn of
+    a mapped page (not the zero page, which becomes the simulation's own)."""
+    p = np.asarray(pfns, dtype=np.uint64)
+    wins, new, _ = _frame_map(snap, compact)
+    if new is None:
+        return p.copy()
+    pmd = np.uint64(snap.pmd_pages)
+    k = np.searchsorted(wins, p - p % pmd)
+    if np.any(k >= len(wins)) or np.any(wins[np.minimum(k, len(wins) - 1)] != p - p % pmd):
+        raise ValueError("a pfn that no replayed page uses was asked for")
+    return new[k] + p % pmd
+
+
+def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | str | None = None,
+                  mthp: list[int | str] | None = None,
+                  compact: bool | None = None) -> tuple["Simulation", dict[int, "Process"]]:
+    """Builds the simulated state of ``snap``; returns the simulation and a map from captured
+    pid to simulated process. ``kernel`` defaults to the captured kernel's release; ``memory``
+    is a lower bound on the machine's size; ``compact`` packs sparse pfns (None: only when
+    the captured pfns need more than ``MAX_IDENTITY_FRAMES`` frames)."""
+    from .simulation import Simulation, parse_size
+
+    if not isinstance(snap, Snapshot):
+        raise TypeError(f"from_snapshot needs a Snapshot, not {type(snap).__name__}")
+    if kernel is not None and kernel not in KERNEL_VERSIONS:
+        raise ValueError(f"kernel {kernel!r} is not modelled; known: {KERNEL_VERSIONS}")
+    min_bytes = parse_size(memory) if memory is not None else 0
+    sizes = [parse_size(s) for s in mthp] if mthp is not None else []
     page = snap.page_size
     try:
         arch = layout_for(snap.header["arch"], page)
-    except KeyError as e:
-        raise SnapshotError(f"no layout for {snap.header['arch']} with {page}-byte pages") from e
-    kernel = kernel or kernel_from_release(snap.header["kernel_release"])
+    except KeyError:
+        raise SnapshotError(f"no layout for {snap.header['arch']} with {page}-byte pages") from None
+    kernel = kernel or kernel_of(snap)
+    wins, new, frames = _frame_map(snap, compact)
+    pmd = snap.pmd_pages
+    nr = max(min_bytes // page, ((frames + pmd - 1) // pmd + SPARE_WINDOWS) * pmd)
+    try:
+        sim = Simulation(arch, kernel, nr * page)
+    except ValueError as e:
+        raise SnapshotError(f"no simulation for this snapshot: {e}") from e
+    try:
+        procs = _build(sim, snap, sizes, wins, new)
+    except (ValueError, InvariantError) as e:
+        raise SnapshotError(f"the snapshot cannot be replayed: {e}") from e
+    return sim, procs
+
+
+def _file_groups(snap: Snapshot, normal: np.ndarray, flags: np.ndarray,
+                 pfns: np.ndarray) -> dict[int, tuple[str, int, bool]]:
+    """The file object (name, number, shmem) each file VMA maps. VMAs of one name map one
+    object unless their page cache disagrees (one file page at two pfns, one pfn at two file
+    pages, swap-backed pages and others): two unrelated shared anonymous mappings are both
+    "/dev/zero (deleted)"."""
+    a = snap.arrays
+    off = a["vma_page_offset"]
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray, bool | None]]] = {}
+    out: dict[int, tuple[str, int, bool]] = {}
+    for i in np.flatnonzero(a["vma_flags"] & np.uint32(VMA_FILE)):
+        lo, hi = int(off[i]), int(off[i + 1])
+        sel = np.flatnonzero(normal[lo:hi] & ((flags[lo:hi] & np.uint64(KPF_ANON)) == 0))
+        shmem = bool(np.any(flags[lo:hi][sel] & np.uint64(KPF_SWAPBACKED))) if len(sel) else None
+        # Every page of every page-cache folio the VMA maps: (file page, pfn).
+        p = pfns[lo:hi][sel]
+        heads, lens = snap.folio_of(p) if len(p) else (p, np.zeros(0, np.int64))
+        first_index = int(a["vma_pgoff"][i]) + sel.astype(np.int64) - (p - heads).astype(np.int64)
+        uh, k = np.unique(heads, return_index=True)
+        n = lens[k]
+        rep = np.repeat(np.arange(len(uh)), n)
+        step = np.arange(len(rep)) - np.repeat(np.cumsum(n) - n, n)
+        index, pfn = first_index[k][rep] + step, uh[rep] + step.astype(np.uint64)
+        name = snap.vma_names[i]
+        found = groups.setdefault(name, [])
+        for g, (gi, gp, gs) in enumerate(found):
+            if shmem is not None and gs is not None and shmem != gs:
+                continue
+            _, x, y = np.intersect1d(gi, index, assume_unique=True, return_indices=True)
+            _, u, w = np.intersect1d(gp, pfn, assume_unique=True, return_indices=True)
+            if np.array_equal(gp[x], pfn[y]) and np.array_equal(gi[u], index[w]):
+                merged, at = np.unique(np.concatenate([gi, index]), return_index=True)
+                found[g] = (merged, np.concatenate([gp, pfn])[at], gs if shmem is None else shmem)
+                break
+        else:
+            g = len(found)
+            found.append((index, pfn, shmem))
+        out[int(i)] = (name, g, False)
+    # A group is shmem when any of its pages is swap-backed.
+    return {i: (name, g, bool(groups[name][g][2])) for i, (name, g, _) in out.items()}
+
+
+def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray,
+           new: np.ndarray | None) -> dict[int, "Process"]:
+    page, pmd = snap.page_size, snap.pmd_pages
     a = snap.arrays
     pm = a["pagemap"]
-    present = (pm & np.uint64(PM_PRESENT)) != 0
-    pfns_all = pm & np.uint64(PM_PFN_MASK)
-    flags_all = np.zeros(len(pm), dtype=np.uint64)
-    if present.any():
-        flags_all[present], _ = snap.frame_info(pfns_all[present])
-    usable = present & ((flags_all & np.uint64(KPF_HUGE)) == 0)
+    _, pfns_all, flags_all, usable = _usable(snap)
     zero = usable & ((flags_all & np.uint64(KPF_ZERO_PAGE)) != 0)
     normal = usable & ~zero
-    pmd = snap.pmd_pages
-    top = int(pfns_all[normal].max()) + 1 if normal.any() else 0
-    nr = max(memory // page if memory else 0, ((top + pmd - 1) // pmd + 64) * pmd)
-    sim = Simulation(arch, kernel, nr * page)
-    sizes = mthp if mthp is not None else []
 
-    # One file object per distinct file name (shared by the processes that map it); each
-    # shared anonymous VMA gets its own shmem object.
+    def moved(p: np.ndarray) -> np.ndarray:
+        if new is None:
+            return p
+        k = np.searchsorted(wins, p - p % np.uint64(pmd))
+        return new[k] + p % np.uint64(pmd)
+
+    # One file object per distinct file (see _file_groups); each shared anonymous VMA
+    # without a file gets its own shmem object.
     nv = len(a["vma_start"])
-    file_of: dict[int, int] = {}
-    file_pages: dict[str, int] = {}
-    for i in range(nv):
-        if a["vma_flags"][i] & VMA_FILE:
-            name = snap.vma_names[i]
-            end = int(a["vma_pgoff"][i]) + int((a["vma_end"][i] - a["vma_start"][i]) // np.uint64(page))
-            file_pages[name] = max(file_pages.get(name, 0), end)
-    fids: dict[str, int] = {}
-    for name, n in file_pages.items():
+    vma_of_page = np.repeat(np.arange(nv), np.diff(a["vma_page_offset"]))
+    group = _file_groups(snap, normal, flags_all, pfns_all)
+    file_pages: dict[tuple[str, int, bool], int] = {}
+    for i, key in group.items():
+        end = int(a["vma_pgoff"][i]) + int((a["vma_end"][i] - a["vma_start"][i]) // np.uint64(page))
+        file_pages[key] = max(file_pages.get(key, 0), end)
+    fids: dict[tuple[str, int, bool], int] = {}
+    for key, n in file_pages.items():
         n = (n + pmd - 1) // pmd * pmd + pmd
-        fids[name] = sim.create_file(n * page, page)
+        if n > MAX_IDENTITY_FRAMES:
+            raise SnapshotError(f"file {key[0]!r} is mapped {n} pages deep; replay models files of up to "
+                                f"{MAX_IDENTITY_FRAMES} pages")
+        fids[key] = sim.create_file(n * page, page, shmem=key[2])
     procs: dict[int, Process] = {pid: sim.spawn() for pid in snap.pids}
+    file_of: dict[int, int] = {}
     for i in range(nv):
         f = int(a["vma_flags"][i])
         start, end = int(a["vma_start"][i]), int(a["vma_end"][i])
         prot = "".join(c for c, bit in (("r", VMA_READ), ("w", VMA_WRITE), ("x", VMA_EXEC)) if f & bit) or "none"
         shared = bool(f & VMA_SHARED)
         if f & VMA_FILE:
-            fid = fids[snap.vma_names[i]]
+            fid: int | None = fids[group[i]]
         elif shared:
             fid = sim.create_file(end - start, page, shmem=True)
         else:
@@ -95,7 +235,6 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | No
                                           mthp=sizes if fid is None else ())
 
     # Folios, each placed once, from its first mapping seen.
-    vma_of_page = np.repeat(np.arange(nv), np.diff(a["vma_page_offset"]))
     idx = np.flatnonzero(normal)
     heads, lengths = snap.folio_of(pfns_all[idx])
     uniq, first = np.unique(heads, return_index=True)
@@ -103,11 +242,14 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | No
     if np.any(lens & (lens - 1)):
         bad = int(uniq[np.flatnonzero(lens & (lens - 1))[0]])
         raise SnapshotError(f"folio at pfn {bad:#x} is not a power-of-two number of pages")
+    if np.any(uniq % lens.astype(np.uint64)):
+        bad = int(uniq[np.flatnonzero(uniq % lens.astype(np.uint64))[0]])
+        raise SnapshotError(f"folio at pfn {bad:#x} is not naturally aligned")
     orders = np.log2(lens).astype(np.uint8)
     hflags, _ = snap.frame_info(uniq) if len(uniq) else (np.zeros(0, np.uint64), None)
     is_anon = (hflags & np.uint64(KPF_ANON)) != 0
     dirty = (hflags & np.uint64(KPF_DIRTY)) != 0
-    sim._b.place_anon_folios(uniq[is_anon].astype(np.uint64), orders[is_anon], dirty[is_anon])
+    sim._b.place_anon_folios(moved(uniq[is_anon]).astype(np.uint64), orders[is_anon], dirty[is_anon])
     for k in np.flatnonzero(~is_anon):
         head, page_i = int(uniq[k]), int(idx[first[k]])
         v = int(vma_of_page[page_i])
@@ -117,7 +259,10 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | No
         in_vma = page_i - int(a["vma_page_offset"][v])
         base = int(a["vma_pgoff"][v]) if a["vma_flags"][v] & VMA_FILE else 0
         index = base + in_vma - (int(pfns_all[page_i]) - head)
-        sim._b.place_folio(head, int(orders[k]), "file", file=fid, index=max(index, 0), dirty=bool(dirty[k]))
+        if index < 0:
+            raise SnapshotError(f"page-cache folio {head:#x} would start before its file")
+        sim._b.place_folio(int(moved(np.array([head], np.uint64))[0]), int(orders[k]), "file", file=fid,
+                           index=index, dirty=bool(dirty[k]))
 
     # PTEs, one bulk call per process.
     sel = np.flatnonzero(usable)
@@ -134,13 +279,15 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | No
     bits = (write.astype(np.uint8) | (dirty_pte.astype(np.uint8) << 1) | np.uint8(4)
             | (((e & np.uint64(PM_SOFT_DIRTY)) != 0).astype(np.uint8) << 3)
             | (((e & np.uint64(PM_UFFD_WP)) != 0).astype(np.uint8) << 4))
-    pfn = np.where(zero[sel], np.uint64(sim.zero_pfn), e & np.uint64(PM_PFN_MASK)).astype(np.uint64)
+    pfn = np.full(len(sel), sim.zero_pfn, dtype=np.uint64)
+    keep = normal[sel]
+    pfn[keep] = moved(e[keep] & np.uint64(PM_PFN_MASK))
     owner = a["vma_pid"][v_of]
     for pid, proc in procs.items():
         m = owner == pid
         sim._b.place_ptes(proc.pid, addrs[m].astype(np.uint64), pfn[m], bits[m].astype(np.uint8))
     sim._b.rebuild_accounting()
-    return sim, procs
+    return procs
 
 
-__all__ = ["from_snapshot", "layout_for"]
+__all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "MAX_IDENTITY_FRAMES"]

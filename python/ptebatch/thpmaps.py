@@ -19,9 +19,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .snapshot import (KPF_ANON, KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_THP, PM_PFN_MASK,
-                       PM_PRESENT, SCHEMA_VERSION, VMA_EXEC, VMA_FILE, VMA_READ, VMA_SHARED, VMA_WRITE,
-                       Snapshot)
+from .snapshot import (KPF_ANON, KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_DIRTY, KPF_SWAPBACKED, KPF_THP,
+                       KPF_ZERO_PAGE, PM_PFN_MASK, PM_PRESENT, SCHEMA_VERSION, VMA_EXEC, VMA_FILE, VMA_READ,
+                       VMA_SHARED, VMA_WRITE, Snapshot)
 
 
 def _kb(pages: int, page: int) -> int:
@@ -186,12 +186,20 @@ def _counter_lines(st: dict[str, int], inc_empty: bool, snap: Snapshot, i: int |
     return out
 
 
+# Page flags of the simulation's memory array "flags" (rust/src/memory.rs).
+_PG_ANON, _PG_SWAPBACKED, _PG_DIRTY = 1 << 1, 1 << 2, 1 << 4
+
+
 def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
     """A snapshot of simulated processes, with the pagemap, kpageflags and kpagecount the
-    simulated kernel would show, so that reports and comparisons work on it like on a capture."""
+    simulated kernel would show, so that reports and comparisons work on it like on a capture;
+    replaying it (``Simulation.from_snapshot``) rebuilds the same page facts. Each file (and
+    shmem object) gets its own VMA name, which is how replay tells files apart."""
+    from ._core import layout
+
     procs = list(processes) if processes is not None else []
     page = sim.page_size
-    pmd = page // 8
+    pmd = layout(sim.arch).ptrs_per_pte
     cols: dict[str, list] = {k: [] for k in ("vma_pid", "vma_start", "vma_end", "vma_flags", "vma_pgoff",
                                              "vma_anon_huge_kb")}
     maps, names = [], []
@@ -208,7 +216,7 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
                                      | (VMA_FILE if v["file"] is not None else 0))
             cols["vma_pgoff"].append(v["offset"] // page)
             cols["vma_anon_huge_kb"].append(0)
-            names.append(f"[sim pid {p.pid}]")
+            names.append(f"[sim file {v['file']}]" if v["file"] is not None else f"[sim pid {p.pid}]")
     pagemap = np.concatenate(maps) if maps else np.zeros(0, np.uint64)
     pres = pagemap[(pagemap & np.uint64(PM_PRESENT)) != 0] & np.uint64(PM_PFN_MASK)
     wins = np.unique(pres - pres % np.uint64(pmd))
@@ -217,6 +225,7 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
     order = sim._b.memory_array("order")
     mflags = sim._b.memory_array("flags")
     mcount = sim._b.memory_array("mapcount")
+    zero_pfn = sim.zero_pfn
     for k, w in enumerate(wins.astype(np.int64)):
         pf = np.arange(w, w + pmd)
         inside = pf < len(order)
@@ -225,20 +234,27 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
         alloc = o != 255
         ord_ = np.where(alloc, o, 0)
         heads = pf_in & ~((1 << ord_) - 1)
+        hf = mflags[heads]
         f = np.zeros(len(pf_in), np.uint64)
-        f[alloc & (mflags[heads] & 2 != 0)] |= np.uint64(KPF_ANON)
+        f[alloc & (hf & _PG_ANON != 0)] |= np.uint64(KPF_ANON)
+        f[alloc & (hf & _PG_SWAPBACKED != 0)] |= np.uint64(KPF_SWAPBACKED)
+        f[alloc & (hf & _PG_DIRTY != 0)] |= np.uint64(KPF_DIRTY)
         large = alloc & (ord_ > 0)
         f[large & (heads == pf_in)] |= np.uint64(KPF_COMPOUND_HEAD | KPF_THP)
         f[large & (heads != pf_in)] |= np.uint64(KPF_COMPOUND_TAIL | KPF_THP)
         flags[k * pmd:k * pmd + len(pf_in)] = f
         counts[k * pmd:k * pmd + len(pf_in)] = np.where(alloc, mcount[pf_in], 0).astype(np.uint64)
+        if w <= zero_pfn < w + pmd:
+            # The shared zero page: flagged as such, and the rmap does not count it.
+            flags[k * pmd + zero_pfn - w] = np.uint64(KPF_ZERO_PAGE)
+            counts[k * pmd + zero_pfn - w] = 0
     offsets = np.zeros(len(maps) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(m) for m in maps])
     header = {"schema_version": SCHEMA_VERSION, "kernel_release": f"simulated {sim.kernel}",
               "arch": sim.arch.split("-")[0] if sim.arch.startswith(("arm64", "ppc64")) else sim.arch,
               "page_size": page, "pmd_pages": pmd, "capture_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "pids": [p.pid for p in procs], "inferred": [], "source": "simulation"}
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "vma_pid": np.asarray(cols["vma_pid"], np.int64), "vma_start": np.asarray(cols["vma_start"], np.uint64),
         "vma_end": np.asarray(cols["vma_end"], np.uint64), "vma_flags": np.asarray(cols["vma_flags"], np.uint32),
         "vma_pgoff": np.asarray(cols["vma_pgoff"], np.uint64),

@@ -24,13 +24,14 @@ impl Simulation {
             return Err(Error::value(format!("folio order {order} is above the PMD order {}", self.st.pmd_order)));
         }
         let n = 1u64 << order;
-        if head % n != 0 || head + n > self.st.mem.nr_pages() {
+        if head % n != 0 || !matches!(head.checked_add(n), Some(end) if end <= self.st.mem.nr_pages()) {
             return Err(Error::value(format!("folio {head:#x} of order {order} is unaligned or beyond memory")));
         }
         if let FolioKind::File { fid, index } = kind {
             let f = self.st.files.get(fid as usize).ok_or_else(|| Error::value(format!("no file {fid}")))?;
-            if index + n > f.nr_pages || f.cache[index as usize..(index + n) as usize].iter().any(|&c| c != NOT_CACHED) {
-                return Err(Error::value(format!("file {fid} pages {index}..{} are beyond the file or cached", index + n)));
+            let beyond = !matches!(index.checked_add(n), Some(end) if end <= f.nr_pages);
+            if beyond || f.cache[index as usize..(index + n) as usize].iter().any(|&c| c != NOT_CACHED) {
+                return Err(Error::value(format!("file {fid} pages from {index} ({n} of them) are beyond the file or cached")));
             }
         }
         if !self.st.mem.alloc_at(head, order) {
@@ -141,12 +142,11 @@ impl Simulation {
                         }
                         if mm_id_on {
                             let slot = (0..2).find(|&s| lf.mm_id[s] == mm_id).or_else(|| (0..2).find(|&s| lf.mm_id[s] == MM_ID_DUMMY));
-                            match slot {
-                                Some(s) => {
-                                    lf.mm_id[s] = mm_id;
-                                    lf.mm_id_mapcount[s] += 1;
-                                }
-                                None => {}
+                            // A third mm takes no slot; the folio then counts as maybe-shared
+                            // (below), since no slot holds all its mappings.
+                            if let Some(s) = slot {
+                                lf.mm_id[s] = mm_id;
+                                lf.mm_id_mapcount[s] += 1;
                             }
                         }
                     }
