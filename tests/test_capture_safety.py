@@ -1,7 +1,7 @@
 """Where snapshots are written (never over a device, directory or symlink; the umask's mode),
 and captures of processes that have no memory or lose it while being read.
 
-Tests that read /proc of other processes skip when PTEBATCH_NO_LIVE is set."""
+Tests that read /proc of other processes skip when PTEBATCH_SKIP_LIVE is set."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from ptebatch.snapshot import Snapshot
 from ptebatch.thpmaps import snapshot_of
 
 ROOT = os.geteuid() == 0
-LIVE = not os.environ.get("PTEBATCH_NO_LIVE") and ROOT and os.path.exists("/proc/kpageflags")
-live = pytest.mark.skipif(not LIVE, reason="needs root, /proc/kpageflags and PTEBATCH_NO_LIVE unset")
+LIVE = not os.environ.get("PTEBATCH_SKIP_LIVE") and ROOT and os.path.exists("/proc/kpageflags")
+live = pytest.mark.skipif(not LIVE, reason="needs root, /proc/kpageflags and PTEBATCH_SKIP_LIVE unset")
 
 
 @pytest.fixture(scope="module")
