@@ -46,7 +46,11 @@ def _pmd_pages(page_size: int) -> int:
         with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
             return int(f.read()) // page_size
     except (OSError, ValueError):
-        return page_size // 8
+        # No THP: PTRS_PER_PTE of this architecture's layout.
+        from . import layout
+        from .replay import layout_for
+
+        return layout(layout_for(_arch(), page_size)).ptrs_per_pte
 
 
 def _open(path: str, pid: int | None = None) -> int:

@@ -154,8 +154,10 @@ def run(size: int, *, folios: int = 4, kernel: str | None = None) -> OracleRepor
     from . import kernel_from_release
     from .simulation import Simulation
 
+    from .capture import _pmd_pages
+
     page = os.sysconf("SC_PAGE_SIZE")
-    pmd = 512 * page
+    pmd = _pmd_pages(page) * page
     n = size // page
     region = max(folios * size, 4 * page * max(n, 1))
     kernel = kernel or kernel_from_release(platform.release())
