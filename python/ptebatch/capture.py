@@ -1,4 +1,4 @@
-"""Capture of live page tables from /proc.
+"""Capture of live page tables from /proc (kernel Documentation/admin-guide/mm/pagemap.rst).
 
 For each process: the VMAs from /proc/<pid>/smaps (with AnonHugePages), the pagemap entry of
 every page of every VMA, read with large ``preadv`` calls straight into numpy arrays (as the

@@ -225,7 +225,7 @@ def run(size: int, *, folios: int = 4, kernel: str | None = None) -> OracleRepor
 def run_retrying(size: int, attempts: int = 3, **kw) -> OracleReport:
     """``run``, repeated up to ``attempts`` times while it finds mismatches: DAMON on the
     machines may hold a transient reference that turns one in-place reuse into a copy
-    (shared/spec/machine-kernel.md). Every attempt is reported; the last one is returned."""
+    (damon_get_folio(), mm/damon/ops-common.c). Every attempt is reported; the last one is returned."""
     for i in range(1, attempts + 1):
         r = run(size, **kw)
         r.attempts = i

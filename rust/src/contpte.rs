@@ -1,5 +1,5 @@
 //! arm64 transparent contiguous PTEs for user mappings (arch/arm64/mm/contpte.c, v6.9+;
-//! shared/spec/pte-layouts.md §2.5): which writes fold a naturally aligned block of
+//! contpte_set_ptes(), __contpte_try_fold(), contpte_convert()): which writes fold a naturally aligned block of
 //! `CONT_PTES` entries into one TLB entry (PTE_CONT) and which unfold it, and the repaint both
 //! do, which gives every entry of the block the young/dirty bits of all of them.
 //!

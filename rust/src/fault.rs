@@ -2,7 +2,7 @@
 //! (`do_read_fault`, `do_shared_fault`, `do_cow_fault`), and the write-protect fault
 //! `do_wp_page` with its reuse-or-copy decision per kernel version.
 //!
-//! Follows mm/memory.c (v6.8 – v6.18; shared/spec/kernel-algorithms.md §4). GUP pins, which
+//! Follows mm/memory.c (v6.8 – v6.18; large-folio reuse in wp_can_reuse_anon_folio() from v6.15). GUP pins, which
 //! fault pages in the same way, are at the end.
 
 use crate::arch::PteLayout;

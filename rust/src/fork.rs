@@ -1,6 +1,6 @@
 //! fork(): `dup_mmap()` → `copy_page_range()` → `copy_pte_range()` → `copy_present_ptes()`
 //! → `__copy_present_ptes()` (mm/memory.c, kernel/fork.c; v6.8 per PTE, v6.9+ batched;
-//! shared/spec/kernel-algorithms.md §2).
+//! docs/simulation.md, "fork").
 
 use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};

@@ -11,7 +11,7 @@ pub enum KernelVersion {
     Release { major: u16, minor: u16 },
 }
 
-/// Releases we model, oldest first. 7.0 is the newest tree shared/spec read.
+/// Releases we model, oldest first. 7.0 is the newest kernel source the model follows.
 pub const RELEASES: [(u16, u16); 13] = [
     (6, 8),
     (6, 9),

@@ -8,7 +8,7 @@
 //! [`LargeFolio`] records; like the kernel, which keeps them in the tail `struct page`s, the
 //! model finds a folio's record through its first tail page, whose refcount slot (unused:
 //! tail pages have no refcount) holds the record's index. The records use the kernel's
-//! "minus one" encoding where the algorithms (§3.4 of shared/spec/kernel-algorithms.md)
+//! "minus one" encoding where the algorithms (include/linux/rmap.h, folio_add_large_mapcount(), v6.15)
 //! depend on it.
 //!
 //! 14 bytes per page plus one 32-byte record per large folio.

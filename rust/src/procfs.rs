@@ -1,5 +1,5 @@
 //! What /proc shows of the simulation: /proc/<pid>/pagemap entries and /proc/kpagecount,
-//! computed as fs/proc/task_mmu.c and fs/proc/page.c do (shared/spec/pte-layouts.md §7).
+//! computed as fs/proc/task_mmu.c pte_to_pagemap_entry() and fs/proc/page.c kpagecount_read() do.
 
 use crate::arch::PteLayout;
 use crate::error::{Error, Result};

@@ -1,8 +1,8 @@
 //! Reference counts and reverse-map accounting: refcount, per-page and large mapcounts,
 //! `_nr_pages_mapped`, PageAnonExclusive, MM-ID slots, deferred split.
 //!
-//! Follows include/linux/rmap.h and mm/rmap.c (v6.8 – v6.18; shared/spec/kernel-algorithms.md
-//! §3). Before v6.10 the kernel had no `_large_mapcount` and summed page mapcounts; the model
+//! Follows include/linux/rmap.h and mm/rmap.c (v6.8 – v6.18; MM-ID from v6.15, folio_add_large_mapcount();
+//! docs/simulation.md). Before v6.10 the kernel had no `_large_mapcount` and summed page mapcounts; the model
 //! keeps the sum in `large_mapcount` in every version, which reads the same.
 
 use crate::kernel::KernelProfile;

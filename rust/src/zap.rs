@@ -1,6 +1,6 @@
 //! Unmapping: `zap_pte_range()` → `zap_present_ptes()` → `zap_present_folio_ptes()` for
 //! munmap, exit and MADV_DONTNEED (mm/memory.c; v6.8 per PTE, v6.9+ batched;
-//! shared/spec/kernel-algorithms.md §5). Page references are dropped only after the TLB
+//! docs/simulation.md, "zap"). Page references are dropped only after the TLB
 //! flush, when the mmu_gather is finished.
 
 use crate::arch::PteLayout;

@@ -1,5 +1,5 @@
 //! arm64 level-3 page descriptors: arch/arm64/include/asm/pgtable.h, pgtable-prot.h,
-//! pgtable-hwdef.h (v6.16+ mirrors) and arch/arm64/mm/contpte.c (shared/spec/pte-layouts.md §2).
+//! pgtable-hwdef.h (v6.16+) and arch/arm64/mm/contpte.c (v6.9+; docs/kernel-facts.md).
 //! The 48-bit physical-address configuration; LPA/LPA2 split addresses are not modelled.
 
 use super::{bit, bits, Caps, Geometry, PteLayout};

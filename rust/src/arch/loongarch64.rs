@@ -1,5 +1,5 @@
 //! loongarch64 PTEs with the default 16 KiB pages: arch/loongarch/include/asm/pgtable-bits.h,
-//! pgtable.h, arch/loongarch/mm/cache.c (shared/spec/pte-layouts.md §5.2). The hardware valid
+//! pgtable.h, arch/loongarch/mm/cache.c protection_map (v6.17). The hardware valid
 //! bit doubles as "young": an old PTE faults and is made valid again.
 
 use super::{bit, bits, Caps, Geometry, PteLayout};

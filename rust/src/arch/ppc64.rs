@@ -1,5 +1,5 @@
 //! powerpc book3s64 PTEs (shared by the hash and radix MMUs):
-//! arch/powerpc/include/asm/book3s/64/pgtable.h (shared/spec/pte-layouts.md §4). Values are the
+//! arch/powerpc/include/asm/book3s/64/pgtable.h, asm/pgtable-masks.h (v6.8+). Values are the
 //! CPU-order word; the kernel stores it big-endian. Geometry is the radix MMU's.
 
 use super::{bit, bits, Caps, Geometry, PteLayout};

@@ -1,5 +1,5 @@
 //! riscv64 Sv39/Sv48/Sv57 leaf PTEs: arch/riscv/include/asm/pgtable-bits.h, pgtable.h,
-//! pgtable-64.h (shared/spec/pte-layouts.md §3). Svnapot (bit 63) is used by hugetlb only, so
+//! pgtable-64.h (v6.17; soft-dirty and uffd-wp from v6.19). Svnapot (bit 63) is used by hugetlb only, so
 //! user mappings batch like x86: hint 1, plain scan.
 
 use super::{bit, bits, Caps, Geometry, PteLayout};

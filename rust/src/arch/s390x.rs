@@ -1,4 +1,4 @@
-//! s390x PTEs: arch/s390/include/asm/pgtable.h (shared/spec/pte-layouts.md §5.1). The hardware
+//! s390x PTEs: arch/s390/include/asm/pgtable.h (v6.17). The hardware
 //! bits INVALID and PROTECT are derived from the software bits by every accessor; an empty
 //! entry is `_PAGE_INVALID` (0x400), not 0.
 

@@ -1,5 +1,5 @@
 //! x86-64 leaf PTEs: arch/x86/include/asm/pgtable_types.h, pgtable.h, pgtable-invert.h
-//! (v6.15–v6.18 era mirrors; see shared/spec/pte-layouts.md §1).
+//! (v6.15 – v6.18; every bit in docs/semantics.md §1.2, sources in docs/kernel-facts.md).
 
 use super::{bit, bits, Caps, Geometry, PteLayout};
 

@@ -1,4 +1,5 @@
-//! Named corner cases of shared/spec/kernel-algorithms.md §8, and properties over random tables.
+//! Named corner cases of folio_pte_batch() (mm/memory.c v6.9, mm/internal.h v6.10 – v6.17):
+//! folio end, XEN PV, contpte hints, merged bits; and properties over random tables.
 
 use super::*;
 use crate::arch::{Arm64, Layout, PteBits, X86_64XenPv, X86_64};
