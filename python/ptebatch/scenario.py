@@ -735,14 +735,9 @@ class _Run:
             except ScenarioError:
                 raise
             except Exception as e:
-                # Same exception, with where it happened in front of the message.
-                where = f"{self.sc.path}: {s.where}, kernel {self.kernel}"
-                if not self.batching:
-                    where += " per-PTE"
-                if iteration:
-                    where += f", iteration {iteration}"
-                if e.args and isinstance(e.args[0], str):
-                    e.args = (f"{where}: {e.args[0]}", *e.args[1:])
+                _locate(e, f"{self.sc.path}: {s.where}, kernel {self.kernel}"
+                           + ("" if self.batching else " per-PTE")
+                           + (f", iteration {iteration}" if iteration else ""))
                 raise
             after = self.sim.stats
             yield self.row(s.label, iteration, s.op, s.process or "", s.vma or "", ptes, before, after)
@@ -816,9 +811,19 @@ class _Run:
         return r
 
 
+def _locate(e: BaseException, where: str) -> None:
+    """Puts where it happened in front of the exception's message (same exception, same type)."""
+    if e.args and isinstance(e.args[0], str):
+        e.args = (f"{where}: {e.args[0]}", *e.args[1:])
+
+
 def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> list[dict[str, Any]]:
-    r = _Run(sc, case, kernel, batching)
-    r.sim.check()
+    try:
+        r = _Run(sc, case, kernel, batching)
+        r.sim.check()
+    except Exception as e:
+        _locate(e, f"{sc.path}: setting up{' ' + case.label if case.label else ''}, kernel {kernel}")
+        raise
     rows = list(r.steps(case.steps, 0))
     total = {k: "" for k in ROW_FIELDS}
     total.update(scenario=sc.name, case=case.label, kernel=kernel, batching=batching, step="total",
