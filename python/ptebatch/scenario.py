@@ -684,7 +684,7 @@ def run(sc: Scenario, kernels: Sequence[str] | None = None,
     for case in sc.cases:
         for kernel in kernels or sc.kernels:
             for batching in sc.batching:
-                rows.extend(_run_one(sc, case, kernel, batching))
+                rows.extend(_run_one(sc, case, kernel, batching)[1])
                 if progress:
                     progress(f"{case.label} {kernel}{'' if batching else ' per-PTE'}")
     return rows
@@ -817,7 +817,17 @@ def _locate(e: BaseException, where: str) -> None:
         e.args = (f"{where}: {e.args[0]}", *e.args[1:])
 
 
-def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> list[dict[str, Any]]:
+def execute(sc: Scenario, kernel: str, *, batching: bool = True, case: int = 0) -> tuple[Simulation, list[dict[str, Any]]]:
+    """Runs one case of ``sc`` (an index into ``sc.cases``) under one kernel and returns the
+    simulation as the last step left it, to look at further, with the rows of the run."""
+    if kernel not in KERNEL_VERSIONS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNEL_VERSIONS)}")
+    if not 0 <= case < len(sc.cases):
+        raise IndexError(f"case {case} of {len(sc.cases)}")
+    return _run_one(sc, sc.cases[case], kernel, batching)
+
+
+def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> tuple[Simulation, list[dict[str, Any]]]:
     try:
         r = _Run(sc, case, kernel, batching)
         r.sim.check()
@@ -830,7 +840,7 @@ def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> list[dict
                  iteration=0, op="total", free_pages=r.sim.free_pages)
     for k in ("ptes", *COUNTERS, "batched_ptes"):
         total[k] = sum(row[k] for row in rows)
-    return rows + [total]
+    return r.sim, rows + [total]
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -939,5 +949,5 @@ def run_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["COUNTERS", "ROW_FIELDS", "Scenario", "ScenarioError", "format_table", "load", "parse_kernels",
+__all__ = ["COUNTERS", "ROW_FIELDS", "Scenario", "ScenarioError", "execute", "format_table", "load", "parse_kernels",
            "parse_set", "run", "to_csv", "to_json"]
