@@ -9,6 +9,8 @@ import glob
 import io
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -136,12 +138,19 @@ def test_set_overrides_and_sweeps_params(tmp_path):
 def test_cli_usage_and_runtime_errors(tmp_path, capsys):
     good = _write(tmp_path, BASE)
     assert cli.main(["run", good, "--kernel", "6.8,9.9"]) == 2
-    assert "unknown kernel '9.9'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("ptebatch run: error: argument --kernel: unknown kernel '9.9'")
+    assert cli.main(["run", good, "--set", "seed"]) == 2
+    assert capsys.readouterr().err == "ptebatch run: error: argument --set: 'seed' is not NAME=VALUE\n"
     assert cli.main(["run", good, "--json", "--csv"]) == 2
     capsys.readouterr()
     assert cli.main(["run", str(tmp_path / "missing.toml")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.toml: No such file or directory" in err
+    # As a program (python -m ptebatch.cli is a module of its own): still one line and exit 2.
+    bad = _write(tmp_path, BASE.replace("seed = 3", "seed = -1"), "bad.toml")
+    p = subprocess.run([sys.executable, "-m", "ptebatch.cli", "run", bad], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == f"ptebatch run: error: {bad}: [machine]: key 'seed' must be at least 0, not -1\n"
     # Valid, but the child writes a range the parent made read-only before the fork: a
     # runtime fault (exit 1) that names the step and the kernel.
     ro = _write(tmp_path, BASE.replace('[[step]]\nop = "fork"', '[[step]]\nop = "mprotect"\nvma = "buf"\nprot = "r"\n\n[[step]]\nop = "fork"'), "ro.toml")

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -146,7 +146,7 @@ class Scenario:
     kernels: list[str]
     seed: int
     batching: list[bool]
-    fragmentation: dict[int, float]
+    fragmentation: dict[int | str, float]
     snapshot: Any | None
     snapshot_names: dict[str, int]
     cases: list[Case]
@@ -160,7 +160,7 @@ class _Checker:
     def __init__(self, path: str):
         self.path = path
 
-    def fail(self, where: str, message: str) -> None:
+    def fail(self, where: str, message: str) -> NoReturn:
         raise ScenarioError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}")
 
     def keys(self, where: str, table: Any, spec: tuple[tuple[str, ...], tuple[str, ...]]) -> dict:
@@ -233,7 +233,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         name, sep, text = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()):
-            raise ScenarioError(f"--set {item!r}: expected NAME=VALUE")
+            raise ScenarioError(f"argument --set: {item!r} is not NAME=VALUE")
         text = text.strip()
         try:
             value = tomllib.loads(f"v = {text}")["v"]
@@ -278,6 +278,9 @@ def load(path: str | os.PathLike[str], params: dict[str, Any] | None = None) -> 
         m = _subst(c, "[machine]", doc["machine"], case_values)
         machines.append(_machine(c, m))
     arch, kernels, seed, batching, fragmentation, _ = machines[0]
+    if any(m[:5] != machines[0][:5] for m in machines):
+        c.fail("[machine]", "only 'memory' may change with a swept parameter (one arch, kernel list, "
+                            "seed, batching and fragmentation per scenario)")
 
     snapshot, names = None, {}
     if "snapshot" in doc:
@@ -349,13 +352,13 @@ def _machine(c: _Checker, m: dict):
     else:
         c.fail(w, f"key 'batching' must be true, false or \"both\", not {_kind(b)}")
     frag_in = c.typed(w, m, "fragmentation", dict, {})
-    frag = {}
+    frag: dict[int | str, float] = {}
     for size, p in frag_in.items():
         try:
             n = check_folio_size(size, arch)
         except ValueError as e:
             c.fail(w, f"key 'fragmentation': {e}")
-        if n == layout_page(arch):
+        if n == _page_size(arch):
             c.fail(w, f"key 'fragmentation': {size} is the page size; only large folios can fail")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1 or not math.isfinite(p):
             c.fail(w, f"key 'fragmentation': {size} = {p!r} is not a fraction from 0 to 1")
@@ -364,7 +367,7 @@ def _machine(c: _Checker, m: dict):
     return arch, kernels, seed, batching, frag, memory
 
 
-def layout_page(arch: str) -> int:
+def _page_size(arch: str) -> int:
     return folio_sizes(arch)[0]
 
 
@@ -382,9 +385,17 @@ def _kernels(c: _Checker, where: str, key: str, v: Any) -> list[str]:
 
 
 def parse_kernels(text: str) -> list[str]:
-    """``--kernel`` text: ``"all"`` or a comma-separated list."""
-    items = ["all"] if text.strip() == "all" else [k.strip() for k in text.split(",") if k.strip()]
-    return _kernels(_Checker("--kernel"), "", "--kernel", items[0] if items == ["all"] else items)
+    """``--kernel`` text: ``"all"`` or a comma-separated list of kernel versions."""
+    if text.strip() == "all":
+        return list(KERNEL_VERSIONS)
+    items = [k.strip() for k in text.split(",") if k.strip()]
+    if not items:
+        raise ScenarioError("argument --kernel: no kernel given")
+    for k in items:
+        if k not in KERNEL_VERSIONS:
+            raise ScenarioError(f"argument --kernel: unknown kernel {k!r}; expected \"all\" or some of "
+                                f"{', '.join(KERNEL_VERSIONS)}")
+    return items
 
 
 def _snapshot(c: _Checker, t: Any, arch: str | None):
@@ -412,7 +423,7 @@ def _snapshot_arch(snap: Any) -> str:
 
 def _case(c: _Checker, doc: dict, params: dict, label: str, arch: str, memory: int | None,
           snapshot: Any, names: dict[str, int], seed: int) -> Case:
-    page = layout_page(arch)
+    page = _page_size(arch)
     files: list[FileSpec] = []
     fnames: dict[str, FileSpec] = {}
     for i, t in enumerate(_array(c, doc, "file"), 1):
@@ -652,17 +663,17 @@ def _walk(c: _Checker, steps: list[Step], scope: _Scope, creators: dict[str, str
             later = f" (it is created by {creators[s.process]}, later)" if s.process in creators else ""
             c.fail(s.where, f"key 'process': no process {s.process!r} at this point{later}; "
                             f"known here: {', '.join(scope.procs) or 'none'}")
-        if s.vma is not None and s.vma not in scope.procs[s.process]:
+        if s.vma is not None and s.vma not in scope.procs[_proc_name(s)]:
             c.fail(s.where, f"key 'vma': process {s.process!r} does not map {s.vma!r} (it belongs to "
                             f"{vmas[s.vma].process!r} and was not inherited by fork)")
         if s.op == "fork":
             child = s.args["as"]
             if child is not None:
-                scope.procs[child] = set(scope.procs[s.process])
+                scope.procs[child] = set(scope.procs[_proc_name(s)])
                 scope.dead.pop(child, None)
         elif s.op == "exit":
-            del scope.procs[s.process]
-            scope.dead[s.process] = s.where
+            del scope.procs[_proc_name(s)]
+            scope.dead[_proc_name(s)] = s.where
         elif s.op == "pin" and s.args["as"] is not None:
             scope.pins.add(s.args["as"])
         elif s.op == "unpin":
@@ -700,8 +711,9 @@ class _Run:
             names = {pid: n for n, pid in sc.snapshot_names.items()}
             self.procs = {names.get(pid, f"pid{pid}"): p for pid, p in by_pid.items()}
         else:
+            assert case.memory is not None
             self.sim = Simulation(sc.arch, kernel, case.memory, seed=sc.seed, batching=batching,
-                                  fragmentation=sc.fragmentation or None)
+                                  fragmentation=dict(sc.fragmentation) or None)
             self.procs = {name: self.sim.spawn() for name in case.processes}
         self.starts: dict[str, int] = {}
         fids = {f.name: self.sim.create_file(f.size, f.folio_size, shmem=f.shmem) for f in case.files}
@@ -744,7 +756,7 @@ class _Run:
 
     def do(self, s: Step, iteration: int) -> int:
         page = self.sim.page_size
-        p = self.procs.get(s.process) if s.process else None
+        p: Any = self.procs.get(s.process) if s.process else None
         addr = self.starts[s.vma] + s.offset if s.vma else 0
         n = s.length // page
         if s.op == "touch":
@@ -765,7 +777,7 @@ class _Run:
         if s.op == "exit":
             mapped = sum((m["end"] - m["start"]) // page for m in p.vmas())
             p.exit()
-            del self.procs[s.process]
+            del self.procs[_proc_name(s)]
             return mapped
         if s.op == "pin":
             pin = p.pin(addr, s.length, write=s.args["write"], longterm=s.args["longterm"])
@@ -827,6 +839,11 @@ def execute(sc: Scenario, kernel: str, *, batching: bool = True, case: int = 0) 
     return _run_one(sc, sc.cases[case], kernel, batching)
 
 
+def _proc_name(s: Step) -> str:
+    assert s.process is not None
+    return s.process
+
+
 def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> tuple[Simulation, list[dict[str, Any]]]:
     try:
         r = _Run(sc, case, kernel, batching)
@@ -835,7 +852,7 @@ def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> tuple[Sim
         _locate(e, f"{sc.path}: setting up{' ' + case.label if case.label else ''}, kernel {kernel}")
         raise
     rows = list(r.steps(case.steps, 0))
-    total = {k: "" for k in ROW_FIELDS}
+    total: dict[str, Any] = {k: "" for k in ROW_FIELDS}
     total.update(scenario=sc.name, case=case.label, kernel=kernel, batching=batching, step="total",
                  iteration=0, op="total", free_pages=r.sim.free_pages)
     for k in ("ptes", *COUNTERS, "batched_ptes"):
@@ -920,11 +937,11 @@ def add_parser(sub: Any, parents: list) -> None:
     fmt.add_argument("--json", action="store_true", help="JSON: {fields, rows, ...} (docs/scenarios.md)")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header line (docs/scenarios.md)")
     r.add_argument("-o", "--output", help="write to this file instead of stdout")
-    r.set_defaults(run=run_cmd)
+    # The parser reports a bad file as a usage error (its error() raises the CLI's UsageError).
+    r.set_defaults(run=run_cmd, scenario_parser=r)
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    from .cli import UsageError
     from .study import Progress
 
     try:
@@ -932,14 +949,10 @@ def run_cmd(args: argparse.Namespace) -> int:
         kernels = None
         if args.kernel:
             kernels = list(dict.fromkeys(k for text in args.kernel for k in parse_kernels(text)))
+        n = len(sc.cases) * len(kernels or sc.kernels) * len(sc.batching)
+        rows = run(sc, kernels, progress=Progress(n, "scenario").step)
     except ScenarioError as e:
-        raise UsageError(f"ptebatch run: error: {e}") from e
-    n = len(sc.cases) * len(kernels or sc.kernels) * len(sc.batching)
-    bar = Progress(n, "scenario")
-    try:
-        rows = run(sc, kernels, progress=bar.step)
-    except ScenarioError as e:
-        raise UsageError(f"ptebatch run: error: {e}") from e
+        args.scenario_parser.error(str(e))
     text = to_json(sc, rows) if args.json else to_csv(rows) if args.csv else format_table(sc, rows) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as f:
