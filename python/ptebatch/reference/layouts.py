@@ -24,8 +24,15 @@ def _bits(lo: int, hi: int) -> int:
     return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
 
 
+def _is_bool(value: object) -> bool:
+    """Python's bool or numpy's ``bool_``: never taken for an integer or read for its truth."""
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
+
+
 def _u64(value: object, what: str) -> int:
     """``value`` as an int in ``0 .. 2**64 - 1`` (TypeError / ValueError otherwise)."""
+    if _is_bool(value):
+        raise TypeError(f"{what} must be an integer, not bool")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -103,6 +110,11 @@ class RefLayout:
     ) -> int:
         """A user PTE for ``pfn``, built with the arch's own accessors in the order of §1.1."""
         pfn = _u64(pfn, "pfn")
+        for flag, value in (("present", present), ("write", write), ("dirty", dirty), ("young", young),
+                            ("soft_dirty", soft_dirty), ("uffd_wp", uffd_wp), ("exec", exec),
+                            ("special", special), ("prot_none", prot_none), ("cont", cont)):
+            if not _is_bool(value):
+                raise TypeError(f"{flag} must be a bool, not {type(value).__name__}")
         # Step 1: a non-present entry is the empty entry, whatever else was asked for.
         if not present:
             return self.none_value
