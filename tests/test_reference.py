@@ -862,7 +862,7 @@ def test_folio_pte_batch_errors():
     # Preconditions.
     with pytest.raises(ValueError, match="start=4"):
         ref.folio_pte_batch(T, 4, 1, 0x100, 4, lay, "6.12")
-    with pytest.raises(ValueError, match="start=-1"):
+    with pytest.raises(ValueError, match="start must be a non-negative integer, not -1"):
         ref.folio_pte_batch(T, -1, 1, 0x100, 4, lay, "6.12")
     with pytest.raises(ValueError, match="max_nr=0"):
         ref.folio_pte_batch(T, 0, 0, 0x100, 4, lay, "6.12")

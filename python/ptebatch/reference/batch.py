@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 from .._flags import (
     FPB_IGNORE_DIRTY,
@@ -331,7 +331,7 @@ def _flags_for(form: str | None, flags: object, *, check_family: bool = True) ->
     return FpbFlags(family, 0)
 
 
-def _sequence(values: object, what: str, dtype: str) -> object:
+def _sequence(values: Any, what: str, dtype: str) -> Iterable[Any]:
     """``values`` if it is a one-dimensional sequence to read item by item: a numpy array must
     have the ``dtype`` (no silent conversion) and be C-contiguous, and strings, mappings and
     sets are refused."""
@@ -355,7 +355,7 @@ def _sequence(values: object, what: str, dtype: str) -> object:
 
 def _table_values(ptes: object, what: str = "ptes") -> list[int]:
     """The PTEs as a list of ints in 0..2**64-1 (a sequence of ints, or a 1-D numpy uint64 array)."""
-    return [_u64(v, f"{what}[{i}]") for i, v in enumerate(_sequence(ptes, what, "uint64"))]  # type: ignore[arg-type]
+    return [_u64(v, f"{what}[{i}]") for i, v in enumerate(_sequence(ptes, what, "uint64"))]
 
 
 def _bool(value: object, what: str) -> bool:
@@ -375,12 +375,35 @@ def _check_folio(folio_pfn: int, folio_nr_pages: int, pfn_what: str, nr_what: st
 
 
 def _index(value: object, what: str) -> int:
+    """A non-negative int (TypeError for bools and non-integers, ValueError below 0)."""
     if _is_bool(value):
         raise TypeError(f"{what} must be an integer, not bool")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if number < 0:
+        raise ValueError(f"{what} must be a non-negative integer, not {number}")
+    return number
+
+
+def _map_values(pfn_to_folio: object) -> list[int]:
+    """``pfn_to_folio`` as a list (a sequence of ints, or a 1-D numpy int64 array)."""
+    entries = _sequence(pfn_to_folio, "pfn_to_folio", "int64")
+    return [_map_entry(k, f"pfn_to_folio[{pfn}]") for pfn, k in enumerate(entries)]
+
+
+def _map_entry(value: object, what: str) -> int:
+    """An entry of ``pfn_to_folio``: -1 (no folio) or a folio index that fits int64."""
+    if _is_bool(value):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if not -1 <= number < 1 << 63:
+        raise ValueError(f"{what} must be -1 or a folio index, not {number}")
+    return number
 
 
 def _check_preconditions(t: _PageTable, start: int, max_nr: int, folio_pfn: int,
@@ -417,28 +440,31 @@ def _check_preconditions(t: _PageTable, start: int, max_nr: int, folio_pfn: int,
 
 def folio_pte_batch(
     ptes: Sequence[int],
-    start: int,
-    max_nr: int,
+    start: int | None,
+    max_nr: int | None,
     folio_pfn: int,
     folio_nr_pages: int,
     layout: RefLayout,
     kernel: str,
     flags: FpbFlags | int | None = 0,
-    first_vpn: int = 0,
+    first_vpn: int | None = 0,
 ) -> Batch:
     """Batch the PTEs ``ptes[start:start+max_nr]`` that map consecutive pages of one folio.
 
     docs/semantics.md §3. ``flags`` must be of the kernel's family (``FPB_IGNORE_*`` up to
     6.16, ``FPB_RESPECT_*`` / ``FPB_MERGE_*`` from 6.17); ``0`` or ``None`` means no flags.
+    ``start`` None is 0, ``max_nr`` None the rest of the table, ``first_vpn`` None 0.
     """
     form = _batching_form(kernel)
     layout = _check_layout(layout)
     fpb_flags = _flags_for(form, flags)
-    t = _PageTable(_table_values(ptes), layout, form, _u64(first_vpn, "first_vpn"))
-    start = _index(start, "start")
-    max_nr = _index(max_nr, "max_nr")
+    values = _table_values(ptes)
+    start = 0 if start is None else _index(start, "start")
+    max_nr = max(len(values) - start, 0) if max_nr is None else _index(max_nr, "max_nr")
     folio_pfn = _u64(folio_pfn, "folio_pfn")
     folio_nr_pages = _u64(folio_nr_pages, "folio_nr_pages")
+    first_vpn = 0 if first_vpn is None else _u64(first_vpn, "first_vpn")
+    t = _PageTable(values, layout, form, first_vpn)
     return _folio_pte_batch(t, start, max_nr, folio_pfn, folio_nr_pages, fpb_flags)
 
 
@@ -454,8 +480,8 @@ def fork_flags(kernel: str, shared: bool = False, soft_dirty_tracking: bool = Fa
     ``shared``: the source VMA is VM_SHARED. ``soft_dirty_tracking``: soft-dirty tracking is
     on for it (``vma_soft_dirty_enabled()``).
     """
-    form = _batching_form(kernel)
     shared, soft_dirty_tracking = _bool(shared, "shared"), _bool(soft_dirty_tracking, "soft_dirty_tracking")
+    form = _batching_form(kernel)
     if family_of(form) == IGNORE:  # seed ... 6.16
         flags = FpbFlags(IGNORE, 0)
         if shared:
@@ -474,10 +500,11 @@ def fork_flags(kernel: str, shared: bool = False, soft_dirty_tracking: bool = Fa
 class _Folios:
     """The folios, sorted and non-overlapping, with an optional pfn -> folio index table."""
 
-    def __init__(self, folio_start: Sequence[int], folio_nr_pages: Sequence[int],
-                 pfn_to_folio: Sequence[int] | None) -> None:
-        self.starts = _table_values(folio_start, "folio_start")
-        self.nr_pages = _table_values(folio_nr_pages, "folio_nr_pages")
+    def __init__(self, folio_start: list[int], folio_nr_pages: list[int],
+                 pfn_to_folio: list[int] | None) -> None:
+        """The arguments are already read (:func:`_table_values`, :func:`_map_values`)."""
+        self.starts = folio_start
+        self.nr_pages = folio_nr_pages
         if len(self.starts) != len(self.nr_pages):
             raise ValueError(
                 f"folio_start has {len(self.starts)} entries but folio_nr_pages has "
@@ -499,8 +526,7 @@ class _Folios:
             _check_folio(s, n, f"folio_start[{k}]", f"folio_nr_pages[{k}]")
         self.pfn_to_folio = None
         if pfn_to_folio is not None:
-            entries = _sequence(pfn_to_folio, "pfn_to_folio", "int64")
-            table = [_index(k, f"pfn_to_folio[{pfn}]") for pfn, k in enumerate(entries)]  # type: ignore[call-overload]
+            table = pfn_to_folio
             for pfn, k in enumerate(table):
                 if k == -1:
                     continue
@@ -566,7 +592,7 @@ def batch_lengths(
     folio_start: Sequence[int],
     folio_nr_pages: Sequence[int],
     pfn_to_folio: Sequence[int] | None = None,
-    first_vpn: int = 0,
+    first_vpn: int | None = 0,
     flags: FpbFlags | int | None = None,
     shared: bool = False,
     soft_dirty_tracking: bool = False,
@@ -576,9 +602,9 @@ def batch_lengths(
     The lengths add up to ``len(ptes)``. ``flags``, if not None, replaces the fork flags
     (:func:`fork_flags`); ``shared`` and ``soft_dirty_tracking`` choose those.
     """
+    shared, soft_dirty_tracking = _bool(shared, "shared"), _bool(soft_dirty_tracking, "soft_dirty_tracking")
     form = fpb_form(kernel)
     layout = _check_layout(layout)
-    shared, soft_dirty_tracking = _bool(shared, "shared"), _bool(soft_dirty_tracking, "soft_dirty_tracking")
     if soft_dirty_tracking and not layout.has_soft_dirty:
         raise ValueError(f"soft_dirty_tracking=True, but {layout.name} has no soft-dirty bit")
     if flags is not None:
@@ -588,8 +614,13 @@ def batch_lengths(
         fpb_flags = fork_flags(kernel, shared=shared, soft_dirty_tracking=soft_dirty_tracking)
     else:
         fpb_flags = None
-    t = _PageTable(_table_values(ptes), layout, form, _u64(first_vpn, "first_vpn"))
-    folios = _Folios(folio_start, folio_nr_pages, pfn_to_folio)
+    # Every argument is read before any is checked against another, in the binding's order.
+    values = _table_values(ptes)
+    starts = _table_values(folio_start, "folio_start")
+    nr_pages = _table_values(folio_nr_pages, "folio_nr_pages")
+    table = None if pfn_to_folio is None else _map_values(pfn_to_folio)
+    t = _PageTable(values, layout, form, 0 if first_vpn is None else _u64(first_vpn, "first_vpn"))
+    folios = _Folios(starts, nr_pages, table)
 
     lengths = []
     i = 0

@@ -219,8 +219,8 @@ pub fn folio_pte_batch(
         pfn: u64_scalar(folio_pfn, "folio_pfn")?,
         nr_pages: u64_scalar(folio_nr_pages, "folio_nr_pages")?,
     };
-    check_folio(folio.pfn, folio.nr_pages, None)?;
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
+    check_folio(folio.pfn, folio.nr_pages, None)?;
     let t = Table { ptes: slice, first_vpn };
     let result = py.detach(|| {
         with_layout!(&layout, l => batch::folio_pte_batch(l, form, t, start, max_nr, folio, flags))
