@@ -328,6 +328,18 @@ def test_simulation_constructor_and_snapshot_arguments(tmp_path):
                 fragmentation=fragmentation, backend=backend)
 
     run()
+    from ptebatch.thpmaps import snapshot_of
+
+    sim = pb.Simulation("x86-64", "6.18", "8M")
+    p = sim.spawn()
+    v = p.mmap("256K", mthp="64K")
+    p.touch(v.start, v.length, write=True)
+    path = tmp_path / "s.npz"
+    snapshot_of(sim, [p]).save(path)
+    for where in (path, str(path)):
+        replayed, procs = pb.Simulation.from_snapshot(where, "6.18")
+        replayed.check()
+        assert len(procs) == 1
     missing = tmp_path / "missing.npz"
     for snap, exc in ((str(missing), pb.SnapshotError), (missing, pb.SnapshotError), (42, TypeError),
                       (None, TypeError), (b"snap.npz", TypeError)):

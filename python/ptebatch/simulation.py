@@ -121,6 +121,10 @@ class Mapping:
     start: int
     length: int
 
+    def __post_init__(self) -> None:
+        _int_arg(self.start, "start")
+        _int_arg(self.length, "length")
+
     @property
     def end(self) -> int:
         return self.start + self.length
@@ -139,6 +143,9 @@ class Pin:
 
     sim: "Simulation"
     id: int
+
+    def __post_init__(self) -> None:
+        _int_arg(self.id, "id", 32)
 
     def read(self, index: int = 0) -> int:
         return self.sim._b.pin_read(self.id, _int_arg(index, "index"))
@@ -174,7 +181,7 @@ class Process:
 
     def __init__(self, sim: "Simulation", pid: int):
         self.sim = sim
-        self.pid = pid
+        self.pid = _int_arg(pid, "pid", 32)
 
     def __repr__(self) -> str:
         return f"Process(pid={self.pid})"
@@ -353,7 +360,7 @@ class Simulation:
         return Process(self, self._b.spawn())
 
     def process(self, pid: int) -> Process:
-        return Process(self, _int_arg(pid, "pid", 32))
+        return Process(self, pid)
 
     def create_file(self, size: int | str, folio_size: int | str = 4096, *, shmem: bool = False) -> int:
         """A file (or shmem object) whose page cache uses folios of ``folio_size``; returns its id."""
