@@ -96,9 +96,11 @@ def test_lists_are_converted_and_read_only_arrays_are_fine():
     (dict(max_nr=0), "max_nr"),
     (dict(max_nr=5), "max_nr"),
     (dict(start=1), "not present"),
-    (dict(folio_pfn=9), "outside the folio"),
+    (dict(folio_pfn=12), "outside the folio"),
+    (dict(folio_pfn=9), "naturally aligned"),
+    (dict(folio_nr_pages=3), "power of two"),
     (dict(folio_nr_pages=1), "large folio"),
-    (dict(folio_pfn=2**64 - 2), "overflow"),
+    (dict(folio_pfn=2**64 - 4), "overflow"),
 ])
 def test_folio_pte_batch_preconditions(kw, match):
     L = pb.layout("x86-64")

@@ -716,7 +716,7 @@ def test_batch_lengths_holes_small_folios_and_special():
     holes = [full[0], 0, full[2], full[3]]
     assert ref.batch_lengths(holes, lay, "6.12", [0x100], [4]) == [1, 1, 2]
     # A PTE whose pfn is in no folio.
-    assert ref.batch_lengths(full, lay, "6.12", [0x101], [3]) == [1, 3]
+    assert ref.batch_lengths(full, lay, "6.12", [0x102], [2]) == [1, 1, 2]
     # Small folios.
     assert ref.batch_lengths(full, lay, "6.17", [0x100, 0x101, 0x102, 0x103], [1, 1, 1, 1]) == [1, 1, 1, 1]
     # Two adjacent large folios.
@@ -759,14 +759,13 @@ def test_batch_lengths_with_pfn_to_folio():
     p2f = [-1] * 0x10 + [0] * 4 + [1] * 4
     assert ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4], pfn_to_folio=p2f) == [4, 4]
     assert ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4]) == [4, 4]
-    # A pfn beyond the table has no folio.
-    assert ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4], pfn_to_folio=p2f[:0x14]) == [4, 1, 1, 1, 1]
-    # The lookup is made only for the PTE that starts a batch: cutting the table inside
-    # folio 1 does not shorten a batch that starts at its first page.
-    assert ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4], pfn_to_folio=p2f[:0x16]) == [4, 4]
+    # The map must agree with the folio arrays: a folio it leaves out, cuts short or punches
+    # a hole in would be copied page by page.
     p2f_hole = p2f[:]
-    p2f_hole[0x10] = -1  # pfn 0x10 declared folio-less: T[0] is copied alone
-    assert ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4], pfn_to_folio=p2f_hole) == [1, 3, 4]
+    p2f_hole[0x10] = -1
+    for bad in (p2f[:0x14], p2f[:0x16], p2f_hole):
+        with pytest.raises(ValueError, match="pfn_to_folio"):
+            ref.batch_lengths(T, lay, "6.12", [0x10, 0x14], [4, 4], pfn_to_folio=bad)
 
 
 def test_batch_lengths_xenpv_overrun_is_visible():
@@ -863,7 +862,7 @@ def test_folio_pte_batch_errors():
     # Preconditions.
     with pytest.raises(ValueError, match="start=4"):
         ref.folio_pte_batch(T, 4, 1, 0x100, 4, lay, "6.12")
-    with pytest.raises(ValueError, match="start=-1"):
+    with pytest.raises(ValueError, match="start must be a non-negative integer, not -1"):
         ref.folio_pte_batch(T, -1, 1, 0x100, 4, lay, "6.12")
     with pytest.raises(ValueError, match="max_nr=0"):
         ref.folio_pte_batch(T, 0, 0, 0x100, 4, lay, "6.12")
@@ -874,7 +873,12 @@ def test_folio_pte_batch_errors():
     with pytest.raises(ValueError, match="not present"):
         ref.folio_pte_batch([0] + T[1:], 0, 4, 0x100, 4, lay, "6.12")
     with pytest.raises(ValueError, match="outside the folio"):
-        ref.folio_pte_batch(T, 0, 4, 0x101, 4, lay, "6.12")
+        ref.folio_pte_batch(T, 0, 4, 0x104, 4, lay, "6.12")
+    # Folios are naturally aligned powers of two.
+    with pytest.raises(ValueError, match="naturally aligned"):
+        ref.folio_pte_batch(T, 0, 4, 0xFE, 4, lay, "6.12")
+    with pytest.raises(ValueError, match="power of two"):
+        ref.folio_pte_batch(T, 0, 3, 0x100, 3, lay, "6.12")
     with pytest.raises(ValueError, match="outside the folio"):
         ref.folio_pte_batch(T, 0, 4, 0xFC, 4, lay, "6.12")
     with pytest.raises(ValueError, match=r"ptes\[1\]"):

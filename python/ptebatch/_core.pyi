@@ -172,14 +172,18 @@ class Batch:
     def kernel(self) -> str: ...
 
 def layout(name: str, *, ballooned_pfns: Iterable[int] | None = None) -> Layout: ...
+# Tables are C-contiguous 1-D numpy arrays of the exact dtype, or sequences of ints (read
+# exactly: no bools, no floats).
+_U64Table = _U64Array | Sequence[int]
+
 def folio_pte_batch(
-    ptes: _U64Array, start: int | None = None, max_nr: int | None = None, *, folio_pfn: int,
+    ptes: _U64Table, start: int | None = None, max_nr: int | None = None, *, folio_pfn: int,
     folio_nr_pages: int, layout: Layout | str, kernel: str, flags: FpbFlags | Literal[0] | None = None,
     first_vpn: int | None = None,
 ) -> Batch: ...
 def batch_lengths(
-    ptes: _U64Array, *, layout: Layout | str, kernel: str, folio_start: _U64Array,
-    folio_nr_pages: _U64Array, pfn_to_folio: npt.NDArray[np.int64] | None = None,
+    ptes: _U64Table, *, layout: Layout | str, kernel: str, folio_start: _U64Table,
+    folio_nr_pages: _U64Table, pfn_to_folio: npt.NDArray[np.int64] | Sequence[int] | None = None,
     first_vpn: int | None = None, flags: FpbFlags | Literal[0] | None = None, shared: bool = False,
     soft_dirty_tracking: bool = False,
 ) -> npt.NDArray[np.uint32]: ...

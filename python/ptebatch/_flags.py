@@ -33,11 +33,16 @@ class FpbFlags:
     __slots__ = ("_family", "_bits")
 
     def __init__(self, family: str, bits: int) -> None:
+        if not isinstance(family, str):
+            raise TypeError(f"family must be {IGNORE!r} or {RESPECT!r}, not {type(family).__name__}")
         if family not in _NAMES:
             raise ValueError(f"unknown FPB flag family {family!r}")
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise TypeError(f"bits must be an int, not {type(bits).__name__}")
         known = sum(_NAMES[family])
-        if not isinstance(bits, int) or bits < 0 or bits & ~known:
-            raise ValueError(f"bits {bits!r} are not {family} FPB flags")
+        if bits < 0 or bits & ~known:
+            raise ValueError(f"bits {bits:#x} are not {family} FPB flags" if bits >= 0 else
+                             f"bits must be a non-negative integer, not {bits}")
         self._family = family
         self._bits = bits
 

@@ -7,6 +7,8 @@ runs the same script on the readable model. These classes only add names and siz
 
 from __future__ import annotations
 
+import operator
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
@@ -20,20 +22,78 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 
           "TIB": 1 << 40}
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a string such as ``"64K"``, ``"2MiB"``, ``"16GiB"`` (binary units)."""
-    if isinstance(size, bool):
-        raise TypeError("a size must be an int or a string such as '64K', not bool")
-    if isinstance(size, (int, np.integer)):
-        if size < 0:
-            raise ValueError(f"size {size} is negative")
-        return int(size)
-    if not isinstance(size, str):
-        raise TypeError(f"a size must be an int or a string such as '64K', not {type(size).__name__}")
-    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", size)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read size {size!r}; use e.g. 4096, '64K', '2M', '16GiB'")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+def _int_text(n: int) -> str:
+    """``n`` for a message (Python refuses to print ints of more than 4300 digits)."""
+    return str(n) if n.bit_length() <= 128 else f"an integer of {'-' if n < 0 else ''}{n.bit_length()} bits"
+
+
+def _int_arg(value: object, name: str, bits: int = 64) -> int:
+    """``value`` as an int in ``0 .. 2**bits - 1``: a TypeError for anything but an int (bools,
+    floats such as 4096.0 and strings included), a ValueError naming ``name`` when out of range."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, not bool")
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be a non-negative integer, not {_int_text(n)}")
+    if n >> bits:
+        raise ValueError(f"{name} must be below 2**{bits}, not {_int_text(n)}")
+    return n
+
+
+def _bool_arg(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return bool(value)
+
+
+def _str_arg(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def parse_size(size: int | str, name: str = "size") -> int:
+    """Bytes in ``size``: an int, or a string such as ``"64K"``, ``"2MiB"``, ``"16GiB"``.
+
+    Units are binary whatever their spelling (``K``, ``KB``, ``KiB`` and ``k`` all mean 1024,
+    as the kernel's ``kB`` does), up to ``T``; spaces around the number and unit are ignored.
+    A size is a whole number of bytes below 2**64: fractions (``"1.5G"``), signs, ``"nan"``,
+    floats (even ``4096.0``) and bools are errors naming ``name``. ``0`` is a size of zero,
+    which the operations taking a size refuse themselves.
+    """
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", size)
+        if not m or m.group(2).upper() not in _UNITS:
+            if re.fullmatch(r"\s*-.*", size):
+                why = "a size cannot be negative"
+            elif re.fullmatch(r"\s*[0-9]*\.[0-9]*\s*[A-Za-z]*\s*", size):
+                why = "a size is a whole number of bytes (write '1536M', not '1.5G')"
+            else:
+                why = "use e.g. 4096, '64K', '2M' or '16GiB' (binary units B, K, M, G, T)"
+            raise ValueError(f"cannot read {name} {size!r}: {why}")
+        digits = m.group(1).lstrip("0") or "0"
+        if len(digits) > 20:  # beyond 2**64 whatever the unit (and int() refuses 4300 digits)
+            raise ValueError(f"{name} {size!r} is not below 2**64 bytes")
+        n = int(digits) * _UNITS[m.group(2).upper()]
+        if n >> 64:
+            raise ValueError(f"{name} {size!r} is not below 2**64 bytes")
+        return n
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or a string such as '64K', not {type(size).__name__}")
+    return _int_arg(size, name)
+
+
+def _sizes(sizes: object, name: str) -> list[int]:
+    """One size or several (any iterable of sizes but a mapping), each read by parse_size."""
+    if isinstance(sizes, (str, int, np.integer)) and not isinstance(sizes, (bool, np.bool_)):
+        return [parse_size(sizes, name)]  # type: ignore[arg-type]
+    if isinstance(sizes, (bytes, bytearray, dict)) or not hasattr(sizes, "__iter__"):
+        raise TypeError(f"{name} must be a size or a list of sizes such as ['16K', '64K'], "
+                        f"not {type(sizes).__name__}")
+    return [parse_size(s, f"{name}[{i}]") for i, s in enumerate(sizes)]  # type: ignore[attr-defined]
 
 
 def format_size(n: int) -> str:
@@ -61,14 +121,19 @@ class Mapping:
     start: int
     length: int
 
+    def __post_init__(self) -> None:
+        _int_arg(self.start, "start")
+        _int_arg(self.length, "length")
+
     @property
     def end(self) -> int:
         return self.start + self.length
 
     def page(self, i: int) -> int:
         """Address of page ``i`` of the mapping."""
-        if not 0 <= i < self.length // self.process.sim.page_size:
-            raise IndexError(f"page {i} is outside the mapping's {self.length // self.process.sim.page_size} pages")
+        i = _int_arg(i, "i")
+        if not i < self.length // self.process.sim.page_size:
+            raise ValueError(f"page {i} is outside the mapping's {self.length // self.process.sim.page_size} pages")
         return self.start + i * self.process.sim.page_size
 
 
@@ -79,11 +144,14 @@ class Pin:
     sim: "Simulation"
     id: int
 
+    def __post_init__(self) -> None:
+        _int_arg(self.id, "id", 32)
+
     def read(self, index: int = 0) -> int:
-        return self.sim._b.pin_read(self.id, index)
+        return self.sim._b.pin_read(self.id, _int_arg(index, "index"))
 
     def write(self, index: int = 0) -> int:
-        return self.sim._b.pin_write(self.id, index)
+        return self.sim._b.pin_write(self.id, _int_arg(index, "index"))
 
     def unpin(self) -> None:
         self.sim._b.unpin(self.id)
@@ -104,11 +172,16 @@ class MemoryArrays:
 
 
 class Process:
-    """A simulated process (its mm). Addresses are bytes; sizes take ints or ``"64K"``-style strings."""
+    """A simulated process (its mm). Addresses are bytes; sizes take ints or ``"64K"``-style strings.
+
+    Every argument is checked here, the same way for both backends: integers must be ints in
+    ``0 .. 2**64-1`` (a ValueError naming the argument otherwise; a TypeError for floats,
+    bools and strings), flags bools, names strings.
+    """
 
     def __init__(self, sim: "Simulation", pid: int):
         self.sim = sim
-        self.pid = pid
+        self.pid = _int_arg(pid, "pid", 32)
 
     def __repr__(self) -> str:
         return f"Process(pid={self.pid})"
@@ -120,43 +193,55 @@ class Process:
         return hash((id(self.sim), self.pid))
 
     def mmap(self, length: int | str, prot: str = "rw", shared: bool = False, *, file: int | None = None,
-             offset: int | str = 0, mthp: Iterable[int | str] = (), addr: int | None = None,
+             offset: int | str = 0, mthp: int | str | Iterable[int | str] = (), addr: int | None = None,
              uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
-        """``mmap()``: anonymous private by default; ``mthp`` lists the enabled anonymous folio sizes."""
-        n = parse_size(length)
-        sizes = [parse_size(s) for s in mthp]
-        start = self.sim._b.mmap(self.pid, n, prot, shared, file, parse_size(offset), sizes, addr,
+        """``mmap()``: anonymous private by default; ``mthp`` is the enabled anonymous folio size,
+        or a list of them."""
+        n = parse_size(length, "length")
+        prot = _str_arg(prot, "prot")
+        shared = _bool_arg(shared, "shared")
+        file = None if file is None else _int_arg(file, "file", 32)
+        offset_b = parse_size(offset, "offset")
+        sizes = _sizes(mthp, "mthp")
+        addr = None if addr is None else _int_arg(addr, "addr")
+        uffd_wp = _bool_arg(uffd_wp, "uffd_wp")
+        uffd_event_fork = _bool_arg(uffd_event_fork, "uffd_event_fork")
+        start = self.sim._b.mmap(self.pid, n, prot, shared, file, offset_b, sizes, addr,
                                  uffd_wp, uffd_event_fork)
         return Mapping(self, start, n)
 
     def touch(self, addr: int, length: int | str, write: bool = False) -> None:
         """Reads or writes every page of the range (faulting as the kernel would)."""
-        self.sim._b.touch(self.pid, addr, parse_size(length), write)
+        self.sim._b.touch(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
+                          _bool_arg(write, "write"))
 
     def read(self, addr: int) -> int:
         """The content token this process sees at ``addr`` (0 = zero-filled)."""
-        return self.sim._b.read(self.pid, addr)
+        return self.sim._b.read(self.pid, _int_arg(addr, "addr"))
 
     def write(self, addr: int) -> int:
         """Writes the page at ``addr``; returns the new token."""
-        return self.sim._b.write(self.pid, addr)
+        return self.sim._b.write(self.pid, _int_arg(addr, "addr"))
 
     def fork(self) -> "Process":
         return Process(self.sim, self.sim._b.fork(self.pid))
 
     def munmap(self, addr: int, length: int | str) -> None:
-        self.sim._b.munmap(self.pid, addr, parse_size(length))
+        self.sim._b.munmap(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"))
 
     def mprotect(self, addr: int, length: int | str, prot: str) -> None:
-        self.sim._b.mprotect(self.pid, addr, parse_size(length), prot)
+        self.sim._b.mprotect(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
+                             _str_arg(prot, "prot"))
 
     def madvise(self, addr: int, length: int | str, advice: str) -> None:
         """``advice``: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork"."""
-        self.sim._b.madvise(self.pid, addr, parse_size(length), advice)
+        self.sim._b.madvise(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
+                            _str_arg(advice, "advice"))
 
     def pin(self, addr: int, length: int | str, *, write: bool = True, longterm: bool = True) -> Pin:
         """``pin_user_pages(FOLL_PIN [| FOLL_WRITE] [| FOLL_LONGTERM])``."""
-        return Pin(self.sim, self.sim._b.pin(self.pid, addr, parse_size(length), write, longterm))
+        return Pin(self.sim, self.sim._b.pin(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
+                                             _bool_arg(write, "write"), _bool_arg(longterm, "longterm")))
 
     def exit(self) -> None:
         self.sim._b.exit(self.pid)
@@ -164,7 +249,8 @@ class Process:
     def uffd_writeprotect(self, addr: int, length: int | str, enable: bool = True) -> None:
         """``UFFDIO_WRITEPROTECT`` on a range mapped with ``uffd_wp=True``; a write to a protected
         page then raises ``AccessFault`` (it would wait for the monitor)."""
-        self.sim._b.uffd_writeprotect(self.pid, addr, parse_size(length), enable)
+        self.sim._b.uffd_writeprotect(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
+                                      _bool_arg(enable, "enable"))
 
     def clear_soft_dirty(self) -> None:
         """``echo 4 > /proc/<pid>/clear_refs``."""
@@ -172,11 +258,12 @@ class Process:
 
     def pagemap(self, addr: int, length: int | str) -> np.ndarray:
         """/proc/<pid>/pagemap entries (uint64) of the range, as root reads them."""
-        return np.asarray(self.sim._b.pagemap(self.pid, addr, parse_size(length)), dtype=np.uint64)
+        return np.asarray(self.sim._b.pagemap(self.pid, _int_arg(addr, "addr"), parse_size(length, "length")),
+                          dtype=np.uint64)
 
     def ptes(self, mapping: Mapping | int) -> np.ndarray:
         """A copy of the PTE array of the VMA holding the mapping's start (or an address)."""
-        addr = mapping.start if isinstance(mapping, Mapping) else mapping
+        addr = mapping.start if isinstance(mapping, Mapping) else _int_arg(mapping, "mapping")
         return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
 
     def vmas(self) -> list[dict[str, Any]]:
@@ -201,28 +288,45 @@ class Simulation:
     def __init__(self, arch: str = "x86-64", kernel: str = "6.18", memory: int | str = "1GiB", *,
                  seed: int = 0, batching: bool = True, fragmentation: dict[int | str, float] | None = None,
                  backend: str = "rust"):
+        arch, kernel = _str_arg(arch, "arch"), _str_arg(kernel, "kernel")
+        nbytes, seed = parse_size(memory, "memory"), _int_arg(seed, "seed")
+        batching = _bool_arg(batching, "batching")
+        if fragmentation is not None and not isinstance(fragmentation, dict):
+            raise TypeError(f"fragmentation must be a dict of folio size to probability, "
+                            f"not {type(fragmentation).__name__}")
         if backend == "rust":
-            self._b: Any = _core.Simulation(arch, kernel, parse_size(memory), seed, batching)
+            self._b: Any = _core.Simulation(arch, kernel, nbytes, seed, batching)
         elif backend == "reference":
             from .reference.sim import Simulation as RefSimulation
 
-            self._b = RefSimulation(arch, kernel, parse_size(memory), seed, batching)
+            self._b = RefSimulation(arch, kernel, nbytes, seed, batching)
         else:
             raise ValueError(f"backend must be 'rust' or 'reference', not {backend!r}")
         self.arch, self.kernel, self.batching, self.backend = arch, kernel, batching, backend
         for size, p in (fragmentation or {}).items():
-            n = parse_size(size)
+            n = parse_size(size, "fragmentation")
             order = n.bit_length() - 1 - (self.page_size.bit_length() - 1)
             if n != self.page_size << max(order, 0) or order < 1:
                 raise ValueError(f"fragmentation size {size!r} is not a large folio size")
+            if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)):
+                raise TypeError(f"fragmentation[{size!r}] must be a probability, not {type(p).__name__}")
             self._b.set_fallback(order, float(p))
 
     @classmethod
     def from_snapshot(cls, snap: Any, kernel: str | None = None, **kw: Any) -> tuple["Simulation", dict[int, Process]]:
         """The simulated state of a captured snapshot (``ptebatch.replay.from_snapshot``): returns
-        the simulation and a map from captured pid to simulated process."""
+        the simulation and a map from captured pid to simulated process. ``snap`` is a
+        ``ptebatch.snapshot.Snapshot`` or the path of a snapshot file."""
         from .replay import from_snapshot
+        from .snapshot import Snapshot
 
+        if isinstance(snap, (str, os.PathLike)):
+            snap = Snapshot.load(snap)
+        elif not isinstance(snap, Snapshot):
+            raise TypeError(f"snap must be a ptebatch.snapshot.Snapshot or the path of a snapshot file, "
+                            f"not {type(snap).__name__}")
+        if kernel is not None:
+            _str_arg(kernel, "kernel")
         return from_snapshot(snap, kernel, **kw)
 
     @classmethod
@@ -260,7 +364,8 @@ class Simulation:
 
     def create_file(self, size: int | str, folio_size: int | str = 4096, *, shmem: bool = False) -> int:
         """A file (or shmem object) whose page cache uses folios of ``folio_size``; returns its id."""
-        return self._b.create_file(parse_size(size), parse_size(folio_size), shmem)
+        return self._b.create_file(parse_size(size, "size"), parse_size(folio_size, "folio_size"),
+                                   _bool_arg(shmem, "shmem"))
 
     def check(self) -> None:
         """Recomputes every invariant from the page tables; raises ``InvariantError`` naming the rule."""
@@ -279,7 +384,7 @@ class Simulation:
     def page(self, pfn: int) -> dict[str, Any]:
         """One page's state with the kernel's meaning of every count (mapcount, refcount of its
         folio, anon_exclusive, order, large/entire mapcount, MM-ID slots, ...)."""
-        return dict(self._b.page(pfn))
+        return dict(self._b.page(_int_arg(pfn, "pfn")))
 
     @property
     def memory(self) -> "MemoryArrays":
@@ -288,7 +393,7 @@ class Simulation:
         return MemoryArrays(self)
 
     def kpagecount(self, pfn: int) -> int:
-        return self._b.kpagecount(pfn)
+        return self._b.kpagecount(_int_arg(pfn, "pfn"))
 
     def state(self) -> dict[str, Any]:
         """The whole state in canonical form (numpy arrays and ints)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 from .._flags import (
     FPB_IGNORE_DIRTY,
@@ -36,7 +36,7 @@ from .._flags import (
     family_of,
 )
 from .kernel import fpb_form
-from .layouts import MASK64, RefLayout, _u64
+from .layouts import MASK64, RefLayout, _is_bool, _u64
 
 
 @dataclass(frozen=True)
@@ -314,6 +314,8 @@ def _flags_for(form: str | None, flags: object, *, check_family: bool = True) ->
         return flags
     if flags is None:
         return FpbFlags(family, 0)
+    if _is_bool(flags):
+        raise TypeError("flags must be an FpbFlags (e.g. FPB_IGNORE_DIRTY), 0 or None, got bool")
     try:
         number = operator.index(flags)  # type: ignore[arg-type]
     except TypeError:
@@ -329,19 +331,79 @@ def _flags_for(form: str | None, flags: object, *, check_family: bool = True) ->
     return FpbFlags(family, 0)
 
 
-def _table_values(ptes: object) -> list[int]:
-    """The PTEs as a list of ints in 0..2**64-1 (a sequence, or a 1-D numpy uint64 array)."""
-    ndim = getattr(ptes, "ndim", 1)
+def _sequence(values: Any, what: str, dtype: str) -> Iterable[Any]:
+    """``values`` if it is a one-dimensional sequence to read item by item: a numpy array must
+    have the ``dtype`` (no silent conversion) and be C-contiguous, and strings, mappings and
+    sets are refused."""
+    if isinstance(values, (str, bytes, bytearray, dict, set, frozenset)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{what} must be a one-dimensional numpy {dtype} array or a list of ints, "
+                        f"not {type(values).__name__}")
+    ndim = getattr(values, "ndim", 1)
     if ndim != 1:
-        raise ValueError(f"ptes must be one-dimensional, got {ndim} dimensions")
-    return [_u64(v, f"ptes[{i}]") for i, v in enumerate(ptes)]  # type: ignore[arg-type]
+        raise ValueError(f"{what} must be one-dimensional, got {ndim} dimensions")
+    dt = getattr(values, "dtype", None)
+    if dt is not None and str(dt) != dtype:
+        raise TypeError(f"{what} must be a numpy {dtype} array, got dtype {dt} "
+                        f"(use np.asarray(x, dtype=np.{dtype}))")
+    flags = getattr(values, "flags", None)
+    if dt is not None and flags is not None and not flags.c_contiguous:
+        # The Rust core borrows tables without copying; both refuse a strided view alike.
+        raise ValueError(f"{what} must be C-contiguous (a page table is one run of entries); "
+                         "use np.ascontiguousarray")
+    return values
+
+
+def _table_values(ptes: object, what: str = "ptes") -> list[int]:
+    """The PTEs as a list of ints in 0..2**64-1 (a sequence of ints, or a 1-D numpy uint64 array)."""
+    return [_u64(v, f"{what}[{i}]") for i, v in enumerate(_sequence(ptes, what, "uint64"))]
+
+
+def _bool(value: object, what: str) -> bool:
+    if not _is_bool(value):
+        raise TypeError(f"{what} must be a bool, not {type(value).__name__}")
+    return bool(value)
+
+
+def _check_folio(folio_pfn: int, folio_nr_pages: int, pfn_what: str, nr_what: str) -> None:
+    """Folios are naturally aligned powers of two (the buddy allocator hands out 2**order
+    pages at a multiple of their size): anything else cannot come from a kernel."""
+    if folio_nr_pages & (folio_nr_pages - 1) or folio_nr_pages == 0:
+        raise ValueError(f"{nr_what}={folio_nr_pages} is not a power of two: a folio has 2**order pages")
+    if folio_pfn % folio_nr_pages:
+        raise ValueError(f"{pfn_what}={folio_pfn:#x} is not a multiple of {nr_what}={folio_nr_pages}: "
+                         "folios are naturally aligned")
 
 
 def _index(value: object, what: str) -> int:
+    """A non-negative int (TypeError for bools and non-integers, ValueError below 0)."""
+    if _is_bool(value):
+        raise TypeError(f"{what} must be an integer, not bool")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if number < 0:
+        raise ValueError(f"{what} must be a non-negative integer, not {number}")
+    return number
+
+
+def _map_values(pfn_to_folio: object) -> list[int]:
+    """``pfn_to_folio`` as a list (a sequence of ints, or a 1-D numpy int64 array)."""
+    entries = _sequence(pfn_to_folio, "pfn_to_folio", "int64")
+    return [_map_entry(k, f"pfn_to_folio[{pfn}]") for pfn, k in enumerate(entries)]
+
+
+def _map_entry(value: object, what: str) -> int:
+    """An entry of ``pfn_to_folio``: -1 (no folio) or a folio index that fits int64."""
+    if _is_bool(value):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if not -1 <= number < 1 << 63:
+        raise ValueError(f"{what} must be -1 or a folio index, not {number}")
+    return number
 
 
 def _check_preconditions(t: _PageTable, start: int, max_nr: int, folio_pfn: int,
@@ -359,6 +421,7 @@ def _check_preconditions(t: _PageTable, start: int, max_nr: int, folio_pfn: int,
         raise ValueError(
             f"folio_nr_pages={folio_nr_pages}: folio_pte_batch only batches large folios (>= 2 pages)"
         )
+    _check_folio(folio_pfn, folio_nr_pages, "folio_pfn", "folio_nr_pages")
     first = t.ptep_get(start)
     if not lay.pte_present(first):
         raise ValueError(f"the PTE at start={start} ({first:#x}) is not present")
@@ -377,28 +440,31 @@ def _check_preconditions(t: _PageTable, start: int, max_nr: int, folio_pfn: int,
 
 def folio_pte_batch(
     ptes: Sequence[int],
-    start: int,
-    max_nr: int,
+    start: int | None,
+    max_nr: int | None,
     folio_pfn: int,
     folio_nr_pages: int,
     layout: RefLayout,
     kernel: str,
     flags: FpbFlags | int | None = 0,
-    first_vpn: int = 0,
+    first_vpn: int | None = 0,
 ) -> Batch:
     """Batch the PTEs ``ptes[start:start+max_nr]`` that map consecutive pages of one folio.
 
     docs/semantics.md §3. ``flags`` must be of the kernel's family (``FPB_IGNORE_*`` up to
     6.16, ``FPB_RESPECT_*`` / ``FPB_MERGE_*`` from 6.17); ``0`` or ``None`` means no flags.
+    ``start`` None is 0, ``max_nr`` None the rest of the table, ``first_vpn`` None 0.
     """
     form = _batching_form(kernel)
     layout = _check_layout(layout)
     fpb_flags = _flags_for(form, flags)
-    t = _PageTable(_table_values(ptes), layout, form, _u64(first_vpn, "first_vpn"))
-    start = _index(start, "start")
-    max_nr = _index(max_nr, "max_nr")
+    values = _table_values(ptes)
+    start = 0 if start is None else _index(start, "start")
+    max_nr = max(len(values) - start, 0) if max_nr is None else _index(max_nr, "max_nr")
     folio_pfn = _u64(folio_pfn, "folio_pfn")
     folio_nr_pages = _u64(folio_nr_pages, "folio_nr_pages")
+    first_vpn = 0 if first_vpn is None else _u64(first_vpn, "first_vpn")
+    t = _PageTable(values, layout, form, first_vpn)
     return _folio_pte_batch(t, start, max_nr, folio_pfn, folio_nr_pages, fpb_flags)
 
 
@@ -414,6 +480,7 @@ def fork_flags(kernel: str, shared: bool = False, soft_dirty_tracking: bool = Fa
     ``shared``: the source VMA is VM_SHARED. ``soft_dirty_tracking``: soft-dirty tracking is
     on for it (``vma_soft_dirty_enabled()``).
     """
+    shared, soft_dirty_tracking = _bool(shared, "shared"), _bool(soft_dirty_tracking, "soft_dirty_tracking")
     form = _batching_form(kernel)
     if family_of(form) == IGNORE:  # seed ... 6.16
         flags = FpbFlags(IGNORE, 0)
@@ -433,10 +500,11 @@ def fork_flags(kernel: str, shared: bool = False, soft_dirty_tracking: bool = Fa
 class _Folios:
     """The folios, sorted and non-overlapping, with an optional pfn -> folio index table."""
 
-    def __init__(self, folio_start: Sequence[int], folio_nr_pages: Sequence[int],
-                 pfn_to_folio: Sequence[int] | None) -> None:
-        self.starts = [_u64(s, f"folio_start[{k}]") for k, s in enumerate(folio_start)]
-        self.nr_pages = [_u64(n, f"folio_nr_pages[{k}]") for k, n in enumerate(folio_nr_pages)]
+    def __init__(self, folio_start: list[int], folio_nr_pages: list[int],
+                 pfn_to_folio: list[int] | None) -> None:
+        """The arguments are already read (:func:`_table_values`, :func:`_map_values`)."""
+        self.starts = folio_start
+        self.nr_pages = folio_nr_pages
         if len(self.starts) != len(self.nr_pages):
             raise ValueError(
                 f"folio_start has {len(self.starts)} entries but folio_nr_pages has "
@@ -452,12 +520,13 @@ class _Folios:
                     f"[{self.starts[k - 1]:#x}, +{self.nr_pages[k - 1]}) then "
                     f"[{self.starts[k]:#x}, +{self.nr_pages[k]})"
                 )
+        for k, (s, n) in enumerate(zip(self.starts, self.nr_pages)):
+            if s + n > MASK64:
+                raise ValueError(f"folio {k}: start {s:#x} + {n} pages overflows")
+            _check_folio(s, n, f"folio_start[{k}]", f"folio_nr_pages[{k}]")
         self.pfn_to_folio = None
         if pfn_to_folio is not None:
-            ndim = getattr(pfn_to_folio, "ndim", 1)
-            if ndim != 1:
-                raise ValueError(f"pfn_to_folio must be one-dimensional, got {ndim} dimensions")
-            table = [_index(k, f"pfn_to_folio[{pfn}]") for pfn, k in enumerate(pfn_to_folio)]
+            table = pfn_to_folio
             for pfn, k in enumerate(table):
                 if k == -1:
                     continue
@@ -471,6 +540,16 @@ class _Folios:
                         f"pfn_to_folio[{pfn}]={k} but folio {k} is "
                         f"[{self.starts[k]:#x}, +{self.nr_pages[k]}), which does not contain pfn {pfn:#x}"
                     )
+            # The map is a lookup table for the folio arrays and must agree with them: a folio
+            # only partly in it would be copied page by page from where it is cut.
+            for k, (s, n) in enumerate(zip(self.starts, self.nr_pages)):
+                for pfn in range(s, s + n):
+                    got = table[pfn] if pfn < len(table) else None
+                    if got != k:
+                        what = (f"pfn_to_folio has only {len(table)} entries" if got is None
+                                else f"pfn_to_folio[{pfn:#x}]={got}")
+                        raise ValueError(f"{what}, but folio {k} is [{s:#x}, {s + n:#x}): pfn_to_folio "
+                                         "must map every page of every folio to its index")
             self.pfn_to_folio = table
 
     def lookup(self, pfn: int) -> tuple[int, int] | None:
@@ -513,7 +592,7 @@ def batch_lengths(
     folio_start: Sequence[int],
     folio_nr_pages: Sequence[int],
     pfn_to_folio: Sequence[int] | None = None,
-    first_vpn: int = 0,
+    first_vpn: int | None = 0,
     flags: FpbFlags | int | None = None,
     shared: bool = False,
     soft_dirty_tracking: bool = False,
@@ -523,6 +602,7 @@ def batch_lengths(
     The lengths add up to ``len(ptes)``. ``flags``, if not None, replaces the fork flags
     (:func:`fork_flags`); ``shared`` and ``soft_dirty_tracking`` choose those.
     """
+    shared, soft_dirty_tracking = _bool(shared, "shared"), _bool(soft_dirty_tracking, "soft_dirty_tracking")
     form = fpb_form(kernel)
     layout = _check_layout(layout)
     if soft_dirty_tracking and not layout.has_soft_dirty:
@@ -534,8 +614,13 @@ def batch_lengths(
         fpb_flags = fork_flags(kernel, shared=shared, soft_dirty_tracking=soft_dirty_tracking)
     else:
         fpb_flags = None
-    t = _PageTable(_table_values(ptes), layout, form, _u64(first_vpn, "first_vpn"))
-    folios = _Folios(folio_start, folio_nr_pages, pfn_to_folio)
+    # Every argument is read before any is checked against another, in the binding's order.
+    values = _table_values(ptes)
+    starts = _table_values(folio_start, "folio_start")
+    nr_pages = _table_values(folio_nr_pages, "folio_nr_pages")
+    table = None if pfn_to_folio is None else _map_values(pfn_to_folio)
+    t = _PageTable(values, layout, form, 0 if first_vpn is None else _u64(first_vpn, "first_vpn"))
+    folios = _Folios(starts, nr_pages, table)
 
     lengths = []
     i = 0

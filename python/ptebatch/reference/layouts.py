@@ -5,7 +5,7 @@ kernel accessor. Values are plain Python ints holding a 64-bit PTE in the archit
 encoding; arithmetic that can leave 64 bits is wrapped explicitly with ``& MASK64``.
 
 Each public accessor checks its integer arguments: anything outside ``0 .. 2**64 - 1`` is a
-``ValueError`` and a non-integer a ``TypeError``.
+``ValueError`` and a non-integer (a float, even ``4096.0``, a string, a bool) a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ def _bits(lo: int, hi: int) -> int:
     return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
 
 
+def _is_bool(value: object) -> bool:
+    """Python's bool or numpy's ``bool_``: never taken for an integer or read for its truth."""
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
+
+
 def _u64(value: object, what: str) -> int:
     """``value`` as an int in ``0 .. 2**64 - 1`` (TypeError / ValueError otherwise)."""
+    if _is_bool(value):
+        raise TypeError(f"{what} must be an integer, not bool")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -90,19 +97,30 @@ class RefLayout:
         self,
         pfn: int,
         *,
-        present: bool = True,
-        write: bool = False,
-        dirty: bool = False,
-        young: bool = False,
-        soft_dirty: bool = False,
-        uffd_wp: bool = False,
-        exec: bool = False,
-        special: bool = False,
-        prot_none: bool = False,
-        cont: bool = False,
+        present: bool | None = True,
+        write: bool | None = False,
+        dirty: bool | None = False,
+        young: bool | None = False,
+        soft_dirty: bool | None = False,
+        uffd_wp: bool | None = False,
+        exec: bool | None = False,
+        special: bool | None = False,
+        prot_none: bool | None = False,
+        cont: bool | None = False,
     ) -> int:
         """A user PTE for ``pfn``, built with the arch's own accessors in the order of §1.1."""
         pfn = _u64(pfn, "pfn")
+        # Each flag is a bool; None stands for its default (present, and nothing else).
+        given = {"present": present, "write": write, "dirty": dirty, "young": young,
+                 "soft_dirty": soft_dirty, "uffd_wp": uffd_wp, "exec": exec, "special": special,
+                 "prot_none": prot_none, "cont": cont}
+        for flag, value in given.items():
+            if value is None:
+                given[flag] = flag == "present"
+            elif not _is_bool(value):
+                raise TypeError(f"{flag} must be a bool, not {type(value).__name__}")
+        present, write, dirty, young, soft_dirty, uffd_wp, exec, special, prot_none, cont = (
+            bool(v) for v in given.values())
         # Step 1: a non-present entry is the empty entry, whatever else was asked for.
         if not present:
             return self.none_value

@@ -3,12 +3,12 @@
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyInt};
 
 use super::args::{i64_table, index_arg, u64_scalar, u64_table};
 use super::layout::PyLayout;
 use crate::arch::Layout;
 use crate::batch::{self, Folio, Folios, FpbFlags, Table};
+use crate::error::Error;
 use crate::kernel::{FlagFamily, FpbForm, KernelProfile, RELEASES};
 use crate::with_layout;
 
@@ -88,38 +88,99 @@ fn family_name(f: FlagFamily) -> &'static str {
     }
 }
 
-/// Reads `flags`: None or 0, or an `FpbFlags` of the family the kernel knows.
-fn flags_arg(flags: Option<&Bound<'_, PyAny>>, form: FpbForm, kernel: &str) -> PyResult<FpbFlags> {
-    let Some(obj) = flags.filter(|o| !o.is_none()) else {
-        return Ok(FpbFlags::from_bits(form.flag_family(), 0)?);
+/// Reads `flags`: None or 0, or an `FpbFlags` (`ptebatch._flags`). A plain int other than 0
+/// is refused: FPB_IGNORE_DIRTY (≤ 6.16) and FPB_RESPECT_DIRTY (6.17+) share a bit value, so
+/// the number alone does not say what was meant. `form` None (6.8) checks the type only.
+fn flags_arg(flags: Option<&Bound<'_, PyAny>>, form: Option<FpbForm>, kernel: &str) -> PyResult<FpbFlags> {
+    let none = || match form {
+        Some(f) => Ok(FpbFlags::from_bits(f.flag_family(), 0)?),
+        None => Ok(FpbFlags::default()),
     };
-    let want = family_name(form.flag_family());
-    if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
-        if obj.extract::<i64>().ok() == Some(0) {
-            return Ok(FpbFlags::from_bits(form.flag_family(), 0)?);
+    let Some(obj) = flags.filter(|o| !o.is_none()) else {
+        return none();
+    };
+    let fpb_type = obj.py().import("ptebatch._flags")?.getattr("FpbFlags")?;
+    if !obj.is_instance(&fpb_type)? {
+        if let Ok(n) = index_arg(obj, "flags") {
+            if n == 0 {
+                return none();
+            }
+            return Err(PyTypeError::new_err(format!(
+                "flags={n} is a plain int; pass ptebatch.FPB_* constants: FPB_IGNORE_DIRTY (≤ 6.16) \
+                 and FPB_RESPECT_DIRTY (6.17+) share the same bit value"
+            )));
         }
-        return Err(PyTypeError::new_err(
-            "flags must be ptebatch.FPB_* constants, not a plain int: FPB_IGNORE_DIRTY (≤ 6.16) and \
-             FPB_RESPECT_DIRTY (6.17+) share the same bit value",
-        ));
+        return Err(PyTypeError::new_err(format!(
+            "flags must be ptebatch.FPB_* constants (FpbFlags), 0 or None, not {}",
+            obj.get_type().name()?
+        )));
     }
-    let family: String = obj
-        .getattr("family")
-        .and_then(|f| f.extract())
-        .map_err(|_| PyTypeError::new_err("flags must be ptebatch.FPB_* constants (FpbFlags)"))?;
+    let Some(form) = form else {
+        return Ok(FpbFlags::default());
+    };
+    let family: String = obj.getattr("family")?.extract()?;
+    let want = family_name(form.flag_family());
     if family != want {
         let hint = match form.flag_family() {
             FlagFamily::Ignore => "FPB_IGNORE_DIRTY / FPB_IGNORE_SOFT_DIRTY",
             FlagFamily::Respect => "FPB_RESPECT_* / FPB_MERGE_*",
         };
         return Err(PyValueError::new_err(format!(
-            "{} are not flags of kernel {kernel}, which knows {hint}",
+            "flags {} are not flags of kernel {kernel}, which knows {hint}",
             obj.repr()?
         )));
     }
     let bits = u32::try_from(u64_scalar(&obj.call_method0("__int__")?, "flags")?)
         .map_err(|_| PyValueError::new_err("flags out of range"))?;
     Ok(FpbFlags::from_bits(form.flag_family(), bits)?)
+}
+
+/// `k` is the folio's index in the arrays of `batch_lengths`, None for `folio_pte_batch`.
+#[cold]
+fn folio_error(pfn: u64, nr_pages: u64, k: Option<usize>) -> Error {
+    let (pfn_name, nr_name) = match k {
+        None => ("folio_pfn".to_string(), "folio_nr_pages".to_string()),
+        Some(k) => (format!("folio_start[{k}]"), format!("folio_nr_pages[{k}]")),
+    };
+    if !nr_pages.is_power_of_two() {
+        Error::value(format!("{nr_name}={nr_pages} is not a power of two: a folio has 2**order pages"))
+    } else {
+        Error::value(format!(
+            "{pfn_name}={pfn:#x} is not a multiple of {nr_name}={nr_pages}: folios are naturally aligned"
+        ))
+    }
+}
+
+/// Folios are naturally aligned powers of two (the buddy allocator hands out 2**order pages
+/// at a multiple of their size), so a folio that is not cannot come from a kernel.
+fn check_folio(pfn: u64, nr_pages: u64, k: Option<usize>) -> crate::Result<()> {
+    if nr_pages.is_power_of_two() && pfn % nr_pages == 0 {
+        Ok(())
+    } else {
+        Err(folio_error(pfn, nr_pages, k))
+    }
+}
+
+/// `pfn_to_folio` is a lookup table for the folio arrays and must agree with them: every page
+/// of every folio maps to that folio (a folio cut short would be copied page by page).
+/// `Folios::new` has checked that every entry that names a folio lies inside it.
+fn check_map_covers_folios(starts: &[u64], nrs: &[u64], map: &[i64]) -> crate::Result<()> {
+    for (k, (&s, &n)) in starts.iter().zip(nrs).enumerate() {
+        for pfn in s..s + n {
+            let got = usize::try_from(pfn).ok().and_then(|p| map.get(p)).copied();
+            if got != Some(k as i64) {
+                let what = got.map_or_else(|| format!("pfn_to_folio has only {} entries", map.len()), |v| {
+                    format!("pfn_to_folio[{pfn:#x}]={v}")
+                });
+                return Err(Error::value(format!(
+                    "{what}, but folio {k} is [{s:#x}, {:#x}): pfn_to_folio must map every page of \
+                     every folio to its index",
+                    s + n
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `folio_pte_batch()` as the chosen kernel defines it (docs/semantics.md §3).
@@ -146,7 +207,7 @@ pub fn folio_pte_batch(
         ))
     })?;
     let layout = layout_arg(layout)?;
-    let flags = flags_arg(flags, form, &kernel_name)?;
+    let flags = flags_arg(flags, Some(form), &kernel_name)?;
     let table = u64_table(ptes, "ptes")?;
     let slice = table.as_slice().map_err(|e| PyValueError::new_err(e.to_string()))?;
     let start = start.map(|s| index_arg(s, "start")).transpose()?.unwrap_or(0);
@@ -159,6 +220,7 @@ pub fn folio_pte_batch(
         nr_pages: u64_scalar(folio_nr_pages, "folio_nr_pages")?,
     };
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
+    check_folio(folio.pfn, folio.nr_pages, None)?;
     let t = Table { ptes: slice, first_vpn };
     let result = py.detach(|| {
         with_layout!(&layout, l => batch::folio_pte_batch(l, form, t, start, max_nr, folio, flags))
@@ -193,15 +255,12 @@ pub fn batch_lengths<'py>(
             layout.name()
         )));
     }
-    let fpb_flags = match profile.fpb {
-        None => FpbFlags::default(),
-        Some(form) => match flags.filter(|f| !f.is_none()) {
-            Some(_) => flags_arg(flags, form, &kernel_name)?,
-            None => FpbFlags::from_bits(
-                form.flag_family(),
-                FpbFlags::fork_bits(form, shared, soft_dirty_tracking),
-            )?,
-        },
+    // Under 6.8 nothing is batched; flags are still checked for their type.
+    let fpb_flags = match (profile.fpb, flags.filter(|f| !f.is_none())) {
+        (Some(form), None) => {
+            FpbFlags::from_bits(form.flag_family(), FpbFlags::fork_bits(form, shared, soft_dirty_tracking))?
+        }
+        (form, _) => flags_arg(flags, form, &kernel_name)?,
     };
     let table = u64_table(ptes, "ptes")?;
     let starts = u64_table(folio_start, "folio_start")?;
@@ -214,6 +273,12 @@ pub fn batch_lengths<'py>(
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
     let lengths = py.detach(|| -> crate::Result<Vec<u32>> {
         let folios = Folios::new(starts, nrs, map)?;
+        for (k, (&s, &n)) in starts.iter().zip(nrs).enumerate() {
+            check_folio(s, n, Some(k))?;
+        }
+        if let Some(map) = map {
+            check_map_covers_folios(starts, nrs, map)?;
+        }
         let t = Table { ptes: slice, first_vpn };
         with_layout!(&layout, l => batch::batch_lengths(l, &profile, t, &folios, fpb_flags))
     })?;

@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
 
-use super::args::{u64_scalar, BoolArg, U64Arg};
+use super::args::{u64_scalar, u64_table, BoolArg, U64Arg};
 use crate::arch::{Layout, PteBits, PteLayout, LAYOUT_NAMES};
 use crate::with_layout;
 
@@ -93,8 +93,8 @@ unary! {
 impl PyLayout {
     #[new]
     #[pyo3(signature = (name, *, ballooned_pfns=None))]
-    fn new(name: &str, ballooned_pfns: Option<Vec<u64>>) -> PyResult<Self> {
-        Ok(PyLayout { inner: Layout::by_name(name, ballooned_pfns)? })
+    fn new(name: &Bound<'_, PyAny>, ballooned_pfns: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        layout(name, ballooned_pfns)
     }
 
     #[getter]
@@ -314,15 +314,9 @@ pub fn layout(name: &Bound<'_, PyAny>, ballooned_pfns: Option<&Bound<'_, PyAny>>
     let name: String = name
         .extract()
         .map_err(|_| pyo3::exceptions::PyTypeError::new_err("layout name must be a str"))?;
-    let ballooned = match ballooned_pfns {
+    let ballooned = match ballooned_pfns.filter(|o| !o.is_none()) {
         None => None,
-        Some(obj) => {
-            let mut v = vec![];
-            for item in obj.try_iter()? {
-                v.push(u64_scalar(&item?, "ballooned_pfns")?);
-            }
-            Some(v)
-        }
+        Some(obj) => Some(u64_table(obj, "ballooned_pfns")?.as_array().to_vec()),
     };
     Ok(PyLayout { inner: Layout::by_name(&name, ballooned)? })
 }
