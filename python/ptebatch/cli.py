@@ -407,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--size", type=_pow2_size, action="append",
                    help="folio size the kernel offers (repeatable; default those of 4K 16K 64K 128K 2M it offers)")
     o.set_defaults(run=oracle_cmd)
+
+    from ptebatch import calibrate
+    calibrate.add_parser(sub, [common], _size, _int_in)
     return parser
 
 
