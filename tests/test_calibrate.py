@@ -59,10 +59,11 @@ def test_worker_builds_from_source_once(tmp_path) -> None:
 def test_worker_answers_json_lines(worker) -> None:
     out = subprocess.run([worker], input="bare\nmap 4194304 2097152 0\nexit-round\nquit\n",
                          capture_output=True, text=True, timeout=60).stdout.splitlines()
-    assert len(out) == 3
-    bare = cb.parse_reply(out[0], "bare")
-    m = cb.parse_reply(out[1], "map")
-    r = cb.parse_reply(out[2], "exit-round")
+    assert len(out) == 4
+    assert cb.parse_reply(out[0], "start")["nice"] in ((-20,) if os.geteuid() == 0 else range(-20, 20))
+    bare = cb.parse_reply(out[1], "bare")
+    m = cb.parse_reply(out[2], "map")
+    r = cb.parse_reply(out[3], "exit-round")
     assert bare["fork_ns"] > 0 and m["len"] == 4 << 20 and m["addr"] % (2 << 20) == 0
     assert r["fork_ns"] > 0 and r["child_exit_ns"] > 0 and r["parent_munmap_ns"] > 0
 
@@ -71,7 +72,7 @@ def test_worker_errors_are_typed(worker) -> None:
     p = subprocess.run([worker], input="exit-round\n", capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     with pytest.raises(cb.CalibrationError, match="no region mapped"):
-        cb.parse_reply(p.stdout, "exit-round")
+        cb.parse_reply(p.stdout.splitlines()[1], "exit-round")
 
 
 def test_build_errors(tmp_path, monkeypatch) -> None:
@@ -181,7 +182,9 @@ def test_tiny_calibration(tmp_path, capsys) -> None:
         assert r["ptes"] == ptes and r["folios_verified"] and r["folio_problems"] == []
         base = cal["bare"][op]["median_ns"] if op in cb.BASELINED else 0
         assert r["ns_per_pte"] == pytest.approx((r["median_ns"] - base) / ptes)
+        assert r["ns_per_pte_min"] == pytest.approx((r["min_ns"] - base) / ptes)
         assert r["mapping"] == "pte" and r["folio_bytes"] == pb.parse_size(size)
+    assert cal["worker_nice"] == -20
     assert "64K fork" in " ".join(text.split()) and "4K/this" in text
 
 
@@ -211,6 +214,7 @@ def _fake_worker(tmp_path, on_map: str) -> str:
     """A worker that answers ``bare`` and, on ``map``, records the 64K control and runs ``on_map``."""
     path = tmp_path / "fake-worker"
     path.write_text(f"""#!/bin/sh
+echo '{{"op": "start", "nice": 0}}'
 while read op rest; do
   case $op in
     bare) echo '{{"op": "bare", "fork_ns": 1000, "child_exit_ns": 1000}}';;

@@ -194,6 +194,7 @@ def build_worker(cache_dir: str | None = None) -> str:
 
 #: Integer fields of each reply, by operation.
 _REPLY_FIELDS = {
+    "start": ("nice",),
     "map": ("pid", "addr", "len", "faults_ns"),
     "unmap": (),
     "exit-round": ("fork_ns", "child_exit_ns", "parent_munmap_ns"),
@@ -220,8 +221,8 @@ def parse_reply(line: str, op: str) -> dict[str, int]:
     out = {}
     for name in _REPLY_FIELDS[op]:
         v = obj.get(name)
-        if type(v) is not int or v < 0:
-            raise CalibrationError(f"the worker's answer to {op!r} has no non-negative integer {name!r}: "
+        if type(v) is not int or (v < 0 and name != "nice"):
+            raise CalibrationError(f"the worker's answer to {op!r} has no valid integer {name!r}: "
                                    f"{line.strip()[:80]!r}")
         out[name] = v
     return out
@@ -233,6 +234,12 @@ class _Worker:
             self.proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         except OSError as e:
             raise CalibrationError(f"cannot start the worker {exe}: {e.strerror}") from e
+        assert self.proc.stdout
+        try:
+            self.nice = parse_reply(self.proc.stdout.readline(), "start")["nice"]
+        except BaseException:
+            self.close()
+            raise
 
     def __call__(self, op: str, *args: int) -> dict[str, int]:
         assert self.proc.stdin and self.proc.stdout
@@ -486,6 +493,7 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
                                 add(s.label, "child-exit", r["child_exit_ns"])
                             else:
                                 add(s.label, "child-munmap", r["child_munmap_ns"])
+            nice = w.nice
         finally:
             signals.quiet()
             w.close()
@@ -506,6 +514,7 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
                 "folio_size": s.label, "folio_bytes": s.bytes, "mapping": "pmd" if s.pmd else "pte",
                 "operation": op, **st, "ptes": ptes, "baseline_ns": base,
                 "ns_per_pte": (st["median_ns"] - base) / ptes,
+                "ns_per_pte_min": (st["min_ns"] - base) / ptes,
                 "folios_verified": not checks[s.label],
                 "folio_problems": checks[s.label], "map_retries": retries[s.label],
             })
@@ -517,8 +526,9 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
         "cpu_model": _cpu_model(), "cpus": os.cpu_count(), "memory_bytes": _mem_total(),
         "page_size": page, "pmd_size": pmd, "region_bytes": region, "repeat": repeat,
         "thp_settings": settings, "thp_controls_changed": changed, "clock": "CLOCK_MONOTONIC",
+        "worker_nice": nice,
         "operations": dict(OPERATIONS),
-        "bare": {op: {**st, "ns_per_pte": None} for op, st in bare.items()},
+        "bare": bare,
         "measurements": rows,
         "seconds": round(time.monotonic() - t0, 1),
     }
@@ -528,25 +538,27 @@ def format_table(cal: dict) -> str:
     """The calibration as a table with a legend."""
     rows = cal["measurements"]
     base = {r["operation"]: r["ns_per_pte"] for r in rows if r["folio_bytes"] == cal["page_size"]}
-    lines = [f"{'folio':>7} {'operation':<14} {'median ms':>10} {'ns/PTE':>8} {'min-max ms':>17} {'4K/this':>8}"]
-    for r in [*[{"folio_size": "bare", "operation": op, "ns_per_pte": None, **st}
-                for op, st in cal["bare"].items()], *rows]:
-        per = r["ns_per_pte"]
+    lines = [f"{'folio':>7} {'operation':<14} {'median ms':>10} {'ns/PTE':>8} {'min-max ms':>17} "
+             f"{'ns/PTE@min':>10} {'4K/this':>8}"]
+    for r in [*[{"folio_size": "bare", "operation": op, **st} for op, st in cal["bare"].items()], *rows]:
+        per, best = r.get("ns_per_pte"), r.get("ns_per_pte_min")
         ratio = base.get(r["operation"]) if per is not None else None
         ratio_s = f"{ratio / per:.2f}x" if ratio is not None and per > 0 else "-"
         mark = "" if r.get("folios_verified", True) else " *"
         lines.append(f"{r['folio_size']:>7} {r['operation']:<14} {r['median_ns'] / 1e6:>10.3f} "
                      f"{'-' if per is None else f'{per:.1f}':>8} "
-                     f"{r['min_ns'] / 1e6:>8.3f}-{r['max_ns'] / 1e6:<8.3f} {ratio_s:>8}{mark}")
+                     f"{r['min_ns'] / 1e6:>8.3f}-{r['max_ns'] / 1e6:<8.3f} "
+                     f"{'-' if best is None else f'{best:.1f}':>10} {ratio_s:>8}{mark}")
     lines += [
         "",
         f"{format_size(cal['region_bytes'])} region, {cal['repeat']} repetitions, {cal['kernel_release']}, "
-        f"{cal['cpu_model']}; medians of CLOCK_MONOTONIC times.",
+        f"{cal['cpu_model']}; CLOCK_MONOTONIC times, worker at nice {cal['worker_nice']}.",
         "fork: the parent's fork() call; child-exit: exit command to waitpid() done; child-munmap: the",
         "child's munmap() of the region; parent-munmap: the parent's, after the child is gone (frees the",
-        "folios); faults: writing every page of the fresh region. ns/PTE: median, less the bare worker's",
-        "(no region) for fork and child-exit, per base page of the region (a PMD counts 512). 4K/this:",
-        "4K's ns/PTE over this row's. 2M-pte: 2M folios mapped by PTEs; 2M-pmd: mapped by PMDs.",
+        "folios); faults: writing every page of the fresh region. ns/PTE: the median, less the bare",
+        "worker's (no region) for fork and child-exit, per base page of the region (a PMD counts 512);",
+        "ns/PTE@min: the same of the fastest run (less disturbed by other load). 4K/this: 4K's ns/PTE",
+        "over this row's (median). 2M-pte: 2M folios mapped by PTEs; 2M-pmd: mapped by PMDs.",
     ]
     if cal["thp_controls_changed"]:
         lines.append(f"THP controls another process changed during the run: {', '.join(cal['thp_controls_changed'])}.")
