@@ -397,6 +397,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def _autogroup() -> bool | None:
+    """Whether sched_autogroup is on: then the worker's nice counts only within its session."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
 def _mem_total() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -458,6 +475,7 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
     checks: dict[str, list[str]] = {s.label: [] for s in sizes}
     retries = {s.label: 0 for s in sizes}
     t0 = time.monotonic()
+    load_start = _loadavg()
 
     def add(label: str, op: str, ns: int) -> None:
         samples.setdefault((label, op), []).append(ns)
@@ -526,7 +544,8 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
         "cpu_model": _cpu_model(), "cpus": os.cpu_count(), "memory_bytes": _mem_total(),
         "page_size": page, "pmd_size": pmd, "region_bytes": region, "repeat": repeat,
         "thp_settings": settings, "thp_controls_changed": changed, "clock": "CLOCK_MONOTONIC",
-        "worker_nice": nice,
+        "worker_nice": nice, "sched_autogroup": _autogroup(),
+        "loadavg": {"start": load_start, "end": _loadavg()},
         "operations": dict(OPERATIONS),
         "bare": bare,
         "measurements": rows,
