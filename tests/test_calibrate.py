@@ -262,3 +262,18 @@ def test_controls_restored_on_sigterm(tmp_path) -> None:
     assert "[always]" in (tmp_path / "during").read_text()
     assert thp_files() == before
     assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_shipped_calibration_has_the_documented_fields() -> None:
+    path = os.path.join(os.path.dirname(cb.__file__), "data", "calibration-rust-pyo3.json")
+    with open(path) as f:
+        cal = json.load(f)
+    for key in ("command", "date", "kernel_release", "cpu_model", "load"):
+        assert cal["provenance"][key]
+    assert cal["schema"] == cb.SCHEMA and cal["schema_version"] == cb.SCHEMA_VERSION
+    assert cal["region_bytes"] == 1 << 30 and cal["repeat"] == 5
+    sizes = {r["folio_size"] for r in cal["measurements"]}
+    assert {"4K", "2M-pte", "2M-pmd"} <= sizes
+    assert all(r["folios_verified"] for r in cal["measurements"])
+    table = cb.format_table(cal)
+    assert "2M-pmd" in table and "4K/this" in table
