@@ -5,12 +5,14 @@ PTEBATCH_SKIP_LIVE is set."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import threading
 
 import pytest
 
@@ -208,6 +210,36 @@ def test_folio_check_tells_sizes_apart(worker) -> None:
         assert not pmd.ok and "AnonHugePages 0 kB" in pmd.message
     finally:
         w.close()
+
+
+@live
+def test_waits_for_another_calibration(worker) -> None:
+    """The run holds a flock on the sysfs THP directory: a second one waits, changing nothing."""
+    fd = os.open(cb.THP, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    lines: list[str] = []
+    waiting = threading.Event()
+    result: list = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if line.startswith("waiting"):
+            waiting.set()
+
+    def run() -> None:
+        result.append(cb.calibrate(32 << 20, 1, cb.parse_sizes("4K", cb.available_sizes()),
+                                   progress=progress, worker=worker))
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert waiting.wait(30)
+        assert lines == [f"waiting for another process holding the lock on {cb.THP}"]
+    finally:
+        os.close(fd)
+    t.join(120)
+    assert not t.is_alive() and len(result) == 1
+    assert len(lines) == 2 and lines[1].startswith("repetition 1/1: 4K")
 
 
 def _fake_worker(tmp_path, on_map: str) -> str:

@@ -22,6 +22,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -618,8 +619,6 @@ def add_parser(sub, parents: Sequence, size_type: Callable[[str], int], int_type
 
 
 def run_cmd(args) -> int:
-    import sys
-
     why = missing_requirements()
     if why:
         raise CalibrationError(f"cannot calibrate here: {why}")
