@@ -410,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])
+    from ptebatch import calibrate  # ptebatch calibrate: timing the live kernel (docs/calibration.md)
+    calibrate.add_parser(sub, [common], _size, _int_in)
     return parser
 
 
