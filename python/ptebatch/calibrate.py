@@ -15,7 +15,6 @@ subtracted for the per-PTE costs. See docs/calibration.md.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -344,22 +343,6 @@ class _Signals:
             raise KeyboardInterrupt(signal.Signals(self.pending).name)
 
 
-@contextlib.contextmanager
-def _thp_lock(say: Callable[[str], None]) -> Iterator[None]:
-    """An exclusive flock on the sysfs THP directory while the controls are ours: two
-    calibrations (or any tool taking the same lock) do not change them under each other."""
-    fd = os.open(THP, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process holding the lock on {THP}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _selected(text: str) -> str:
     """The value of a sysfs control: the bracketed choice, or the whole text."""
     text = text.strip()
@@ -481,7 +464,7 @@ def calibrate(region: int = 1 << 30, repeat: int = 5, sizes: Sequence[FolioSize]
     def add(label: str, op: str, ns: int) -> None:
         samples.setdefault((label, op), []).append(ns)
 
-    with _Signals() as signals, _thp_lock(say):
+    with _Signals() as signals, oracle.thp_lock(say):
         settings = thp_settings()
         w = _Worker(exe)
         try:

@@ -13,12 +13,14 @@ new pages, and which folios are partially mapped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import threading
 import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -57,22 +59,57 @@ def _current(path: str) -> str:
     return text[text.index("[") + 1:text.index("]")]
 
 
+_lock_depth = threading.local()
+
+
+@contextlib.contextmanager
+def thp_lock(waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An exclusive flock on the sysfs THP directory while this process owns the controls, so
+    that two tools (the oracle, ``ptebatch calibrate``, tests) do not change them under each
+    other. Re-entrant within a thread; ``waiting`` is told when another process holds it."""
+    depth = getattr(_lock_depth, "n", 0)
+    if depth:
+        _lock_depth.n = depth + 1
+        try:
+            yield
+        finally:
+            _lock_depth.n -= 1
+        return
+    fd = os.open(THP, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(f"waiting for another process holding the lock on {THP}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock_depth.n = 1
+        try:
+            yield
+        finally:
+            _lock_depth.n = 0
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def thp_only(size: int) -> Iterator[None]:
-    """Enables anonymous folios of ``size`` only ("always"), restoring every control after."""
+    """Enables anonymous folios of ``size`` only ("always"), restoring every control after;
+    holds :func:`thp_lock` meanwhile."""
     dirs = _size_dirs()
     if size != os.sysconf("SC_PAGE_SIZE") and size not in dirs:
         raise CaptureError(f"this kernel has no mTHP control for {size} bytes")
-    saved = {p: _current(p) for p in dirs.values()}
-    try:
-        for s, p in dirs.items():
-            with open(p, "w") as f:
-                f.write("always" if s == size else "never")
-        yield
-    finally:
-        for p, v in saved.items():
-            with open(p, "w") as f:
-                f.write(v)
+    with thp_lock():
+        saved = {p: _current(p) for p in dirs.values()}
+        try:
+            for s, p in dirs.items():
+                with open(p, "w") as f:
+                    f.write("always" if s == size else "never")
+            yield
+        finally:
+            for p, v in saved.items():
+                with open(p, "w") as f:
+                    f.write(v)
 
 
 class Worker:

@@ -21,7 +21,8 @@ const CLOCK_EVERY: u64 = 1 << 14;
 /// Time between two calls of the watch (each may take the GIL).
 const ASK_EVERY: Duration = Duration::from_millis(50);
 
-/// Counts work and asks the [`Watch`] at most every [`ASK_EVERY`]. Ticks take `&self`, so
+/// Counts work and asks the [`Watch`] at the first clock look of a step, then at most every
+/// [`ASK_EVERY`]. Ticks take `&self`, so
 /// that read-only passes such as `check()` can be watched too.
 #[derive(Clone, Default)]
 pub struct Ticker {
@@ -90,10 +91,10 @@ impl Ticker {
 
     #[cold]
     fn ask(&self) -> Result<()> {
+        // The first look of a step asks at once (so every watched step of more than
+        // CLOCK_EVERY units reports at least once), later ones every ASK_EVERY.
         let now = Instant::now();
-        let last = self.last_ask.get().unwrap_or(now);
-        self.last_ask.set(Some(last));
-        if now.duration_since(last) < ASK_EVERY {
+        if self.last_ask.get().is_some_and(|last| now.duration_since(last) < ASK_EVERY) {
             return Ok(());
         }
         self.last_ask.set(Some(now));
