@@ -4,13 +4,14 @@
 
 use crate::error::{Error, Result};
 
-/// `Vec::with_capacity(n)`, with THP requested for the 2 MiB-aligned part of a large buffer.
+/// An empty `Vec` with room for `n` entries, with THP requested for the 2 MiB-aligned part of
+/// a large buffer; or a host out-of-memory error.
 ///
 /// A fresh 64 MiB `Vec` costs one page fault per 4 KiB page on first write; on the VMs we
 /// measure on that was more than the whole scan. numpy asks for THP on its large arrays, and
 /// so do we (`MADV_HUGEPAGE`; a no-op where THP is off or on other systems).
-pub(crate) fn vec_with_capacity_huge<T>(n: usize) -> Vec<T> {
-    let v: Vec<T> = Vec::with_capacity(n);
+pub(crate) fn try_with_capacity_huge<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let v: Vec<T> = try_with_capacity(n, what)?;
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -28,7 +29,7 @@ pub(crate) fn vec_with_capacity_huge<T>(n: usize) -> Vec<T> {
             }
         }
     }
-    v
+    Ok(v)
 }
 
 /// An empty `Vec` with room for `n` entries, or a host out-of-memory error.

@@ -527,7 +527,7 @@ pub fn batch_lengths<L: PteLayout>(
     flags: FpbFlags,
 ) -> Result<Vec<u32>> {
     let n = table.ptes.len();
-    let mut out = crate::alloc::vec_with_capacity_huge::<u32>(n);
+    let mut out = crate::alloc::try_with_capacity_huge::<u32>(n, "the batch lengths")?;
     let Some(form) = profile.fpb else {
         out.resize(n, 1);
         return Ok(out);
