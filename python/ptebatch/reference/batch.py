@@ -36,7 +36,7 @@ from .._flags import (
     family_of,
 )
 from .kernel import fpb_form
-from .layouts import MASK64, RefLayout, _is_bool, _u64
+from .layouts import MASK64, RefLayout, _integer, _is_bool, _u64
 
 
 @dataclass(frozen=True)
@@ -376,12 +376,7 @@ def _check_folio(folio_pfn: int, folio_nr_pages: int, pfn_what: str, nr_what: st
 
 def _index(value: object, what: str) -> int:
     """A non-negative int (TypeError for bools and non-integers, ValueError below 0)."""
-    if _is_bool(value):
-        raise TypeError(f"{what} must be an integer, not bool")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    number = _integer(value, what)
     if number < 0:
         raise ValueError(f"{what} must be a non-negative integer, not {number}")
     return number
@@ -395,12 +390,7 @@ def _map_values(pfn_to_folio: object) -> list[int]:
 
 def _map_entry(value: object, what: str) -> int:
     """An entry of ``pfn_to_folio``: -1 (no folio) or a folio index that fits int64."""
-    if _is_bool(value):
-        raise TypeError(f"{what} must be an integer, not bool")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    number = _integer(value, what)
     if not -1 <= number < 1 << 63:
         raise ValueError(f"{what} must be -1 or a folio index, not {number}")
     return number

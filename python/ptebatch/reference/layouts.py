@@ -29,14 +29,19 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")
 
 
-def _u64(value: object, what: str) -> int:
-    """``value`` as an int in ``0 .. 2**64 - 1`` (TypeError / ValueError otherwise)."""
+def _integer(value: object, what: str) -> int:
+    """``value`` as an int: a TypeError naming ``what`` for bools and non-integers."""
     if _is_bool(value):
         raise TypeError(f"{what} must be an integer, not bool")
     try:
-        number = operator.index(value)  # type: ignore[arg-type]
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+
+
+def _u64(value: object, what: str) -> int:
+    """``value`` as an int in ``0 .. 2**64 - 1`` (TypeError / ValueError otherwise)."""
+    number = _integer(value, what)
     if not 0 <= number <= MASK64:
         raise ValueError(f"{what}={number} is outside 0..2**64-1")
     return number
