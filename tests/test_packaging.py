@@ -78,7 +78,7 @@ def _wheel() -> Path:
     return wheels[0]
 
 
-def test_wheel_is_one_abi3_wheel_with_everything(tmp_path):
+def test_wheel_is_one_abi3_wheel_with_everything():
     wheel = _wheel()
     assert "-cp39-abi3-" in wheel.name, wheel.name
     with zipfile.ZipFile(wheel) as z:

@@ -231,7 +231,7 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             raise ValueError(f"folio size {format_size(size)} does not divide the {format_size(n)} region")
     if not kernels:
         raise ValueError("no kernel to fork under")
-    rows = []
+    rows: list[ForkRow] = []
     for size in sizes_b:
         for kernel in kernels:
             step = len(rows)
