@@ -7,6 +7,7 @@ root and skip otherwise, or when PTEBATCH_SKIP_LIVE is set.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -16,13 +17,15 @@ import numpy as np
 import pytest
 
 import ptebatch as pb
-from ptebatch import cli
+from ptebatch import cli, study
 from ptebatch.snapshot import Snapshot
 from ptebatch.study import check_folio_size, folio_sizes, fork_study
 from ptebatch.tables import mixed_table
 from ptebatch.thpmaps import check_cont_sizes, snapshot_of
 
-PYTHON_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+#: Where the package under test came from (the source tree, or site-packages when installed from
+#: the wheel): subprocesses import the same one.
+PYTHON_PATH = os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__)))
 LIVE = os.geteuid() == 0 and not os.environ.get("PTEBATCH_SKIP_LIVE")
 live = pytest.mark.skipif(not LIVE, reason="reads /proc of other processes: needs root (and no PTEBATCH_SKIP_LIVE)")
 
@@ -130,7 +133,7 @@ USAGE = [
     (["thpmaps", "--pid", "1", "--snapshot", "x"], "argument --snapshot: not allowed with argument --pid"),
     (["thpmaps", "--pid", "1", "--cont", "3K"], "argument --cont: size '3K' is not a power of two"),
     (["thpmaps", "--pid", "1", "--cont", "0"], "argument --cont: size '0' is zero"),
-    (["replay"], "the following arguments are required: snapshot"),
+    (["replay"], "the following arguments are required: SNAPSHOT"),
     (["replay", "x.npz", "--kernel", "9.9"], "argument --kernel: invalid choice: '9.9'"),
     (["oracle", "--size", "3K"], "argument --size: size '3K' is not a power of two"),
     (["oracle", "--size", "0"], "argument --size: size '0' is zero"),
@@ -263,11 +266,15 @@ def test_demo_leaves_out_sizes_that_do_not_divide_the_region(capsys):
     assert "1M" in sizes and "2M" not in sizes
 
 
+def _table(out: str) -> list[list[str]]:
+    """The rows of the table before the legend, split into words."""
+    return [l.split() for l in out.split("\ncolumns:\n")[0].splitlines() if l.strip()]
+
+
 def test_demo_is_the_fork_study(capsys):
     assert cli.main(["demo", "--region", "16M", "--size", "4K", "--size", "64K"]) == 0
     out = capsys.readouterr().out
-    lines = [l.split() for l in out.splitlines()]
-    ratio = [l for l in lines if l and l[0] == "ratio" and l[1] != "="]
+    ratio = [l for l in _table(out) if l[0] == "ratio"]
     assert len(ratio) == 2 and ratio[1][1] == "16x" and ratio[1][2] == "16x", out
 
 
@@ -335,8 +342,9 @@ def test_thpmaps_cont_counts_blocks(capsys, snapshots):
 def test_replay_forks_under_each_kernel(capsys, snapshots):
     code, out, err = _run(capsys, ["replay", snapshots["ok"], "--kernel", "6.8", "--kernel", "7.0"])
     assert code == 0 and err == ""
-    rows = [l.split() for l in out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["6.8", "7.0"]
+    rows = _table(out)[2:]
+    assert [r[0] for r in rows] == ["6.8", "7.0"], out
+    assert "columns:\n  kernel, pid" in out and "  rmap calls  " in out
 
 
 # -- through a real process ---------------------------------------------------------------------
@@ -430,7 +438,83 @@ def test_capturing_a_zombie_is_one_line(tmp_path):
         child.wait()
 
 
-def test_no_command_runs_the_demo(capsys, monkeypatch):
+def test_bare_ptebatch_prints_help_and_runs_nothing(capsys, monkeypatch):
+    def study(*a, **kw):
+        raise AssertionError("bare ptebatch must not run the demo")
+
+    monkeypatch.setattr(cli, "fork_study", study)
+    for argv in ([], ["--debug"], ["--quiet"]):
+        code, out, err = _run(capsys, argv)
+        assert (code, err) == (0, ""), err
+        assert out.startswith("usage: ptebatch") and "Start with 'ptebatch demo'" in " ".join(out.split())
+        for name in ("demo", "batches", "capture", "thpmaps", "replay", "oracle"):
+            assert f"\n    {name} " in out, name
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"ptebatch {pb.__version__}\n"
+    r = _ptebatch("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"ptebatch {pb.__version__}\n", "")
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_and_option_is_explained():
+    import argparse
+
+    parser = cli._parser()
+    commands = _subparsers(parser)
+    assert {"demo", "batches", "capture", "thpmaps", "replay", "oracle"} <= set(commands)
+    helps = {a.dest: a.help for a in _subparsers_action(parser)._choices_actions}
+    for name, sub in [("ptebatch", parser), *commands.items()]:
+        if sub is not parser:
+            assert helps.get(name), f"{name} has no summary in the command list"
+        assert sub.description and len(sub.description) > 40, f"{name} has no description"
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help and action.help is not argparse.SUPPRESS, (name, action.option_strings or action.dest)
+    for name in ("demo", "batches", "replay", "thpmaps", "capture"):
+        assert "example" in commands[name].epilog, name
+
+
+def _subparsers_action(parser):
+    import argparse
+
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--kernel", "6.8,7.0"], ["6.8", "7.0"]),
+    (["--kernel", " 6.9 , 6.12 "], ["6.9", "6.12"]),
+    (["--kernel", "6.8", "--kernel", "6.9,7.0"], ["6.8", "6.9", "7.0"]),
+    (["--kernel", "all"], list(pb.KERNEL_VERSIONS)),
+    ([], None),
+])
+def test_kernel_takes_lists_all_and_repeats(argv, want):
+    for command in (["demo"], ["batches"], ["replay", "s.npz"]):
+        assert cli._parser().parse_args([*command, *argv]).kernel == want
+
+
+@pytest.mark.parametrize("text,bad", [("5.0", "'5.0'"), ("6.8,,7.0", "''"), ("6.8,latest", "'latest'"),
+                                      ("ALL", "'ALL'"), ("", "''")])
+def test_kernel_list_errors_name_the_bad_one(capsys, text, bad):
+    _one_error_line(*_run(capsys, ["demo", "--kernel", text]), 2,
+                    f"argument --kernel: invalid choice: {bad} (choose from seed, 6.8, ")
+
+
+def test_defaults_model_the_newest_kernel(capsys, monkeypatch):
+    """demo and replay compare 6.8 with the newest kernel; batches ends with the newest, which
+    the other cuts are compared with, and has 6.8 and one kernel per folio_pte_batch() form."""
     seen = []
 
     def study(region, sizes, kernels, arch, progress=None):
@@ -439,6 +523,146 @@ def test_no_command_runs_the_demo(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "fork_study", study)
     monkeypatch.setattr(cli, "format_fork_study", lambda rows, kernels: "")
-    assert cli.main([]) == 0 and cli.main(["--debug"]) == 0
+    assert cli.main(["demo"]) == 0 and cli.main(["--debug", "demo", "-q"]) == 0
     assert seen[0] == seen[1] == (1 << 30, folio_sizes("x86-64"), ["6.8", pb.NEWEST_KERNEL], "x86-64")
-    assert capsys.readouterr().err == ""
+    assert cli.COMPARED_KERNELS == ("6.8", pb.NEWEST_KERNEL)
+    assert cli.BATCHES_KERNELS[0] == "6.8" and cli.BATCHES_KERNELS[-1] == pb.NEWEST_KERNEL
+    forms = {pb.fpb_form(k) for k in pb.KERNEL_VERSIONS}
+    assert {pb.fpb_form(k) for k in cli.BATCHES_KERNELS} == forms
+    code, out, err = _run(capsys, ["batches", "--layout", "riscv64", "--ptes", "64"])
+    assert code == 0, err
+    rows = [l.lstrip(" *").split()[0] for l in out.split("== riscv64")[1].split("columns:")[0].splitlines()[2:] if l.strip()]
+    assert rows == list(cli.BATCHES_KERNELS), out
+
+
+def test_demo_with_one_kernel_explains_there_is_no_ratio(capsys):
+    code, out, err = _run(capsys, ["demo", "--region", "4M", "--size", "64K", "--kernel", "6.12"])
+    assert code == 0, err
+    assert "note: one kernel, so no ratio rows: give two or more to compare, e.g. --kernel 6.8,6.12" in out
+    table = _table(out)
+    assert not any(r[0] == "ratio" for r in table) and [r[1] for r in table if r[0] == "64K"] == ["6.12"]
+    assert "  ratio  " not in out
+
+
+def test_demo_legend_and_check_come_after_the_forks(capsys):
+    code, out, err = _run(capsys, ["demo", "--region", "4M", "--size", "4K", "--size", "2M", "--kernel", "6.8,6.12"])
+    assert code == 0, err
+    before, legend = out.split("\ncolumns:\n")
+    assert "sim.check()" not in before
+    for column in ("folio", "kernel", "PTEs", "batches", "refcount/PTE", "rmap/PTE", "PTE writes/PTE",
+                   "sim ms", "ratio"):
+        assert f"\n  {column} " in "\n" + legend, column
+    assert "not the kernel" in legend and "write-protects" in legend and "set_ptes" in legend
+    assert "6.8 / 6.12" in legend
+    assert legend.rstrip().splitlines()[-1].startswith("sim.check() passed after each of the 4 forks")
+    # PTE writes stay at 2 per PTE, batched or not: the legend's claim holds for these rows.
+    assert {r[6] for r in _table(out) if r[1] in ("6.8", "6.12")} == {"2.0000"}
+
+
+def test_small_ratios_keep_their_digits(capsys):
+    assert study.per_pte(1 / 8192) == "0.0001221"
+    assert [study.per_pte(x) for x in (1.0, 2.0, 0.25, 1 / 16, 1 / 512, 0.0)] == \
+        ["1.0000", "2.0000", "0.2500", "0.06250", "0.001953", "0.0000"]
+    # 512M folios of 64K pages: one refcount update per 8192 PTEs.
+    code, out, err = _run(capsys, ["demo", "--arch", "arm64-64k", "--region", "512M", "--size", "512M"])
+    assert code == 0, err
+    row = [r for r in _table(out) if r[:2] == ["512M", pb.NEWEST_KERNEL]][0]
+    assert row[4] == row[5] == "0.0001221", out
+
+
+def test_batches_legend(capsys):
+    code, out, err = _run(capsys, ["batches", "--layout", "arm64-4k", "--ptes", "64", "--kernel", "6.8,7.0"])
+    assert code == 0, err
+    legend = out.split("\ncolumns:\n")[1]
+    for column in ("*", "form", "batches", "mean, max", "batch lengths"):
+        assert f"\n  {column} " in "\n" + legend, column
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within 30 s")
+        time.sleep(0.01)
+
+
+def test_progress_is_a_line_every_few_seconds_off_a_terminal():
+    stream = io.StringIO()
+    with study.Progress(4, "fork study", stream, delay=0.01, every=0.01) as bar:
+        assert not bar.tty and (bar.delay, bar.every) == (0.01, 0.01)
+        bar.update(1.5, "64K folios, 7.0")
+        _wait_for(lambda: stream.getvalue().count("\n") >= 2, "two progress lines")
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert lines[0].startswith("fork study: 38% after ") and lines[0].endswith(" 64K folios, 7.0")
+    assert lines[-1].startswith("fork study: finished after ")
+    # Defaults: off a terminal, the first line after 5 s and one every 5 s.
+    quiet = study.Progress(1, "x", io.StringIO())
+    assert (quiet.delay, quiet.every) == (5.0, 5.0)
+
+
+def test_progress_is_a_bar_on_a_terminal_erased_at_the_end():
+    stream = _Terminal()
+    bar = study.Progress(2, "replay", stream, delay=0.0, every=0.01)
+    assert bar.tty and study.Progress(2, "replay", _Terminal()).delay == 1.0
+    bar.step("6.8")
+    _wait_for(lambda: "#" in stream.getvalue(), "bar")
+    text = stream.getvalue()
+    assert text.startswith("\rreplay [############............]  50% ") and "\n" not in text
+    bar.step("7.0")  # the last step closes it
+    assert bar._thread is not None and not bar._thread.is_alive()
+    *drawn, blank, end = stream.getvalue().split("\r")
+    assert end == "" and blank == " " * max(map(len, drawn)), stream.getvalue()
+    # Printing to stdout meanwhile: the bar steps aside, then comes back.
+    stream = _Terminal()
+    with study.Progress(2, "oracle", stream, delay=0.0, every=0.01) as bar:
+        bar.update(1)
+        _wait_for(lambda: "#" in stream.getvalue(), "bar")
+        with bar.paused():
+            assert stream.getvalue().endswith(" \r") and stream.getvalue().split("\r")[-2].strip() == ""
+            shown = len(stream.getvalue())
+        _wait_for(lambda: "#" in stream.getvalue()[shown:], "bar again")
+
+
+def test_progress_follows_the_simulations_long_steps():
+    bar = study.Progress(4, "fork study", io.StringIO(), enabled=False)
+    callback = bar.within(2, 0.5)
+    callback(50, 100)
+    assert bar.done == 2.25
+    callback(100, 100)
+    assert bar.done == 2.5
+    seen = []
+
+    class Recorder(study.Progress):
+        def update(self, done, what=None):
+            seen.append(done)
+            super().update(done, what)
+
+    rows = study.fork_study("4M", ["4K", "64K"], ["6.8", "7.0"], progress=Recorder(4, "t", io.StringIO(), enabled=False))
+    assert len(rows) == 4 and seen == sorted(seen) and seen[-1] == 4 and {0, 1, 2, 3} <= set(seen)
+
+
+def test_quiet_silences_progress(capsys, monkeypatch):
+    made = []
+
+    class Recorder(study.Progress):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self.enabled)
+
+    monkeypatch.setattr(cli, "Progress", Recorder)
+    for argv, enabled in [(["demo"], True), (["-q", "demo"], False), (["demo", "--quiet"], False)]:
+        assert cli.main([*argv, "--region", "4M", "--size", "2M"]) == 0
+        assert made.pop() is enabled, argv
+    stream = io.StringIO()
+    with study.Progress(1, "x", stream, enabled=False, delay=0.0, every=0.0) as bar:
+        bar.update(0.5)
+        time.sleep(0.1)
+    assert stream.getvalue() == "" and bar._thread is None

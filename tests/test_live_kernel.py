@@ -1,5 +1,6 @@
 """Against the running kernel: capture, replay, thpmaps and the oracle. These need root and the
-/proc and sysfs files; where they are missing the tests skip and say why."""
+/proc and sysfs files; where they are missing, or PTEBATCH_SKIP_LIVE is set, the tests skip and
+say why."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ptebatch import capture as cap
 from ptebatch import oracle
 from ptebatch.thpmaps import vma_stats
 
-WHY = oracle.missing_requirements()
+WHY = "PTEBATCH_SKIP_LIVE is set" if os.environ.get("PTEBATCH_SKIP_LIVE") else oracle.missing_requirements()
 live = pytest.mark.skipif(WHY is not None, reason=f"live-kernel test: {WHY}")
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -43,7 +43,9 @@ from ptebatch._flags import (
     FpbFlags,
 )
 
-__version__ = "0.1.0"
+#: Cargo's version of the crate the extension was built from (the one version source;
+#: pyproject.toml takes it too).
+__version__: str = _core.__version__
 
 #: The newest kernel version modelled.
 NEWEST_KERNEL: str = KERNEL_VERSIONS[-1]

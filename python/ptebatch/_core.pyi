@@ -12,11 +12,12 @@ _BoolArray = npt.NDArray[np.bool_]
 _Flag = bool | np.bool_ | _BoolArray
 
 __all__ = ["Layout", "Batch", "layout", "folio_pte_batch", "batch_lengths", "fork_flag_bits",
-           "fpb_form", "LAYOUT_NAMES", "KERNEL_VERSIONS", "PtebatchError", "InvariantError",
+           "fpb_form", "LAYOUT_NAMES", "KERNEL_VERSIONS", "__version__", "PtebatchError", "InvariantError",
            "SnapshotError", "CaptureError", "OutOfMemoryError", "AccessFault", "Simulation"]
 
 LAYOUT_NAMES: Final[list[str]]
 KERNEL_VERSIONS: Final[list[str]]
+__version__: Final[str]
 
 # The exception classes are ptebatch.errors' own, re-exported.
 from ptebatch.errors import AccessFault as AccessFault

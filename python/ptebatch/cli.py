@@ -1,8 +1,10 @@
-"""The ``ptebatch`` command.
+"""The ``ptebatch`` command (also ``python -m ptebatch``).
 
 Every error is one line on stderr: a bad argument is a usage error (exit 2), a failure while
 running (a missing or unwritable file, a process that cannot be captured, a bad snapshot, the
 simulated machine out of memory) exits 1 and Ctrl-C exits 130. ``--debug`` shows the traceback.
+Steps that can take more than a second show their progress on stderr (``--quiet`` hides it).
+Each subcommand is a function taking the parsed arguments, registered in ``_parser()``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from typing import Callable, NoReturn, Sequence
@@ -21,11 +24,16 @@ import numpy as np
 
 import ptebatch as pb
 from ptebatch.study import (MAX_REGION, Progress, check_folio_size, check_region, folio_sizes,
-                            fork_study, format_fork_study)
+                            fork_study, fork_study_legend, format_fork_study)
 from ptebatch.tables import mixed_table, unbacked_pfns
 
-#: One kernel per folio_pte_batch() form, plus 6.8 (per-PTE fork).
-DEMO_KERNELS = ("6.8", "seed", "6.9", "6.12", "6.15", "6.18")
+#: 6.8 (per-PTE fork), one kernel per folio_pte_batch() form, and the newest (the reference the
+#: others are compared with).
+BATCHES_KERNELS = tuple(dict.fromkeys(("6.8", "seed", "6.9", "6.12", "6.15", "6.18", pb.NEWEST_KERNEL)))
+
+#: What demo and replay compare by default: the last kernel without PTE batching on fork, and
+#: the newest.
+COMPARED_KERNELS = ("6.8", pb.NEWEST_KERNEL)
 
 #: PID_MAX_LIMIT on 64-bit kernels (include/linux/threads.h).
 PID_MAX = 1 << 22
@@ -108,6 +116,18 @@ def _order(text: str) -> int:
 _pid = _int_in(1, PID_MAX)
 
 
+def _kernels(text: str) -> list[str]:
+    """``6.8,7.0`` or ``all``; used with action="extend", so the option also repeats."""
+    if text.strip() == "all":
+        return list(pb.KERNEL_VERSIONS)
+    names = [k.strip() for k in text.split(",")]
+    for k in names:
+        if k not in pb.KERNEL_VERSIONS:
+            raise argparse.ArgumentTypeError(f"invalid choice: {k!r} (choose from {', '.join(pb.KERNEL_VERSIONS)}, "
+                                             f"or all; several are separated by commas)")
+    return names
+
+
 def _unique(items: Sequence) -> list:
     return list(dict.fromkeys(items))
 
@@ -134,8 +154,12 @@ def demo(args: argparse.Namespace) -> int:
         region = check_region(args.region, args.arch)
     except ValueError as e:
         _bad(args, "--region", str(e))
-    kernels = _unique(args.kernel or ["6.8", pb.NEWEST_KERNEL])
+    kernels = _unique(args.kernel or COMPARED_KERNELS)
     notes = []
+    if len(kernels) == 1:
+        notes.append(f"one kernel, so no ratio rows: give two or more to compare, e.g. "
+                     f"--kernel 6.8,{kernels[0] if kernels[0] != '6.8' else pb.NEWEST_KERNEL} "
+                     f"(the first is the baseline)")
     if args.size:
         sizes = _unique(args.size)
         for size in sizes:
@@ -153,22 +177,26 @@ def demo(args: argparse.Namespace) -> int:
         if skipped:
             notes.append(f"skipped folio sizes that do not divide the region: {', '.join(skipped)}")
     print(f"ptebatch {pb.__version__}: fork() of {pb.format_size(region)} of written private anonymous "
-          f"memory on {args.arch}, one folio size at a time (PTE-mapped), under {' and '.join(kernels)}")
+          f"memory on {args.arch}, one folio size at a time (PTE-mapped), under {', '.join(kernels)}")
     for note in notes:
         print(f"note: {note}")
-    print("counters are the kernel work of the fork alone; sim.check() passed after every fork\n")
-    bar = Progress(len(sizes) * len(kernels), "fork study")
+    print("the counters are the kernel's work in the fork alone\n")
+    sys.stdout.flush()
     t0 = time.perf_counter()
-    rows = fork_study(region, sizes, kernels, args.arch, progress=bar.step)
+    with _progress(args, len(sizes) * len(kernels), "fork study") as bar:
+        rows = fork_study(region, sizes, kernels, args.arch, progress=bar)
     print(format_fork_study(rows, kernels))
-    print(f"\nratio = {kernels[0]} / {kernels[-1]}; total {time.perf_counter() - t0:.1f} s")
+    print()
+    print(fork_study_legend(kernels))
+    print(f"\nsim.check() passed after each of the {len(rows)} forks; "
+          f"{time.perf_counter() - t0:.2f} s in all")
     return 0
 
 
 def batches(args: argparse.Namespace) -> int:
     """Cuts a generated mTHP page table into fork batches for every layout and kernel."""
     layouts = _unique(args.layout or list(pb.LAYOUT_NAMES))
-    kernels = _unique(args.kernel or list(DEMO_KERNELS))
+    kernels = _unique(args.kernel or BATCHES_KERNELS)
     if args.first_vpn + args.ptes > VPN_LIMIT:
         _bad(args, "--first-vpn", f"the table would end past virtual page {VPN_LIMIT:#x}")
     pmd_order = {name: pb.layout(name).ptrs_per_pte.bit_length() - 1 for name in layouts}
@@ -181,48 +209,62 @@ def batches(args: argparse.Namespace) -> int:
           f"(private anonymous VMA, soft-dirty tracking off)")
     print(f"table: {args.ptes} PTEs, folio orders {' '.join(map(str, args.orders))}, seed {args.seed}, "
           f"starting at virtual page {args.first_vpn}\n")
-    for name in layouts:
-        # A folio is never larger than one page table maps.
-        orders = [o for o in args.orders if o <= pmd_order[name]]
-        dropped = [o for o in args.orders if o > pmd_order[name]]
-        layout = pb.layout("x86-64" if name == "x86-64-xenpv" else name)
-        if not orders:
-            print(f"== {name}: skipped, every order asked for is above its PMD order {pmd_order[name]}\n")
-            continue
-        t = mixed_table(layout, args.ptes, seed=args.seed, folio_orders=tuple(orders),
-                        first_vpn=args.first_vpn, hole_rate=args.holes)
-        if name == "x86-64-xenpv":
-            # The frames between folios are ballooned out: advancing onto one gives pte_none.
-            layout = pb.layout(name, ballooned_pfns=unbacked_pfns(t).tolist())
-        present = int(np.count_nonzero(layout.pte_present(t.ptes)))
-        cont = int(np.count_nonzero(layout.pte_cont(t.ptes)))
-        extra = f", {cont} contpte entries" if layout.has_contpte else ""
-        print(f"== {name}: page {layout.page_size // 1024} KiB, {layout.ptrs_per_pte} PTEs per "
-              f"table, {len(t.folio_start)} folios, {present} present PTEs{extra}")
-        if dropped:
-            print(f"   orders {' '.join(map(str, dropped))} left out: above the PMD order {pmd_order[name]}")
-        print(f"   {'kernel':<6} {'form':<6} {'batches':>7} {'mean':>6} {'max':>4}  batch lengths"
-              f" (* = cut differs from {kernels[-1]})")
-        cuts = {}
-        times = {}
-        for k in kernels:
-            t0 = time.perf_counter()
-            cuts[k] = pb.batch_lengths(t.ptes, layout=layout, kernel=k, folio_start=t.folio_start,
-                                       folio_nr_pages=t.folio_nr_pages, first_vpn=t.first_vpn)
-            times[k] = time.perf_counter() - t0
-        for k in kernels:
-            lengths, dt = cuts[k], times[k]
-            mark = "*" if not np.array_equal(lengths, cuts[kernels[-1]]) else " "
-            text = _runs(lengths)
-            if len(text) > args.width:
-                text = text[: args.width - 3] + "..."
-            print(f" {mark} {k:<6} {pb.fpb_form(k) or 'none':<6} {len(lengths):>7} "
-                  f"{lengths.mean():>6.2f} {lengths.max():>4}  {text}")
-            if args.verbose:
-                hist = Counter(lengths.tolist())
-                print(f"          histogram {dict(sorted(hist.items()))}, {dt * 1e6:.0f} us")
-        print()
+    sys.stdout.flush()
+    with _progress(args, len(layouts), "batches") as bar:
+        for i, name in enumerate(layouts):
+            bar.update(i, name)
+            text = _batches_of_layout(args, name, pmd_order[name], kernels)
+            with bar.paused():
+                print(text)
+    print(_legend(("*", f"the cut differs from the last kernel's ({kernels[-1]})"),
+                  ("form", "the folio_pte_batch() form of the kernel; none: fork copies PTE by PTE"),
+                  ("batches", "runs of PTEs fork copies at once"),
+                  ("mean, max", "their length in PTEs"),
+                  ("batch lengths", "the runs in table order; NxM is M runs of N PTEs")))
     return 0
+
+
+def _batches_of_layout(args: argparse.Namespace, name: str, pmd_order: int, kernels: list[str]) -> str:
+    """The text of one layout's section."""
+    # A folio is never larger than one page table maps.
+    orders = [o for o in args.orders if o <= pmd_order]
+    dropped = [o for o in args.orders if o > pmd_order]
+    if not orders:
+        return f"== {name}: skipped, every order asked for is above its PMD order {pmd_order}\n"
+    layout = pb.layout("x86-64" if name == "x86-64-xenpv" else name)
+    t = mixed_table(layout, args.ptes, seed=args.seed, folio_orders=tuple(orders),
+                    first_vpn=args.first_vpn, hole_rate=args.holes)
+    if name == "x86-64-xenpv":
+        # The frames between folios are ballooned out: advancing onto one gives pte_none.
+        layout = pb.layout(name, ballooned_pfns=unbacked_pfns(t).tolist())
+    present = int(np.count_nonzero(layout.pte_present(t.ptes)))
+    cont = int(np.count_nonzero(layout.pte_cont(t.ptes)))
+    extra = f", {cont} contpte entries" if layout.has_contpte else ""
+    out = [f"== {name}: page {layout.page_size // 1024} KiB, {layout.ptrs_per_pte} PTEs per "
+           f"table, {len(t.folio_start)} folios, {present} present PTEs{extra}"]
+    if dropped:
+        out.append(f"   orders {' '.join(map(str, dropped))} left out: above the PMD order {pmd_order}")
+    out.append(f"   {'kernel':<6} {'form':<6} {'batches':>7} {'mean':>6} {'max':>4}  batch lengths"
+               f" (* = cut differs from {kernels[-1]})")
+    cuts = {}
+    times = {}
+    for k in kernels:
+        t0 = time.perf_counter()
+        cuts[k] = pb.batch_lengths(t.ptes, layout=layout, kernel=k, folio_start=t.folio_start,
+                                   folio_nr_pages=t.folio_nr_pages, first_vpn=t.first_vpn)
+        times[k] = time.perf_counter() - t0
+    for k in kernels:
+        lengths, dt = cuts[k], times[k]
+        mark = "*" if not np.array_equal(lengths, cuts[kernels[-1]]) else " "
+        text = _runs(lengths)
+        if len(text) > args.width:
+            text = text[: args.width - 3] + "..."
+        out.append(f" {mark} {k:<6} {pb.fpb_form(k) or 'none':<6} {len(lengths):>7} "
+                   f"{lengths.mean():>6.2f} {lengths.max():>4}  {text}")
+        if args.verbose:
+            hist = Counter(lengths.tolist())
+            out.append(f"          histogram {dict(sorted(hist.items()))}, {dt * 1e6:.0f} us")
+    return "\n".join(out) + "\n"
 
 
 def _capture(pids: list[int]):
@@ -250,8 +292,11 @@ def capture_cmd(args: argparse.Namespace) -> int:
     except OSError as e:
         raise OSError(e.errno, e.strerror, args.output) from e
     t0 = time.perf_counter()
-    snap = _capture(pids)
-    snap.save(args.output)
+    with _progress(args, 2, "capture") as bar:
+        bar.update(0, "reading /proc")
+        snap = _capture(pids)
+        bar.update(1, f"writing {args.output}")
+        snap.save(args.output)
     pm = snap.arrays["pagemap"]
     present = int(np.count_nonzero(pm >> np.uint64(63)))
     print(f"captured {len(snap.arrays['vma_start'])} VMAs, {len(pm)} pages ({present} present) of "
@@ -265,7 +310,8 @@ def thpmaps_cmd(args: argparse.Namespace) -> int:
     from ptebatch.snapshot import Snapshot
     from ptebatch.thpmaps import check_cont_sizes, report
 
-    snap = Snapshot.load(args.snapshot) if args.snapshot else _capture(_unique(args.pid))
+    with _progress(args, 1, "thpmaps"):
+        snap = Snapshot.load(args.snapshot) if args.snapshot else _capture(_unique(args.pid))
     try:
         cont = check_cont_sizes(_unique(args.cont or []), snap.page_size, snap.pmd_pages)
     except ValueError as e:
@@ -278,27 +324,37 @@ def replay_cmd(args: argparse.Namespace) -> int:
     """Replays a snapshot and forks every process under each kernel, printing the counters."""
     from ptebatch.snapshot import Snapshot
 
-    snap = Snapshot.load(args.snapshot)
-    kernels = _unique(args.kernel or ["6.8", pb.NEWEST_KERNEL])
+    kernels = _unique(args.kernel or COMPARED_KERNELS)
     rows = []
-    for k in kernels:
-        try:
-            sim, procs = pb.Simulation.from_snapshot(snap, k)
-        except ValueError as e:
-            # replay.py does not yet raise SnapshotError for every defect (an unknown
-            # layout, overlapping VMAs): the simulation's own checks reject them.
-            raise pb.SnapshotError(f"cannot replay {args.snapshot}: {e}") from e
-        for pid, p in procs.items():
-            p.fork()
-            st = sim.last_stats
-            copied = sum(st["batch_histogram"][n] * n for n in range(len(st["batch_histogram"])))
-            rows.append((k, pid, copied, st["batches"], st["refcount_atomics"], st["rmap_calls"]))
-        sim.check()
+    with _progress(args, len(kernels) + 1, "replay") as bar:
+        bar.update(0, f"loading {args.snapshot}")
+        snap = Snapshot.load(args.snapshot)
+        for i, k in enumerate(kernels, 1):
+            bar.update(i, f"{k}: rebuilding the processes")
+            try:
+                sim, procs = pb.Simulation.from_snapshot(snap, k)
+            except ValueError as e:
+                # replay.py does not yet raise SnapshotError for every defect (an unknown
+                # layout, overlapping VMAs): the simulation's own checks reject them.
+                raise pb.SnapshotError(f"cannot replay {args.snapshot}: {e}") from e
+            bar.update(i + 0.5, f"{k}: forking")
+            for pid, p in procs.items():
+                p.fork()
+                st = sim.last_stats
+                copied = sum(st["batch_histogram"][n] * n for n in range(len(st["batch_histogram"])))
+                rows.append((k, pid, copied, st["batches"], st["refcount_atomics"], st["rmap_calls"]))
+            sim.check()
     print(f"snapshot of pid {snap.pids} ({snap.header['kernel_release']}, {snap.header['arch']}, "
           f"captured {snap.header['capture_time']}); inferred: {', '.join(snap.inferred) or 'nothing'}")
     print(f"{'kernel':>7} {'pid':>8} {'PTEs copied':>11} {'batches':>8} {'refcount ops':>12} {'rmap calls':>10}")
     for k, pid, copied, nb, refs, rmaps in rows:
         print(f"{k:>7} {pid:>8} {copied:>11} {nb:>8} {refs:>12} {rmaps:>10}")
+    print()
+    print(_legend(("kernel, pid", "each captured process forks once under each kernel"),
+                  ("PTEs copied", "present PTEs the fork copied"),
+                  ("batches", "runs of PTEs the fork copied at once"),
+                  ("refcount ops", "atomic updates of folio reference counts (folio_ref_add)"),
+                  ("rmap calls", "calls into the reverse map (folio_try_dup_anon_rmap_pte[s] and the like)")))
     return 0
 
 
@@ -317,96 +373,178 @@ def oracle_cmd(args: argparse.Namespace) -> int:
             _bad(args, "--size", f"{pb.format_size(size)} is not a folio size this kernel offers "
                                  f"({', '.join(map(pb.format_size, offered))})")
     print(f"{'size':>6} {'kernel':>6} {'folio pages seen':>16} {'steps':>5} {'pages compared':>14} {'mismatches':>10} {'runs':>4}")
+    sys.stdout.flush()
     bad = 0
-    for size in sizes:
-        r = oracle.run_retrying(size)
-        bad += r.mismatches
-        print(f"{pb.format_size(size):>6} {r.kernel:>6} {str(r.folio_pages):>16} {len(r.steps):>5} {r.pages:>14} "
-              f"{r.mismatches:>10} {r.attempts:>4}")
-        for s in r.steps:
-            for m in s.mismatches[:5]:
-                print(f"       {s.step}: {m}")
+    with _progress(args, len(sizes), "oracle") as bar:
+        for i, size in enumerate(sizes):
+            bar.update(i, f"{pb.format_size(size)} folios")
+            r = oracle.run_retrying(size)
+            bad += r.mismatches
+            with bar.paused():
+                print(f"{pb.format_size(size):>6} {r.kernel:>6} {str(r.folio_pages):>16} {len(r.steps):>5} "
+                      f"{r.pages:>14} {r.mismatches:>10} {r.attempts:>4}")
+                for s in r.steps:
+                    for m in s.mismatches[:5]:
+                        print(f"       {s.step}: {m}")
+    print()
+    print(_legend(("size", "the one mTHP size enabled for the run"),
+                  ("kernel", "the running kernel, as the version modelled"),
+                  ("folio pages seen", "sizes, in pages, of the folios the kernel mapped the region with"),
+                  ("steps", "scripted steps; kernel and model are compared after each"),
+                  ("pages compared", "page states compared, over all steps"),
+                  ("mismatches", "pages where kernel and model differ (exit status 1 if any)"),
+                  ("runs", "runs needed: a transient page reference (DAMON) can spoil one")))
     return 1 if bad else 0
 
 
 # -- the parser and the one place errors are reported ----------------------------------------
 
+def _para(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=78)
+
+
+def _legend(*rows: tuple[str, str]) -> str:
+    """What the columns of a table mean, one column a line."""
+    width = max(len(name) for name, _ in rows) + 2
+    out = ["columns:"]
+    for name, text in rows:
+        lines = textwrap.wrap(text, width=76 - width) or [""]
+        out.append(f"  {name:<{width}}{lines[0]}")
+        out.extend(f"  {'':<{width}}{line}" for line in lines[1:])
+    return "\n".join(out)
+
+
+def _progress(args: argparse.Namespace, total: float, label: str) -> Progress:
+    return Progress(total, label, enabled=not args.quiet)
+
+
+KERNELS_HELP = "comma-separated versions or 'all' (repeatable)"
+
+DEMO_EPILOG = f"""\
+examples:
+  ptebatch demo                                   every folio size of x86-64, 6.8 vs {pb.NEWEST_KERNEL}
+  ptebatch demo --region 4GiB --size 64K --size 2M
+  ptebatch demo --kernel 6.8,6.12,{pb.NEWEST_KERNEL} --arch arm64-4k   ratio of the first to the last
+"""
+
+BATCHES_EPILOG = """\
+examples:
+  ptebatch batches --layout arm64-4k --kernel 6.9,6.15
+  ptebatch batches --kernel all --ptes 4096 --orders 2 4 -v
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ptebatch", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Exact models of Linux page tables and PTE batching. Without a command, runs demo.",
+        description=_para("Exact models of Linux page tables and PTE batching (folio_pte_batch): how fork() "
+                    "copies memory mapped by large folios, kernel version by kernel version, on a "
+                    "simulated machine or on real processes' page tables. Start with 'ptebatch demo'; "
+                    "'ptebatch COMMAND --help' explains each command."),
         epilog="exit status: 0 done, 1 runtime error (or oracle mismatches), 2 usage error, 130 interrupted;\n"
                "an error prints one line on stderr (the traceback with --debug).")
+    parser.add_argument("--version", action="version", version=f"ptebatch {pb.__version__}",
+                        help="print the version and exit")
     debug_help = "on an error, show the Python traceback instead of one line"
+    quiet_help = "no progress on stderr (it shows for steps over a second)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    # Also accepted after the command; SUPPRESS keeps the subcommand from resetting it.
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    # Also accepted after the command; SUPPRESS keeps the subcommand from resetting them.
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    f = sub.add_parser("demo", parents=[common],
-                       help="the main job: fork study of 1 GiB per folio size, 6.8 vs newest")
-    f.add_argument("--region", type=_size, default="1GiB",
+    def command(name: str, run: Callable[[argparse.Namespace], int], summary: str, description: str,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=summary, description=_para(description), epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(run=run)
+        return p
+
+    f = command("demo", demo, f"the main job: fork study of 1 GiB per folio size, 6.8 vs {pb.NEWEST_KERNEL}",
+                "A process writes a region of private anonymous memory, so that it is mapped by folios of "
+                "one size (PTE-mapped), and forks, once per folio size and kernel. Prints the kernel's "
+                "work in each fork per PTE, the ratio of the first kernel to the last, and what each "
+                "column means.", DEMO_EPILOG)
+    f.add_argument("--region", type=_size, default="1GiB", metavar="SIZE",
                    help=f"bytes of written anonymous memory: a multiple of every folio size studied, "
                         f"at most {pb.format_size(MAX_REGION)} (default 1GiB)")
     f.add_argument("--size", type=_pow2_size, action="append",
                    help="folio size: the page size or an anonymous mTHP size of the arch, 4 pages to the "
                         "PMD size (repeatable; default: every one that divides the region)")
-    f.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
-                   help=f"kernel (repeatable; default 6.8 and {pb.NEWEST_KERNEL}; the first is the baseline)")
-    f.add_argument("--arch", default="x86-64", choices=pb.LAYOUT_NAMES)
-    f.set_defaults(run=demo)
+    f.add_argument("--kernel", type=_kernels, action="extend", metavar="KERNELS",
+                   help=f"kernels to fork under, {KERNELS_HELP}; the first is the baseline of the ratio "
+                        f"(default 6.8,{pb.NEWEST_KERNEL})")
+    f.add_argument("--arch", default="x86-64", choices=pb.LAYOUT_NAMES, metavar="LAYOUT",
+                   help=f"page table layout of the simulated machine: {', '.join(pb.LAYOUT_NAMES)} "
+                        f"(default x86-64)")
 
-    d = sub.add_parser("batches", parents=[common],
-                       help="fork batches of a generated page table per layout and kernel")
-    d.add_argument("--layout", action="append", choices=pb.LAYOUT_NAMES,
-                   help="layout (repeatable; default: all)")
-    d.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
-                   help=f"kernel version (repeatable; default: {' '.join(DEMO_KERNELS)})")
-    d.add_argument("--ptes", type=_int_in(1, 1 << 24), default=1024,
+    d = command("batches", batches, "fork batches of a generated page table per layout and kernel",
+                "Generates a page table of mTHP folios (random sizes, holes between them) and prints how"
+                "copy_pte_range() cuts it into batches on fork, for each layout and kernel: where the "
+                "folio_pte_batch() forms differ, the cuts do.", BATCHES_EPILOG)
+    d.add_argument("--layout", action="append", choices=pb.LAYOUT_NAMES, metavar="LAYOUT",
+                   help=f"page table layout (repeatable; default all: {', '.join(pb.LAYOUT_NAMES)})")
+    d.add_argument("--kernel", type=_kernels, action="extend", metavar="KERNELS",
+                   help=f"kernel versions, {KERNELS_HELP}; cuts are compared with the last "
+                        f"(default {','.join(BATCHES_KERNELS)})")
+    d.add_argument("--ptes", type=_int_in(1, 1 << 24), default=1024, metavar="N",
                    help="PTEs in the table, 1 to 16M (default 1024)")
-    d.add_argument("--orders", type=_order, nargs="+", default=[0, 2, 4, 9],
+    d.add_argument("--orders", type=_order, nargs="+", default=[0, 2, 4, 9], metavar="ORDER",
                    help="folio orders to draw from: 0 or 2 up to the PMD order; a layout leaves out "
                         "those above its own (default 0 2 4 9)")
-    d.add_argument("--first-vpn", type=_int_in(0), default=480,
+    d.add_argument("--first-vpn", type=_int_in(0), default=480, metavar="VPN",
                    help="virtual page number of the first PTE (default 480, so folios straddle "
                         "a PMD boundary)")
-    d.add_argument("--seed", type=_int_in(0), default=1)
-    d.add_argument("--holes", type=_probability, default=0.15,
+    d.add_argument("--seed", type=_int_in(0), default=1, metavar="N",
+                   help="seed of the random table: the same seed gives the same table (default 1)")
+    d.add_argument("--holes", type=_probability, default=0.15, metavar="P",
                    help="chance, in [0, 1], of a run of empty PTEs between folios (default 0.15)")
-    d.add_argument("--width", type=_int_in(4), default=100, help="cut batch lists to this width (at least 4)")
-    d.add_argument("-v", "--verbose", action="store_true", help="also print histograms and times")
-    d.set_defaults(run=batches)
+    d.add_argument("--width", type=_int_in(4), default=100, metavar="N",
+                   help="cut batch lists to this many characters (at least 4; default 100)")
+    d.add_argument("-v", "--verbose", action="store_true",
+                   help="also print each cut's histogram of batch lengths and the time it took")
 
-    c = sub.add_parser("capture", parents=[common],
-                       help="capture live processes' page tables into a snapshot (root)")
+    c = command("capture", capture_cmd, "capture live processes' page tables into a snapshot (root)",
+                "Reads the page tables of running processes (/proc/PID/maps and pagemap, "
+                "/proc/kpageflags and kpagecount) into a snapshot file, for thpmaps and replay. "
+                "Needs root.",
+                "example:\n  ptebatch capture --pid 1234 --pid 1240 -o snap.npz\n")
     c.add_argument("--pid", type=_pid, action="append", required=True, help="process id (repeatable)")
-    c.add_argument("-o", "--output", required=True, help="snapshot file (.npz)")
-    c.set_defaults(run=capture_cmd)
+    c.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file to write (.npz)")
 
-    t = sub.add_parser("thpmaps", parents=[common],
-                       help="thpmaps-style report of a live process or a snapshot")
+    t = command("thpmaps", thpmaps_cmd, "thpmaps-style report of a live process or a snapshot",
+                "Counts how a process's memory is mapped by THPs and mTHPs, as the kernel's "
+                "tools/mm/thpmaps does: per VMA (or summed, --rollup), anonymous and file folios of "
+                "each size, PMD- or PTE-mapped, aligned or not.",
+                "examples:\n  ptebatch thpmaps --pid 1234 --rollup\n"
+                "  ptebatch thpmaps --snapshot snap.npz --cont 64K\n")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pid", type=_pid, action="append", help="process id (repeatable)")
-    src.add_argument("--snapshot", help="a snapshot file instead of a live process")
-    t.add_argument("--cont", type=_pow2_size, action="append",
+    src.add_argument("--pid", type=_pid, action="append", help="process id (repeatable; needs root)")
+    src.add_argument("--snapshot", metavar="FILE", help="a snapshot file instead of a live process")
+    t.add_argument("--cont", type=_pow2_size, action="append", metavar="SIZE",
                    help="also count contiguous aligned blocks of SIZE, a power of two from 2 pages to "
                         "the PMD size (repeatable)")
     t.add_argument("--rollup", action="store_true", help="sum over all VMAs")
     t.add_argument("--inc-empty", action="store_true", help="print zero counters too")
-    t.set_defaults(run=thpmaps_cmd)
 
-    r = sub.add_parser("replay", parents=[common], help="replay a snapshot and fork it under each kernel")
-    r.add_argument("snapshot")
-    r.add_argument("--kernel", action="append", choices=pb.KERNEL_VERSIONS,
-                   help=f"kernel (repeatable; default 6.8 and {pb.NEWEST_KERNEL})")
-    r.set_defaults(run=replay_cmd)
+    r = command("replay", replay_cmd, "replay a snapshot and fork it under each kernel",
+                "Rebuilds the captured processes in the simulation (folios at their real frames) and "
+                "forks each once under each kernel, printing the kernel's work in the fork.",
+                f"example:\n  ptebatch replay snap.npz --kernel 6.8,6.12,{pb.NEWEST_KERNEL}\n")
+    r.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot file written by 'ptebatch capture'")
+    r.add_argument("--kernel", type=_kernels, action="extend", metavar="KERNELS",
+                   help=f"kernels to fork under, {KERNELS_HELP} (default 6.8,{pb.NEWEST_KERNEL})")
 
-    o = sub.add_parser("oracle", parents=[common],
-                       help="compare the model with the running kernel (root; sets mTHP controls, restores them)")
+    o = command("oracle", oracle_cmd,
+                "compare the model with the running kernel (root; sets mTHP controls, restores them)",
+                "Runs a scripted sequence (write, fork, COW writes, exit, partial munmap, "
+                "MADV_DONTNEED) on the running kernel with one mTHP size enabled, captures it after "
+                "every step, and compares it page by page with the model of the same kernel. Needs "
+                "root; sets the sysfs mTHP controls and restores them.")
     o.add_argument("--size", type=_pow2_size, action="append",
                    help="folio size the kernel offers (repeatable; default those of 4K 16K 64K 128K 2M it offers)")
-    o.set_defaults(run=oracle_cmd)
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])
@@ -442,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            args = parser.parse_args([*argv, "demo"])
+            # Bare "ptebatch" teaches rather than starts a minute of work.
+            parser.print_help()
+            return 0
         code = args.run(args)
         sys.stdout.flush()
         return code

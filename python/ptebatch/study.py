@@ -8,16 +8,21 @@ writes. ``sim.check()`` runs after every fork.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
 
-from ._core import PtebatchError, layout
+from ._core import KERNEL_VERSIONS, PtebatchError, layout
 from .simulation import Process, Simulation, format_size, parse_size
 from .snapshot import PM_PFN_MASK
+
+NEWEST_KERNEL = KERNEL_VERSIONS[-1]
 
 #: Largest region the study forks: the simulated RAM grows with it.
 MAX_REGION = 64 << 30
@@ -81,32 +86,141 @@ def check_region(region: int | str, arch: str) -> int:
 
 
 class Progress:
-    """A one-line progress bar on stderr (quiet when stderr is not a terminal)."""
+    """Progress of a long command on stderr. On a terminal, a bar redrawn in place (and erased
+    at the end); otherwise one line every few seconds. Nothing shows for the first second (on a
+    terminal) or the first few seconds (otherwise), so quick commands stay silent. A thread
+    redraws it, so a step that reports nothing itself (a capture, a snapshot load) still shows
+    the time running. Use it as a context manager, or call ``close()``; it also closes when
+    ``step()`` reaches ``total``."""
 
-    def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.done, self.label, self.stream = total, 0, label, stream
-        self.tty = getattr(stream, "isatty", lambda: False)()
-        self.t0 = time.perf_counter()
+    def __init__(self, total: float, label: str, stream: TextIO | None = None, *, enabled: bool = True,
+                 delay: float | None = None, every: float | None = None):
+        self.total, self.label = max(float(total), 1e-9), label
+        self.stream = sys.stderr if stream is None else stream
+        try:
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, OSError, ValueError):
+            self.tty = False
+        self.enabled = enabled
+        self.every = every if every is not None else (0.1 if self.tty else 5.0)
+        self.delay = delay if delay is not None else (1.0 if self.tty else self.every)
+        self.done, self.what = 0.0, ""
+        self.t0 = time.monotonic()
+        self._width = 0  # of the bar on screen; 0 when none is
+        self._shown = ""
+        self._lines = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.tty:
+    def __enter__(self) -> "Progress":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._tick, name=f"progress: {self.label}", daemon=True)
+            self._thread.start()
+
+    def update(self, done: float, what: str | None = None) -> None:
+        """``done`` of ``total`` finished (fractions welcome), now running ``what``."""
+        self.done = min(max(float(done), 0.0), self.total)
+        if what is not None:
+            self.what = what
+        self.start()
+
+    def step(self, what: str = "") -> None:
+        """One more of ``total`` finished; ``what`` is what finished."""
+        self.update(math.floor(self.done) + 1, what)
+        if self.done >= self.total:
+            self.close()
+
+    def within(self, step: float, width: float = 1.0) -> Callable[[int, int], None]:
+        """A ``Simulation.set_progress`` callback that moves the bar from ``step`` to
+        ``step + width`` as the simulation's long step advances."""
+        def callback(done: int, total: int) -> None:
+            self.update(step + width * done / max(total, 1))
+        return callback
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Erases the bar while the caller prints to stdout, which shares the terminal."""
+        with self._lock:
+            self._erase()
+            yield
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        """Stops the thread; erases the bar on a terminal, says how long it took otherwise."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            self._erase()
+            if self._lines:
+                self._lines = 0
+                try:
+                    self.stream.write(f"{self.label}: finished after {self._elapsed()}\n")
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass
+
+    def _erase(self) -> None:
+        if self._width:
+            try:
+                self.stream.write("\r" + " " * self._width + "\r")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+            self._width = 0
+
+    def _elapsed(self) -> str:
+        s = int(time.monotonic() - self.t0)
+        return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+    def _tick(self) -> None:
+        if self._stop.wait(self.delay):
             return
-        width = 30
-        fill = width * self.done // self.total
-        elapsed = time.perf_counter() - self.t0
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                          f"{elapsed:5.1f}s {what:<24}")
-        if self.done == self.total:
-            self.stream.write("\n")
+        while True:
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._draw()
+                except (OSError, ValueError):
+                    return  # stderr went away: the command goes on without it
+            if self._stop.wait(self.every):
+                return
+
+    def _draw(self) -> None:
+        frac = self.done / self.total
+        what = f" {self.what}" if self.what else ""
+        if not self.tty:
+            self.stream.write(f"{self.label}: {frac:.0%} after {self._elapsed()}{what}\n")
+            self._lines += 1
+            self.stream.flush()
+            return
+        fill = int(24 * frac)
+        text = f"{self.label} [{'#' * fill}{'.' * (24 - fill)}] {frac:4.0%} {self._elapsed():>6}{what}"
+        text = text[:79]
+        if self._width and text == self._shown:
+            return
+        self._shown = text
+        self.stream.write("\r" + text.ljust(self._width))
+        self._width = max(self._width, len(text))
         self.stream.flush()
 
 
 def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = None,
-               kernels: Sequence[str] = ("6.8", "7.0"), arch: str = "x86-64",
-               progress: Callable[[str], None] | None = None) -> list[ForkRow]:
+               kernels: Sequence[str] = ("6.8", NEWEST_KERNEL), arch: str = "x86-64",
+               progress: Progress | None = None) -> list[ForkRow]:
     """Forks a written region of ``region`` bytes once per folio size and kernel. ``sizes``
-    defaults to every folio size that divides the region; each must divide it."""
+    defaults to every folio size that divides the region; each must divide it. ``progress``
+    counts one per fork, its total being ``len(sizes) * len(kernels)``; it moves during the
+    writes and the fork too."""
     n = check_region(region, arch)
     if sizes:
         sizes_b = [check_folio_size(s, arch) for s in sizes]
@@ -117,26 +231,35 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             raise ValueError(f"folio size {format_size(size)} does not divide the {format_size(n)} region")
     if not kernels:
         raise ValueError("no kernel to fork under")
-    rows = []
+    rows: list[ForkRow] = []
     for size in sizes_b:
         for kernel in kernels:
+            step = len(rows)
+            if progress:
+                progress.update(step, f"{format_size(size)} folios, {kernel}")
             # Room for the region, its folios' alignment and the page tables' neighbours.
             memory = n + n // 4 + (64 << 20)
             sim = Simulation(arch, kernel, -(-memory // size) * size)
             p = sim.spawn()
             mthp = [size] if size > sim.page_size else []
             v = p.mmap(n, mthp=mthp)
+            # Writing the region takes about as long as forking it.
+            if progress:
+                sim.set_progress(progress.within(step, 0.5))
             p.touch(v.start, v.length, write=True)
             _check_folios(sim, p, v.start, n, size)
+            if progress:
+                sim.set_progress(progress.within(step + 0.5, 0.5))
             t0 = time.perf_counter()
             p.fork()
             dt = time.perf_counter() - t0
+            sim.set_progress(None)
             st = sim.last_stats
             sim.check()
             rows.append(ForkRow(size, kernel, n // sim.page_size, st["batches"], st["refcount_atomics"],
                                 st["rmap_calls"], st["pte_writes"], st["folio_pte_batch_calls"], dt))
             if progress:
-                progress(f"{format_size(size)} {kernel}")
+                progress.update(len(rows))
     return rows
 
 
@@ -151,8 +274,17 @@ def _check_folios(sim: Simulation, p: Process, start: int, length: int, size: in
                             f"{format_size(size)}; the study cannot label it")
 
 
+def per_pte(x: float) -> str:
+    """``x`` with 4 decimals, more when small: at least 4 significant digits (1/8192 of a
+    refcount update per PTE for 512M folios of 64K pages is 0.0001221, not 0.0001)."""
+    if x <= 0 or not math.isfinite(x):
+        return f"{x:.4f}"
+    return f"{x:.{max(4, 3 - math.floor(math.log10(x)))}f}"
+
+
 def format_fork_study(rows: list[ForkRow], kernels: Sequence[str]) -> str:
-    """The study as a table: per size and kernel, operations per PTE, and the ratio old/new."""
+    """The study as a table: per size and kernel, operations per PTE, and with two kernels or
+    more the ratio of the first (the baseline) to the last."""
     base, new = kernels[0], kernels[-1]
     lines = [f"{'folio':>6} {'kernel':>6} {'PTEs':>8} {'batches':>8} {'refcount/PTE':>12} "
              f"{'rmap/PTE':>9} {'PTE writes/PTE':>14} {'sim ms':>8}"]
@@ -161,10 +293,34 @@ def format_fork_study(rows: list[ForkRow], kernels: Sequence[str]) -> str:
         for k in kernels:
             r = by[(size, k)]
             lines.append(f"{format_size(size):>6} {k:>6} {r.ptes:>8} {r.batches:>8} "
-                         f"{r.per_pte('refcount_atomics'):>12.4f} {r.per_pte('rmap_calls'):>9.4f} "
-                         f"{r.per_pte('pte_writes'):>14.3f} {r.seconds * 1e3:>8.1f}")
+                         f"{per_pte(r.per_pte('refcount_atomics')):>12} {per_pte(r.per_pte('rmap_calls')):>9} "
+                         f"{per_pte(r.per_pte('pte_writes')):>14} {r.seconds * 1e3:>8.1f}")
+        if base == new:
+            continue
         a, b = by[(size, base)], by[(size, new)]
         lines.append(f"{'':>6} {'ratio':>6} {'':>8} {a.batches / b.batches:>7.0f}x "
                      f"{a.refcount_atomics / b.refcount_atomics:>11.0f}x {a.rmap_calls / b.rmap_calls:>8.0f}x "
                      f"{a.pte_writes / b.pte_writes:>13.2f}x {a.seconds / max(b.seconds, 1e-9):>7.1f}x")
     return "\n".join(lines)
+
+
+def fork_study_legend(kernels: Sequence[str]) -> str:
+    """What each column of ``format_fork_study`` means."""
+    base, new = kernels[0], kernels[-1]
+    ratio = (f"  ratio           {base} / {new}: how many times the work of {new} the baseline {base} does\n"
+             if base != new else "")
+    return (
+        "columns:\n"
+        "  folio           size of every folio of the region; all are mapped by PTEs, one per page\n"
+        "  kernel          the kernel version whose fork() is modelled\n"
+        "  PTEs            PTEs the fork copies: one per page of the region\n"
+        "  batches         runs of PTEs copy_present_ptes() handles at once: one per PTE without\n"
+        "                  PTE batching (6.8), one per folio with it\n"
+        "  refcount/PTE    atomic updates of a folio's reference count (folio_ref_add) per PTE\n"
+        "  rmap/PTE        rmap calls (folio_try_dup_anon_rmap_pte[s]) per PTE\n"
+        "  PTE writes/PTE  PTE stores per PTE: 2 with or without batching, since fork write-protects\n"
+        "                  the parent's PTE (for copy-on-write) and sets the child's (set_ptes);\n"
+        "                  batching cuts the calls, not the stores\n"
+        "  sim ms          the simulator's own time for the fork: how fast the model runs, not the kernel\n"
+        + ratio
+    ).rstrip("\n")

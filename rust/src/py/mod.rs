@@ -21,6 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch::fpb_form, m)?)?;
     m.add("LAYOUT_NAMES", layout::layout_names())?;
     m.add("KERNEL_VERSIONS", batch::kernel_versions())?;
+    // The one version, Cargo's: ptebatch.__version__ reads it from here.
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The exception classes live in ptebatch.errors; _core re-exports them.
     let classes = py.import("ptebatch.errors")?;
     for name in errors::NAMES {
