@@ -410,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])
+    from ptebatch import sweep  # ptebatch sweep: grids of runs on Dask (docs/sweeps.md)
+    sweep.add_parser(sub, [common])
     return parser
 
 
