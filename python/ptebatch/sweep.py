@@ -86,13 +86,16 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, list) else [v]
 
 
-def _size_bytes(v: Any, what: str) -> int:
+def _size_bytes(v: Any, where: str = "") -> int:
+    prefix = f"{where}: " if where else ""
     try:
         n = parse_size(v)
     except (TypeError, ValueError) as e:
-        raise ScenarioError(f"{what}: {e}") from None
-    if n <= 0 or n & (n - 1):
-        raise ScenarioError(f"{what}: {v!r} is not a power of two")
+        raise ScenarioError(f"{prefix}{e}") from None
+    if n == 0:
+        raise ScenarioError(f"{prefix}size {v!r} is zero")
+    if n & (n - 1):
+        raise ScenarioError(f"{prefix}size {v!r} is not a power of two")
     return n
 
 
@@ -117,7 +120,7 @@ def plan(sources: Sequence[str | os.PathLike[str]], *, kernels: Sequence[str] | 
     for a in arches or ():
         if a not in LAYOUT_NAMES:
             raise ValueError(f"unknown arch {a!r}; known: {', '.join(LAYOUT_NAMES)}")
-    size_list = [_size_bytes(s, "folio size") for s in sizes or ()]
+    size_list = [_size_bytes(s) for s in sizes or ()]
     params = dict(params or {})
     notes = [] if notes is None else notes
     used: set[str] = set()
@@ -290,6 +293,9 @@ def dask_client(workers: int | None = None, threads_per_worker: int = 1,
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=threads_per_worker,
                           processes=True, host="127.0.0.1", dashboard_address=None,
+                          # The scheduler's HTTP server (health checks) on a free port, not
+                          # 8787, which another cluster may hold.
+                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client
 
@@ -433,7 +439,7 @@ def _kernel(text: str) -> list[str] | str:
 
 def _folio_size(text: str) -> int:
     try:
-        return _size_bytes(text, "size")
+        return _size_bytes(text)
     except ScenarioError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -491,8 +497,8 @@ def add_parser(sub: Any, parents: list) -> None:
 class _Progress:
     """A line on stderr every ``interval`` seconds while points complete, and one at the end."""
 
-    def __init__(self, stream: Any = sys.stderr, interval: float = 3.0):
-        self.stream, self.interval = stream, interval
+    def __init__(self, stream: Any = None, interval: float = 3.0):
+        self.stream, self.interval = stream or sys.stderr, interval
         self.t0 = self.last = time.monotonic()
 
     def __call__(self, done: int, total: int, failed: int) -> None:
