@@ -144,6 +144,21 @@ def test_failing_points_are_rows_and_the_rest_still_run(client, tmp_path):
     assert (doc["points"], doc["failed"], doc["fields"]) == (16, 10, list(sweep.SWEEP_FIELDS))
 
 
+def test_a_point_whose_worker_dies_is_an_error_row(client, monkeypatch):
+    points = sweep.plan([MATRIX], kernels=["6.8", "7.0"], sizes=["64K"], params={"region": "256K"})
+    submit = client.submit
+
+    def killing_submit(fn, point, **kw):
+        # The first point's task ends its worker process, as the host's OOM killer would.
+        return submit(os._exit, 1, **kw) if point is points[0] else submit(fn, point, **kw)
+
+    monkeypatch.setattr(client, "submit", killing_submit)
+    rows = sweep.run(points, client=client)
+    assert (rows[0]["status"], rows[0]["kernel"]) == ("error", "6.8")
+    assert rows[0]["error"].startswith("KilledWorker: its worker process died running it"), rows[0]["error"]
+    assert rows[1:] == sweep.run(points[1:], engine="serial")
+
+
 def test_snapshot_points_replay_and_fork_each_process(tmp_path):
     sim = pb.Simulation("x86-64", "7.0", "64M")
     p = sim.spawn()

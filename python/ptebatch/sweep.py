@@ -203,10 +203,11 @@ def run_point(p: Point) -> list[dict[str, Any]]:
     return [{**p.coordinates, "status": "ok", "error": "", **r} for r in rows]
 
 
-def error_row(p: Point, e: BaseException) -> dict[str, Any]:
-    """The row of a point that failed with ``e``: its coordinates, and empty counters."""
+def error_row(p: Point, e: BaseException, message: str | None = None) -> dict[str, Any]:
+    """The row of a point that failed with ``e`` (or ``message`` about it): its coordinates,
+    and empty counters."""
     row: dict[str, Any] = {k: "" for k in SWEEP_FIELDS}
-    text = " ".join(str(e).split()) or ("out of memory" if isinstance(e, MemoryError) else "")
+    text = " ".join((message or str(e)).split()) or ("out of memory" if isinstance(e, MemoryError) else "")
     # Name the file as the user gave it, as the rest of the row does.
     text = text.replace(p.path, p.source)
     row.update(p.coordinates, status="error", error=f"{type(e).__name__}: {text}".rstrip(": "),
@@ -288,15 +289,15 @@ def dask_client(workers: int | None = None, threads_per_worker: int = 1,
         raise ValueError(f"workers must be at least 1, not {workers}")
     if threads_per_worker < 1:
         raise ValueError(f"threads_per_worker must be at least 1, not {threads_per_worker}")
-    # A task that kills its worker (the host out of memory) fails its point; it is not retried
-    # on the other workers, to kill them too.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    # A task that kills its worker (the host out of memory) fails its point after one retry,
+    # not three: it would kill more workers. (A point queued on the same worker is retried too.)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=threads_per_worker,
                           processes=True, host="127.0.0.1", dashboard_address=None,
                           # The scheduler's HTTP server (health checks) on a free port, not
                           # 8787, which another cluster may hold.
                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                          silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
             yield client
 
 
@@ -333,7 +334,7 @@ def run(points: Sequence[Point], *, engine: str = "dask", client: Any = None, wo
 
 
 def _run_dask(client: Any, points: Sequence[Point], done: Callable[[int, list, int], None]) -> None:
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     futures = [client.submit(run_point, p, pure=False) for p in points]
     index = {f.key: i for i, f in enumerate(futures)}
@@ -342,9 +343,12 @@ def _run_dask(client: Any, points: Sequence[Point], done: Callable[[int, list, i
             i = index[f.key]
             try:
                 rows = f.result()
+            except KilledWorker as e:
+                rows = [error_row(points[i], e, "its worker process died running it (out of host "
+                                  "memory? a local cluster gives each worker an equal share of the RAM)")]
             except Exception as e:
-                # Not the point's error (run_point returns those) but the task's: its worker
-                # died (KilledWorker), or could not run it.
+                # Not the point's error (run_point returns those) but the task's: a worker
+                # that could not run it.
                 rows = [error_row(points[i], e)]
             f.release()
             done(i, rows, n)
@@ -477,14 +481,14 @@ def add_parser(sub: Any, parents: list) -> None:
     s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="set a [params] value in the scenarios that declare it, e.g. --set region=16MiB")
     where = s.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_positive,
+    where.add_argument("--workers", type=_positive, metavar="N",
                        help=f"worker processes of the local cluster (default: the cores, {default_workers()})")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="the scheduler of an existing Dask cluster, e.g. tcp://10.0.0.1:8786 "
                             "(its workers need ptebatch and the source files at the same paths)")
     where.add_argument("--sequential", action="store_true",
                        help="run the grid in this process, one point after the other (no Dask)")
-    s.add_argument("--threads-per-worker", type=_positive, default=1,
+    s.add_argument("--threads-per-worker", type=_positive, default=1, metavar="N",
                    help="threads per worker process of the local cluster (default 1)")
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON: {fields, rows, ...} (docs/sweeps.md)")
