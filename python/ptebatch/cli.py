@@ -550,6 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     scenario.add_parser(sub, [common])
     from ptebatch import calibrate  # ptebatch calibrate: timing the live kernel (docs/calibration.md)
     calibrate.add_parser(sub, [common], _size, _int_in)
+    from ptebatch import sweep  # ptebatch sweep: grids of runs on Dask (docs/sweeps.md)
+    sweep.add_parser(sub, [common])
     return parser
 
 

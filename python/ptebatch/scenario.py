@@ -244,12 +244,15 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load(path: str | os.PathLike[str], params: dict[str, Any] | None = None) -> Scenario:
+def load(path: str | os.PathLike[str], params: dict[str, Any] | None = None, *,
+         arch: str | None = None) -> Scenario:
     """Reads and checks the scenario at ``path``; ``params`` overrides values of its
-    ``[params]`` table (a list sweeps). Raises :class:`ScenarioError`; an unreadable file
-    raises ``OSError``."""
+    ``[params]`` table (a list sweeps), ``arch`` its ``[machine] arch`` (``ptebatch sweep``).
+    Raises :class:`ScenarioError`; an unreadable file raises ``OSError``."""
     path = os.fspath(path)
     doc = _read_toml(path)
+    if arch is not None and isinstance(doc.get("machine"), dict):
+        doc["machine"]["arch"] = arch
     c = _Checker(path)
     for k in doc:
         if k not in _TOP:
