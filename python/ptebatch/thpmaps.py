@@ -127,7 +127,9 @@ def _runs(stats, snap, run, vfns, pfns, anon, head, page, pmd, cont) -> None:
                 stats[f"{kind(int(h))}-thp-pte-partial"] += _kb(n, page)
                 continue
             aligned = vfns[h] % n == 0
-            stats[f"{kind(int(h))}-thp-pte-{'aligned' if aligned else 'unaligned'}-{_kb(n, page)}kB"] += _kb(n, page)
+            # Page-cache folios may also be of order 1, which has no preset counter.
+            key = f"{kind(int(h))}-thp-pte-{'aligned' if aligned else 'unaligned'}-{_kb(n, page)}kB"
+            stats[key] = stats.get(key, 0) + _kb(n, page)
     for c in cont:
         nc = c // page
         v0, p0 = int(vfns[first]), int(pfns[first])

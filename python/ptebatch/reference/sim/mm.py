@@ -138,7 +138,7 @@ class Mm:
 
     def find_vma(self, vpn: int) -> int | None:
         """find_vma(), exact: the index of the VMA holding ``vpn``."""
-        k = bisect.bisect_right(self.vmas, vpn, key=lambda v: v.start)
+        k = bisect.bisect_right([v.start for v in self.vmas], vpn)  # (no key=: Python 3.9)
         return k - 1 if k > 0 and self.vmas[k - 1].contains(vpn) else None
 
     def fully_mapped(self, lo: int, hi: int) -> bool:
@@ -161,8 +161,8 @@ class Mm:
         """Indices of the VMAs inside [lo, hi) after splitting at both ends."""
         self.split_at(lo)
         self.split_at(hi)
-        a = bisect.bisect_right(self.vmas, lo, key=lambda v: v.end())  # first with end > lo
-        b = bisect.bisect_left(self.vmas, hi, key=lambda v: v.start)  # first with start >= hi
+        a = bisect.bisect_right([v.end() for v in self.vmas], lo)  # first with end > lo
+        b = bisect.bisect_left([v.start for v in self.vmas], hi)  # first with start >= hi
         return range(a, max(a, b))
 
     def merge_around(self, r: range) -> None:
