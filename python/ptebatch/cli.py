@@ -20,6 +20,7 @@ from typing import Callable, NoReturn, Sequence
 import numpy as np
 
 import ptebatch as pb
+from ptebatch import report
 from ptebatch.study import (MAX_REGION, Progress, check_folio_size, check_region, folio_sizes,
                             fork_study, format_fork_study)
 from ptebatch.tables import mixed_table, unbacked_pfns
@@ -152,6 +153,8 @@ def demo(args: argparse.Namespace) -> int:
         skipped = [pb.format_size(s) for s in every if region % s]
         if skipped:
             notes.append(f"skipped folio sizes that do not divide the region: {', '.join(skipped)}")
+    if args.plot:
+        report.check_plot_dir(args.plot)
     print(f"ptebatch {pb.__version__}: fork() of {pb.format_size(region)} of written private anonymous "
           f"memory on {args.arch}, one folio size at a time (PTE-mapped), under {' and '.join(kernels)}")
     for note in notes:
@@ -162,6 +165,8 @@ def demo(args: argparse.Namespace) -> int:
     rows = fork_study(region, sizes, kernels, args.arch, progress=bar.step)
     print(format_fork_study(rows, kernels))
     print(f"\nratio = {kernels[0]} / {kernels[-1]}; total {time.perf_counter() - t0:.1f} s")
+    if args.plot:
+        report.print_plots(report.fork_study_plots(rows, args.plot, region, args.arch))
     return 0
 
 
@@ -410,6 +415,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])
+    report.add_plot_options(sub)  # --plot DIR on demo and run
+    report.add_parser(sub, [common])
     return parser
 
 
