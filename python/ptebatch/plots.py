@@ -96,7 +96,7 @@ def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str
     from matplotlib.ticker import FixedLocator, NullLocator
 
     nrows, ncols = _grid(len(panels))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows + 0.9), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(9.0, 4.6 * ncols), 3.4 * nrows + 1.4), squeeze=False,
                              layout="constrained")
     series = list(dict.fromkeys(s for p in panels.values() for s in p))
     colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
@@ -116,7 +116,7 @@ def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str
         ax.set_xscale("log", base=2)
         ticks = [2 ** e for e in range(0, max(1, math.ceil(math.log2(top))) + 1)]
         if len(ticks) > 8:
-            ticks = ticks[::-2][::-1]
+            ticks = sorted({1, *ticks[::-2]})
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([str(t) for t in ticks])
@@ -130,7 +130,7 @@ def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in series]
-    fig.legend(handles, series, loc="outside upper right", title="kernel", ncols=min(len(series), 6))
+    fig.legend(handles, series, loc="outside lower center", title="kernel", ncols=min(len(series), 6))
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -217,6 +217,8 @@ def ops_per_pte(data: OpsData, path: str | os.PathLike, title: str = "operations
                                 va="bottom", fontsize=8, color=colors[s], xycoords=("data", "axes fraction"))
         if log:
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0, top=None if any(v > 0 for v in vals) else 1)
         ax.set_title(f"{name} per PTE" + (" (log scale)" if log else ""))
         ax.set_ylabel("per PTE")
         ax.set_xticks(x)
@@ -226,7 +228,7 @@ def ops_per_pte(data: OpsData, path: str | os.PathLike, title: str = "operations
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in series]
-    fig.legend(handles, series, loc="outside upper right", title="kernel", ncols=min(len(series), 6))
+    fig.legend(handles, series, loc="outside lower center", title="kernel", ncols=min(len(series), 6))
     fig.suptitle(title)
     return _save(fig, path)
 
