@@ -244,8 +244,7 @@ def to_markdown(doc: Document, files_dir: str, rel: str) -> str:
         if t.title:
             out += [f"### {t.title}", ""]
         out.append("| " + " | ".join(map(_md_cell, t.head)) + " |")
-        out.append("|" + "|".join("---" if i < 4 and t.head[i] in ("step", "op", "where", "kernel", "folio")
-                                  else "---:" for i in range(len(t.head))) + "|")
+        out.append("|" + "|".join("---" if h in _TEXT_COLUMNS else "---:" for h in t.head) + "|")
         out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
         out.append("")
     out += ["```", doc.legend, "```", "", "## Plots", ""]
@@ -276,8 +275,8 @@ def to_html(doc: Document) -> str:
         out.append("<table>")
         out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in t.head) + "</tr>")
         for r in t.rows:
-            out.append("<tr>" + "".join(
-                f"<td{_NUM if _numeric(c) else ''}>{e(c)}</td>" for c in r) + "</tr>")
+            out.append("<tr>" + "".join(f"<td{'' if h in _TEXT_COLUMNS else _NUM}>{e(c)}</td>"
+                                        for h, c in zip(t.head, r)) + "</tr>")
         out.append("</table>")
     out += [f"<pre>{e(doc.legend)}</pre>", "<h2>Plots</h2>"]
     for p in doc.plots:
@@ -290,10 +289,7 @@ def to_html(doc: Document) -> str:
 
 
 _NUM = ' class="n"'
-
-
-def _numeric(s: str) -> bool:
-    return bool(re.fullmatch(r"-?[0-9.]+x?", s))
+_TEXT_COLUMNS = ("step", "op", "where", "kernel", "folio")
 
 
 PREDICTED_NOTE = ("Predicted against measured kernel time is not plotted yet: it will come with the cost model.")
