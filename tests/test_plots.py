@@ -4,7 +4,10 @@ non-blank PNG (read back with matplotlib)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
+import matplotlib
 import matplotlib.image
 import numpy as np
 import pytest
@@ -126,3 +129,18 @@ def test_page_table_map(tmp_path):
     q = sim.spawn()
     with pytest.raises(ValueError):
         plots.page_table_map(plots.page_table_map_data(sim, q), tmp_path / "nothing.png")
+
+
+def test_importing_ptebatch_does_not_need_matplotlib():
+    code = ("import sys, ptebatch, ptebatch.cli, ptebatch.plots, ptebatch.report; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_drawing_leaves_the_callers_matplotlib_alone(tmp_path):
+    before = dict(matplotlib.rcParams)
+    backend = matplotlib.get_backend()
+    plots.batch_histogram({"a": {"6.8": [0, 3]}}, tmp_path / "x.png")
+    assert dict(matplotlib.rcParams) == before and matplotlib.get_backend() == backend
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()

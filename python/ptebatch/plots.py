@@ -3,16 +3,19 @@ and a map of a process's page tables coloured by folio order and batch.
 
 Each plot has a data function (plain numbers, tested on their own) and a drawing function
 that takes those data and a path, writes a PNG and returns the path. matplotlib is imported
-inside the drawing functions, with the non-interactive Agg backend, so ``import ptebatch``
-does not need it (``pip install ptebatch[plot]``; docs/reports.md).
+inside the drawing functions, so ``import ptebatch`` does not need it (``pip install
+ptebatch[plot]``; docs/reports.md). They use matplotlib's object API (``Figure``, saved by the
+Agg renderer), never pyplot: no window opens, and the backend and rcParams of the program that
+calls them are left alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,26 +34,50 @@ ZERO_COLOUR, NO_VMA_GREY = (0.95, 0.6, 0.6), 0.85
 MAP_MAX_ROWS = 1024
 
 
-def _pyplot() -> Any:
+_STYLE = {"font.size": 11, "axes.titlesize": 12, "figure.titlesize": 14}
+
+
+def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'ptebatch[plot]' (or matplotlib>=3.6)") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        raise ImportError("plots need matplotlib: pip install 'ptebatch[plot]' (or matplotlib>=3.7)") from e
+    return matplotlib
 
-    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "figure.titlesize": 14})
-    return plt
+
+def _drawing(fn: Callable[..., str]) -> Callable[..., str]:
+    """Runs a drawing function with the plots' font sizes, leaving the caller's rcParams as they were."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        with _matplotlib().rc_context(_STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    """A Figure of matplotlib's object API, drawn by Agg when saved: no pyplot, so no window
+    and no change to the backend of a notebook or script that embeds ptebatch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _cmap(name: str) -> Any:
+    return _matplotlib().colormaps[name]
+
+
+def _swatch(color: Any) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((0, 0), 1, 1, color=color)
 
 
 def _save(fig: Any, path: str | os.PathLike) -> str:
-    import matplotlib.pyplot as plt
-
     path = os.fspath(path)
-    try:
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -86,20 +113,19 @@ def fork_histograms(rows: Sequence[Any]) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+@_drawing
 def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str | os.PathLike,
                     title: str = "PTE batches by length") -> str:
     """One panel per key of ``panels`` (a folio size, a case), bars per series (a kernel):
     how many batches of each length (PTEs per batch) were formed. Both axes are log2/log10."""
     if not panels:
         raise ValueError("no histogram to plot")
-    plt = _pyplot()
     from matplotlib.ticker import FixedLocator, NullLocator
 
     nrows, ncols = _grid(len(panels))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(9.0, 4.6 * ncols), 3.4 * nrows + 1.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = _figure((max(9.0, 4.6 * ncols), 3.4 * nrows + 1.4), nrows, ncols)
     series = list(dict.fromkeys(s for p in panels.values() for s in p))
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
+    colors = {s: _cmap("tab10")(i % 10) for i, s in enumerate(series)}
     for ax, (label, hists) in zip(axes.flat, panels.items()):
         top = 1
         for i, s in enumerate(series):
@@ -129,7 +155,7 @@ def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str
         ax.grid(True, axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in series]
+    handles = [_swatch(colors[s]) for s in series]
     fig.legend(handles, series, loc="outside lower center", title="kernel", ncols=min(len(series), 6))
     fig.suptitle(title)
     return _save(fig, path)
@@ -190,17 +216,17 @@ def scenario_ops_data(rows: Sequence[Mapping[str, Any]], *, case: str | None = N
     return OpsData(cats, values)
 
 
+@_drawing
 def ops_per_pte(data: OpsData, path: str | os.PathLike, title: str = "operations per PTE",
                 xlabel: str = "folio size") -> str:
     """Four panels (refcount atomics, rmap calls, PTE writes, batches, each per PTE), grouped
     bars per category and series; a log scale where a panel's values span decades."""
     if not data.categories:
         raise ValueError("no row covers a PTE: nothing to plot")
-    plt = _pyplot()
     n, series = len(data.categories), list(data.values)
     width = max(8.0, min(22.0, 1.6 + n * (0.5 + 0.22 * len(series))))
-    fig, axes = plt.subplots(2, 2, figsize=(width, 7.8), squeeze=False, layout="constrained")
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(series)}
+    fig, axes = _figure((width, 7.8), 2, 2)
+    colors = {s: _cmap("tab10")(i % 10) for i, s in enumerate(series)}
     bw = 0.8 / len(series)
     x = np.arange(n)
     for ax, (f, name) in zip(axes.flat, OPS_FIELDS):
@@ -227,7 +253,7 @@ def ops_per_pte(data: OpsData, path: str | os.PathLike, title: str = "operations
                            rotation=0 if flat else 30, ha="center" if flat else "right")
         ax.set_xlabel(xlabel)
         ax.grid(True, axis="y", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in series]
+    handles = [_swatch(colors[s]) for s in series]
     fig.legend(handles, series, loc="outside lower center", title="kernel", ncols=min(len(series), 6))
     fig.suptitle(title)
     return _save(fig, path)
@@ -302,16 +328,16 @@ def page_table_map_data(sim: Simulation, process: Process, kernel: str | None = 
     return PageTableMap(sim.arch, kernel, lay.page_size, addrs, order, batch, nr_tables)
 
 
+@_drawing
 def page_table_map(data: PageTableMap, path: str | os.PathLike, title: str | None = None) -> str:
     """Draws the map: colour = folio order, consecutive batches in alternating shades (the
     darker one every other batch), white = pte_none, light grey = no VMA."""
     if not len(data.table_addrs):
         raise ValueError("the process maps nothing: no page table to draw")
-    plt = _pyplot()
     from matplotlib.patches import Patch
 
     rows, ptrs = data.order.shape
-    cmap = plt.get_cmap("viridis")
+    cmap = _cmap("viridis")
     top = max(data.pmd_order, 1)
     palette = {o: np.array(cmap(0.1 + 0.85 * o / top)[:3]) for o in range(top + 1)}
     img = np.ones((rows, ptrs, 3))
@@ -322,7 +348,8 @@ def page_table_map(data: PageTableMap, path: str | os.PathLike, title: str | Non
     odd = (data.batch >= 0) & (data.batch % 2 == 1)
     img[odd] = img[odd] * 0.6
     height = min(12.0, max(3.2, 1.8 + rows * 0.12))
-    fig, ax = plt.subplots(figsize=(12, height), layout="constrained")
+    fig, axes = _figure((12, height))
+    ax = axes[0, 0]
     ax.imshow(img, aspect="auto", interpolation="nearest", extent=(0, ptrs, rows, 0))
     step = max(1, -(-rows // 16))
     ax.set_yticks(np.arange(0, rows, step) + 0.5)

@@ -150,7 +150,7 @@ def need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise PtebatchError("plots need matplotlib: pip install 'ptebatch[plot]' (or matplotlib>=3.6)") from None
+        raise PtebatchError("plots need matplotlib: pip install 'ptebatch[plot]' (or matplotlib>=3.7)") from None
 
 
 def check_plot_dir(path: str) -> None:
