@@ -142,7 +142,7 @@ def batch_histogram(panels: Mapping[str, Mapping[str, Sequence[int]]], path: str
         ax.set_xscale("log", base=2)
         ticks = [2 ** e for e in range(0, max(1, math.ceil(math.log2(top))) + 1)]
         if len(ticks) > 8:
-            ticks = sorted({1, *ticks[::-2]})
+            ticks = sorted({1, *ticks[::-2]} - {2})  # every other power from the top, and 1
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([str(t) for t in ticks])
