@@ -23,7 +23,7 @@ quietly() {
 }
 quietly .venv/bin/python -m pip install --upgrade pip
 quietly .venv/bin/python -m pip install "maturin>=1.7,<2" "numpy>=1.23" "pytest>=7" "hypothesis>=6.80" \
-    "pytest-benchmark>=4" "dask[distributed]>=2023.1" "matplotlib>=3.6" "tomli>=1.1; python_version < '3.11'"
+    "pytest-benchmark>=4" "dask[distributed]>=2023.1" "matplotlib>=3.7" "tomli>=1.1; python_version < '3.11'"
 echo "setup: building the release wheel (a few minutes the first time; log in $log)" >&2
 rm -f dist/ptebatch-*.whl
 quietly .venv/bin/maturin build --release --interpreter .venv/bin/python -o dist

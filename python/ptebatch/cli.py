@@ -23,6 +23,7 @@ from typing import Callable, NoReturn, Sequence
 import numpy as np
 
 import ptebatch as pb
+from ptebatch import report
 from ptebatch.study import (MAX_REGION, Progress, check_folio_size, check_region, folio_sizes,
                             fork_study, fork_study_legend, format_fork_study)
 from ptebatch.tables import mixed_table, unbacked_pfns
@@ -176,6 +177,8 @@ def demo(args: argparse.Namespace) -> int:
         skipped = [pb.format_size(s) for s in every if region % s]
         if skipped:
             notes.append(f"skipped folio sizes that do not divide the region: {', '.join(skipped)}")
+    if args.plot:
+        report.check_plot_dir(args.plot)
     print(f"ptebatch {pb.__version__}: fork() of {pb.format_size(region)} of written private anonymous "
           f"memory on {args.arch}, one folio size at a time (PTE-mapped), under {', '.join(kernels)}")
     for note in notes:
@@ -190,6 +193,8 @@ def demo(args: argparse.Namespace) -> int:
     print(fork_study_legend(kernels))
     print(f"\nsim.check() passed after each of the {len(rows)} forks; "
           f"{time.perf_counter() - t0:.2f} s in all")
+    if args.plot:
+        report.print_plots(report.fork_study_plots(rows, args.plot, region, args.arch))
     return 0
 
 
@@ -548,6 +553,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])
+    report.add_plot_options(sub)  # --plot DIR on demo and run
+    report.add_parser(sub, [common])
     from ptebatch import calibrate  # ptebatch calibrate: timing the live kernel (docs/calibration.md)
     calibrate.add_parser(sub, [common], _size, _int_in)
     from ptebatch import sweep  # ptebatch sweep: grids of runs on Dask (docs/sweeps.md)

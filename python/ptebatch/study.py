@@ -13,7 +13,7 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TextIO
 
 import numpy as np
@@ -39,6 +39,8 @@ class ForkRow:
     pte_writes: int
     folio_pte_batch_calls: int
     seconds: float
+    #: Batches of the fork by length: ``batch_histogram[n]`` batches of ``n`` PTEs.
+    batch_histogram: list[int] = field(default_factory=list)
 
     def per_pte(self, field: str) -> float:
         return getattr(self, field) / self.ptes
@@ -257,7 +259,8 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             st = sim.last_stats
             sim.check()
             rows.append(ForkRow(size, kernel, n // sim.page_size, st["batches"], st["refcount_atomics"],
-                                st["rmap_calls"], st["pte_writes"], st["folio_pte_batch_calls"], dt))
+                                st["rmap_calls"], st["pte_writes"], st["folio_pte_batch_calls"], dt,
+                                list(st["batch_histogram"])))
             if progress:
                 progress.update(len(rows))
     return rows
