@@ -591,7 +591,13 @@ def add_parser(sub, parents: Sequence, size_type: Callable[[str], int], int_type
     """Registers ``ptebatch calibrate`` on the CLI's subparsers."""
     p = sub.add_parser("calibrate", parents=list(parents),
                        help="time this kernel's fork, exit, munmap and faults per folio size (root; "
-                            "sets mTHP controls, restores them)")
+                            "sets mTHP controls, restores them)",
+                       description="Times the running kernel per folio size (4K, every mTHP size it offers, "
+                                   "2M mapped by PTEs and by a PMD): the parent's fork(), the child's exit, "
+                                   "the child's and the parent's munmap, and first-touch faults of a written "
+                                   "region, with a small compiled worker; checks every folio's size from "
+                                   "/proc/kpageflags; sets the mTHP controls per size and always restores "
+                                   "them. Needs root. Writes a JSON calibration file (docs/calibration.md).")
     p.add_argument("--region", type=size_type, default=1 << 30,
                    help="bytes of written anonymous memory, a multiple of the PMD size (default 1GiB)")
     p.add_argument("--repeat", type=int_type(1, 1000), default=5, help="repetitions (default 5)")

@@ -364,7 +364,7 @@ def run_cmd(args: argparse.Namespace) -> int:
         args.scenario_parser.error(str(e))
     check_plot_dir(args.plot)
     n = len(sc.cases) * len(kernels or sc.kernels) * len(sc.batching)
-    res = run_scenario(sc, kernels, progress=Progress(n, "scenario").step)
+    res = run_scenario(sc, kernels, progress=Progress(n, "scenario", enabled=not getattr(args, "quiet", False)).step)
     rows = res.rows
     text = (scen.to_json(sc, rows) if args.json else scen.to_csv(rows) if args.csv
             else scen.format_table(sc, rows) + "\n")
@@ -440,8 +440,8 @@ def report_cmd(args: argparse.Namespace) -> int:
             args.report_parser.error(f"argument --kernel: {e}")
         path = args.output or f"fork-study-report.{fmt}"
         _probe(path)
-        bar = Progress(len(sizes) * len(kernels), "fork study")
-        rows = fork_study(region, sizes, kernels, arch, progress=bar.step)
+        with Progress(len(sizes) * len(kernels), "fork study", enabled=not getattr(args, "quiet", False)) as bar:
+            rows = fork_study(region, sizes, kernels, arch, progress=bar)
         out, kept = write_report(lambda d: fork_study_document(rows, region, arch, d), path, fmt)
     else:
         try:

@@ -494,7 +494,6 @@ def add_parser(sub: Any, parents: list) -> None:
     fmt.add_argument("--json", action="store_true", help="JSON: {fields, rows, ...} (docs/sweeps.md)")
     fmt.add_argument("--csv", action="store_true", help="CSV with a header line")
     s.add_argument("-o", "--output", help="write to this file instead of stdout")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     s.set_defaults(run=sweep_cmd, sweep_parser=s)
 
 
@@ -537,12 +536,12 @@ def sweep_cmd(args: argparse.Namespace) -> int:
         args.sweep_parser.error(str(e))
     if args.output:
         _check_writable(args.output)
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     engine = "serial" if args.sequential else "dask"
     rows = run(points, engine=engine, workers=args.workers, threads_per_worker=args.threads_per_worker,
-               scheduler=args.scheduler, progress=None if args.quiet else _Progress())
+               scheduler=args.scheduler, progress=None if getattr(args, "quiet", False) else _Progress())
     text = to_json(rows) if args.json else to_csv(rows) if args.csv else format_table(rows) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8", newline="") as f:
