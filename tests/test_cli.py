@@ -347,6 +347,21 @@ def test_replay_forks_under_each_kernel(capsys, snapshots):
     assert "columns:\n  kernel, pid" in out and "  rmap calls  " in out
 
 
+def test_replay_says_pmd_mapped_thps_are_replayed_as_ptes(capsys, tmp_path):
+    s = _snap()
+    code, out, _ = _run(capsys, ["replay", _save(s, tmp_path / "plain.npz"), "--kernel", "6.8"])
+    assert code == 0 and "PMD-mapped" not in out
+    arrays = dict(s.arrays, vma_anon_huge_kb=np.array([2048, 0], dtype=np.int64))
+    code, out, _ = _run(capsys, ["replay", _save(Snapshot(dict(s.header), arrays, s.vma_names),
+                                                 tmp_path / "thp.npz"), "--kernel", "6.8"])
+    assert code == 0 and "note: 2048 kB of the capture were PMD-mapped THPs" in out
+
+
+def _save(s: Snapshot, path) -> str:
+    s.save(str(path))
+    return str(path)
+
+
 # -- through a real process ---------------------------------------------------------------------
 
 def _env() -> dict[str, str]:
