@@ -278,14 +278,15 @@ _TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3,
 
 
 class Simulation:
-    """A simulated machine: ``arch`` (a PTE layout), ``kernel`` ("6.8" … newest), ``memory`` of RAM.
+    """A simulated machine: ``arch`` (a PTE layout), ``kernel`` ("6.8" … newest; by default the
+    newest, ``pb.NEWEST_KERNEL``), ``memory`` of RAM.
 
     ``batching=False`` runs the same kernel with fork, zap and mprotect per PTE, the
     baseline that batching must equal. ``fragmentation`` maps folio sizes to the fraction of
     their allocations that fail as if memory were fragmented (``{"64K": 0.3}``).
     """
 
-    def __init__(self, arch: str = "x86-64", kernel: str = "6.18", memory: int | str = "1GiB", *,
+    def __init__(self, arch: str = "x86-64", kernel: str = _core.KERNEL_VERSIONS[-1], memory: int | str = "1GiB", *,
                  seed: int = 0, batching: bool = True, fragmentation: dict[int | str, float] | None = None,
                  backend: str = "rust"):
         arch, kernel = _str_arg(arch, "arch"), _str_arg(kernel, "kernel")
