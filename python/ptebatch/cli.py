@@ -588,6 +588,8 @@ def _stdout_gone() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``ptebatch`` command: runs ``argv`` (default ``sys.argv[1:]``); returns the exit code
+    (0, 1 for a runtime error, 2 for a usage error, 130 for Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = None

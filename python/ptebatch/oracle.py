@@ -129,6 +129,7 @@ class Worker:
         return line[1:]
 
     def close(self) -> None:
+        """Tells the worker to quit and waits for it."""
         with contextlib.suppress(Exception):
             self("quit")
         for f in (self.proc.stdin, self.proc.stdout):
@@ -143,6 +144,8 @@ class Worker:
 
 @dataclass
 class StepResult:
+    """One scripted step compared: pages compared and the mismatches found."""
+
     step: str
     pages: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -150,6 +153,8 @@ class StepResult:
 
 @dataclass
 class OracleReport:
+    """The oracle's result for one folio size: every step's comparison."""
+
     size: int
     kernel: str
     steps: list[StepResult]

@@ -148,12 +148,15 @@ class Pin:
         _int_arg(self.id, "id", 32)
 
     def read(self, index: int = 0) -> int:
+        """What a device reading page ``index`` of the pin sees (a content token)."""
         return self.sim._b.pin_read(self.id, _int_arg(index, "index"))
 
     def write(self, index: int = 0) -> int:
+        """A device write (DMA) into page ``index`` of a FOLL_WRITE pin; returns the token."""
         return self.sim._b.pin_write(self.id, _int_arg(index, "index"))
 
     def unpin(self) -> None:
+        """``unpin_user_pages()``: drops the pin's references."""
         self.sim._b.unpin(self.id)
 
 
@@ -224,12 +227,15 @@ class Process:
         return self.sim._b.write(self.pid, _int_arg(addr, "addr"))
 
     def fork(self) -> "Process":
+        """``fork()``: the child, with the page tables the kernel profile copies (batched from 6.9)."""
         return Process(self.sim, self.sim._b.fork(self.pid))
 
     def munmap(self, addr: int, length: int | str) -> None:
+        """``munmap()``: VMAs split at the ends, zapped and removed; holes are allowed."""
         self.sim._b.munmap(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"))
 
     def mprotect(self, addr: int, length: int | str, prot: str) -> None:
+        """``mprotect()`` of an entirely mapped range; ``prot`` is letters of "rwx" or "none"."""
         self.sim._b.mprotect(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
                              _str_arg(prot, "prot"))
 
@@ -244,6 +250,7 @@ class Process:
                                              _bool_arg(write, "write"), _bool_arg(longterm, "longterm")))
 
     def exit(self) -> None:
+        """``exit()``: the address space is torn down (pins stay until unpinned)."""
         self.sim._b.exit(self.pid)
 
     def uffd_writeprotect(self, addr: int, length: int | str, enable: bool = True) -> None:
@@ -267,9 +274,11 @@ class Process:
         return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
 
     def vmas(self) -> list[dict[str, Any]]:
+        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes)."""
         return list(self.sim._b.vmas(self.pid))
 
     def rss(self) -> dict[str, int]:
+        """The rss counters in pages: ``{"file", "anon", "shmem"}``."""
         return dict(self.sim._b.rss(self.pid))
 
 
@@ -358,9 +367,11 @@ class Simulation:
         return int(self._b.zero_pfn)
 
     def spawn(self) -> Process:
+        """A new process with an empty address space."""
         return Process(self, self._b.spawn())
 
     def process(self, pid: int) -> Process:
+        """The process ``pid`` (e.g. of a replayed snapshot)."""
         return Process(self, pid)
 
     def create_file(self, size: int | str, folio_size: int | str = 4096, *, shmem: bool = False) -> int:
@@ -394,6 +405,7 @@ class Simulation:
         return MemoryArrays(self)
 
     def kpagecount(self, pfn: int) -> int:
+        """/proc/kpagecount of ``pfn``: the page's mapcount as the kernel reports it."""
         return self._b.kpagecount(_int_arg(pfn, "pfn"))
 
     def state(self) -> dict[str, Any]:
@@ -420,6 +432,7 @@ class Simulation:
             self._b.set_progress(callback)
 
     def state_equal(self, other: "Simulation") -> bool:
+        """Whether the two simulations are in exactly the same state (see ``state_diff``)."""
         return state_diff(self.state(), other.state()) == []
 
 

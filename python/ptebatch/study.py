@@ -30,6 +30,8 @@ MAX_REGION = 64 << 30
 
 @dataclass
 class ForkRow:
+    """One fork of the study: folio size, kernel and the kernel's work in the fork."""
+
     size: int
     kernel: str
     ptes: int
@@ -43,6 +45,7 @@ class ForkRow:
     batch_histogram: list[int] = field(default_factory=list)
 
     def per_pte(self, field: str) -> float:
+        """Counter ``field`` divided by the PTEs forked."""
         return getattr(self, field) / self.ptes
 
 

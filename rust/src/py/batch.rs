@@ -46,6 +46,7 @@ impl PyBatch {
     fn any_dirty(&self) -> Option<bool> {
         self.inner.any_dirty
     }
+    /// The kernel version whose `folio_pte_batch()` formed the batch.
     #[getter]
     fn kernel(&self) -> &str {
         &self.kernel

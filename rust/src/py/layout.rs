@@ -97,22 +97,27 @@ impl PyLayout {
         layout(name, ballooned_pfns)
     }
 
+    /// The layout's name, e.g. "arm64-4k".
     #[getter]
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+    /// `PAGE_SHIFT`.
     #[getter]
     fn page_shift(&self) -> u32 {
         self.inner.geometry().page_shift
     }
+    /// `PAGE_SIZE` in bytes.
     #[getter]
     fn page_size(&self) -> u64 {
         1 << self.inner.geometry().page_shift
     }
+    /// `PTRS_PER_PTE`: entries of one page table (one PMD's worth).
     #[getter]
     fn ptrs_per_pte(&self) -> u64 {
         self.inner.geometry().ptrs_per_pte
     }
+    /// `CONT_PTES`: entries of an arm64 contpte block; 1 where there is none.
     #[getter]
     fn cont_ptes(&self) -> u64 {
         self.inner.geometry().cont_ptes
@@ -122,26 +127,32 @@ impl PyLayout {
     fn pfn_pte_shift(&self) -> Option<u32> {
         self.inner.geometry().pfn_pte_shift
     }
+    /// The PTE bits that hold the page frame number.
     #[getter]
     fn pfn_mask(&self) -> u64 {
         self.inner.geometry().pfn_mask
     }
+    /// One past the largest page frame number a PTE can hold.
     #[getter]
     fn max_pfn(&self) -> u64 {
         self.inner.geometry().max_pfn
     }
+    /// The value of an empty (`pte_none`) entry.
     #[getter]
     fn none_value(&self) -> u64 {
         self.inner.geometry().none_value
     }
+    /// Whether the architecture has a soft-dirty PTE bit.
     #[getter]
     fn has_soft_dirty(&self) -> bool {
         self.inner.caps().soft_dirty
     }
+    /// Whether the architecture has a uffd-wp PTE bit.
     #[getter]
     fn has_uffd_wp(&self) -> bool {
         self.inner.caps().uffd_wp
     }
+    /// Whether the layout folds contpte blocks (arm64).
     #[getter]
     fn has_contpte(&self) -> bool {
         self.inner.caps().contpte
