@@ -123,6 +123,7 @@ def load_calibration(path: str | os.PathLike[str] | None = None) -> dict:
                                    f"'ptebatch calibrate' writes one)")
     if cal.get("schema_version") != 1:
         raise CalibrationFileError(f"{path}: calibration schema_version {cal.get('schema_version')!r} is not 1")
+    kind: Any
     for key, kind in (("kernel_release", str), ("machine", str), ("page_size", int),
                       ("region_bytes", int), ("measurements", list)):
         if not isinstance(cal.get(key), kind) or isinstance(cal.get(key), bool):
@@ -132,7 +133,7 @@ def load_calibration(path: str | os.PathLike[str] | None = None) -> dict:
             raise CalibrationFileError(f"{path}: measurements[{i}] is not an object")
         for key, kind in (("folio_size", str), ("folio_bytes", int), ("mapping", str), ("operation", str),
                           ("ptes", int), ("ns_per_pte", (int, float)), ("ns_per_pte_min", (int, float))):
-            v = m.get(key)
+            v: Any = m.get(key)
             if not isinstance(v, kind) or isinstance(v, bool):
                 raise CalibrationFileError(f"{path}: measurements[{i}] field {key!r} is missing or of the wrong type")
             if kind != str and not (math.isfinite(v) and v >= 0 if key.startswith("ns") else v > 0):
@@ -543,7 +544,7 @@ def predict_demo(model: Model, region: int, kernels: Sequence[str], arch: str, p
     out = []
     for r in fork_study(region, None, kernels, arch, progress=progress):
         ns, why = predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})
-        out.append(Prediction(f"{format_size(region)} in {format_size(r.size)} folios", format_size(r.size),
+        out.append(Prediction(f"fork study: {format_size(region)} written, one folio size at a time", format_size(r.size),
                               "fork", "", r.kernel, r.ptes, ns, "fork" if ns is not None else None, why))
     return out
 
@@ -586,6 +587,13 @@ def format_predictions(preds: Sequence[Prediction], model: Model, kernels: Seque
     out.append(LEGEND)
     return "\n".join(out)
 
+
+HELD_OUT_LEGEND = """
+* = held out (not fitted)
+columns: meas, pred = measured (the calibration's statistic; fork and child-exit less the bare process's)
+  and predicted, for the calibrated region, in ms and ns per PTE; error = pred / meas - 1;
+  /4K = ns per PTE over the 4K row's; diff = pred /4K - meas /4K; vs 6.8 = the prediction
+  for this kernel's counters against the one for 6.8's (no PTE batching), same costs"""
 
 LEGEND = """\
 columns:
@@ -632,7 +640,6 @@ def add_parser(sub: Any, parents: list) -> None:
 
 
 def predict_cmd(args: argparse.Namespace) -> int:
-    import ptebatch as pb
     from . import scenario as scn
     from .cli import COMPARED_KERNELS, _progress
 
@@ -640,21 +647,20 @@ def predict_cmd(args: argparse.Namespace) -> int:
         args.predict_parser.error("argument --region: only with --demo")
     if args.set and not args.scenario:
         args.predict_parser.error("argument --set: only with a scenario file")
-    model = fit(args.calibration, estimator=args.estimator)
     kernels = list(dict.fromkeys(args.kernel or ()))
     if args.held_out:
-        _, rows = held_out(args.calibration, estimator=args.estimator)
+        check, held = held_out(args.calibration, estimator=args.estimator)
         if args.json:
-            doc = {"format": "ptebatch-cost-held-out", "version": 1, "model": model.to_json(),
-                   "fit_sizes": list(FIT_SIZES),
-                   "rows": [dict(vars(r), error=r.error) for r in rows]}
+            doc = {"format": "ptebatch-cost-held-out", "version": 1, "model": check.to_json(),
+                   "fit_sizes": list(FIT_SIZES), "rows": [dict(vars(r), error=r.error) for r in held]}
             sys.stdout.write(json.dumps(doc, indent=1) + "\n")
         else:
-            print(format_held_out(rows))
-            print("\n* = held out (not fitted); ratio /4K = ns/PTE over the 4K row's; diff = predicted - measured")
-            for n in model.notes:
-                print(f"note: {n}")
+            print(format_held_out(held))
+            print(HELD_OUT_LEGEND)
+            for note in check.notes:
+                print(f"note: {note}")
         return 0
+    model = fit(args.calibration, estimator=args.estimator)
     if args.scenario:
         try:
             sc = scn.load(args.scenario, scn.parse_set(args.set))
@@ -677,8 +683,8 @@ def predict_cmd(args: argparse.Namespace) -> int:
             region = check_region(args.region or 1 << 30, arch)
         except ValueError as e:
             args.predict_parser.error(f"argument --region: {e}")
-        n = sum(1 for s in folio_sizes(arch) if region % s == 0) * len(kernels)
-        with _progress(args, n, "predict") as bar:
+        forks = sum(1 for s in folio_sizes(arch) if region % s == 0) * len(kernels)
+        with _progress(args, forks, "predict") as bar:
             preds = predict_demo(model, region, kernels, arch, progress=bar)
     notes = list(model.notes)
     if arch is not None and arch != model.calibration["arch"]:
@@ -689,9 +695,8 @@ def predict_cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
         print(format_predictions(preds, model, kernels))
-        for n in notes:
-            print(f"note: {n}")
-    del pb
+        for note in notes:
+            print(f"note: {note}")
     return 0
 
 
