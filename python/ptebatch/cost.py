@@ -337,7 +337,7 @@ def fit_cases(all_cases: Sequence[Case], sizes: Iterable[str] | None = None) -> 
             if k in features:
                 continue
             col = np.array([c.features.get(k, 0.0) for c in rows])
-            if not col.any():
+            if not col.any() or (col < 0).any():  # pages_freed of a fault is pages taken
                 continue
             r = np.linalg.lstsq(A, col, rcond=None)[0]
             if np.allclose(A @ r, col, rtol=1e-9, atol=1e-9 * np.abs(col).max()):
@@ -590,10 +590,13 @@ def format_predictions(preds: Sequence[Prediction], model: Model, kernels: Seque
 
 HELD_OUT_LEGEND = """
 * = held out (not fitted)
-columns: meas, pred = measured (the calibration's statistic; fork and child-exit less the bare process's)
-  and predicted, for the calibrated region, in ms and ns per PTE; error = pred / meas - 1;
-  /4K = ns per PTE over the 4K row's; diff = pred /4K - meas /4K; vs 6.8 = the prediction
-  for this kernel's counters against the one for 6.8's (no PTE batching), same costs"""
+columns:
+  meas, pred  measured (the calibration's statistic; fork and child-exit less the bare
+              process's) and predicted, for the calibrated region: ms and ns per PTE
+  error       pred / meas - 1
+  /4K         ns per PTE over the 4K row's; diff = pred /4K - meas /4K
+  vs 6.8      the prediction from this kernel's counters over the one from 6.8's (no PTE
+              batching), with the same per-unit costs"""
 
 LEGEND = """\
 columns:
