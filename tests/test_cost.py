@@ -281,6 +281,16 @@ def test_bad_calibration_files(capsys, tmp_path, shipped, edit, message):
     assert code == 1 and out == "" and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_fit_of_a_dict():
+    with open(cost.SHIPPED_CALIBRATION, encoding="utf-8") as f:
+        cal = json.load(f)
+    assert cost.fit(cal).calibration["file"] == "calibration"
+    with pytest.raises(cost.CalibrationFileError, match="region_bytes"):
+        cost.fit(dict(cal, region_bytes="1G"))
+    with pytest.raises(cost.CalibrationFileError, match="not a calibration"):
+        cost.fit({})
+
+
 def test_not_json(capsys, tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{")

@@ -93,9 +93,15 @@ def nnls(A: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.nda
             break
         j = int(np.argmax(np.where(passive, -np.inf, w)))
         passive[j] = True
+        first = True
         while True:
             z = np.zeros(n)
             z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if first and z[j] <= 0:
+                # Only rounding can make the new variable's step non-positive: x is optimal.
+                passive[j] = False
+                return x
+            first = False
             if np.all(z[passive] > 0):
                 x = z
                 break
@@ -118,6 +124,12 @@ def load_calibration(path: str | os.PathLike[str] | None = None) -> dict:
             cal = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CalibrationFileError(f"{path}: not a JSON calibration file ({e})") from None
+    return check_calibration(cal, path)
+
+
+def check_calibration(cal: Any, path: str = "calibration") -> dict:
+    """``cal`` (a dict as ``ptebatch calibrate`` writes it) if usable, else
+    CalibrationFileError naming the field; ``path`` names it in messages and in the model."""
     if not isinstance(cal, dict) or cal.get("schema") != "ptebatch-calibration":
         raise CalibrationFileError(f"{path}: not a calibration file (no schema \"ptebatch-calibration\"; "
                                    f"'ptebatch calibrate' writes one)")
@@ -138,8 +150,7 @@ def load_calibration(path: str | os.PathLike[str] | None = None) -> dict:
                 raise CalibrationFileError(f"{path}: measurements[{i}] field {key!r} is missing or of the wrong type")
             if kind != str and not (math.isfinite(v) and v >= 0 if key.startswith("ns") else v > 0):
                 raise CalibrationFileError(f"{path}: measurements[{i}] field {key!r} is {v!r}")
-    cal.setdefault("_path", path)
-    return cal
+    return dict(cal, _path=cal.get("_path", path))
 
 
 def calibration_arch(cal: dict) -> str:
@@ -351,7 +362,7 @@ def fit(calibration: str | os.PathLike[str] | dict | None = None, *, estimator: 
         sizes: Iterable[str] | None = None) -> Model:
     """The model fitted to ``calibration`` (a path, a loaded dict, or None for the shipped
     file), on the folio sizes ``sizes`` (default: every PTE-mapped one)."""
-    cal = calibration if isinstance(calibration, dict) else load_calibration(calibration)
+    cal = check_calibration(calibration) if isinstance(calibration, dict) else load_calibration(calibration)
     cs, notes = cases(cal, estimator)
     ops = fit_cases(cs, sizes)
     if not ops:
@@ -384,7 +395,7 @@ class HeldOutRow:
 def held_out(calibration: str | os.PathLike[str] | dict | None = None, *, estimator: str = "min",
              fit_sizes: Sequence[str] = FIT_SIZES) -> tuple[Model, list[HeldOutRow]]:
     """Fits on ``fit_sizes`` only and predicts every PTE-mapped case of the calibration."""
-    cal = calibration if isinstance(calibration, dict) else load_calibration(calibration)
+    cal = check_calibration(calibration) if isinstance(calibration, dict) else load_calibration(calibration)
     model = fit(cal, estimator=estimator, sizes=fit_sizes)
     cs, _ = cases(cal, estimator)
     old, _ = cases(cal, estimator, PER_PTE_KERNEL)
@@ -703,6 +714,6 @@ def predict_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ESTIMATORS", "MODELS", "Model", "OpFit", "SHIPPED_CALIBRATION", "CalibrationFileError", "fit",
+__all__ = ["ESTIMATORS", "MODELS", "Model", "OpFit", "SHIPPED_CALIBRATION", "CalibrationFileError", "check_calibration", "fit",
            "fit_cases", "format_held_out", "held_out", "load_calibration", "nnls", "predict_row",
            "predict_scenario_rows", "predict_snapshot", "predict_demo", "simulate_case"]
