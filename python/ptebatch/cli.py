@@ -564,6 +564,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub, [common], _size, _int_in)
     from ptebatch import sweep  # ptebatch sweep: grids of runs on Dask (docs/sweeps.md)
     sweep.add_parser(sub, [common])
+    from ptebatch import cost  # ptebatch predict: counters to kernel time (docs/cost-model.md)
+    cost.add_parser(sub, [common])
     return parser
 
 
