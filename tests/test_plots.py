@@ -144,3 +144,23 @@ def test_drawing_leaves_the_callers_matplotlib_alone(tmp_path):
     plots.batch_histogram({"a": {"6.8": [0, 3]}}, tmp_path / "x.png")
     assert dict(matplotlib.rcParams) == before and matplotlib.get_backend() == backend
     assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
+
+
+def test_predicted_vs_measured(tmp_path, capsys):
+    from ptebatch import cli, cost
+
+    _, held = cost.held_out()
+    data = plots.predicted_vs_measured_data(held)
+    # Every held-out row is in its operation's panel, with its numbers and its mark.
+    for r in held:
+        sizes, meas, pred, out = data.operations[r.operation]
+        i = sizes.index(r.folio_size)
+        assert (meas[i], pred[i], out[i]) == (r.measured_ns_per_pte, r.predicted_ns_per_pte, r.held_out)
+    assert sum(len(v[0]) for v in data.operations.values()) == len(held)
+    assert any(any(v[3]) for v in data.operations.values()) and any(not all(v[3]) for v in data.operations.values())
+    _not_blank(plots.predicted_vs_measured(data, tmp_path / "pvm.png"))
+    assert cli.main(["predict", "--held-out", "--plot", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert f"plot: {tmp_path / 'cli' / 'predicted-vs-measured.png'}" in out
+    _not_blank(str(tmp_path / "cli" / "predicted-vs-measured.png"))
+    assert cli.main(["predict", "--demo", "--plot", str(tmp_path)]) == 2

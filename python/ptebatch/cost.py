@@ -650,6 +650,8 @@ def add_parser(sub: Any, parents: list) -> None:
                    help="fit the fastest sample (min, default) or the median of each calibrated case")
     p.add_argument("--region", type=_size, metavar="SIZE", help="--demo's region (default 1GiB)")
     p.add_argument("--json", action="store_true", help="JSON: the model and the predictions")
+    p.add_argument("--plot", metavar="DIR", help="with --held-out: also write a PNG of measured vs "
+                                                 "predicted time per folio size into DIR (needs matplotlib)")
     p.set_defaults(run=predict_cmd, predict_parser=p)
 
 
@@ -662,8 +664,21 @@ def predict_cmd(args: argparse.Namespace) -> int:
     if args.set and not args.scenario:
         args.predict_parser.error("argument --set: only with a scenario file")
     kernels = list(dict.fromkeys(args.kernel or ()))
+    if args.plot and not args.held_out:
+        args.predict_parser.error("argument --plot: only with --held-out")
     if args.held_out:
+        if args.plot:
+            from .report import check_plot_dir, need_matplotlib
+
+            need_matplotlib()
+            check_plot_dir(args.plot)
         check, held = held_out(args.calibration, estimator=args.estimator)
+        if args.plot:
+            from . import plots
+
+            png = plots.predicted_vs_measured(plots.predicted_vs_measured_data(held),
+                                              os.path.join(args.plot, "predicted-vs-measured.png"))
+            print(f"plot: {png}", file=sys.stderr if args.json else sys.stdout)
         if args.json:
             doc = {"format": "ptebatch-cost-held-out", "version": 1, "model": check.to_json(),
                    "fit_sizes": list(FIT_SIZES), "rows": [dict(vars(r), error=r.error) for r in held]}

@@ -380,3 +380,57 @@ def page_table_map(data: PageTableMap, path: str | os.PathLike, title: str | Non
 
 __all__ = ["OPS_FIELDS", "OpsData", "PageTableMap", "batch_histogram", "fork_histograms", "fork_ops_data",
            "histogram_data", "ops_per_pte", "page_table_map", "page_table_map_data", "scenario_ops_data"]
+
+
+# -- predicted vs measured kernel time ----------------------------------------------------------
+
+@dataclass
+class TimeComparison:
+    """Per operation, per folio size (in calibration order): the kernel's measured and the cost
+    model's predicted ns per PTE, and whether the size was held out of the fit."""
+
+    operations: dict[str, tuple[list[str], list[float], list[float], list[bool]]]
+
+
+def predicted_vs_measured_data(rows: Sequence[Any]) -> TimeComparison:
+    """``rows``: ``ptebatch.cost.HeldOutRow``s (``cost.held_out()``'s second value)."""
+    ops: dict[str, tuple[list[str], list[float], list[float], list[bool]]] = {}
+    for r in rows:
+        sizes, meas, pred, held = ops.setdefault(r.operation, ([], [], [], []))
+        sizes.append(r.folio_size)
+        meas.append(float(r.measured_ns_per_pte))
+        pred.append(float(r.predicted_ns_per_pte))
+        held.append(bool(r.held_out))
+    return TimeComparison(ops)
+
+
+@_drawing
+def predicted_vs_measured(data: TimeComparison, path: str | os.PathLike,
+                          title: str = "kernel time per PTE: measured vs the cost model") -> str:
+    """One panel per operation: measured and predicted ns per PTE per folio size; sizes held
+    out of the fit are marked with an asterisk and hatched bars."""
+    if not data.operations:
+        raise ValueError("no measurement to compare")
+    nrows, ncols = _grid(len(data.operations), 2)
+    fig, axes = _figure((6.2 * ncols, 3.6 * nrows + 1.2), nrows, ncols)
+    colors = {"measured": _cmap("tab10")(0), "predicted": _cmap("tab10")(1)}
+    for ax, (op, (sizes, meas, pred, held)) in zip(axes.flat, data.operations.items()):
+        x = np.arange(len(sizes))
+        for off, (label, vals) in zip((-0.2, 0.2), (("measured", meas), ("predicted", pred))):
+            bars = ax.bar(x + off, vals, width=0.4, color=colors[label], label=label)
+            for b, h in zip(bars, held):
+                if h:
+                    b.set_hatch("//")
+        ax.set_xticks(x, [f"{s}*" if h else s for s, h in zip(sizes, held)], rotation=30)
+        if _spans_decades(meas + pred):
+            ax.set_yscale("log")
+        ax.set_title(op)
+        ax.set_xlabel("folio size (* held out of the fit)")
+        ax.set_ylabel("ns per PTE")
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(data.operations):]:
+        ax.set_visible(False)
+    fig.legend([_swatch(colors["measured"]), _swatch(colors["predicted"])], ["measured", "predicted"],
+               loc="outside lower center", ncols=2)
+    fig.suptitle(title)
+    return _save(fig, path)
