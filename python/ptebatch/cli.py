@@ -559,6 +559,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub, [common], _size, _int_in)
     from ptebatch import sweep  # ptebatch sweep: grids of runs on Dask (docs/sweeps.md)
     sweep.add_parser(sub, [common])
+    from ptebatch import bench  # ptebatch bench: ns per PTE of each implementation (docs/benchmarks.md)
+    bench.add_parser(sub, [common], _size, _int_in)
     return parser
 
 
