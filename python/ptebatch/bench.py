@@ -167,6 +167,12 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
     page = L.page_size
     for s in settings.sizes:
         check_folio_size(s, LAYOUT)
+        for what, region in (("region", settings.region), ("ref_region", settings.ref_region)):
+            if region <= 0 or region % s:
+                raise ValueError(f"{what}={pb.format_size(region)} is not a multiple of the "
+                                 f"{pb.format_size(s)} folio size")
+    if not settings.sizes:
+        raise ValueError("sizes is empty")
     copy = _Copy(max(settings.ptes, settings.region // page))
     measured = {(m["folio_size"], m["operation"]): m for m in (calibration or {}).get("measurements", [])}
     rows: list[dict[str, Any]] = []
@@ -394,14 +400,19 @@ def run_cmd(args: Any) -> int:
             check_region(args.region, LAYOUT)
         except ValueError as e:
             raise bad("--region", str(e)) from None
+        for s in sizes or folio_sizes(LAYOUT):
+            if args.region % s:
+                raise bad("--region", f"the {pb.format_size(args.region)} region is not a multiple of the "
+                                      f"{pb.format_size(s)} folio size")
     kw = dict(kernel=args.kernel, sizes=sizes, ptes=args.ptes, region=args.region)
     if args.quick:
         settings = Settings.quick(**kw)
     else:
         settings = Settings(**{k: v for k, v in kw.items() if v is not None})
-    if settings.ref_ptes > settings.ptes or settings.ref_region > settings.region:
-        settings = Settings(**{**asdict(settings), "ref_ptes": min(settings.ref_ptes, settings.ptes),
-                               "ref_region": min(settings.ref_region, settings.region)})
+    # The reference runs on less, but on at least one folio of the largest size.
+    ref_region = min(max(settings.ref_region, max(settings.sizes)), settings.region)
+    settings = Settings(**{**asdict(settings), "ref_ptes": min(settings.ref_ptes, settings.ptes),
+                           "ref_region": ref_region})
 
     path: str | Path | None = DEFAULT_CALIBRATION if args.calibration is None else args.calibration
     cal = None
