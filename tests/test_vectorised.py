@@ -12,21 +12,14 @@ import ptebatch as pb
 from ptebatch import vectorised as vec
 from ptebatch.tables import mixed_table, uniform_table
 
-CONT = np.uint64(1 << 52)
-VALID = np.uint64(1)
-
-
-def _not_vectorised(name: str, kernel: str, ptes: np.ndarray) -> bool:
-    """The cases batch_lengths_numpy documents as NotImplementedError."""
-    if name not in vec.SUPPORTED_LAYOUTS:
-        return True
-    valid_cont = (ptes & (CONT | VALID)) == (CONT | VALID)
-    return name.startswith("arm64") and kernel not in ("seed", "6.8") and bool(valid_cont.any())
+def _not_vectorised(name: str) -> bool:
+    """The case batch_lengths_numpy documents as NotImplementedError."""
+    return name not in vec.SUPPORTED_LAYOUTS
 
 
 def _check(ptes, L, kernel, starts, sizes, **kw):
     want = pb.batch_lengths(ptes, layout=L, kernel=kernel, folio_start=starts, folio_nr_pages=sizes, **kw)
-    if _not_vectorised(L.name, kernel, ptes):
+    if _not_vectorised(L.name):
         with pytest.raises(NotImplementedError):
             vec.batch_lengths_numpy(ptes, L, kernel, starts, sizes, **kw)
         return False
@@ -63,13 +56,14 @@ def test_equals_batch_lengths_on_mixed_tables(name, seed, kernel, shared, first_
 
 @pytest.mark.parametrize("name", vec.SUPPORTED_LAYOUTS)
 def test_vectorised_where_the_bench_runs_it(name):
-    """Uniform tables (the bench's) are computed, not refused, for every folio size: on arm64
-    without PTE_CONT under 6.9+, with it under the seed series."""
+    """Uniform tables (the bench's) for every folio size, with and without contpte blocks."""
     L = pb.layout(name)
     for pages in (1, 4, 16, L.ptrs_per_pte):
         for kernel in ("seed", "6.9", "6.12", "6.15", pb.NEWEST_KERNEL):
-            t = uniform_table(L, 3 * L.ptrs_per_pte + 5, pages, contpte=kernel == "seed")
-            assert _check(t.ptes, L, kernel, t.folio_start, t.folio_nr_pages, first_vpn=7)
+            for contpte in (False, True):
+                t = uniform_table(L, 3 * L.ptrs_per_pte + 5, pages, contpte=contpte, first_vpn=7,
+                                  dirty=contpte)
+                assert _check(t.ptes, L, kernel, t.folio_start, t.folio_nr_pages, first_vpn=7)
 
 
 @settings(max_examples=100, deadline=None)
@@ -103,3 +97,23 @@ def test_refusals():
         vec.batch_lengths_numpy(t.ptes, L, "7.0", t.folio_start, t.folio_nr_pages,
                                 flags=pb.FPB_IGNORE_DIRTY)
     assert vec.batch_lengths_numpy(t.ptes[:0], L, "7.0", t.folio_start, t.folio_nr_pages).tolist() == []
+
+
+@pytest.mark.parametrize("name", ["arm64-4k", "arm64-64k"])
+@pytest.mark.parametrize("kernel", ["seed", "6.9", "6.12", "6.15", pb.NEWEST_KERNEL])
+def test_contpte_blocks_read_as_the_kernel_reads_them(name, kernel):
+    """Inside a contpte block only the entry read counts, with the block's dirty state gathered
+    (contpte_ptep_get): one dirty entry in the middle of a clean block, and one entry that
+    differs but is skipped by the batch hint."""
+    L = pb.layout(name)
+    c = L.cont_ptes
+    t = uniform_table(L, 8 * c, 4 * c, dirty=False, contpte=True, first_vpn=3 * c)
+    ptes = t.ptes.copy()
+    ptes[2 * c + 3] = L.pte_mkdirty(int(ptes[2 * c + 3]))
+    ptes[5 * c + 1] ^= np.uint64(1 << 54)  # UXN: a difference the normalisation keeps
+    for shared in (False, True):
+        assert _check(ptes, L, kernel, t.folio_start, t.folio_nr_pages, first_vpn=3 * c, shared=shared)
+    cuts = np.cumsum(pb.batch_lengths(ptes, layout=L, kernel=kernel, folio_start=t.folio_start,
+                                      folio_nr_pages=t.folio_nr_pages, first_vpn=3 * c)).tolist()
+    # The seed series reads every entry; from 6.9 the hint skips the middle of a block.
+    assert (5 * c + 1 in cuts) == (kernel == "seed"), cuts

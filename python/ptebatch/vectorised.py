@@ -3,8 +3,8 @@
 This is the contender ``ptebatch bench`` times against the Rust core: no Python loop over the
 PTEs, only whole-array operations, in the spirit of the kernel's ``tools/mm/thpmaps`` (PFN
 differences and masked bits). It gives exactly ``pb.batch_lengths()``'s result (docs/semantics.md
-§4; tests/test_vectorised.py checks it with hypothesis) for every layout and kernel except those
-listed under :func:`batch_lengths_numpy`, which raise ``NotImplementedError``.
+§4; tests/test_vectorised.py checks it with hypothesis) for every layout and kernel, except
+``x86-64-xenpv`` (``NotImplementedError``, see :func:`batch_lengths_numpy`).
 
 Why neighbours suffice. With a batch hint of 1 (every layout but arm64, and arm64 without a
 valid ``PTE_CONT`` entry or under the seed series), ``folio_pte_batch`` compares entry ``k``
@@ -12,7 +12,8 @@ with ``advance(norm(entry k-1), 1)``, and (by induction from the batch's first e
 of entry ``k-1`` is the folio of the batch: its end test, and v6.15's clamp of ``max_nr`` to
 the folio, both say "``pfn(k)`` still inside the folio of entry ``k-1``". So whether the batch
 that holds ``k-1`` goes on to ``k`` depends on ``k-1`` and ``k`` alone, and the cut is a
-run-length encoding of one boolean array ``link``.
+run-length encoding of one boolean array ``link``. arm64 contpte hints skip entries; that case
+is two pointer chases (:func:`_contpte_lengths`).
 """
 
 from __future__ import annotations
@@ -270,14 +271,11 @@ def batch_lengths_numpy(ptes: np.ndarray, layout: pb.Layout, kernel: str, folio_
     one-dimensional ``uint64``, the folios sorted and non-overlapping (not checked here: this is
     the contender, the Rust core is the checked API).
 
-    ``NotImplementedError`` for what is not vectorised exactly:
+    ``NotImplementedError`` for ``x86-64-xenpv``: ``pte_advance_pfn`` of a ballooned PFN gives
+    ``pte_none``, so the next expected entry is not the previous one plus a page.
 
-    * ``x86-64-xenpv``: ``pte_advance_pfn`` of a ballooned PFN gives ``pte_none``, so the next
-      expected entry is not the previous one plus a page;
-    * arm64 tables with a valid ``PTE_CONT`` entry under 6.9 and newer: the batch hint jumps
-      to the end of the contpte block, so which entries are compared depends on where the batch
-      began (a pointer chase, not a neighbour test). The seed series and tables without such
-      entries are computed.
+    arm64 tables with valid ``PTE_CONT`` entries under 6.9 and newer, whose batch hints skip to
+    the end of each contpte block, take a slower path (:func:`_contpte_lengths`).
     """
     if not isinstance(layout, pb.Layout):
         raise TypeError(f"layout must be a ptebatch Layout (pb.layout(name)), not {type(layout).__name__}")
@@ -303,12 +301,11 @@ def batch_lengths_numpy(ptes: np.ndarray, layout: pb.Layout, kernel: str, folio_
         raise ValueError(f"flags {flags!r} are not FpbFlags of kernel {kernel}'s family")
     a = _ARCHES[name]()
 
+    # ptep_get(): arm64 from 6.9 ORs the young/dirty state of its contpte block into a valid
+    # PTE_CONT entry (contpte_ptep_get); the seed series reads the raw entry.
+    hint = None
     if layout.has_contpte and form != "seed":
-        valid_cont = (v & (_Arm64.VALID | _Arm64.CONT)) == (_Arm64.VALID | _Arm64.CONT)
-        if valid_cont.any():
-            raise NotImplementedError(
-                f"batch_lengths_numpy: {name} under {kernel} with valid PTE_CONT entries: the batch hint "
-                "skips to the end of each contpte block, so the cut is not a neighbour test")
+        v, hint = _contpte_ptep_get(a, v, first_vpn, layout.cont_ptes)
 
     # Eligible first entries of a batch (copy_present_ptes): present, not special, in a large folio.
     pfn = a.pfn(v)
@@ -318,17 +315,87 @@ def batch_lengths_numpy(ptes: np.ndarray, layout: pb.Layout, kernel: str, folio_
     fsize = sizes[kk] if len(starts) else np.zeros(n, dtype=U64)
     in_folio = (k >= 0) & (pfn >= fstart) & (pfn - fstart < fsize)
     eligible = a.present(v) & ~a.none(v) & ~a.is_special(v) & in_folio & (fsize > 1)
-
-    # link[k]: the batch that holds entry k-1 goes on to entry k.
     norm = _normalise(a, v, flags)
+    ptrs = layout.ptrs_per_pte
+    if hint is not None:
+        return _contpte_lengths(a, form, norm, pfn, fstart, fsize, eligible, hint, first_vpn, ptrs)
+
+    # link[k]: the batch that holds entry k-1 goes on to entry k ...
     link = np.zeros(n, dtype=bool)
     link[1:] = (norm[1:] == a.next_pfn(norm[:-1])) & eligible[:-1]
     # ... while its PFN stays in the folio of entry k-1 (end test; v6.15's clamp of max_nr)
     link[1:] &= pfn[1:] - fstart[:-1] < fsize[:-1]
     # No batch crosses a page table (max_nr stops at the PMD boundary).
-    vpn_first = first_vpn % layout.ptrs_per_pte
-    link[(layout.ptrs_per_pte - vpn_first) % layout.ptrs_per_pte::layout.ptrs_per_pte] = False
+    vpn_first = first_vpn % ptrs
+    link[(ptrs - vpn_first) % ptrs::ptrs] = False
 
     cuts = np.flatnonzero(~link)
     cuts[0] = 0  # link[0] is False
     return np.diff(np.append(cuts, n)).astype(np.int64)
+
+
+def _contpte_ptep_get(a: _Arm64, v: np.ndarray, first_vpn: int, cont: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The entries as ptep_get() reads them, as far as the cut can tell, and pte_batch_hint()
+    of each (None if all are 1). The block's young state is left out: every form's
+    normalisation clears young (pte_mkold), so it never changes a length."""
+    valid_cont = (v & (a.VALID | a.CONT)) == (a.VALID | a.CONT)
+    if not valid_cont.any():
+        return v, None
+    n = len(v)
+    # Block of each entry, counted from the block of entry 0 (only the part inside the table).
+    block = (np.arange(n, dtype=np.int64) + first_vpn % cont) // cont
+    heads = np.flatnonzero(np.diff(block, prepend=-1))
+    dirty = ((v & a.DIRTY) != 0) | (((v & a.WRITE) != 0) & ((v & a.RDONLY) == 0))
+    any_dirty = np.logical_or.reduceat(dirty, heads)[block]
+    g = v
+    mkdirty = valid_cont & any_dirty  # pte_mkdirty: DIRTY, and hardware-dirty if writable
+    g = np.where(mkdirty, g | a.DIRTY, g)
+    g = np.where(mkdirty & ((g & a.WRITE) != 0), g & ~a.RDONLY, g)
+    idx = (np.arange(n, dtype=np.int64) + first_vpn % cont) % cont
+    hint = np.where(valid_cont, cont - idx, 1)
+    return g, hint
+
+
+def _contpte_lengths(a: _Arm64, form: str, norm: np.ndarray, pfn: np.ndarray, fstart: np.ndarray,
+                     fsize: np.ndarray, eligible: np.ndarray, hint: np.ndarray, first_vpn: int,
+                     ptrs: int) -> np.ndarray:
+    """The cut when batch hints skip: two pointer chases, each by doubling (O(n log n)).
+
+    From a read entry p the loop reads p + hint[p] next. Along one batch the limit (PMD boundary,
+    end of table, and from v6.15 the folio's last page) is the same for every entry read, so
+    where a batch that reaches p stops does not depend on where it began: E(p) is found by
+    pointer doubling. Then the batch starts are the entries the walk s -> s + nr(s) reaches
+    from 0, found by doubling too."""
+    n = len(norm)
+    pos = np.arange(n, dtype=np.int64)
+    nxt = pos + hint
+    # Entries before the next PMD boundary or the end of the table.
+    limit = np.minimum(pos + ptrs - (pos + first_vpn % ptrs) % ptrs, n)
+    if form in ("v6.15", "v6.17"):  # max_nr clamped to the folio up front
+        limit = np.minimum(limit, pos + (fstart + fsize - pfn).astype(np.int64))
+    inside = nxt < limit
+    q = np.where(inside, nxt, 0)
+    expected = (norm & ~a.fn) | ((a.pfn(norm) + hint.astype(U64)) << U64(a.shift))
+    ok = inside & eligible & (norm[q] == expected)
+    if form in ("v6.9", "v6.10"):  # stop at the first page past the folio
+        ok &= pfn[q] - fstart < fsize
+    jump = np.where(ok, nxt, pos)
+    while True:
+        further = jump[jump]
+        if np.array_equal(further, jump):
+            break
+        jump = further
+    end = np.minimum(nxt[jump], limit)
+    nr = np.where(eligible & (limit - pos > 1), end - pos, 1)
+
+    # The batch starts: reachable from 0 by s -> s + nr[s] (n is the end).
+    step = np.append(pos + nr, n)
+    on = np.zeros(n + 1, dtype=bool)
+    on[0] = True
+    while True:
+        on[step[on]] = True
+        if step[0] == n:
+            break
+        step = step[step]
+    starts = np.flatnonzero(on[:n])
+    return nr[starts]
