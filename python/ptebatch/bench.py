@@ -58,7 +58,7 @@ class Settings:
 
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
-        base = dict(ptes=1 << 16, region=8 << 20, ref_ptes=1024, ref_region=1 << 20, repeat=3, ref_repeat=2)
+        base: dict[str, Any] = dict(ptes=1 << 16, region=8 << 20, ref_ptes=1024, ref_region=1 << 20, repeat=3, ref_repeat=2)
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -85,7 +85,7 @@ class _Copy:
         return out
 
 
-def _timed(fn: Callable[[], object], repeat: int) -> tuple[list[int], object]:
+def _timed(fn: Callable[[], Any], repeat: int) -> tuple[list[int], Any]:
     out, result = [], None
     for _ in range(repeat):
         t0 = time.perf_counter_ns()
@@ -210,7 +210,7 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
         pages = size // page
         # The cut: folio_pte_batch over a whole table of PTE-mapped folios of this size.
         t = uniform_table(L, settings.ptes, pages)
-        kw = dict(kernel=settings.kernel, folio_start=t.folio_start, folio_nr_pages=t.folio_nr_pages)
+        kw: dict[str, Any] = dict(kernel=settings.kernel, folio_start=t.folio_start, folio_nr_pages=t.folio_nr_pages)
         samples: dict[str, list[int]] = {"copy": copy.samples(settings.ptes, settings.repeat)}
         samples["rust"], fast = _timed(lambda: pb.batch_lengths(t.ptes, layout=L, **kw), settings.repeat)
         advance(f"cut {name}: rust")
@@ -416,7 +416,7 @@ def run_cmd(args: Any) -> int:
 
     path: str | Path | None = DEFAULT_CALIBRATION if args.calibration is None else args.calibration
     cal = None
-    if path != "none":
+    if path is not None and path != "none":
         cal = load_calibration(path)
     with Progress(steps(settings), "bench", enabled=not args.quiet) as progress:
         result = run(settings, cal, path if cal is not None else None, progress)

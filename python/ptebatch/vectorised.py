@@ -18,6 +18,7 @@ is two pointer chases (:func:`_contpte_lengths`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import numpy as np
@@ -45,7 +46,7 @@ def _field(lo: int, hi: int) -> np.uint64:
     return U64(((1 << (hi + 1)) - 1) & ~((1 << lo) - 1))
 
 
-class _Arch:
+class _Arch(ABC):
     """The accessors the cut needs, on whole arrays (docs/semantics.md §1.2)."""
 
     shift: int
@@ -64,6 +65,21 @@ class _Arch:
 
     def is_special(self, v: np.ndarray) -> np.ndarray:
         return (v & self.special) != 0
+
+    @abstractmethod
+    def none(self, v: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def present(self, v: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def mkclean(self, v: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def wrprotect(self, v: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def mkold(self, v: np.ndarray) -> np.ndarray: ...
 
 
 class _X86(_Arch):
@@ -304,7 +320,7 @@ def batch_lengths_numpy(ptes: np.ndarray, layout: pb.Layout, kernel: str, folio_
     # ptep_get(): arm64 from 6.9 ORs the young/dirty state of its contpte block into a valid
     # PTE_CONT entry (contpte_ptep_get); the seed series reads the raw entry.
     hint = None
-    if layout.has_contpte and form != "seed":
+    if isinstance(a, _Arm64) and form != "seed":
         v, hint = _contpte_ptep_get(a, v, first_vpn, layout.cont_ptes)
 
     # Eligible first entries of a batch (copy_present_ptes): present, not special, in a large folio.
@@ -318,6 +334,7 @@ def batch_lengths_numpy(ptes: np.ndarray, layout: pb.Layout, kernel: str, folio_
     norm = _normalise(a, v, flags)
     ptrs = layout.ptrs_per_pte
     if hint is not None:
+        assert isinstance(a, _Arm64)
         return _contpte_lengths(a, form, norm, pfn, fstart, fsize, eligible, hint, first_vpn, ptrs)
 
     # link[k]: the batch that holds entry k-1 goes on to entry k ...
