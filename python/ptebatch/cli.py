@@ -566,6 +566,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub, [common])
     from ptebatch import cost  # ptebatch predict: counters to kernel time (docs/cost-model.md)
     cost.add_parser(sub, [common])
+    from ptebatch import bench  # ptebatch bench: ns per PTE of each implementation (docs/benchmarks.md)
+    bench.add_parser(sub, [common], _size, _int_in)
     return parser
 
 
