@@ -21,7 +21,7 @@ from ptebatch.simulation import state_diff
 THREAD_SECONDS = float(os.environ.get("PTEBATCH_THREAD_SECONDS", "3"))
 
 #: Pages from which a step can be interrupted (sim.rs INTERRUPTIBLE_WORK).
-INTERRUPTIBLE = 1 << 22
+INTERRUPTIBLE = 1 << 20
 
 
 def _same_state(a: dict, b: dict) -> None:
@@ -165,6 +165,30 @@ def test_progress_callback_stop_abandons_the_step_whole() -> None:
     sim.set_progress(None)
     sim.check()
     assert sim.page(int(p.pagemap(v.start, 4096)[0]) & ((1 << 55) - 1))["order"] == 4
+
+
+def test_a_short_step_asked_to_stop_finishes_then_raises() -> None:
+    """Below the interruptible size a step is not copied: asked to stop, it runs to its end
+    (whole), and the exception comes after."""
+    sim = pb.Simulation(memory="2G")
+    p = sim.spawn()
+    v = p.mmap(INTERRUPTIBLE // 2 * 4096)
+    calls: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        raise Stop
+
+    sim.set_progress(progress)
+    with pytest.raises(Stop):
+        p.touch(v.start, v.length, write=True)
+    sim.set_progress(None)
+    assert len(calls) == 1  # asked once, then left to finish
+    assert p.rss()["anon"] == v.length // 4096  # every page was faulted: the step finished
+    sim.check()
 
 
 @pytest.mark.parametrize("step", ["touch", "fork", "exit", "munmap", "check", "pagemap"])

@@ -63,6 +63,8 @@ def fork_flags(kernel: str, shared: bool = False, soft_dirty_tracking: bool = Fa
 
 def kernel_from_release(release: str) -> str:
     """Maps a ``uname -r`` string such as ``"6.18.44-fc"`` to the modelled ``"6.18"``."""
+    if not isinstance(release, str):
+        raise TypeError(f"release must be a str such as '6.18.44', not {type(release).__name__}")
     parts = release.split("-", 1)[0].split(".")
     if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
         raise ValueError(f"not a kernel release: {release!r}")

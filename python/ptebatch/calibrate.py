@@ -621,6 +621,10 @@ def run_cmd(args) -> int:
         check_region(args.region)
     except ValueError as e:
         raise UsageError(f"ptebatch calibrate: error: argument --region: {e}") from None
+    # The output must be writable before minutes of timing, not after.
+    from .report import _probe
+
+    _probe(args.output)
 
     def progress(line: str) -> None:
         print(f"calibrate: {line}", file=sys.stderr, flush=True)

@@ -76,6 +76,13 @@ def _size(text: str) -> int:
     return n
 
 
+def _path(text: str) -> str:
+    """A file name: not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty file name")
+    return text
+
+
 def _pow2_size(text: str) -> int:
     n = _size(text)
     if n & (n - 1):
@@ -532,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
                 "  ptebatch thpmaps --snapshot snap.npz --cont 64K\n")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--pid", type=_pid, action="append", help="process id (repeatable; needs root)")
-    src.add_argument("--snapshot", metavar="FILE", help="a snapshot file instead of a live process")
+    src.add_argument("--snapshot", metavar="FILE", type=_path, help="a snapshot file instead of a live process")
     t.add_argument("--cont", type=_pow2_size, action="append", metavar="SIZE",
                    help="also count contiguous aligned blocks of SIZE, a power of two from 2 pages to "
                         "the PMD size (repeatable)")
@@ -595,6 +602,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``ptebatch`` command: runs ``argv`` (default ``sys.argv[1:]``); returns the exit code
     (0, 1 for a runtime error, 2 for a usage error, 130 for Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A closed stdout or stderr (`>&-`): output goes nowhere rather than into a traceback.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
     parser = _parser()
     args = None
     try:

@@ -121,6 +121,8 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     if kernel is not None and kernel not in KERNEL_VERSIONS:
         raise ValueError(f"kernel {kernel!r} is not modelled; known: {KERNEL_VERSIONS}")
     min_bytes = parse_size(memory) if memory is not None else 0
+    if isinstance(mthp, (str, int)):
+        mthp = [mthp]  # one size
     sizes = [parse_size(s) for s in mthp] if mthp is not None else []
     page = snap.page_size
     try:

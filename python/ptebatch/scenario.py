@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -218,7 +219,11 @@ def _kind(v: Any) -> str:
 
 def _read_toml(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO must not hang the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ScenarioError(f"{path}: not a regular file")
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{path}: not valid TOML: {e}") from None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import operator
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
 from . import _core
+from .errors import OutOfMemoryError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
@@ -286,6 +288,35 @@ class Process:
 _TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3, "pins": 3}
 
 
+class _Serialised:
+    """The reference backend behind a lock, so that threads sharing a simulation take turns as
+    they do on the Rust backend (whose binding holds a mutex); a ``MemoryError`` of the host
+    becomes ``OutOfMemoryError(host=True)``, as the Rust backend raises it."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backend, name)
+        if not callable(attr):
+            with self._lock:
+                return getattr(self._backend, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                try:
+                    out = attr(*args, **kwargs)
+                except MemoryError as e:
+                    if isinstance(e, OutOfMemoryError):
+                        raise
+                    raise OutOfMemoryError(f"the host cannot allocate what the model needs ({e or 'no memory'})",
+                                           True) from None
+            return _Serialised(out) if type(out) is type(self._backend) else out
+
+        return call
+
+
 class Simulation:
     """A simulated machine: ``arch`` (a PTE layout), ``kernel`` ("6.8" … newest; by default the
     newest, ``pb.NEWEST_KERNEL``), ``memory`` of RAM.
@@ -309,7 +340,7 @@ class Simulation:
         elif backend == "reference":
             from .reference.sim import Simulation as RefSimulation
 
-            self._b = RefSimulation(arch, kernel, nbytes, seed, batching)
+            self._b = _Serialised(RefSimulation(arch, kernel, nbytes, seed, batching))
         else:
             raise ValueError(f"backend must be 'rust' or 'reference', not {backend!r}")
         self.arch, self.kernel, self.batching, self.backend = arch, kernel, batching, backend
@@ -320,7 +351,11 @@ class Simulation:
                 raise ValueError(f"fragmentation size {size!r} is not a large folio size")
             if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)):
                 raise TypeError(f"fragmentation[{size!r}] must be a probability, not {type(p).__name__}")
-            self._b.set_fallback(order, float(p))
+            try:
+                prob = float(p)
+            except OverflowError:
+                raise ValueError(f"fragmentation[{size!r}] must be a probability in [0, 1], not {_int_text(int(p))}") from None
+            self._b.set_fallback(order, prob)
 
     @classmethod
     def from_snapshot(cls, snap: Any, kernel: str | None = None, **kw: Any) -> tuple["Simulation", dict[int, Process]]:
@@ -433,6 +468,8 @@ class Simulation:
 
     def state_equal(self, other: "Simulation") -> bool:
         """Whether the two simulations are in exactly the same state (see ``state_diff``)."""
+        if not isinstance(other, Simulation):
+            raise TypeError(f"state_equal compares with a Simulation, not {type(other).__name__}")
         return state_diff(self.state(), other.state()) == []
 
 

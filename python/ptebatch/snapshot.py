@@ -205,6 +205,8 @@ class Snapshot:
         """Reads and validates a snapshot; any defect raises ``SnapshotError`` naming it.
         ``max_bytes`` bounds the arrays' total size, which is checked before anything is read."""
         name = os.fspath(path)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise TypeError(f"max_bytes must be a non-negative int, not {max_bytes!r}")
         try:
             # O_NONBLOCK: opening a FIFO must not hang; it is refused below.
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -436,6 +438,9 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     nw = len(arrays["win_start"])
     if len(arrays["kpageflags"]) != nw * pmd or len(arrays["kpagecount"]) != nw * pmd:
         raise SnapshotError("kpageflags/kpagecount do not cover the frame windows")
+    both = np.uint64(KPF_COMPOUND_HEAD | KPF_COMPOUND_TAIL)
+    if np.any((arrays["kpageflags"] & both) == both):
+        raise SnapshotError("kpageflags mark a page as a compound head and a tail at once, which no kernel shows")
     win = arrays["win_start"]
     if np.any(win % np.uint64(pmd)) or np.any(win[1:] <= win[:-1]) or np.any(win > np.uint64(PM_PFN_MASK)):
         raise SnapshotError("frame windows are not sorted, distinct and PMD-aligned")

@@ -14,6 +14,7 @@ works on a live process, a saved capture and a simulated process (:func:`snapsho
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any, Iterable
 
@@ -62,7 +63,9 @@ def vma_stats(snap: Snapshot, i: int, cont: Iterable[int] = ()) -> dict[str, int
     present = (entries & np.uint64(PM_PRESENT)) != 0
     idx = np.flatnonzero(present)
     pfns = entries[idx] & np.uint64(PM_PFN_MASK)
-    stats: dict[str, int] = {}
+    # Any folio size may come up, also without a preset counter (order 1 in the page cache,
+    # or impossible flags in a corrupt capture): counters start at 0 when first counted.
+    stats: dict[str, int] = collections.defaultdict(int)
     sizes = thp_sizes(page, pmd)
     for kind in ("anon", "file"):
         for n in sizes:
@@ -99,7 +102,7 @@ def vma_stats(snap: Snapshot, i: int, cont: Iterable[int] = ()) -> dict[str, int
             stats[f"anon-cont-pte-aligned-{ckb}kB"] -= _kb(anon_pmd_pages, page)
     for k in stats:
         stats[k] = max(stats[k], 0)  # a capture races with the process; never report < 0
-    return stats
+    return dict(stats)
 
 
 def _runs(stats, snap, run, vfns, pfns, anon, head, page, pmd, cont) -> None:
@@ -127,9 +130,7 @@ def _runs(stats, snap, run, vfns, pfns, anon, head, page, pmd, cont) -> None:
                 stats[f"{kind(int(h))}-thp-pte-partial"] += _kb(n, page)
                 continue
             aligned = vfns[h] % n == 0
-            # Page-cache folios may also be of order 1, which has no preset counter.
-            key = f"{kind(int(h))}-thp-pte-{'aligned' if aligned else 'unaligned'}-{_kb(n, page)}kB"
-            stats[key] = stats.get(key, 0) + _kb(n, page)
+            stats[f"{kind(int(h))}-thp-pte-{'aligned' if aligned else 'unaligned'}-{_kb(n, page)}kB"] += _kb(n, page)
     for c in cont:
         nc = c // page
         v0, p0 = int(vfns[first]), int(pfns[first])

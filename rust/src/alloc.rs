@@ -32,8 +32,41 @@ pub(crate) fn try_with_capacity_huge<T>(n: usize, what: &str) -> Result<Vec<T>> 
     Ok(v)
 }
 
+/// Requests from which [`ensure_host_room`] asks the kernel how much memory is left.
+const ASK_FROM: u128 = 64 << 20;
+
+/// Fails with a host out-of-memory error when `bytes` (about to be written) exceed what the
+/// host has available (`MemAvailable` plus `SwapFree` of /proc/meminfo): with overcommit the
+/// allocation itself would succeed, and the writes would wake the OOM killer instead.
+pub fn ensure_host_room(bytes: u128, what: &str) -> Result<()> {
+    if bytes < ASK_FROM {
+        return Ok(());
+    }
+    match host_available() {
+        Some(avail) if bytes > avail => Err(Error {
+            kind: crate::error::ErrorKind::HostMemory,
+            message: format!(
+                "the host cannot hold {what} ({bytes} bytes): {avail} bytes of memory and swap are available"
+            ),
+            rule: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable + SwapFree` in bytes, where /proc/meminfo tells.
+fn host_available() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u128> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u128>().ok().map(|kb| kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
 /// An empty `Vec` with room for `n` entries, or a host out-of-memory error.
 pub fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    ensure_host_room(n as u128 * std::mem::size_of::<T>() as u128, what)?;
     let mut out = Vec::new();
     out.try_reserve_exact(n).map_err(|_| Error::host_memory::<T>(what, n))?;
     Ok(out)

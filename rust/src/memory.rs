@@ -118,6 +118,8 @@ impl Memory {
             )));
         }
         let n = nr_pages as usize;
+        // The five per-page arrays together, all written below.
+        crate::alloc::ensure_host_room(nr_pages as u128 * 14, "the page arrays of the simulated memory")?;
         use crate::alloc::try_filled;
         let mut m = Memory {
             order: try_filled(n, FREE, "the page-order array")?,
@@ -336,30 +338,37 @@ impl Memory {
 
     /// Every large folio's first pfn and record, in pfn order.
     pub fn large_folios(&self) -> Vec<(u64, LargeFolio)> {
-        let mut out = Vec::new();
+        self.large_folio_iter().map(|(h, lf)| (h, *lf)).collect()
+    }
+
+    /// Every large folio's first pfn and record, in pfn order, without collecting them.
+    pub fn large_folio_iter(&self) -> impl Iterator<Item = (u64, &LargeFolio)> + '_ {
         let mut pfn = 0u64;
-        while pfn < self.nr_pages() {
-            let o = self.order[pfn as usize];
-            if o == FREE {
-                pfn += 1;
-                continue;
+        std::iter::from_fn(move || {
+            while pfn < self.nr_pages() {
+                let (at, o) = (pfn, self.order[pfn as usize]);
+                pfn += if o == FREE { 1 } else { 1 << o };
+                if o != FREE && o > 0 {
+                    return Some((at, &self.large[self.refcount[at as usize + 1] as usize]));
+                }
             }
-            if o > 0 {
-                out.push((pfn, self.large[self.refcount[pfn as usize + 1] as usize]));
-            }
-            pfn += 1 << o;
-        }
-        out
+            None
+        })
+    }
+
+    /// Large folios there are (a pass over the page orders).
+    pub fn nr_large_folios(&self) -> usize {
+        self.large_folio_iter().count()
     }
 
     /// The refcount array as the kernel means it: tail pages have none (their slot holds
     /// the record index here).
-    pub fn folio_refcounts(&self) -> Vec<i32> {
-        let mut r = self.refcount.clone();
-        for (head, _) in self.large_folios() {
+    pub fn folio_refcounts(&self) -> Result<Vec<i32>> {
+        let mut r = crate::alloc::try_copy(&self.refcount, "a copy of the refcount array", &Default::default())?;
+        for (head, _) in self.large_folio_iter() {
             r[head as usize + 1] = 0;
         }
-        r
+        Ok(r)
     }
 
     /// Bytes of memory state: the per-page arrays and the large-folio records.

@@ -23,9 +23,9 @@ const MMAP_BASE: u64 = 0x10_0000_0000;
 pub const MAX_VMA_PAGES: u64 = 1 << 31;
 
 /// Work (pages or PTEs) from which a step may be interrupted: such a step runs on a copy of
-/// the state, so that stopping it leaves the state as it was. Smaller steps finish in well
-/// under the half second a user waits after Ctrl-C.
-pub const INTERRUPTIBLE_WORK: u64 = 1 << 22;
+/// the state, so that stopping it leaves the state as it was. Smaller steps (a tenth of a
+/// second or so) finish, and a stop asked meanwhile takes effect when they end.
+pub const INTERRUPTIBLE_WORK: u64 = 1 << 20;
 
 /// The simulated system.
 #[derive(Clone, Debug)]
@@ -158,9 +158,11 @@ impl Simulation {
             // The copy may be stopped too: nothing has changed yet.
             self.st.ticker.start(work, interruptible);
             let copy = self.st.try_clone();
+            // Told to stop during the copy of a step that cannot be abandoned: it is not asked again.
+            let still_watching = self.st.ticker.watching();
             self.st.ticker.stop();
             match copy {
-                Ok(t) => Some(t),
+                Ok(t) => Some((t, still_watching)),
                 Err(e) if short_of_memory || e.kind == crate::error::ErrorKind::Interrupted => {
                     self.end();
                     return Err(e);
@@ -171,8 +173,11 @@ impl Simulation {
             None
         };
         let r = match trial {
-            Some(mut trial) => {
+            Some((mut trial, watching)) => {
                 trial.ticker.start(work, interruptible);
+                if !watching {
+                    trial.ticker.stop();
+                }
                 let r = f(&self.layout, &self.profile, &mut trial);
                 trial.ticker.stop();
                 if r.is_ok() {

@@ -27,7 +27,10 @@ const ASK_EVERY: Duration = Duration::from_millis(50);
 #[derive(Clone, Default)]
 pub struct Ticker {
     watch: Option<Arc<dyn Watch>>,
-    /// Whether the running step may be stopped (it runs on a copy, or changes nothing).
+    /// Whether the running step is watched (progress, signals).
+    watching: Cell<bool>,
+    /// Whether the running step may be stopped (it runs on a copy, or changes nothing). A
+    /// step that may not be stopped goes on when the watch says stop, and stops asking.
     armed: Cell<bool>,
     done: Cell<u64>,
     total: Cell<u64>,
@@ -50,8 +53,14 @@ impl Ticker {
         self.watch.is_some()
     }
 
+    /// Whether the running step still asks the watch (it stops asking once told to stop).
+    pub fn watching(&self) -> bool {
+        self.watching.get()
+    }
+
     /// Starts a step of `total` work units; `armed` if it may be stopped.
     pub fn start(&self, total: u64, armed: bool) {
+        self.watching.set(self.watch.is_some());
         self.armed.set(armed && self.watch.is_some());
         self.done.set(0);
         self.total.set(total);
@@ -59,15 +68,16 @@ impl Ticker {
         self.last_ask.set(None);
     }
 
-    /// Ends the step: later ticks never stop anything.
+    /// Ends the step: later ticks never ask anything.
     pub fn stop(&self) {
+        self.watching.set(false);
         self.armed.set(false);
     }
 
     /// `n` more units done; an error when the watch says stop.
     #[inline]
     pub fn tick(&self, n: u64) -> Result<()> {
-        if !self.armed.get() {
+        if !self.watching.get() {
             return Ok(());
         }
         self.done.set(self.done.get() + n);
@@ -83,7 +93,7 @@ impl Ticker {
     /// Asks the watch (at most every [`ASK_EVERY`]) without counting work: for a step's
     /// preparation, such as copying the state it will run on.
     pub fn poll(&self) -> Result<()> {
-        if !self.armed.get() {
+        if !self.watching.get() {
             return Ok(());
         }
         self.ask()
@@ -99,7 +109,15 @@ impl Ticker {
         }
         self.last_ask.set(Some(now));
         match &self.watch {
-            Some(w) if !w.keep_going(self.done.get(), self.total.get()) => Err(Error::interrupted()),
+            Some(w) if !w.keep_going(self.done.get(), self.total.get()) => {
+                if self.armed.get() {
+                    return Err(Error::interrupted());
+                }
+                // The step cannot be abandoned: it finishes, and the watch's reason to stop
+                // is for the caller to act on afterwards.
+                self.watching.set(false);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -120,12 +138,14 @@ mod tests {
     #[test]
     fn unarmed_ticker_never_stops() {
         let mut t = Ticker::default();
-        let _ = &mut t;
-        t.set_watch(Some(Arc::new(StopAfter(AtomicU64::new(0)))));
+        let watch = Arc::new(StopAfter(AtomicU64::new(0)));
+        t.set_watch(Some(watch.clone()));
         t.start(1 << 30, false);
         for _ in 0..1000 {
             t.tick(1 << 20).unwrap();
         }
+        // Asked once (it said stop), then left alone for the rest of the step.
+        assert_eq!(watch.0.load(Ordering::SeqCst), u64::MAX);
     }
 
     #[test]

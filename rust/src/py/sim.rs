@@ -59,10 +59,9 @@ impl Watch for SignalWatch {
 }
 
 impl SignalWatch {
-    /// The exception a stopped step raises: the signal handler's, or KeyboardInterrupt.
-    fn take(&self) -> PyErr {
-        let e = self.raised.lock().ok().and_then(|mut r| r.take());
-        e.unwrap_or_else(|| PyKeyboardInterrupt::new_err("interrupted"))
+    /// The exception a signal handler or the progress callback raised during the last step.
+    fn pending(&self) -> Option<PyErr> {
+        self.raised.lock().ok().and_then(|mut r| r.take())
     }
 }
 
@@ -115,10 +114,36 @@ fn stats_dict<'py>(py: Python<'py>, s: &Stats) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
-fn table<'py>(py: Python<'py>, rows: Vec<Vec<i64>>, width: usize) -> PyResult<Bound<'py, PyAny>> {
-    let n = rows.len();
-    let flat: Vec<i64> = rows.into_iter().flatten().collect();
+/// A table of `width` columns from its rows laid end to end.
+fn table<'py>(py: Python<'py>, flat: Vec<i64>, width: usize) -> PyResult<Bound<'py, PyAny>> {
+    let n = flat.len() / width;
     Ok(PyArray1::from_vec(py, flat).reshape([n, width])?.into_any())
+}
+
+/// Rows of `width` columns built by `row` for each item, allocated fallibly.
+fn rows<I: ExactSizeIterator>(items: I, width: usize, what: &str, row: impl Fn(I::Item) -> Vec<i64>) -> crate::error::Result<Vec<i64>> {
+    let mut flat = crate::alloc::try_with_capacity(items.len() * width, what)?;
+    for item in items {
+        flat.extend(row(item));
+    }
+    Ok(flat)
+}
+
+/// A new numpy array holding a copy of `s`, or OutOfMemoryError(host=True) where numpy
+/// cannot allocate it (rust-numpy's own constructors would panic).
+fn array_from_slice<'py, T: numpy::Element + Copy>(py: Python<'py>, s: &[T], what: &str) -> PyResult<Bound<'py, PyArray1<T>>> {
+    let empty = py.import("numpy")?.getattr("empty")?;
+    let a = match empty.call1((s.len(), numpy::dtype::<T>(py))) {
+        Ok(a) => a,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyMemoryError>(py) => {
+            return Err(Error::host_memory::<T>(what, s.len()).into())
+        }
+        Err(e) => return Err(e),
+    };
+    let a = a.cast_into::<PyArray1<T>>()?;
+    // SAFETY: the array was just made here; nothing else refers to it yet.
+    unsafe { a.as_slice_mut()? }.copy_from_slice(s);
+    Ok(a)
 }
 
 /// A whole simulated system: physical memory, processes, files and pins.
@@ -158,20 +183,36 @@ impl PySimulation {
                             "the simulation was called from inside one of its own running steps (e.g. from a signal handler)",
                         ));
                     }
-                    py.detach(|| drop(self.inner.lock()));
+                    // Wait without the GIL, looking for Ctrl-C every 50 ms.
+                    py.detach(|| {
+                        for _ in 0..50 {
+                            if self.inner.try_lock().is_ok() {
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    });
+                    py.check_signals()?;
                 }
             }
         }
     }
 
     /// Runs `f` on the locked simulation with the GIL released; the one place where core
-    /// errors of a simulation step become Python exceptions.
+    /// errors of a simulation step become Python exceptions. A step too short to be
+    /// abandoned finishes when Ctrl-C (or a progress callback) asks it to stop; the
+    /// exception is raised when it has.
     fn run<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Simulation) -> crate::error::Result<T> + Send) -> PyResult<T> {
         let mut held = self.lock(py)?;
         let s: &mut Simulation = &mut held;
-        match py.detach(move || f(s)) {
+        let r = py.detach(move || f(s));
+        drop(held);
+        if let Some(e) = self.watch.pending() {
+            return Err(e);
+        }
+        match r {
             Ok(v) => Ok(v),
-            Err(e) if e.kind == ErrorKind::Interrupted => Err(self.watch.take()),
+            Err(e) if e.kind == ErrorKind::Interrupted => Err(PyKeyboardInterrupt::new_err("interrupted")),
             Err(e) => Err(e.into()),
         }
     }
@@ -244,7 +285,15 @@ impl PySimulation {
     /// Python's signal handlers). An exception it raises abandons the step, which leaves the
     /// state unchanged, and propagates. `None` removes it.
     #[pyo3(signature = (callback))]
-    fn set_progress(&self, callback: Option<Py<PyAny>>) -> PyResult<()> {
+    fn set_progress(&self, py: Python<'_>, callback: Option<Py<PyAny>>) -> PyResult<()> {
+        if let Some(cb) = &callback {
+            if !cb.bind(py).is_callable() {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "callback must be callable (done, total) or None, not {}",
+                    cb.bind(py).get_type().name()?
+                )));
+            }
+        }
         if let Ok(mut p) = self.watch.progress.lock() {
             *p = callback;
         }
@@ -399,7 +448,7 @@ impl PySimulation {
     fn ptes<'py>(&self, py: Python<'py>, pid: u32, addr: u64) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let s = self.lock(py)?;
         let (k, v) = s.vma_index(pid, addr)?;
-        Ok(PyArray1::from_slice(py, &s.st.mms[k].vmas[v].ptes))
+        array_from_slice(py, &s.st.mms[k].vmas[v].ptes, "a copy of a page table")
     }
 
     /// rss counters of a process: {"file", "anon", "shmem"}.
@@ -466,11 +515,11 @@ impl PySimulation {
         let s = self.lock(py)?;
         let m = &s.st.mem;
         Ok(match name {
-            "order" => PyArray1::from_slice(py, &m.order).into_any(),
-            "flags" => PyArray1::from_slice(py, &m.flags).into_any(),
-            "mapcount" => PyArray1::from_slice(py, &m.mapcount).into_any(),
-            "refcount" => m.folio_refcounts().into_pyarray(py).into_any(),
-            "token" => PyArray1::from_slice(py, &m.token).into_any(),
+            "order" => array_from_slice(py, &m.order, "a copy of the page orders")?.into_any(),
+            "flags" => array_from_slice(py, &m.flags, "a copy of the page flags")?.into_any(),
+            "mapcount" => array_from_slice(py, &m.mapcount, "a copy of the mapcounts")?.into_any(),
+            "refcount" => m.folio_refcounts()?.into_pyarray(py).into_any(),
+            "token" => array_from_slice(py, &m.token, "a copy of the tokens")?.into_any(),
             _ => {
                 return Err(Error::value(format!(
                     "unknown memory array {name:?}; known: order, flags, mapcount, refcount, token"
@@ -486,40 +535,39 @@ impl PySimulation {
         let st = &s.st;
         let m = &st.mem;
         let d = PyDict::new(py);
-        d.set_item("order", PyArray1::from_slice(py, &m.order))?;
-        d.set_item("flags", PyArray1::from_slice(py, &m.flags))?;
-        d.set_item("mapcount", PyArray1::from_slice(py, &m.mapcount))?;
-        d.set_item("refcount", m.folio_refcounts().into_pyarray(py))?;
-        d.set_item("token", PyArray1::from_slice(py, &m.token))?;
-        let rows = m
-            .large_folios()
-            .into_iter()
-            .map(|(h, lf)| {
-                vec![
-                    h as i64,
-                    lf.large_mapcount as i64,
-                    lf.entire_mapcount as i64,
-                    lf.nr_pages_mapped as i64,
-                    lf.pincount as i64,
-                    lf.mm_id[0] as i64,
-                    lf.mm_id[1] as i64,
-                    lf.mm_id_mapcount[0] as i64,
-                    lf.mm_id_mapcount[1] as i64,
-                ]
-            })
-            .collect();
-        d.set_item("large", table(py, rows, 9)?)?;
-        let rows = m.free_blocks().into_iter().map(|(p, o)| vec![p as i64, o as i64]).collect();
-        d.set_item("free_blocks", table(py, rows, 2)?)?;
+        d.set_item("order", array_from_slice(py, &m.order, "a copy of the page orders")?)?;
+        d.set_item("flags", array_from_slice(py, &m.flags, "a copy of the page flags")?)?;
+        d.set_item("mapcount", array_from_slice(py, &m.mapcount, "a copy of the mapcounts")?)?;
+        d.set_item("refcount", m.folio_refcounts()?.into_pyarray(py))?;
+        d.set_item("token", array_from_slice(py, &m.token, "a copy of the tokens")?)?;
+        let mut large: Vec<i64> = crate::alloc::try_with_capacity(m.nr_large_folios() * 9, "the large-folio table")?;
+        for (h, lf) in m.large_folio_iter() {
+            large.extend([
+                h as i64,
+                lf.large_mapcount as i64,
+                lf.entire_mapcount as i64,
+                lf.nr_pages_mapped as i64,
+                lf.pincount as i64,
+                lf.mm_id[0] as i64,
+                lf.mm_id[1] as i64,
+                lf.mm_id_mapcount[0] as i64,
+                lf.mm_id_mapcount[1] as i64,
+            ]);
+        }
+        d.set_item("large", table(py, large, 9)?)?;
+        let free = m.free_blocks();
+        d.set_item("free_blocks", table(py, rows(free.into_iter(), 2, "the free-block table", |(p, o)| vec![p as i64, o as i64])?, 2)?)?;
         d.set_item("free_pages", m.free_pages)?;
         d.set_item("next_token", st.next_token)?;
         d.set_item("next_anon_vma", st.next_anon_vma)?;
         d.set_item("rng", m.rng.0)?;
-        let mut mms = Vec::new();
-        let mut vmas = Vec::new();
-        let mut ptes: Vec<u64> = Vec::new();
+        let nr_vmas: usize = st.mms.iter().map(|mm| mm.vmas.len()).sum();
+        let nr_ptes: usize = st.mms.iter().flat_map(|mm| &mm.vmas).map(|v| v.ptes.len()).sum();
+        let mut mms: Vec<i64> = crate::alloc::try_with_capacity(st.mms.len() * 8, "the process table")?;
+        let mut vmas: Vec<i64> = crate::alloc::try_with_capacity(nr_vmas * 16, "the VMA table")?;
+        let mut ptes: Vec<u64> = crate::alloc::try_with_capacity(nr_ptes, "a copy of every page table")?;
         for mm in &st.mms {
-            mms.push(vec![
+            mms.extend([
                 mm.pid as i64,
                 mm.mm_id as i64,
                 mm.rss[0],
@@ -530,7 +578,7 @@ impl PySimulation {
                 mm.next_vpn as i64,
             ]);
             for v in &mm.vmas {
-                vmas.push(vec![
+                vmas.extend([
                     mm.pid as i64,
                     v.start as i64,
                     v.ptes.len() as i64,
@@ -554,13 +602,15 @@ impl PySimulation {
         d.set_item("mms", table(py, mms, 8)?)?;
         d.set_item("vmas", table(py, vmas, 16)?)?;
         d.set_item("ptes", ptes.into_pyarray(py))?;
-        let files = st.files.iter().map(|f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64]).collect();
+        let files = rows(st.files.iter(), 3, "the file table", |f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64])?;
         d.set_item("files", table(py, files, 3)?)?;
-        let cache: Vec<u64> = st.files.iter().flat_map(|f| f.cache.iter().copied()).collect();
+        let mut cache: Vec<u64> = crate::alloc::try_with_capacity(st.files.iter().map(|f| f.cache.len()).sum(), "a copy of the page caches")?;
+        st.files.iter().for_each(|f| cache.extend_from_slice(&f.cache));
         d.set_item("file_cache", cache.into_pyarray(py))?;
-        let pins = st.pins.iter().map(|p| vec![p.active as i64, p.longterm as i64, p.pfns.len() as i64]).collect();
+        let pins = rows(st.pins.iter(), 3, "the pin table", |p| vec![p.active as i64, p.longterm as i64, p.pfns.len() as i64])?;
         d.set_item("pins", table(py, pins, 3)?)?;
-        let pin_pfns: Vec<u64> = st.pins.iter().flat_map(|p| p.pfns.iter().copied()).collect();
+        let mut pin_pfns: Vec<u64> = crate::alloc::try_with_capacity(st.pins.iter().map(|p| p.pfns.len()).sum(), "the pinned pages")?;
+        st.pins.iter().for_each(|p| pin_pfns.extend_from_slice(&p.pfns));
         d.set_item("pin_pfns", pin_pfns.into_pyarray(py))?;
         Ok(d)
     }
