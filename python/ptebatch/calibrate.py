@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -622,9 +622,9 @@ def run_cmd(args) -> int:
     except ValueError as e:
         raise UsageError(f"ptebatch calibrate: error: argument --region: {e}") from None
     # The output must be writable before minutes of timing, not after.
-    from .report import _probe
+    from .report import check_writable
 
-    _probe(args.output)
+    check_writable(args.output)
 
     def progress(line: str) -> None:
         print(f"calibrate: {line}", file=sys.stderr, flush=True)

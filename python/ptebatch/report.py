@@ -439,7 +439,7 @@ def report_cmd(args: argparse.Namespace) -> int:
         except scen.ScenarioError as e:
             args.report_parser.error(f"argument --kernel: {e}")
         path = args.output or f"fork-study-report.{fmt}"
-        _probe(path)
+        check_writable(path)
         with Progress(len(sizes) * len(kernels), "fork study", enabled=not getattr(args, "quiet", False)) as bar:
             rows = fork_study(region, sizes, kernels, arch, progress=bar)
         out, kept = write_report(lambda d: fork_study_document(rows, region, arch, d), path, fmt)
@@ -450,7 +450,7 @@ def report_cmd(args: argparse.Namespace) -> int:
         except scen.ScenarioError as e:
             args.report_parser.error(str(e))
         path = args.output or f"{_slug(sc.name)}-report.{fmt}"
-        _probe(path)
+        check_writable(path)
         n = len(sc.cases) * len(kernels or sc.kernels) * len(sc.batching)
         res = run_scenario(sc, kernels, progress=Progress(n, "scenario").step)
         out, kept = write_report(lambda d: scenario_document(res, d), path, fmt)
@@ -459,14 +459,15 @@ def report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe(path: str) -> None:
-    """Fails before the run, not after it, when the report cannot be written."""
+def check_writable(path: str) -> None:
+    """Fails before a long run, not after it, when its output file cannot be written (an
+    OSError naming ``path``)."""
     import errno
 
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     try:
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".report-probe-"):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".ptebatch-probe-"):
             pass
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from e

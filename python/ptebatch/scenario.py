@@ -920,9 +920,10 @@ def to_json(sc: Scenario, rows: list[dict[str, Any]]) -> str:
     return json.dumps(doc, indent=1) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str] = ROW_FIELDS) -> str:
+    """CSV with a header line of ``fields``; booleans as ``true``/``false``."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in r.items()})

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import itertools
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -403,12 +400,7 @@ def to_json(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(SWEEP_FIELDS), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in r.items()})
-    return buf.getvalue()
+    return scenario.to_csv(rows, SWEEP_FIELDS)
 
 
 # -- the `ptebatch sweep` command --------------------------------------------------------------
@@ -513,19 +505,6 @@ class _Progress:
                   file=self.stream, flush=True)
 
 
-def _check_writable(path: str) -> None:
-    """Fails before the sweep, not after it, when the output cannot be written."""
-    import errno
-
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    try:
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".sweep-probe-"):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, path) from e
-
-
 def sweep_cmd(args: argparse.Namespace) -> int:
     notes: list[str] = []
     flat = lambda lists: list(dict.fromkeys(v for vs in lists for v in vs)) if lists else None  # noqa: E731
@@ -535,7 +514,9 @@ def sweep_cmd(args: argparse.Namespace) -> int:
     except ScenarioError as e:
         args.sweep_parser.error(str(e))
     if args.output:
-        _check_writable(args.output)
+        from .report import check_writable
+
+        check_writable(args.output)
     if not getattr(args, "quiet", False):
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
