@@ -537,7 +537,7 @@ def test_defaults_model_the_newest_kernel(capsys, monkeypatch):
         return []
 
     monkeypatch.setattr(cli, "fork_study", study)
-    monkeypatch.setattr(cli, "format_fork_study", lambda rows, kernels: "")
+    monkeypatch.setattr(cli, "format_fork_study", lambda rows, kernels, predicted=None: "")
     assert cli.main(["demo"]) == 0 and cli.main(["--debug", "demo", "-q"]) == 0
     assert seen[0] == seen[1] == (1 << 30, folio_sizes("x86-64"), ["6.8", pb.NEWEST_KERNEL], "x86-64")
     assert cli.COMPARED_KERNELS == ("6.8", pb.NEWEST_KERNEL)
@@ -681,3 +681,20 @@ def test_quiet_silences_progress(capsys, monkeypatch):
         bar.update(0.5)
         time.sleep(0.1)
     assert stream.getvalue() == "" and bar._thread is None
+
+
+def test_demo_shows_the_cost_models_predicted_kernel_time(capsys):
+    """Beside the counts, the demo prints the kernel time per GiB the cost model predicts,
+    and its ratio to 4K; the prediction follows the counters (fewer batches, less time)."""
+    from ptebatch import cost
+
+    code, out, _ = _run(capsys, ["demo", "--region", "16M", "--size", "4K", "--size", "2M"])
+    assert code == 0 and "kernel ms/GiB*" in out and "* calibration:" in out
+    rows = {(r[0], r[1]): r for r in _table(out) if len(r) >= 10 and r[1] in ("6.8", pb.NEWEST_KERNEL)}
+    model = cost.fit()
+    for (size, kernel), r in rows.items():
+        ptes, batches = int(r[2]), int(r[3])
+        ns, _ = cost.predict_row(model, "fork", {"pte_writes": 2 * ptes, "batches": batches})
+        assert float(r[8]) == pytest.approx(ns / 1e6 * (1 << 30) / (ptes * 4096), abs=0.006)
+    assert float(rows[("2M", pb.NEWEST_KERNEL)][8]) < float(rows[("2M", "6.8")][8])
+    assert rows[("4K", "6.8")][9] == "1.00x"

@@ -25,7 +25,7 @@ import numpy as np
 import ptebatch as pb
 from ptebatch import report
 from ptebatch.study import (MAX_REGION, Progress, check_folio_size, check_region, folio_sizes,
-                            fork_study, fork_study_legend, format_fork_study)
+                            fork_study, fork_study_legend, format_fork_study, predicted_legend)
 from ptebatch.tables import mixed_table, unbacked_pfns
 
 #: 6.8 (per-PTE fork), one kernel per folio_pte_batch() form, and the newest (the reference the
@@ -195,14 +195,37 @@ def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _progress(args, len(sizes) * len(kernels), "fork study") as bar:
         rows = fork_study(region, sizes, kernels, args.arch, progress=bar)
-    print(format_fork_study(rows, kernels))
+    predicted, provenance = _fork_predictions(rows, args.arch)
+    if provenance is None and predicted is None:
+        notes_after = ["no predicted kernel time: the shipped calibration is of another architecture"]
+    else:
+        notes_after = []
+    print(format_fork_study(rows, kernels, predicted))
     print()
     print(fork_study_legend(kernels))
+    if predicted is not None and provenance is not None:
+        print(predicted_legend(provenance))
+    for note in notes_after:
+        print(f"note: {note}")
     print(f"\nsim.check() passed after each of the {len(rows)} forks; "
           f"{time.perf_counter() - t0:.2f} s in all")
     if args.plot:
         report.print_plots(report.fork_study_plots(rows, args.plot, region, args.arch))
     return 0
+
+
+def _fork_predictions(rows: list, arch: str) -> tuple[dict | None, str | None]:
+    """The cost model's predicted kernel time (ns) of each fork of the study, fitted to the
+    shipped calibration; (None, None) where that calibration is of another architecture."""
+    from ptebatch import cost
+
+    model = cost.fit()
+    cal = model.calibration
+    if cal.get("arch") != arch:
+        return None, None
+    pred = {(r.size, r.kernel): cost.predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})[0]
+            for r in rows}
+    return pred, f"{cal.get('kernel_release')} on {cal.get('cpu_model')}, {cal.get('date')} (shipped; noisy)"
 
 
 def batches(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import Callable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 
@@ -288,25 +288,46 @@ def per_pte(x: float) -> str:
     return f"{x:.{max(4, 3 - math.floor(math.log10(x)))}f}"
 
 
-def format_fork_study(rows: list[ForkRow], kernels: Sequence[str]) -> str:
+def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
+                      predicted_ns: Mapping[tuple[int, str], float | None] | None = None) -> str:
     """The study as a table: per size and kernel, operations per PTE, and with two kernels or
-    more the ratio of the first (the baseline) to the last."""
+    more the ratio of the first (the baseline) to the last. ``predicted_ns`` (per size and
+    kernel, from the cost model) adds the predicted kernel time per GiB and its ratio to 4K."""
     base, new = kernels[0], kernels[-1]
-    lines = [f"{'folio':>6} {'kernel':>6} {'PTEs':>8} {'batches':>8} {'refcount/PTE':>12} "
-             f"{'rmap/PTE':>9} {'PTE writes/PTE':>14} {'sim ms':>8}"]
+    pred = predicted_ns or {}
+    page = min(r.size for r in rows) if rows else 1
+    head = (f"{'folio':>6} {'kernel':>6} {'PTEs':>8} {'batches':>8} {'refcount/PTE':>12} "
+            f"{'rmap/PTE':>9} {'PTE writes/PTE':>14} {'sim ms':>8}")
+    if predicted_ns is not None:
+        head += f" {'kernel ms/GiB*':>14} {'vs 4K*':>7}"
+    lines = [head]
     by = {(r.size, r.kernel): r for r in rows}
+
+    def ms_per_gib(size: int, k: str) -> float | None:
+        ns, r = pred.get((size, k)), by[(size, k)]
+        return None if ns is None else ns / 1e6 * (1 << 30) / (r.ptes * page)
+
     for size in sorted({r.size for r in rows}):
         for k in kernels:
             r = by[(size, k)]
-            lines.append(f"{format_size(size):>6} {k:>6} {r.ptes:>8} {r.batches:>8} "
-                         f"{per_pte(r.per_pte('refcount_atomics')):>12} {per_pte(r.per_pte('rmap_calls')):>9} "
-                         f"{per_pte(r.per_pte('pte_writes')):>14} {r.seconds * 1e3:>8.1f}")
+            line = (f"{format_size(size):>6} {k:>6} {r.ptes:>8} {r.batches:>8} "
+                    f"{per_pte(r.per_pte('refcount_atomics')):>12} {per_pte(r.per_pte('rmap_calls')):>9} "
+                    f"{per_pte(r.per_pte('pte_writes')):>14} {r.seconds * 1e3:>8.1f}")
+            if predicted_ns is not None:
+                t, t4 = ms_per_gib(size, k), ms_per_gib(page, k) if (page, k) in by else None
+                line += f" {t:>14.2f}" if t is not None else f" {'-':>14}"
+                line += f" {t / t4:>6.2f}x" if t is not None and t4 else f" {'-':>7}"
+            lines.append(line)
         if base == new:
             continue
         a, b = by[(size, base)], by[(size, new)]
-        lines.append(f"{'':>6} {'ratio':>6} {'':>8} {a.batches / b.batches:>7.0f}x "
-                     f"{a.refcount_atomics / b.refcount_atomics:>11.0f}x {a.rmap_calls / b.rmap_calls:>8.0f}x "
-                     f"{a.pte_writes / b.pte_writes:>13.2f}x {a.seconds / max(b.seconds, 1e-9):>7.1f}x")
+        line = (f"{'':>6} {'ratio':>6} {'':>8} {a.batches / b.batches:>7.0f}x "
+                f"{a.refcount_atomics / b.refcount_atomics:>11.0f}x {a.rmap_calls / b.rmap_calls:>8.0f}x "
+                f"{a.pte_writes / b.pte_writes:>13.2f}x {a.seconds / max(b.seconds, 1e-9):>7.1f}x")
+        if predicted_ns is not None:
+            ta, tb = ms_per_gib(size, base), ms_per_gib(size, new)
+            line += f" {ta / tb:>13.2f}x" if ta is not None and tb else f" {'-':>14}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -330,3 +351,14 @@ def fork_study_legend(kernels: Sequence[str]) -> str:
         "  sim ms          the simulator's own time for the fork: how fast the model runs, not the kernel\n"
         + ratio
     ).rstrip("\n")
+
+
+def predicted_legend(provenance: str) -> str:
+    """What the predicted columns of ``format_fork_study`` mean."""
+    return (
+        "  kernel ms/GiB*  the kernel's fork time per GiB that the cost model predicts from these\n"
+        "                  counters: a linear model fitted to a calibration, not a measurement\n"
+        "                  (its held-out error: ptebatch predict --held-out; docs/cost-model.md)\n"
+        "  vs 4K*          that prediction over the 4K folio's under the same kernel\n"
+        f"  * calibration: {provenance}"
+    )
