@@ -698,3 +698,22 @@ def test_demo_shows_the_cost_models_predicted_kernel_time(capsys):
         assert float(r[8]) == pytest.approx(ns / 1e6 * (1 << 30) / (ptes * 4096), abs=0.006)
     assert float(rows[("2M", pb.NEWEST_KERNEL)][8]) < float(rows[("2M", "6.8")][8])
     assert rows[("4K", "6.8")][9] == "1.00x"
+
+
+@live
+def test_demo_measure_times_the_running_kernel_beside_the_prediction(capsys):
+    """demo --measure (root): the running kernel's fork per folio size, beside the model's
+    prediction; the mTHP controls are as they were afterwards."""
+    from ptebatch import calibrate
+
+    if calibrate.missing_requirements():
+        pytest.skip(calibrate.missing_requirements())
+    before = calibrate.thp_settings()
+    code, out, err = _run(capsys, ["-q", "demo", "--region", "16M", "--size", "4K", "--size", "64K", "--measure", "1"])
+    assert code == 0, err
+    assert calibrate.thp_settings() == before
+    lines = out[out.index("measured ms/GiB"):].splitlines()[1:3]
+    assert [ln.split()[0] for ln in lines] == ["4K", "64K"]
+    for ln in lines:
+        meas, pred = float(ln.split()[1]), float(ln.split()[3])
+        assert meas > 0 and pred > 0

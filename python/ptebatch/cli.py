@@ -209,9 +209,53 @@ def demo(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"\nsim.check() passed after each of the {len(rows)} forks; "
           f"{time.perf_counter() - t0:.2f} s in all")
+    if args.measure:
+        _measure_forks(args, region, sizes)
     if args.plot:
         report.print_plots(report.fork_study_plots(rows, args.plot, region, args.arch))
     return 0
+
+
+def _measure_forks(args: argparse.Namespace, region: int, sizes: list[int]) -> None:
+    """``demo --measure``: the running kernel's fork per folio size, timed as ``ptebatch
+    calibrate`` times it, beside what the cost model predicts for that kernel's counters."""
+    from ptebatch import calibrate, cost
+
+    why = calibrate.missing_requirements()
+    if why:
+        raise pb.CaptureError(f"cannot measure the running kernel: {why}")
+    running = pb.kernel_from_release(os.uname().release)
+    pmd = calibrate._pmd_size()
+    offered = {s.label: s for s in calibrate.available_sizes()}
+    want = [offered.get(pb.format_size(n) + ("-pte" if n == pmd else "")) for n in sizes]
+    folios = [f for f in want if f is not None]
+    if not folios:
+        raise pb.CaptureError("the running kernel offers none of these folio sizes")
+    with _progress(args, 1, "measuring the running kernel") as bar:
+        cal = calibrate.calibrate(region, args.measure, folios, progress=lambda line: bar.update(0, line))
+        rows = fork_study(region, [f.bytes for f in folios], [running], args.arch)
+    model = cost.fit()
+    fork = {r["folio_bytes"]: r for r in cal["measurements"] if r["operation"] == "fork"}
+    gib = (1 << 30) / region
+    print(f"\nmeasured: fork() on this machine's kernel {os.uname().release} ({running}), median of "
+          f"{args.measure}, bare fork subtracted; predicted: the cost model on {running}'s counters")
+    print(f"{'folio':>6} {'measured ms/GiB':>15} {'vs 4K':>7} {'predicted ms/GiB':>16} {'vs 4K':>7}")
+    def cell(v: float | None, base: float | None, width: int) -> str:
+        return (f"{v:>{width}.2f}" if v is not None else f"{'-':>{width}}") + \
+            (f" {v / base:>6.2f}x" if v is not None and base else f" {'-':>7}")
+
+    base_m = base_p = None
+    for r in rows:
+        m = fork.get(r.size)
+        meas = (m["median_ns"] - m["baseline_ns"]) / 1e6 * gib if m else None
+        ns, _ = cost.predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})
+        pred = ns / 1e6 * gib if ns is not None else None
+        base_m = meas if base_m is None else base_m
+        base_p = pred if base_p is None else base_p
+        print(f"{pb.format_size(r.size):>6} {cell(meas, base_m, 15)} {cell(pred, base_p, 16)}")
+    unverified = [m["folio_size"] for m in fork.values() if not m.get("folios_verified", True)]
+    if unverified:
+        print(f"note: the folio sizes of {', '.join(unverified)} could not be verified; those rows are doubtful")
 
 
 def _fork_predictions(rows: list, arch: str) -> tuple[dict | None, str | None]:
@@ -519,6 +563,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", default="x86-64", choices=pb.LAYOUT_NAMES, metavar="LAYOUT",
                    help=f"page table layout of the simulated machine: {', '.join(pb.LAYOUT_NAMES)} "
                         f"(default x86-64)")
+    f.add_argument("--measure", type=_int_in(1, 100), nargs="?", const=3, metavar="REPEAT",
+                   help="also time the running kernel's fork per folio size (root; sets the mTHP "
+                        "controls and restores them, as 'ptebatch calibrate'), REPEAT times (default 3), "
+                        "and print measured beside predicted")
 
     d = command("batches", batches, "fork batches of a generated page table per layout and kernel",
                 "Generates a page table of mTHP folios (random sizes, holes between them) and prints how"
