@@ -87,10 +87,13 @@ def test_bad_calibration_files_are_runtime_errors(capsys, tmp_path):
     other.write_text(json.dumps({"schema": "ptebatch-snapshot"}))
     _one_error_line(*_run(capsys, ["bench", "--quick", "--calibration", str(other)]), 1,
                     "other.json: not a calibration file (schema")
+    # A measurement without its fields: the same checks as the cost model's, naming the field.
+    cal = json.loads(bench.DEFAULT_CALIBRATION.read_text())
+    del cal["measurements"][0]["ns_per_pte"]
     short = tmp_path / "short.json"
-    short.write_text(json.dumps({"schema": "ptebatch-calibration", "measurements": [{"operation": "fork"}]}))
+    short.write_text(json.dumps(cal))
     _one_error_line(*_run(capsys, ["bench", "--quick", "--calibration", str(short)]), 1,
-                    "measurements[0] lacks")
+                    "short.json: measurements[0] field 'ns_per_pte' is missing")
 
 
 def test_run_checks_its_settings():

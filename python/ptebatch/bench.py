@@ -125,9 +125,10 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a calibration file (schema is not 'ptebatch-calibration')")
     if not isinstance(cal.get("measurements"), list):
         raise ValueError(f"{path}: calibration file without a 'measurements' list")
-    for i, m in enumerate(cal["measurements"]):
-        if not isinstance(m, dict) or not all(k in m for k in ("folio_size", "operation", "ns_per_pte")):
-            raise ValueError(f"{path}: measurements[{i}] lacks folio_size, operation or ns_per_pte")
+    # The same checks as the cost model's (types, finite non-negative times).
+    from .cost import check_calibration
+
+    check_calibration(cal, str(path))
     return cal
 
 

@@ -68,8 +68,9 @@ _ARCH_OF_MACHINE = {"x86_64": "x86-64", "aarch64": "arm64", "riscv64": "riscv64"
                     "ppc64le": "ppc64", "ppc64": "ppc64", "loongarch64": "loongarch64"}
 
 
-class CalibrationFileError(PtebatchError):
-    """Raised by :func:`load_calibration` for a file that is not a usable calibration."""
+class CalibrationFileError(PtebatchError, ValueError):
+    """Raised by :func:`load_calibration` for a file that is not a usable calibration (also a
+    ``ValueError``: the file is a bad argument)."""
 
 
 # -- non-negative least squares ----------------------------------------------------------------

@@ -232,17 +232,24 @@ class Document:
 
 
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|") or " "
+    return html.escape(s, quote=False).replace("|", "\\|") or " "
+
+
+def _md_text(text: str) -> str:
+    """``text`` for Markdown prose: HTML special characters escaped."""
+    return html.escape(str(text), quote=False)
 
 
 def to_markdown(doc: Document, files_dir: str, rel: str) -> str:
     """Markdown; the plots are referenced as ``rel/<file>`` (they are in ``files_dir``)."""
-    out = [f"# {doc.title}", ""]
-    out += [*(f"{p}  " for p in doc.intro), ""]
+    # Text from a scenario file is escaped: a shared file must not put live HTML into a
+    # rendered report.
+    out = [f"# {_md_text(doc.title)}", ""]
+    out += [*(f"{_md_text(p)}  " for p in doc.intro), ""]
     out += ["## Results", ""]
     for t in doc.tables:
         if t.title:
-            out += [f"### {t.title}", ""]
+            out += [f"### {_md_text(t.title)}", ""]
         out.append("| " + " | ".join(map(_md_cell, t.head)) + " |")
         out.append("|" + "|".join("---" if h in _TEXT_COLUMNS else "---:" for h in t.head) + "|")
         out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
@@ -251,8 +258,8 @@ def to_markdown(doc: Document, files_dir: str, rel: str) -> str:
     for p in doc.plots:
         name = os.path.basename(p.path)
         assert os.path.dirname(os.path.abspath(p.path)) == os.path.abspath(files_dir)
-        out += [f"![{p.caption}]({rel}/{name})", "", p.caption, ""]
-    out += [*(f"*{n}*" for n in doc.notes)]
+        out += [f"![{_md_text(p.caption)}]({rel}/{name})", "", _md_text(p.caption), ""]
+    out += [*(f"*{_md_text(n)}*" for n in doc.notes)]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -461,11 +468,18 @@ def report_cmd(args: argparse.Namespace) -> int:
 
 def check_writable(path: str) -> None:
     """Fails before a long run, not after it, when its output file cannot be written (an
-    OSError naming ``path``)."""
+    OSError naming ``path``); only a regular file is ever replaced."""
     import errno
+    import stat
 
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OSError(errno.EEXIST, "exists and is not a regular file, which is never replaced", path)
     try:
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".ptebatch-probe-"):
             pass

@@ -217,13 +217,21 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
+#: Names of processes, VMAs, files and pins (they end up in reports, so no markup).
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+#: Bounds that keep a scenario's run finite and its results in memory.
+MAX_REPEAT = 1_000_000
+MAX_CASES = 10_000
+
+
 def _read_toml(path: str) -> dict:
     try:
         # O_NONBLOCK: a FIFO must not hang the open; only a regular file is read.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ScenarioError(f"{path}: not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ScenarioError(f"{path}: not a regular file")
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{path}: not valid TOML: {e}") from None
@@ -270,11 +278,17 @@ def load(path: str | os.PathLike[str], params: dict[str, Any] | None = None, *,
     for k, v in declared.items():
         if isinstance(v, dict) or (isinstance(v, list) and not v):
             c.fail("[params]", f"key {k!r} must be a value or a non-empty array of values to sweep")
-    for k in params or {}:
+    for k, v in (params or {}).items():
         if k not in declared:
             c.fail("--set", f"no parameter {k!r} in [params]; known: {', '.join(declared) or 'none'}")
+        if isinstance(v, dict) or (isinstance(v, list) and not v):
+            c.fail("--set", f"parameter {k!r} must be a value or a non-empty array of values to sweep")
     values = {**declared, **(params or {})}
     swept = [k for k, v in values.items() if isinstance(v, list)]
+    n_cases = math.prod(len(values[k]) for k in swept)
+    if n_cases > MAX_CASES:
+        c.fail("[params]", f"the swept parameters make {n_cases} cases; at most {MAX_CASES} "
+                           "(split the sweep, or use ptebatch sweep)")
     combos = [dict(zip(swept, vs)) for vs in itertools.product(*(values[k] for k in swept))]
 
     if "machine" not in doc:
@@ -519,7 +533,7 @@ def _array(c: _Checker, doc: dict, key: str) -> list:
 
 def _name(c: _Checker, where: str, t: dict, taken: dict) -> str:
     name = c.typed(where, t, "name", str)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+    if not _NAME.fullmatch(name):
         c.fail(where, f"key 'name': {name!r} must be letters, digits, '_', '-' or '.'")
     if name in taken:
         c.fail(where, f"key 'name': {name!r} is used twice")
@@ -574,8 +588,8 @@ def _parse_steps(c: _Checker, raw: list, params: dict, prefix: str, table: str, 
         s = Step(label, op, w)
         if op == "repeat":
             n = c.typed(w, t, "count", int)
-            if n < 1:
-                c.fail(w, f"key 'count' must be at least 1, not {n}")
+            if not 1 <= n <= MAX_REPEAT:
+                c.fail(w, f"key 'count' must be from 1 to {MAX_REPEAT}, not {n}")
             body = t["steps"]
             if not isinstance(body, list) or not body:
                 c.fail(w, "key 'steps' must be a non-empty array of tables, written [[step.steps]]")
@@ -591,6 +605,9 @@ def _parse_steps(c: _Checker, raw: list, params: dict, prefix: str, table: str, 
             v = vmas[s.vma]
             s.process = s.process or v.process
             s.offset = _aligned(c, w, t, "offset", page, zero=True, default=0)
+            if s.offset >= v.size:
+                c.fail(w, f"key 'offset': {format_size(s.offset)} is not inside VMA {s.vma!r} "
+                          f"({format_size(v.size)})")
             s.length = _aligned(c, w, t, "length", page, default=v.size - s.offset)
             if s.offset + s.length > v.size or s.length == 0:
                 c.fail(w, f"key 'length': offset {format_size(s.offset)} + length {format_size(s.length)} "
@@ -603,6 +620,8 @@ def _parse_steps(c: _Checker, raw: list, params: dict, prefix: str, table: str, 
             s.args.setdefault("longterm", True)
         if op in ("fork", "pin"):
             s.args["as"] = c.typed(w, t, "as", str)
+            if s.args["as"] is not None and not _NAME.fullmatch(s.args["as"]):
+                c.fail(w, f"key 'as': {s.args['as']!r} must be letters, digits, '_', '-' or '.'")
         if op == "unpin":
             s.args["pin"] = c.typed(w, t, "pin", str)
         if op == "mprotect":

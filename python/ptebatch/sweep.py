@@ -325,7 +325,10 @@ def run(points: Sequence[Point], *, engine: str = "dask", client: Any = None, wo
     elif client is not None:
         _run_dask(client, points, done)
     else:
-        with dask_client(workers, threads_per_worker, scheduler) as c:
+        # A local cluster never has more workers than points: each would only sit idle (and a
+        # mistyped --workers 100000 would start that many processes).
+        n = min(workers or default_workers(), max(len(points), 1))
+        with dask_client(n, threads_per_worker, scheduler) as c:
             _run_dask(c, points, done)
     return [r for rows in results for r in rows]
 
