@@ -13,7 +13,7 @@ _Flag = bool | np.bool_ | _BoolArray
 
 __all__ = ["Layout", "Batch", "layout", "folio_pte_batch", "batch_lengths", "fork_flag_bits",
            "fpb_form", "LAYOUT_NAMES", "KERNEL_VERSIONS", "__version__", "PtebatchError", "InvariantError",
-           "SnapshotError", "CaptureError", "OutOfMemoryError", "AccessFault", "Simulation"]
+           "SnapshotError", "CaptureError", "OutOfMemoryError", "AccessFault", "Simulation", "StateView"]
 
 LAYOUT_NAMES: Final[list[str]]
 KERNEL_VERSIONS: Final[list[str]]
@@ -192,6 +192,14 @@ def fork_flag_bits(kernel: str, shared: bool = False, soft_dirty_tracking: bool 
 def fpb_form(kernel: str) -> str | None: ...
 
 @final
+class StateView:
+    """The base object of a view from ``Simulation.ptes`` / ``Simulation.memory_array``: it
+    keeps the viewed storage alive (and the simulation, for per-page arrays) and counts the
+    view, so that no step moves or frees that storage while it lives; a step that would have
+    to move it raises ``BufferError`` and changes nothing. Exposes no buffer of its own, so
+    numpy refuses to make the view writeable."""
+
+@final
 class Simulation:
     FREE_ORDER: ClassVar[int]
     def __new__(cls, arch: str, kernel: str, memory: int, seed: int = 0, batching: bool = True) -> Simulation: ...
@@ -249,10 +257,14 @@ class Simulation:
     def kpagecount(self, pfn: int) -> int: ...
     def check(self) -> None: ...
     def vmas(self, pid: int) -> list[dict[str, Any]]: ...
-    def ptes(self, pid: int, addr: int) -> npt.NDArray[np.uint64]: ...
+    def ptes(self, pid: int, addr: int) -> npt.NDArray[np.uint64]:
+        """The PTEs of the VMA holding ``addr``: a read-only view of the simulation's page
+        table (base: a :class:`StateView`), O(1); it follows later steps."""
     def rss(self, pid: int) -> dict[str, int]: ...
     def page(self, pfn: int) -> dict[str, Any]: ...
-    def memory_array(self, name: str) -> npt.NDArray[Any]: ...
+    def memory_array(self, name: str) -> npt.NDArray[Any]:
+        """A per-page array ("order", "flags", "mapcount", "refcount", "token") as a read-only
+        view of the simulation's own (base: a :class:`StateView`), O(1); it follows later steps."""
     def state(self) -> dict[str, Any]: ...
     def state_bytes(self) -> int: ...
     def decode_pte(self, pte: int) -> dict[str, Any]: ...

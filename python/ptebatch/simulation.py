@@ -162,8 +162,20 @@ class Pin:
         self.sim._b.unpin(self.id)
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 class MemoryArrays:
-    """Numpy copies of the simulation's per-pfn arrays, read on attribute access."""
+    """The simulation's per-pfn arrays, indexed by pfn: ``order`` (uint8, 255 = free),
+    ``flags`` (uint8, the model's page flags), ``mapcount`` (int32, mappings of the page: the
+    kernel's ``_mapcount + 1``), ``refcount`` (int32, ``folio->_refcount`` on a folio's first
+    page, 0 on tail pages), ``token`` (uint32, page contents).
+
+    With the Rust backend each is a read-only view of the simulation's own memory, O(1) to
+    obtain at any size, which follows every later step (see ``docs/views.md``); the
+    reference backend gives read-only copies."""
 
     FIELDS = ("order", "flags", "mapcount", "refcount", "token")
 
@@ -173,7 +185,9 @@ class MemoryArrays:
     def __getattr__(self, name: str) -> np.ndarray:
         if name not in MemoryArrays.FIELDS:
             raise AttributeError(f"no memory array {name!r}; known: {', '.join(MemoryArrays.FIELDS)}")
-        return np.asarray(self._sim.state()[name]) if self._sim.backend == "reference" else self._sim._b.memory_array(name)
+        if self._sim.backend == "reference":
+            return _readonly(np.array(self._sim.state()[name]))
+        return self._sim._b.memory_array(name)
 
 
 class Process:
@@ -271,9 +285,13 @@ class Process:
                           dtype=np.uint64)
 
     def ptes(self, mapping: Mapping | int) -> np.ndarray:
-        """A copy of the PTE array of the VMA holding the mapping's start (or an address)."""
+        """The PTE array (uint64, the layout's encoding) of the VMA holding the mapping's start
+        (or an address). With the Rust backend: a read-only view of the simulation's page
+        table, O(1) at any size, that follows every later step while the VMA lives (see
+        ``docs/views.md``); the reference backend gives a read-only copy."""
         addr = mapping.start if isinstance(mapping, Mapping) else _int_arg(mapping, "mapping")
-        return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
+        a = self.sim._b.ptes(self.pid, addr)
+        return _readonly(np.array(a, dtype=np.uint64)) if self.sim.backend == "reference" else a
 
     def vmas(self) -> list[dict[str, Any]]:
         """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes)."""

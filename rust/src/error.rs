@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Fault,
     /// A kernel invariant does not hold (`pb.InvariantError`).
     Invariant,
+    /// The step would move or free storage a numpy view holds (`BufferError`).
+    Buffer,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +61,10 @@ impl Error {
 
     pub fn fault(message: impl Into<String>) -> Self {
         Error { kind: ErrorKind::Fault, message: message.into(), rule: None }
+    }
+
+    pub fn buffer(message: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::Buffer, message: message.into(), rule: None }
     }
 
     pub fn invariant(message: impl Into<String>) -> Self {

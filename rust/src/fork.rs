@@ -40,7 +40,7 @@ impl State {
         // The child's page tables first, so that running out of host memory changes nothing.
         let mut tables = Vec::new();
         for v in self.mms[k].vmas.iter().filter(|v| !v.dontfork) {
-            tables.push(crate::alloc::try_filled(v.ptes.len(), none, "a page table")?);
+            tables.push(crate::ptes::PteTable::filled(v.ptes.len(), none, "a page table")?);
         }
         let mut tables = tables.into_iter();
         self.mms.push(Mm {

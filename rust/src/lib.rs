@@ -16,6 +16,7 @@ pub mod memory;
 pub mod mm;
 pub mod mprotect;
 pub mod procfs;
+pub mod ptes;
 pub mod restore;
 pub mod rmap;
 pub mod sim;

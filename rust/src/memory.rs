@@ -5,13 +5,14 @@
 //! a folio's first page, as `folio->_refcount`) and a content token for COW-isolation checks.
 //! Fields that the kernel keeps in a large folio's tail pages (`_large_mapcount`,
 //! `_entire_mapcount`, `_nr_pages_mapped`, `_pincount`, the MM-ID slots) live in
-//! [`LargeFolio`] records; like the kernel, which keeps them in the tail `struct page`s, the
-//! model finds a folio's record through its first tail page, whose refcount slot (unused:
-//! tail pages have no refcount) holds the record's index. The records use the kernel's
+//! [`LargeFolio`] records, found through a side table indexed by `pfn / 2` (a large folio's
+//! first pfn is even), so that every per-page array reads as the kernel's `struct page`
+//! fields do: a tail page's refcount is 0. The records use the kernel's
 //! "minus one" encoding where the algorithms (include/linux/rmap.h, folio_add_large_mapcount(), v6.15)
 //! depend on it.
 //!
-//! 14 bytes per page plus one 32-byte record per large folio.
+//! 16 bytes per page (14 in the per-page arrays, 2 in the record index) plus one 32-byte
+//! record per large folio.
 
 use std::collections::BTreeSet;
 
@@ -93,8 +94,9 @@ pub struct Memory {
     pub mapcount: Vec<i32>,
     pub refcount: Vec<i32>,
     pub token: Vec<u32>,
-    /// Large-folio records; `refcount[head + 1]` is the index of a large folio's record.
+    /// Large-folio records; `large_idx[head / 2]` is the index of a large folio's record.
     large: Vec<LargeFolio>,
+    large_idx: Vec<u32>,
     large_free: Vec<u32>,
     /// Free blocks per order, by first pfn (buddy allocator).
     free_lists: Vec<BTreeSet<u64>>,
@@ -104,6 +106,9 @@ pub struct Memory {
     /// too fragmented (so the fault falls back to a smaller folio).
     pub fallback: Vec<f64>,
     pub rng: SplitMix64,
+    /// Numpy views of the per-page arrays held by Python (shared with copies made for a
+    /// step, so that a step on a copy knows; see `crate::ptes`).
+    pub exports: crate::ptes::Exports,
 }
 
 impl Memory {
@@ -119,7 +124,7 @@ impl Memory {
         }
         let n = nr_pages as usize;
         // The five per-page arrays together, all written below.
-        crate::alloc::ensure_host_room(nr_pages as u128 * 14, "the page arrays of the simulated memory")?;
+        crate::alloc::ensure_host_room(nr_pages as u128 * 16, "the page arrays of the simulated memory")?;
         use crate::alloc::try_filled;
         let mut m = Memory {
             order: try_filled(n, FREE, "the page-order array")?,
@@ -128,12 +133,14 @@ impl Memory {
             refcount: try_filled(n, 0, "the refcount array")?,
             token: try_filled(n, 0, "the token array")?,
             large: Vec::new(),
+            large_idx: try_filled(n.div_ceil(2), 0, "the large-folio index")?,
             large_free: Vec::new(),
             free_lists: vec![BTreeSet::new(); max_order as usize + 1],
             free_pages: 0,
             max_order,
             fallback: vec![0.0; max_order as usize + 1],
             rng: SplitMix64(seed),
+            exports: Default::default(),
         };
         let mut pfn = 0u64;
         while pfn < nr_pages {
@@ -158,13 +165,32 @@ impl Memory {
             refcount: try_copy(&self.refcount, "the refcount array", t)?,
             token: try_copy(&self.token, "the token array", t)?,
             large: try_copy(&self.large, "the large-folio records", t)?,
+            large_idx: try_copy(&self.large_idx, "the large-folio index", t)?,
             large_free: try_copy(&self.large_free, "the free large-folio records", t)?,
             free_lists: self.free_lists.clone(),
             free_pages: self.free_pages,
             max_order: self.max_order,
             fallback: self.fallback.clone(),
             rng: self.rng.clone(),
+            exports: self.exports.share(),
         })
+    }
+
+    /// Before this memory (a copy a step ran on) replaces `old`: if numpy views `old`'s
+    /// per-page arrays, they get this memory's contents and are used again.
+    pub fn adopt_exported(&mut self, old: &mut Memory) {
+        if !old.exports.exported() {
+            return;
+        }
+        fn adopt<T: Copy>(new: &mut Vec<T>, old: &mut Vec<T>) {
+            old.copy_from_slice(new);
+            std::mem::swap(new, old);
+        }
+        adopt(&mut self.order, &mut old.order);
+        adopt(&mut self.flags, &mut old.flags);
+        adopt(&mut self.mapcount, &mut old.mapcount);
+        adopt(&mut self.refcount, &mut old.refcount);
+        adopt(&mut self.token, &mut old.token);
     }
 
     pub fn nr_pages(&self) -> u64 {
@@ -254,7 +280,7 @@ impl Memory {
                     self.large.len() as u32 - 1
                 }
             };
-            self.refcount[pfn as usize + 1] = idx as i32;
+            self.large_idx[pfn as usize / 2] = idx;
         }
     }
 
@@ -285,7 +311,7 @@ impl Memory {
         let order = self.folio_order(head);
         let n = 1u64 << order;
         if order > 0 {
-            self.large_free.push(self.refcount[head as usize + 1] as u32);
+            self.large_free.push(self.large_idx[head as usize / 2]);
         }
         for p in head..head + n {
             let i = p as usize;
@@ -326,13 +352,13 @@ impl Memory {
         if o == FREE || o == 0 || self.folio_head(head) != head {
             return None;
         }
-        self.large.get(self.refcount[head as usize + 1] as usize)
+        self.large.get(self.large_idx[head as usize / 2] as usize)
     }
 
     /// The record of an allocated large folio; callers only ask for folios they found
     /// allocated with order > 0, which always have one.
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
-        let idx = self.refcount[head as usize + 1] as usize;
+        let idx = self.large_idx[head as usize / 2] as usize;
         &mut self.large[idx]
     }
 
@@ -349,7 +375,7 @@ impl Memory {
                 let (at, o) = (pfn, self.order[pfn as usize]);
                 pfn += if o == FREE { 1 } else { 1 << o };
                 if o != FREE && o > 0 {
-                    return Some((at, &self.large[self.refcount[at as usize + 1] as usize]));
+                    return Some((at, &self.large[self.large_idx[at as usize / 2] as usize]));
                 }
             }
             None
@@ -361,19 +387,9 @@ impl Memory {
         self.large_folio_iter().count()
     }
 
-    /// The refcount array as the kernel means it: tail pages have none (their slot holds
-    /// the record index here).
-    pub fn folio_refcounts(&self) -> Result<Vec<i32>> {
-        let mut r = crate::alloc::try_copy(&self.refcount, "a copy of the refcount array", &Default::default())?;
-        for (head, _) in self.large_folio_iter() {
-            r[head as usize + 1] = 0;
-        }
-        Ok(r)
-    }
-
     /// Bytes of memory state: the per-page arrays and the large-folio records.
     pub fn state_bytes(&self) -> usize {
-        self.order.len() * 14 + self.large.capacity() * std::mem::size_of::<LargeFolio>()
+        self.order.len() * 14 + self.large_idx.len() * 4 + self.large.capacity() * std::mem::size_of::<LargeFolio>()
     }
 
     /// `folio_mapcount()`: mappings of all pages of the folio.

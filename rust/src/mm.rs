@@ -4,6 +4,7 @@
 use crate::error::Result;
 use crate::arch::{Caps, PteLayout};
 use crate::memory::{Memory, PG_ANON, PG_SWAPBACKED};
+use crate::ptes::PteTable;
 
 /// `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SHMEMPAGES` (include/linux/mm_types_task.h).
 pub const MM_FILEPAGES: usize = 0;
@@ -76,7 +77,7 @@ impl Prot {
 pub struct Vma {
     pub start: u64,
     /// Entry `i` maps virtual page `start + i`.
-    pub ptes: Vec<u64>,
+    pub ptes: PteTable,
     pub prot: Prot,
     /// VM_SHARED (VM_MAYWRITE is assumed, so a private mapping is a COW mapping).
     pub shared: bool,
@@ -122,17 +123,14 @@ impl Vma {
         caps.soft_dirty && !self.vm_softdirty
     }
 
-    /// Splits off `[at, end)` as a new VMA (`__split_vma`), its page table copied into
-    /// `room` (allocated beforehand, see [`Mm::split_room`]).
-    pub fn split_off(&mut self, at: u64, mut room: Vec<u64>) -> Vma {
+    /// Splits off `[at, end)` as a new VMA (`__split_vma`); the two share the page table's
+    /// store, so no entry moves.
+    pub fn split_off(&mut self, at: u64) -> Vma {
         let k = (at - self.start) as usize;
-        room.clear();
-        room.extend_from_slice(&self.ptes[k..]);
-        self.ptes.truncate(k);
-        self.ptes.shrink_to_fit();
+        let tail = self.ptes.split_off(k);
         let mut v = self.clone_without_ptes();
         v.start = at;
-        v.ptes = room;
+        v.ptes = tail;
         if v.file.is_some() {
             v.pgoff = self.pgoff + k as u64;
         }
@@ -143,7 +141,7 @@ impl Vma {
     pub fn clone_without_ptes(&self) -> Vma {
         Vma {
             start: self.start,
-            ptes: Vec::new(),
+            ptes: PteTable::empty(),
             prot: self.prot,
             shared: self.shared,
             file: self.file,
@@ -196,9 +194,10 @@ impl Mm {
     /// A copy, or a host out-of-memory error (or a stop from `t`).
     pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Mm> {
         let mut vmas = crate::alloc::try_with_capacity(self.vmas.len(), "the VMAs")?;
+        let mut copies = Vec::new();
         for v in &self.vmas {
             let mut c = v.clone_without_ptes();
-            c.ptes = crate::alloc::try_copy(&v.ptes, "a page table", t)?;
+            c.ptes = v.ptes.try_clone(t, &mut copies)?;
             vmas.push(c);
         }
         Ok(Mm { vmas, ..*self })
@@ -222,47 +221,43 @@ impl Mm {
         true
     }
 
-    /// Room for the page tables that splits at `at` would cut off: allocated before anything
-    /// changes, so that a host out of memory leaves the address space as it was.
-    pub fn split_room(&self, at: &[u64]) -> Result<Vec<Vec<u64>>> {
-        let mut room = Vec::new();
-        for &x in at {
-            if let Some(k) = self.find_vma(x) {
-                if self.vmas[k].start != x {
-                    let n = (self.vmas[k].end() - x) as usize;
-                    room.push(crate::alloc::try_with_capacity(n, "the page table of a split VMA")?);
-                }
-            }
-        }
-        Ok(room)
-    }
-
-    /// Splits VMAs so that `at` is a VMA boundary, using room from [`Mm::split_room`].
-    fn split_at(&mut self, at: u64, room: &mut Vec<Vec<u64>>) {
+    /// Splits VMAs so that `at` is a VMA boundary.
+    fn split_at(&mut self, at: u64) {
         if let Some(k) = self.find_vma(at) {
             if self.vmas[k].start != at {
-                let buf = room.pop().unwrap_or_default();
-                let tail = self.vmas[k].split_off(at, buf);
+                let tail = self.vmas[k].split_off(at);
                 self.vmas.insert(k + 1, tail);
             }
         }
     }
 
-    /// Room for [`Mm::isolate`]`(from, to)`.
-    pub fn isolate_room(&self, from: u64, to: u64) -> Result<Vec<Vec<u64>>> {
-        // Splitting at `from` first leaves the VMA holding `to` with the same end; the room
-        // for `from` is taken (popped) first.
-        self.split_room(&[to, from])
-    }
-
-    /// Indices of the VMAs inside `[from, to)` after splitting at both ends, with the room
-    /// that [`Mm::isolate_room`] took beforehand.
-    pub fn isolate(&mut self, from: u64, to: u64, mut room: Vec<Vec<u64>>) -> std::ops::Range<usize> {
-        self.split_at(from, &mut room);
-        self.split_at(to, &mut room);
+    /// Indices of the VMAs inside `[from, to)` after splitting at both ends.
+    pub fn isolate(&mut self, from: u64, to: u64) -> std::ops::Range<usize> {
+        self.split_at(from);
+        self.split_at(to);
         let a = self.vmas.partition_point(|v| v.end() <= from);
         let b = self.vmas.partition_point(|v| v.start < to);
         a..b.max(a)
+    }
+
+    /// Whether changing the VMAs of `[from, to)` might merge two VMAs whose page tables lie
+    /// in different stores while numpy views one of them: such a merge would move viewed
+    /// entries, so the operation is refused first (`BufferError`). Only neighbours made by
+    /// separate mmaps have different stores. Returns the viewed range, in vpns.
+    pub fn merge_would_move_exported(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+        let lo = self.vmas.partition_point(|v| v.end() < from);
+        let hi = self.vmas.partition_point(|v| v.start <= to);
+        for k in lo + 1..hi.min(self.vmas.len()) {
+            let (a, b) = (&self.vmas[k - 1], &self.vmas[k]);
+            if a.end() == b.start && !a.ptes.continues_into(&b.ptes) {
+                for v in [a, b] {
+                    if v.ptes.store().exported() {
+                        return Some((v.start, v.end()));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Merges neighbours that `Vma::can_merge` allows, around `range`.
@@ -272,15 +267,26 @@ impl Mm {
         while k > lo + 1 {
             k -= 1;
             // A merge the host has no memory for is skipped, as the kernel leaves VMAs
-            // unmerged when vma_merge() cannot allocate.
-            let extra = self.vmas[k].ptes.len();
-            if self.vmas[k - 1].can_merge(&self.vmas[k]) && self.vmas[k - 1].ptes.try_reserve(extra).is_ok() {
-                let next = self.vmas.remove(k);
+            // unmerged when vma_merge() cannot allocate; so is one that would move entries a
+            // numpy view holds (callers refuse those first, see merge_would_move_exported).
+            let (prev, next) = (&self.vmas[k - 1], &self.vmas[k]);
+            let moves_viewed = !prev.ptes.continues_into(&next.ptes)
+                && (prev.ptes.store().exported() || next.ptes.store().exported());
+            if prev.can_merge(next) && !moves_viewed {
+                let mut next = self.vmas.remove(k);
                 let prev = &mut self.vmas[k - 1];
-                if prev.anon_vma == 0 {
-                    prev.anon_vma = next.anon_vma;
+                let ptes = std::mem::replace(&mut next.ptes, PteTable::empty());
+                match prev.ptes.join(ptes) {
+                    Ok(()) => {
+                        if prev.anon_vma == 0 {
+                            prev.anon_vma = next.anon_vma;
+                        }
+                    }
+                    Err(ptes) => {
+                        next.ptes = ptes;
+                        self.vmas.insert(k, next);
+                    }
                 }
-                prev.ptes.extend_from_slice(&next.ptes);
             }
         }
     }

@@ -35,11 +35,10 @@ pub fn pte_modify<L: PteLayout>(l: &L, old: u64, prot: Prot, page_prot_write: bo
 impl State {
     /// `mprotect()` of `[a, b)` (vpns, entirely mapped).
     pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) -> Result<()> {
-        let room = self.mms[k].isolate_room(a, b)?;
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
-        let r = self.mms[k].isolate(a, b, room);
+        let r = self.mms[k].isolate(a, b);
         for v in r.clone() {
             self.mms[k].vmas[v].prot = prot;
         }

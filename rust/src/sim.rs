@@ -181,6 +181,7 @@ impl Simulation {
                 let r = f(&self.layout, &self.profile, &mut trial);
                 trial.ticker.stop();
                 if r.is_ok() {
+                    trial.adopt_exported(&mut self.st);
                     self.st = trial;
                 }
                 r
@@ -249,6 +250,22 @@ impl Simulation {
             )));
         }
         Ok((a, b))
+    }
+
+    /// `BufferError` if changing the VMAs of `[a, b)` of process `k` might have to move
+    /// PTEs a numpy view holds (see [`Mm::merge_would_move_exported`]).
+    fn refuse_moving_views(&self, k: usize, a: u64, b: u64) -> Result<()> {
+        match self.st.mms[k].merge_would_move_exported(a, b) {
+            None => Ok(()),
+            Some((s, e)) => Err(Error::buffer(format!(
+                "the PTEs of process {}'s mapping {:#x}-{:#x} are viewed by a numpy array, and this \
+                 change might merge that mapping with a neighbour mapped separately, which moves \
+                 them; release the view (del it) first",
+                self.st.mms[k].pid,
+                s << self.st.page_shift,
+                e << self.st.page_shift
+            ))),
+        }
     }
 
     // ---- processes and mappings ---------------------------------------------------------
@@ -363,7 +380,7 @@ impl Simulation {
         if (start + nr) << shift > 1 << 56 {
             return Err(Error::value("the address space is full"));
         }
-        let ptes = crate::alloc::try_filled(nr as usize, self.layout.geometry().none_value, "a page table")?;
+        let ptes = crate::ptes::PteTable::filled(nr as usize, self.layout.geometry().none_value, "a page table")?;
         let (file_id, pgoff) = match file {
             Some((f, off)) => (Some(f), off / ps),
             None if shared => {
@@ -374,7 +391,6 @@ impl Simulation {
             }
             None => (None, 0),
         };
-        let mm = &mut self.st.mms[k];
         let vma = Vma {
             start,
             ptes,
@@ -390,7 +406,21 @@ impl Simulation {
             anon_vma: 0,
             mthp: orders,
         };
-        let pos = mm.vmas.partition_point(|v| v.start < start);
+        let pos = self.st.mms[k].vmas.partition_point(|v| v.start < start);
+        {
+            // A new mapping that would merge with a viewed neighbour would move its PTEs.
+            let vmas = &self.st.mms[k].vmas;
+            let viewed_merge = (pos > 0 && vmas[pos - 1].can_merge(&vma) && vmas[pos - 1].ptes.store().exported())
+                || (pos < vmas.len() && vma.can_merge(&vmas[pos]) && vmas[pos].ptes.store().exported());
+            if viewed_merge {
+                return Err(Error::buffer(format!(
+                    "a mapping at {:#x} would merge with a neighbour whose PTEs a numpy view holds, \
+                     which moves them; release the view (del it) first, or map elsewhere",
+                    start << shift
+                )));
+            }
+        }
+        let mm = &mut self.st.mms[k];
         mm.vmas.insert(pos, vma);
         mm.merge_around(pos..pos + 1);
         mm.next_vpn = mm.next_vpn.max(start + nr + pmd_pages);
@@ -481,7 +511,7 @@ impl Simulation {
                         at = v.end();
                     }
                 }
-                let room = self.st.mms[k].isolate_room(a, b)?;
+                self.refuse_moving_views(k, a, b)?;
                 self.begin();
                 // The model keeps contpte blocks inside one VMA: a block a split would cut is
                 // unfolded (the kernel may leave it folded across the two VMAs).
@@ -491,7 +521,7 @@ impl Simulation {
                     self.st.unfold_at_split(l, profile, k, b);
                 });
                 let mm = &mut self.st.mms[k];
-                let r = mm.isolate(a, b, room);
+                let r = mm.isolate(a, b);
                 for v in &mut mm.vmas[r.clone()] {
                     match advice {
                         "dontfork" => v.dontfork = true,
@@ -514,6 +544,7 @@ impl Simulation {
     pub fn mprotect(&mut self, pid: u32, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.mapped_range(k, addr, len)?;
+        self.refuse_moving_views(k, a, b)?;
         self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.mprotect(l, p, k, a, b, prot)))
     }
 
@@ -627,6 +658,26 @@ impl Simulation {
 impl State {
     /// A copy of the state, or a host out-of-memory error where the host cannot hold it (or
     /// a stop from the ticker, when armed).
+    /// Bytes of page-table storage (each store once, however many VMAs share it).
+    pub fn page_table_bytes(&self) -> usize {
+        let mut seen: Vec<(*const u64, usize)> = self.mms.iter().flat_map(|mm| &mm.vmas).map(|v| v.ptes.store().as_raw()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.iter().map(|&(_, n)| n * 8).sum()
+    }
+
+    /// Before this state (a copy a step ran on) replaces `old`: storage that numpy views of
+    /// `old` hold gets this state's contents and is used again, so that views stay live.
+    pub fn adopt_exported(&mut self, old: &mut State) {
+        self.mem.adopt_exported(&mut old.mem);
+        for mm in &mut self.mms {
+            let mut done = Vec::new();
+            for v in &mut mm.vmas {
+                v.ptes.adopt_exported_origin(&mut done);
+            }
+        }
+    }
+
     pub fn try_clone(&self) -> Result<State> {
         let t = &self.ticker;
         let mut mms = crate::alloc::try_with_capacity(self.mms.len(), "the processes")?;

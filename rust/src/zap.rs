@@ -131,10 +131,9 @@ impl State {
     /// `munmap()` of `[a, b)` (vpns): VMAs split at the ends, zapped and removed.
     pub fn munmap<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64) -> Result<()> {
         let mut gather = new_gather()?;
-        let room = self.mms[k].isolate_room(a, b)?;
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
-        let r = self.mms[k].isolate(a, b, room);
+        let r = self.mms[k].isolate(a, b);
         for v in r.clone() {
             let n = self.mms[k].vmas[v].ptes.len();
             self.zap_vma_range(l, p, k, v, 0, n, false, &mut gather)?;

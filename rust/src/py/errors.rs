@@ -2,7 +2,7 @@
 //! are defined in Python (`ptebatch/errors.py`), where they can have two bases
 //! (`OutOfMemoryError` is also a `MemoryError`); the extension raises those same classes.
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::{import_exception, PyErr};
 
 use crate::error::{Error, ErrorKind};
@@ -26,6 +26,7 @@ impl From<Error> for PyErr {
             ErrorKind::HostMemory => OutOfMemoryError::new_err((e.message, true)),
             ErrorKind::Interrupted => PyKeyboardInterrupt::new_err(e.message),
             ErrorKind::Fault => AccessFault::new_err(e.message),
+            ErrorKind::Buffer => PyBufferError::new_err(e.message),
             ErrorKind::Invariant => InvariantError::new_err((e.message, e.rule.unwrap_or("unknown"))),
         }
     }

@@ -5,6 +5,7 @@ mod batch;
 mod errors;
 mod layout;
 mod sim;
+mod views;
 
 use pyo3::prelude::*;
 
@@ -14,6 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<layout::PyLayout>()?;
     m.add_class::<batch::PyBatch>()?;
     m.add_class::<sim::PySimulation>()?;
+    m.add_class::<views::ViewOwner>()?;
     m.add_function(wrap_pyfunction!(layout::layout, m)?)?;
     m.add_function(wrap_pyfunction!(batch::folio_pte_batch, m)?)?;
     m.add_function(wrap_pyfunction!(batch::batch_lengths, m)?)?;

@@ -1,6 +1,7 @@
 //! `Simulation`: the binding of [`crate::sim::Simulation`]. Converts arguments, releases
-//! the GIL around the operations and hands state out as numpy arrays (copies: the state
-//! moves under them, so a borrowed view could dangle).
+//! the GIL around the operations and hands state out as numpy arrays: read-only views of
+//! the simulation's own storage for the per-page arrays and page tables (`super::views`),
+//! copies for everything assembled on request (`state()`, `pagemap()`).
 //!
 //! Threads: the simulation sits behind a mutex, so calls from several threads run one at a
 //! time, each whole; a thread waits for the mutex with the GIL released. Ctrl-C: long steps
@@ -444,11 +445,14 @@ impl PySimulation {
         Ok(out)
     }
 
-    /// A copy of the PTE array of the VMA holding `addr`.
+    /// The PTE array of the VMA holding `addr`: a read-only view of the simulation's page
+    /// table (O(1); it follows every later step while the VMA lives).
     fn ptes<'py>(&self, py: Python<'py>, pid: u32, addr: u64) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let s = self.lock(py)?;
         let (k, v) = s.vma_index(pid, addr)?;
-        array_from_slice(py, &s.st.mms[k].vmas[v].ptes, "a copy of a page table")
+        let t = &s.st.mms[k].vmas[v].ptes;
+        // SAFETY: a store never moves or shrinks, and the owner keeps it alive.
+        unsafe { super::views::view(py, t.as_ptr(), t.len(), super::views::ViewOwner::ptes(t.store())) }
     }
 
     /// rss counters of a process: {"file", "anon", "shmem"}.
@@ -509,17 +513,24 @@ impl PySimulation {
         Ok(d)
     }
 
-    /// A copy of one per-page array: "order" (255 = free), "flags", "mapcount", "refcount",
-    /// "token".
-    fn memory_array<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-        let s = self.lock(py)?;
+    /// One per-page array as a read-only view of the simulation's own (O(1)): "order"
+    /// (255 = free), "flags", "mapcount", "refcount", "token".
+    fn memory_array<'py>(slf: &Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        use super::views::{view, ViewOwner};
+        let py = slf.py();
+        let this = slf.get();
+        let s = this.lock(py)?;
         let m = &s.st.mem;
+        let owner = || ViewOwner::memory(slf.clone().into_any().unbind(), &m.exports);
+        // SAFETY: the per-page arrays keep their length for the simulation's life, and a
+        // step run on a copy writes back into them while they are viewed
+        // (Memory::adopt_exported); the owner keeps the simulation alive.
         Ok(match name {
-            "order" => array_from_slice(py, &m.order, "a copy of the page orders")?.into_any(),
-            "flags" => array_from_slice(py, &m.flags, "a copy of the page flags")?.into_any(),
-            "mapcount" => array_from_slice(py, &m.mapcount, "a copy of the mapcounts")?.into_any(),
-            "refcount" => m.folio_refcounts()?.into_pyarray(py).into_any(),
-            "token" => array_from_slice(py, &m.token, "a copy of the tokens")?.into_any(),
+            "order" => unsafe { view(py, m.order.as_ptr(), m.order.len(), owner())? }.into_any(),
+            "flags" => unsafe { view(py, m.flags.as_ptr(), m.flags.len(), owner())? }.into_any(),
+            "mapcount" => unsafe { view(py, m.mapcount.as_ptr(), m.mapcount.len(), owner())? }.into_any(),
+            "refcount" => unsafe { view(py, m.refcount.as_ptr(), m.refcount.len(), owner())? }.into_any(),
+            "token" => unsafe { view(py, m.token.as_ptr(), m.token.len(), owner())? }.into_any(),
             _ => {
                 return Err(Error::value(format!(
                     "unknown memory array {name:?}; known: order, flags, mapcount, refcount, token"
@@ -538,7 +549,7 @@ impl PySimulation {
         d.set_item("order", array_from_slice(py, &m.order, "a copy of the page orders")?)?;
         d.set_item("flags", array_from_slice(py, &m.flags, "a copy of the page flags")?)?;
         d.set_item("mapcount", array_from_slice(py, &m.mapcount, "a copy of the mapcounts")?)?;
-        d.set_item("refcount", m.folio_refcounts()?.into_pyarray(py))?;
+        d.set_item("refcount", array_from_slice(py, &m.refcount, "a copy of the refcounts")?)?;
         d.set_item("token", array_from_slice(py, &m.token, "a copy of the tokens")?)?;
         let mut large: Vec<i64> = crate::alloc::try_with_capacity(m.nr_large_folios() * 9, "the large-folio table")?;
         for (h, lf) in m.large_folio_iter() {
@@ -620,8 +631,7 @@ impl PySimulation {
     fn state_bytes(&self, py: Python<'_>) -> PyResult<u64> {
         let s = self.lock(py)?;
         let st = &s.st;
-        let ptes: usize = st.mms.iter().flat_map(|mm| mm.vmas.iter()).map(|v| v.ptes.capacity() * 8).sum();
-        Ok((st.mem.state_bytes() + ptes) as u64)
+        Ok((st.mem.state_bytes() + st.page_table_bytes()) as u64)
     }
 
     /// The name a free page's order has in `memory_array("order")`.

@@ -1,0 +1,301 @@
+//! Page-table storage that Python can look at without copying.
+//!
+//! A VMA's PTEs are a window (`off`, `len`) into a fixed-size [`PteStore`] that VMAs split
+//! from one mapping share, much as the kernel's VMAs share page-table pages: splitting a VMA
+//! moves no entry, and merging two VMAs cut from the same store only widens the window. A
+//! store never grows, shrinks or moves once made, so a numpy view of it (which holds the
+//! store alive) never dangles. The one operation that would have to move entries — merging
+//! VMAs of two different stores — is refused while either store is viewed (see
+//! [`crate::mm::Mm::merge_would_move_exported`]), as Python refuses to resize an exported
+//! `bytearray`.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use crate::error::Result;
+
+/// How many numpy views hold a piece of storage. A state's copy made for a step shares its
+/// original's count ([`Exports::share`]); an ordinary clone starts at zero.
+#[derive(Debug, Default)]
+pub struct Exports(Arc<AtomicUsize>);
+
+impl Exports {
+    pub fn share(&self) -> Exports {
+        Exports(self.0.clone())
+    }
+
+    pub fn exported(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+
+    /// Counts one more view; the view calls [`Exports::release`] when it goes.
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn release(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Clone for Exports {
+    /// A count for an independent copy of the storage: no views yet.
+    fn clone(&self) -> Exports {
+        Exports::default()
+    }
+}
+
+/// A fixed-size array of PTEs, shared by the VMAs cut from it and by numpy views.
+pub struct PteStore {
+    ptr: NonNull<u64>,
+    len: usize,
+    /// Numpy views of this store (shared with the copies a step runs on).
+    pub exports: Exports,
+    /// The store this one is a copy of, for a step run on a copy of the state.
+    origin: Option<Weak<PteStore>>,
+}
+
+// SAFETY: the store is a plain heap array. Mutable access goes through `PteTable`, whose
+// windows on one store never overlap and which is only written through `&mut`.
+unsafe impl Send for PteStore {}
+unsafe impl Sync for PteStore {}
+
+impl PteStore {
+    fn from_vec(v: Vec<u64>, exports: Exports, origin: Option<Weak<PteStore>>) -> Arc<PteStore> {
+        let len = v.len();
+        let ptr = NonNull::new(Box::into_raw(v.into_boxed_slice()) as *mut u64).expect("Box pointers are not null");
+        Arc::new(PteStore { ptr, len, exports, origin })
+    }
+
+    /// The first entry's address and the number of entries, for a numpy view.
+    pub fn as_raw(&self) -> (*const u64, usize) {
+        (self.ptr.as_ptr(), self.len)
+    }
+
+    pub fn exported(&self) -> bool {
+        self.exports.exported()
+    }
+
+    /// Copies `src` (the copy of this store a step ran on) over this store's entries.
+    /// Callers make sure no `PteTable` of this store is borrowed.
+    fn overwrite_from(&self, src: &PteStore) {
+        debug_assert_eq!(self.len, src.len);
+        // SAFETY: both are live arrays of `len` entries; `self` is not borrowed by anyone
+        // (the state that owned its windows is being replaced), and numpy views only read.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr.as_ptr(), self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PteStore {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::into_raw` of a boxed slice of `len` entries in `from_vec`.
+        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len))) }
+    }
+}
+
+impl std::fmt::Debug for PteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PteStore({} entries, {} views)", self.len, self.exports.0.load(Ordering::Relaxed))
+    }
+}
+
+/// One VMA's PTEs: entries `[off, off + len)` of a store. Reads and writes as a `[u64]`.
+pub struct PteTable {
+    store: Arc<PteStore>,
+    off: usize,
+    len: usize,
+}
+
+impl PteTable {
+    /// A new table of `n` entries, all `none`; fallible, as every user-sized allocation.
+    pub fn filled(n: usize, none: u64, what: &str) -> Result<PteTable> {
+        let v = crate::alloc::try_filled(n, none, what)?;
+        Ok(PteTable { store: PteStore::from_vec(v, Default::default(), None), off: 0, len: n })
+    }
+
+    /// An empty table.
+    pub fn empty() -> PteTable {
+        PteTable { store: PteStore::from_vec(Vec::new(), Default::default(), None), off: 0, len: 0 }
+    }
+
+    pub fn store(&self) -> &Arc<PteStore> {
+        &self.store
+    }
+
+    /// Where the window starts in its store.
+    pub fn offset(&self) -> usize {
+        self.off
+    }
+
+    /// Cuts the table at entry `k`: this one keeps `[0, k)`, the result holds `[k, len)`, in
+    /// the same store (no entry moves).
+    pub fn split_off(&mut self, k: usize) -> PteTable {
+        assert!(k <= self.len, "split inside the table");
+        let tail = PteTable { store: self.store.clone(), off: self.off + k, len: self.len - k };
+        self.len = k;
+        tail
+    }
+
+    /// Whether `next` continues this table in the same store, so that joining them moves
+    /// nothing.
+    pub fn continues_into(&self, next: &PteTable) -> bool {
+        Arc::ptr_eq(&self.store, &next.store) && self.off + self.len == next.off
+    }
+
+    /// Joins `next` (which follows this table in the address space) onto this one: by
+    /// widening the window when it continues it in the same store, else by copying both into
+    /// a new store. `Err` (nothing changed) when the host cannot hold the copy.
+    pub fn join(&mut self, next: PteTable) -> std::result::Result<(), PteTable> {
+        if self.continues_into(&next) {
+            self.len += next.len;
+            return Ok(());
+        }
+        let mut v = match crate::alloc::try_with_capacity(self.len + next.len, "the page table of a merged VMA") {
+            Ok(v) => v,
+            Err(_) => return Err(next),
+        };
+        v.extend_from_slice(self);
+        v.extend_from_slice(&next);
+        self.store = PteStore::from_vec(v, Default::default(), None);
+        self.off = 0;
+        self.len += next.len;
+        Ok(())
+    }
+
+    /// A copy in a store of its own (or a host out-of-memory error, or a stop from `t`).
+    /// `copies` maps each original store to its copy, so that tables sharing a store share
+    /// its copy too; a copy remembers its original and shares its view count.
+    pub fn try_clone(&self, t: &crate::watch::Ticker, copies: &mut Vec<(Arc<PteStore>, Arc<PteStore>)>) -> Result<PteTable> {
+        let store = match copies.iter().find(|(o, _)| Arc::ptr_eq(o, &self.store)) {
+            Some((_, c)) => c.clone(),
+            None => {
+                // SAFETY: a live array of `len` entries, only read here.
+                let all = unsafe { std::slice::from_raw_parts(self.store.ptr.as_ptr(), self.store.len) };
+                let v = crate::alloc::try_copy(all, "a page table", t)?;
+                let c = PteStore::from_vec(v, self.store.exports.share(), Some(Arc::downgrade(&self.store)));
+                copies.push((self.store.clone(), c.clone()));
+                c
+            }
+        };
+        Ok(PteTable { store, off: self.off, len: self.len })
+    }
+
+    /// After a step ran on a copy of the state: if this table's store is a copy of a store
+    /// that numpy still views, write the copy back into that store and use it again, so the
+    /// views see the step's result. `done` collects the stores already written back.
+    pub fn adopt_exported_origin(&mut self, done: &mut Vec<(*const PteStore, Arc<PteStore>)>) {
+        let key = Arc::as_ptr(&self.store);
+        if let Some((_, orig)) = done.iter().find(|(k, _)| *k == key) {
+            self.store = orig.clone();
+            return;
+        }
+        let Some(orig) = self.store.origin.as_ref().and_then(Weak::upgrade) else { return };
+        if !orig.exported() || orig.len != self.store.len {
+            return;
+        }
+        orig.overwrite_from(&self.store);
+        done.push((key, orig.clone()));
+        self.store = orig;
+    }
+}
+
+impl std::ops::Deref for PteTable {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        // SAFETY: `[off, off + len)` lies in the store, which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.store.ptr.as_ptr().add(self.off), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PteTable {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as for `deref`; tables on one store never overlap (split and join keep
+        // windows disjoint, and `Clone` copies into a new store), so `&mut self` is the only
+        // mutable access to these entries. Numpy views only read, between steps.
+        unsafe { std::slice::from_raw_parts_mut(self.store.ptr.as_ptr().add(self.off), self.len) }
+    }
+}
+
+impl Clone for PteTable {
+    /// A copy in a new store of its own.
+    fn clone(&self) -> PteTable {
+        PteTable { store: PteStore::from_vec(self.to_vec(), Default::default(), None), off: 0, len: self.len }
+    }
+}
+
+impl std::fmt::Debug for PteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter().map(|e| format!("{e:#x}"))).finish()
+    }
+}
+
+impl PartialEq for PteTable {
+    fn eq(&self, other: &PteTable) -> bool {
+        **self == **other
+    }
+}
+
+impl From<Vec<u64>> for PteTable {
+    fn from(v: Vec<u64>) -> PteTable {
+        let len = v.len();
+        PteTable { store: PteStore::from_vec(v, Default::default(), None), off: 0, len }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_join_move_nothing() {
+        let mut a = PteTable::from((0..10u64).collect::<Vec<_>>());
+        let p = a.as_ptr();
+        let mut b = a.split_off(4);
+        assert_eq!(&*a, &[0, 1, 2, 3]);
+        assert_eq!(&*b, &[4, 5, 6, 7, 8, 9]);
+        assert_eq!(b.as_ptr(), unsafe { p.add(4) });
+        b[0] = 40;
+        a[3] = 30;
+        assert!(a.continues_into(&b));
+        a.join(b).unwrap();
+        assert_eq!(a.as_ptr(), p);
+        assert_eq!(&*a, &[0, 1, 2, 30, 40, 5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn join_of_two_stores_copies_and_clone_is_deep() {
+        let mut a = PteTable::from(vec![1, 2]);
+        let b = PteTable::from(vec![3]);
+        assert!(!a.continues_into(&b));
+        a.join(b).unwrap();
+        assert_eq!(&*a, &[1, 2, 3]);
+        let mut c = a.clone();
+        c[0] = 9;
+        assert_eq!(a[0], 1);
+    }
+
+    #[test]
+    fn copies_share_stores_and_write_back_into_viewed_ones() {
+        let mut a = PteTable::from(vec![1, 2, 3, 4]);
+        let b = a.split_off(2);
+        a.store().exports.add();
+        let t = crate::watch::Ticker::default();
+        let mut copies = Vec::new();
+        let mut ca = a.try_clone(&t, &mut copies).unwrap();
+        let mut cb = b.try_clone(&t, &mut copies).unwrap();
+        assert!(ca.continues_into(&cb));
+        ca[0] = 10;
+        cb[1] = 40;
+        let (viewed, _) = a.store().as_raw();
+        let mut done = Vec::new();
+        ca.adopt_exported_origin(&mut done);
+        cb.adopt_exported_origin(&mut done);
+        assert_eq!(ca.store().as_raw().0, viewed);
+        assert_eq!(cb.store().as_raw().0, viewed);
+        drop((a, b));
+        assert_eq!(&*ca, &[10, 2]);
+        assert_eq!(&*cb, &[3, 40]);
+        ca.store().exports.release();
+    }
+}
