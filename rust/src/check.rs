@@ -1,8 +1,6 @@
 //! Invariants: everything the kernel's accounting promises, recomputed from scratch by
 //! rescanning every page table, and compared with the stored counters.
 
-use std::collections::HashMap;
-
 use crate::arch::PteLayout;
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
@@ -84,8 +82,21 @@ impl State {
         let mut count = try_filled(n, 0u32, "check()'s mapping counts")?;
         let mut owner = try_filled(n, 0u32, "check()'s owners")?;
         let mut writable = try_filled(n, 0u32, "check()'s writable counts")?;
-        let mut per_mm: HashMap<(u64, u32), i64> = HashMap::new();
-        let mut mms_of: HashMap<u64, usize> = HashMap::new();
+        // Mappings of large folios per mm, as runs (folio, mm_id, PTEs): a folio's PTEs are
+        // mostly consecutive, so there is about one run per folio and mm. Sorted once, they
+        // are read in folio order by the pass over memory below.
+        let mut runs: Vec<(u64, u32, u32)> = Vec::new();
+        let mut flush = |run: &mut Option<(u64, u32, u32)>| -> Result<()> {
+            if let Some(r) = run.take() {
+                if runs.len() == runs.capacity() {
+                    let more = runs.len().max(1 << 12);
+                    runs.try_reserve(more).map_err(|_| Error::host_memory::<(u64, u32, u32)>("check()'s folio runs", runs.len() + more))?;
+                }
+                runs.push(r);
+            }
+            Ok(())
+        };
+        let mut run: Option<(u64, u32, u32)> = None;
         for mm in &self.mms {
             if mm.exited && !mm.vmas.is_empty() {
                 return Err(broken("exited-mm", format!("pid {} has exited but still has VMAs", mm.pid)));
@@ -134,22 +145,27 @@ impl State {
                         }
                     }
                     if self.mem.folio_order(head) > 0 {
-                        let c = per_mm.entry((head, mm.mm_id)).or_insert(0);
-                        if *c == 0 {
-                            *mms_of.entry(head).or_insert(0) += 1;
+                        match &mut run {
+                            Some((h, id, n)) if *h == head && *id == mm.mm_id => *n += 1,
+                            _ => {
+                                flush(&mut run)?;
+                                run = Some((head, mm.mm_id, 1));
+                            }
                         }
-                        *c += 1;
                     }
                     let c = mm_counter(&self.mem, head);
                     rss[c] += 1;
                 }
             }
+            flush(&mut run)?;
             for c in 0..3 {
                 if rss[c] != mm.rss[c] {
                     return Err(broken("rss", format!("pid {}: {} rss counter is {}, page tables map {} such pages", mm.pid, RSS_NAMES[c], mm.rss[c], rss[c])));
                 }
             }
         }
+        runs.sort_unstable_by_key(|&(head, mm_id, _)| (head, mm_id));
+        let mut next_run = 0usize;
         // Pins and page-cache references.
         let mut pins = try_filled(n, 0u32, "check()'s pin counts")?;
         for pin in self.pins.iter().filter(|p| p.active) {
@@ -234,6 +250,25 @@ impl State {
                 if lf.pincount as i64 != pin_refs {
                     return Err(broken("pincount", format!("{}: pincount {}, {pin_refs} pin(s)", what(pfn), lf.pincount)));
                 }
+                // This folio's runs: mappings per mm.
+                let first = next_run + runs[next_run..].partition_point(|r| r.0 < head);
+                let mut end = first;
+                let (mut mms, mut have) = (0usize, [0i64; 2]);
+                while end < runs.len() && runs[end].0 == head {
+                    let id = runs[end].1;
+                    let mut by_mm = 0i64;
+                    while end < runs.len() && runs[end].0 == head && runs[end].1 == id {
+                        by_mm += runs[end].2 as i64;
+                        end += 1;
+                    }
+                    mms += 1;
+                    for s in 0..2 {
+                        if lf.mm_id[s] == id {
+                            have[s] = by_mm;
+                        }
+                    }
+                }
+                next_run = end;
                 if p.mm_id {
                     let total = maps - 1;
                     for s in 0..2 {
@@ -245,14 +280,13 @@ impl State {
                             }
                             continue;
                         }
-                        let have = per_mm.get(&(head, id)).copied().unwrap_or(0);
+                        let have = have[s];
                         if c < 0 || c as i64 + 1 > have {
                             return Err(broken("mm-id-slot", format!("{}: MM-ID slot {s} says mm {id} maps it {} time(s), it maps it {have}{}", what(pfn), c + 1, self.where_mapped(l, head))));
                         }
                     }
                     if !self.mem.test(head, PG_MAYBE_SHARED) && total >= 0 {
                         let owned = (0..2).any(|s| lf.mm_id[s] != MM_ID_DUMMY && lf.mm_id_mapcount[s] as i64 == total);
-                        let mms = mms_of.get(&head).copied().unwrap_or(0);
                         if !owned || mms > 1 {
                             return Err(broken("mm-id-shared-bit", format!("{}: \"maybe mapped shared\" is clear but {mms} mm(s) map it{}", what(pfn), self.where_mapped(l, head))));
                         }

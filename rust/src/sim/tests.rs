@@ -183,6 +183,14 @@ fn check_names_each_broken_rule() {
     s.st.mem.lf(head).nr_pages_mapped -= 1;
     assert_eq!(rule(&s), "nr-pages-mapped");
 
+    for slot in 0..2 {
+        let (mut s, a) = base();
+        let p = pfn1(&s, a);
+        let head = s.st.mem.folio_head(p as u64);
+        s.st.mem.lf(head).mm_id_mapcount[slot] += 3;
+        assert_eq!(rule(&s), "mm-id-slot");
+    }
+
     let (mut s, a) = base();
     let (k, v) = s.vma_index(1, a).unwrap();
     let e = &mut s.st.mms[k].vmas[v].ptes[1];
