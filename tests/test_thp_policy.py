@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -266,6 +267,68 @@ def test_rust_agrees_with_reference(enabled, modes, advice, prctl, offset, pages
     sims[0].check()
 
 
+# ---- snapshots: the captured policy, replayed -------------------------------------------------
+
+def _with_policy(snap, **header):
+    from ptebatch.snapshot import VMA_HUGEPAGE, Snapshot, validate
+
+    arrays = dict(snap.arrays)
+    arrays["vma_flags"] = arrays["vma_flags"] | np.uint32(VMA_HUGEPAGE)
+    out = Snapshot(dict(snap.header, **header), arrays, list(snap.vma_names))
+    validate(out.header, out.arrays)
+    return out
+
+
+def test_replay_takes_the_captured_policy() -> None:
+    from ptebatch.thpmaps import snapshot_of
+
+    sim = pb.Simulation("x86-64", "6.18", "64M")
+    p = sim.spawn()
+    v = p.mmap("4M")
+    p.write(v.start)
+    policy = {"enabled": "never", "defrag": "madvise", "use_zero_page": "1", "shmem_enabled": "never",
+              "sizes": {"16K": "never", "64K": "madvise", "2M": "always"},
+              "shmem_sizes": {"8K": "never", "2M": "inherit"}}
+    snap = _with_policy(snapshot_of(sim, [p]), thp_policy=policy, thp_enabled=[1])
+    rsim, procs = pb.Simulation.from_snapshot(snap)
+    assert rsim.thp_policy["enabled"] == "never"
+    assert {k: rsim.thp_policy["sizes"][k] for k in ("16K", "64K", "2M", "32K")} == \
+        {"16K": "never", "64K": "madvise", "2M": "always", "32K": "never"}
+    rp = procs[p.pid]
+    assert [x["hugepage"] for x in rp.vmas()] == [True]
+    # The replayed VMA follows the policy: 2M is "always", but its first 2M is in use.
+    assert write_folio(rsim, rp, v.start + 64 * K) == 16
+    assert write_folio(rsim, rp, v.start + 2 * M) == 512
+    # PR_SET_THP_DISABLE as /proc/<pid>/status showed it.
+    rsim2, procs2 = pb.Simulation.from_snapshot(_with_policy(snapshot_of(sim, [p]), thp_policy=policy,
+                                                             thp_enabled=[0]))
+    assert procs2[p.pid].thp_disable == 1
+    assert write_folio(rsim2, procs2[p.pid], v.start + 2 * M) == 1
+    # An explicit size list overrides the captured sysfs controls.
+    rsim3, procs3 = pb.Simulation.from_snapshot(snap, mthp=["16K"])
+    assert write_folio(rsim3, procs3[p.pid], v.start + 2 * M) == 4
+
+
+def test_bad_policy_records_are_snapshot_errors() -> None:
+    from ptebatch.snapshot import validate
+    from ptebatch.thpmaps import snapshot_of
+
+    sim = pb.Simulation("x86-64", "6.18", "64M")
+    p = sim.spawn()
+    p.mmap("64K")
+    snap = snapshot_of(sim, [p])
+    for bad in ({"thp_policy": {"enabled": 1}}, {"thp_policy": {"sizes": ["64K"]}}, {"thp_policy": "madvise"},
+                {"thp_enabled": [1, 1]}, {"thp_enabled": [True]}):
+        with pytest.raises(pb.SnapshotError, match="thp_"):
+            validate(dict(snap.header, **bad), snap.arrays)
+    arrays = dict(snap.arrays, vma_flags=snap.arrays["vma_flags"] | np.uint32(128))
+    with pytest.raises(pb.SnapshotError, match="vma_flags"):
+        validate(snap.header, arrays)
+    odd = _with_policy(snap, thp_policy={"enabled": "sometimes"})
+    with pytest.raises(pb.SnapshotError, match="THP policy"):
+        pb.Simulation.from_snapshot(odd)
+
+
 # ---- the live kernel ------------------------------------------------------------------------
 
 def _live_skip() -> str | None:
@@ -295,3 +358,31 @@ def test_live_kernel_policy_scenarios() -> None:
     assert all(size in labels for size in ("2M", "64K", "16K", "4K")), labels
     assert "2M" in " ".join(s.step for s in results["madvise-mode, MADV_HUGEPAGE"])
     assert "2M" not in " ".join(s.step for s in results["madvise-mode, no advice"])
+
+
+@pytest.mark.skipif(_live_skip() is not None, reason=str(_live_skip()))
+def test_live_capture_records_the_policy() -> None:
+    """A capture holds the live controls, VM_HUGEPAGE and PR_SET_THP_DISABLE; replay uses them."""
+    from ptebatch.capture import capture, read_thp_policy
+    from ptebatch.oracle import Worker, thp_lock
+
+    with thp_lock():
+        w = Worker()
+        try:
+            addr = int(w("tmap", 4 * M, 2 * M, 0)[0])
+            w("tmadvise", addr, 2 * M, "hugepage")
+            w("tmadvise", addr + 2 * M, 2 * M, "nohugepage")
+            w("tprctl", 1, 0)
+            w("twrite", addr)
+            snap = capture(w.proc.pid, ranges=[(addr, addr + 4 * M)])
+            live = read_thp_policy()
+        finally:
+            w.close()
+    assert snap.header["thp_policy"] == live
+    assert snap.header["thp_enabled"] == [0]
+    sim, procs = pb.Simulation.from_snapshot(snap)
+    rp = procs[snap.pids[0]]
+    assert [(v["hugepage"], v["nohugepage"]) for v in rp.vmas()] == [(True, False), (False, True)]
+    assert rp.thp_disable == 1
+    assert sim.thp_policy["enabled"] == live["enabled"]
+    assert all(sim.thp_policy["sizes"][s] == m for s, m in live["sizes"].items() if s in sim.thp_policy["sizes"])
