@@ -292,7 +292,9 @@ class Process:
         return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
 
     def vmas(self) -> list[dict[str, Any]]:
-        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes)."""
+        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, ``hugepage`` and
+        ``nohugepage`` (VM_HUGEPAGE / VM_NOHUGEPAGE), and ``mthp``: the explicit size list, or None
+        where the THP policy applies)."""
         return list(self.sim._b.vmas(self.pid))
 
     def rss(self) -> dict[str, int]:
