@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import ptebatch as pb
+from ptebatch.simulation import _TABLE_WIDTHS
 
 MEMORY = 8 << 20
+VMA_COLUMNS = _TABLE_WIDTHS["vmas"]
 
 # PTE bits a documented deviation may touch, per architecture (docs/semantics.md §1).
 BITS = {
@@ -70,7 +72,7 @@ class View:
 
     def __init__(self, state: dict[str, Any], layout: pb.Layout):
         self.state, self.layout = state, layout
-        vmas = np.asarray(state["vmas"], dtype=np.int64).reshape(-1, 16)
+        vmas = np.asarray(state["vmas"], dtype=np.int64).reshape(-1, VMA_COLUMNS)
         n = vmas[:, 2]
         self.ptes = np.asarray(state["ptes"], dtype=np.uint64)
         first = np.repeat((vmas[:, 0] << KEY_SHIFT) + vmas[:, 1], n)  # VMA start is a page number
@@ -325,7 +327,10 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
         return (type(e).__name__, None)
 
 
-MTHP = st.sampled_from([(), ("16K",), ("64K",), ("16K", "64K"), ("64K", "2M"), ("16K", "64K", "2M")])
+# None: the mapping follows the THP policy; a tuple overrides the sysfs controls.
+MTHP = st.sampled_from([None, None, (), ("16K",), ("64K",), ("16K", "64K"), ("64K", "2M"), ("16K", "64K", "2M")])
+THP_SIZES = st.dictionaries(st.sampled_from(["16K", "32K", "64K", "2M", "8K"]),
+                            st.sampled_from(["always", "inherit", "madvise", "never", "sometimes"]), max_size=3)
 
 
 class SimMachine(RuleBasedStateMachine):
@@ -344,7 +349,7 @@ class SimMachine(RuleBasedStateMachine):
 
     @initialize(pages=st.integers(16, 640), mthp=MTHP, write=st.booleans(),
                 shared=st.sampled_from([False, False, False, True]))
-    def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool) -> None:
+    def setup(self, pages: int, mthp: tuple[str, ...] | None, write: bool, shared: bool) -> None:
         self.sims = self.make_sims()
         self.layouts = [pb.layout(s.arch) for s in self.sims]
         self.page = self.sims[0].page_size
@@ -413,7 +418,7 @@ class SimMachine(RuleBasedStateMachine):
           kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared",
                                 "anon-uffd", "anon-uffd-fork"]),
           prot=st.sampled_from(["rw", "rw", "r"]))
-    def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...], kind: str, prot: str) -> None:
+    def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...] | None, kind: str, prot: str) -> None:
         p = data.draw(st.sampled_from(self.procs))
         if kind.startswith("file"):
             pages = min(pages, 64)
@@ -457,11 +462,22 @@ class SimMachine(RuleBasedStateMachine):
         p, a, n = self.addr(data)
         self.all(lambda s: s.process(p.pid).mprotect(a, n, prot), ("protect", p.pid, a, n))
 
-    @rule(data=st.data(), advice=st.sampled_from(["dontneed", "dontneed", "dontfork", "wipeonfork", "dofork"]))
+    @rule(data=st.data(), advice=st.sampled_from(["dontneed", "dontneed", "dontfork", "wipeonfork", "dofork",
+                                                  "hugepage", "nohugepage"]))
     def madvise(self, data: st.DataObject, advice: str) -> None:
         p, a, n = self.addr(data)
         self.all(lambda s: s.process(p.pid).madvise(a, n, advice),
                  ("zap", p.pid, a, n) if advice == "dontneed" else None)
+
+    @rule(enabled=st.sampled_from([None, "always", "madvise", "never"]), sizes=THP_SIZES)
+    def thp_policy(self, enabled: str | None, sizes: dict[str, str]) -> None:
+        """The sysfs THP controls (an unknown size or mode fails and changes nothing)."""
+        self.all(lambda s: s.set_thp_policy(enabled, sizes))
+
+    @rule(data=st.data(), disable=st.booleans())
+    def prctl_thp_disable(self, data: st.DataObject, disable: bool) -> None:
+        p = data.draw(st.sampled_from(self.procs))
+        self.all(lambda s: s.process(p.pid).prctl_thp_disable(disable))
 
     @rule(data=st.data(), write=st.booleans(), longterm=st.booleans())
     def pin(self, data: st.DataObject, write: bool, longterm: bool) -> None:

@@ -106,6 +106,8 @@ def main() -> None:
             check(libc.madvise(r.at(int(args[0])), int(args[1]) * PAGE, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
         elif op == "quit":
             break
+        elif op in POLICY_COMMANDS:
+            reply = POLICY_COMMANDS[op](*args)
         else:
             reply = f"error unknown command {op}"
         sys.stdout.write(reply + "\n")
@@ -114,6 +116,64 @@ def main() -> None:
         to_child.write("exit\n")
         to_child.flush()
         os.waitpid(child, 0)
+
+
+# ---- commands of the THP policy scenarios (ptebatch.oracle_policy) --------------------------
+# Mappings at chosen alignments, MADV_HUGEPAGE / MADV_NOHUGEPAGE, PR_SET_THP_DISABLE, and
+# first-touch accesses at absolute addresses.
+
+PROT_NONE, PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
+MAP_FIXED, MAP_NORESERVE = 0x10, 0x4000
+PR_SET_THP_DISABLE = 41
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mmap.restype = ctypes.c_void_p
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _raw_mmap(addr: int, length: int, prot: int, flags: int) -> int:
+    got = libc.mmap(addr or None, length, prot, flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if got in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap: {os.strerror(e)}")
+    return int(got)
+
+
+def policy_map(length: str, align: str, offset: str) -> str:
+    """A private anonymous read-write mapping of ``length`` bytes at ``offset`` past an
+    ``align``-aligned address, between PROT_NONE guards so that no later mapping merges
+    with it; answers its address."""
+    n, a, off = int(length), int(align), int(offset)
+    guard = max(a, PAGE)
+    span = n + off + 3 * guard
+    base = _raw_mmap(0, span, PROT_NONE, MAP_NORESERVE)
+    addr = (base + guard + a - 1) // a * a + off
+    _raw_mmap(addr, n, PROT_RW, MAP_FIXED)
+    return f"ok {addr}"
+
+
+def policy_madvise(addr: str, length: str, advice: str) -> str:
+    code = {"hugepage": MADV_HUGEPAGE, "nohugepage": MADV_NOHUGEPAGE}[advice]
+    check(libc.madvise(int(addr), int(length), code), f"madvise({advice})")
+    return "ok"
+
+
+def policy_prctl(disable: str, flags: str) -> str:
+    check(libc.prctl(PR_SET_THP_DISABLE, int(disable), int(flags), 0, 0), "prctl(PR_SET_THP_DISABLE)")
+    return "ok"
+
+
+def policy_write(addr: str) -> str:
+    # A store without a load first (see Region.write).
+    ctypes.c_char.from_address(int(addr)).value = b"\x5a"
+    return "ok"
+
+
+def policy_read(addr: str) -> str:
+    return f"ok {ctypes.c_char.from_address(int(addr)).value[0]}"
+
+
+POLICY_COMMANDS = {"tmap": policy_map, "tmadvise": policy_madvise, "tprctl": policy_prctl,
+                   "twrite": policy_write, "tread": policy_read}
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from typing import Iterable
 import numpy as np
 
 from ._core import CaptureError
-from .snapshot import (INFERRED, PM_PFN_MASK, PM_PRESENT, SCHEMA_VERSION, VMA_EXEC, VMA_FILE, VMA_READ,
-                       VMA_SHARED, VMA_WRITE, Snapshot)
+from .snapshot import (INFERRED, PM_PFN_MASK, PM_PRESENT, SCHEMA_VERSION, VMA_EXEC, VMA_FILE, VMA_HUGEPAGE,
+                       VMA_NOHUGEPAGE, VMA_READ, VMA_SHARED, VMA_WRITE, Snapshot)
 
 #: Bytes read per preadv call.
 CHUNK = 8 << 20
@@ -153,14 +153,74 @@ def read_vmas(pid: int) -> list[dict]:
                 "start": start, "end": end, "read": m.group(3) == "r", "write": m.group(4) == "w",
                 "exec": m.group(5) == "x", "shared": m.group(6) == "s", "offset": int(m.group(7), 16),
                 "inode": inode, "name": name, "file": inode != 0 or name.startswith("/"),
-                "AnonHugePages": 0, "THPeligible": 0,
+                "AnonHugePages": 0, "THPeligible": 0, "VmFlags": [],
             })
             continue
         if vmas and ":" in line:
             key, _, rest = line.partition(":")
             if key in ("AnonHugePages", "THPeligible"):
                 vmas[-1][key] = int(rest.split()[0])
+            elif key == "VmFlags":
+                vmas[-1][key] = rest.split()
     return vmas
+
+
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
+
+
+def _sysfs_choice(path: str) -> str | None:
+    """The bracketed choice of a sysfs control ("always [madvise] never" → "madvise"), or its
+    whole text when it has no brackets; None when the file does not exist."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    m = re.search(r"\[([^\]]*)\]", text)
+    return m.group(1) if m else text
+
+
+def read_thp_policy() -> dict | None:
+    """The live THP controls under /sys/kernel/mm/transparent_hugepage, as plain strings:
+    ``enabled``, ``defrag``, ``use_zero_page``, ``shmem_enabled``, ``sizes`` (each
+    ``hugepages-<size>kB/enabled``) and ``shmem_sizes`` (each ``hugepages-<size>kB/shmem_enabled``),
+    sizes written "64K"; None without THP."""
+    from .simulation import format_size
+
+    if not os.path.isdir(THP_SYSFS):
+        return None
+    out: dict = {}
+    for key in ("enabled", "defrag", "use_zero_page", "shmem_enabled"):
+        v = _sysfs_choice(f"{THP_SYSFS}/{key}")
+        if v is not None:
+            out[key] = v
+    sizes: dict[int, str] = {}
+    shmem: dict[int, str] = {}
+    for name in os.listdir(THP_SYSFS):
+        m = re.fullmatch(r"hugepages-(\d+)kB", name)
+        if not m:
+            continue
+        size = int(m.group(1)) << 10
+        for table, ctl in ((sizes, "enabled"), (shmem, "shmem_enabled")):
+            v = _sysfs_choice(f"{THP_SYSFS}/{name}/{ctl}")
+            if v is not None:
+                table[size] = v
+    out["sizes"] = {format_size(s): sizes[s] for s in sorted(sizes)}
+    out["shmem_sizes"] = {format_size(s): shmem[s] for s in sorted(shmem)}
+    return out
+
+
+def _thp_enabled(pid: int) -> int:
+    """/proc/<pid>/status "THP_enabled": 0 when PR_SET_THP_DISABLE disabled THP completely
+    (its "except advised" form, 6.18+, shows 1)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("THP_enabled:"):
+                    return 1 if line.split()[1] != "0" else 0
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise CaptureError(f"process {pid} exited during the capture") from e
+    return 1
 
 
 def capture(pids: int | Iterable[int], *, skip_special: bool = True,
@@ -185,9 +245,11 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
     names: list[str] = []
     maps: list[np.ndarray] = []
     started: dict[int, tuple[str, str, int, int]] = {}
+    thp_enabled: list[int] = []
     for pid in pid_list:
         started[pid] = _live(pid)
         vmas = read_vmas(pid)
+        thp_enabled.append(_thp_enabled(pid))
         if not vmas:
             _unchanged(pid, started[pid])
             raise CaptureError(f"process {pid} ({started[pid][0]}) has no memory mappings")
@@ -208,7 +270,8 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
                 cols["vma_end"].append(v["end"])
                 flags = ((VMA_READ if v["read"] else 0) | (VMA_WRITE if v["write"] else 0)
                          | (VMA_EXEC if v["exec"] else 0) | (VMA_SHARED if v["shared"] else 0)
-                         | (VMA_FILE if v["file"] else 0))
+                         | (VMA_FILE if v["file"] else 0) | (VMA_HUGEPAGE if "hg" in v.get("VmFlags", ()) else 0)
+                         | (VMA_NOHUGEPAGE if "nh" in v.get("VmFlags", ()) else 0))
                 cols["vma_flags"].append(flags)
                 cols["vma_pgoff"].append(v["offset"] // page)
                 cols["vma_anon_huge_kb"].append(v["AnonHugePages"])
@@ -239,7 +302,11 @@ def capture(pids: int | Iterable[int], *, skip_special: bool = True,
         "pids": pid_list,
         "inferred": list(INFERRED),
         "source": "live",
+        "thp_enabled": thp_enabled,
     }
+    policy = read_thp_policy()
+    if policy is not None:
+        header["thp_policy"] = policy
     arrays: dict[str, np.ndarray] = {
         "vma_pid": np.asarray(cols["vma_pid"], dtype=np.int64),
         "vma_start": np.asarray(cols["vma_start"], dtype=np.uint64),

@@ -29,8 +29,8 @@ import numpy as np
 
 from ._core import KERNEL_VERSIONS, InvariantError, SnapshotError
 from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
-                       PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_UFFD_WP, VMA_EXEC, VMA_FILE, VMA_READ,
-                       VMA_SHARED, VMA_WRITE, Snapshot)
+                       PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_UFFD_WP, VMA_EXEC, VMA_FILE, VMA_HUGEPAGE,
+                       VMA_NOHUGEPAGE, VMA_READ, VMA_SHARED, VMA_WRITE, Snapshot)
 
 if TYPE_CHECKING:
     from .simulation import Process, Simulation
@@ -113,7 +113,10 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     """Builds the simulated state of ``snap``; returns the simulation and a map from captured
     pid to simulated process. ``kernel`` defaults to the captured kernel's release; ``memory``
     is a lower bound on the machine's size; ``compact`` packs sparse pfns (None: only when
-    the captured pfns need more than ``MAX_IDENTITY_FRAMES`` frames)."""
+    the captured pfns need more than ``MAX_IDENTITY_FRAMES`` frames). The simulation gets the
+    captured THP policy (the sysfs controls, each VMA's MADV_HUGEPAGE / MADV_NOHUGEPAGE, and
+    PR_SET_THP_DISABLE where /proc/<pid>/status shows it), which later faults follow; ``mthp``
+    (sizes) overrides the sysfs controls for the anonymous VMAs."""
     from .simulation import Simulation, parse_size
 
     if not isinstance(snap, Snapshot):
@@ -123,7 +126,7 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     min_bytes = parse_size(memory) if memory is not None else 0
     if isinstance(mthp, (str, int)):
         mthp = [mthp]  # one size
-    sizes = [parse_size(s) for s in mthp] if mthp is not None else []
+    sizes = [parse_size(s) for s in mthp] if mthp is not None else None
     page = snap.page_size
     try:
         arch = layout_for(snap.header["arch"], page)
@@ -138,6 +141,7 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     except ValueError as e:
         raise SnapshotError(f"no simulation for this snapshot: {e}") from e
     try:
+        _apply_thp_policy(sim, snap)
         procs = _build(sim, snap, sizes, wins, new)
     except (ValueError, InvariantError) as e:
         raise SnapshotError(f"the snapshot cannot be replayed: {e}") from e
@@ -186,7 +190,21 @@ def _file_groups(snap: Snapshot, normal: np.ndarray, flags: np.ndarray,
     return {i: (name, g, bool(groups[name][g][2])) for i, (name, g, _) in out.items()}
 
 
-def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray,
+def _apply_thp_policy(sim: "Simulation", snap: Snapshot) -> None:
+    """Gives the simulation the captured sysfs THP controls (the anonymous ones; sizes the
+    simulated layout has no control for are left out)."""
+    pol = snap.header.get("thp_policy")
+    if not pol:
+        return
+    known = sim.thp_policy["sizes"]
+    sizes = {s: m for s, m in pol.get("sizes", {}).items() if s in known}
+    try:
+        sim.set_thp_policy(pol.get("enabled"), sizes)
+    except (ValueError, TypeError) as e:
+        raise SnapshotError(f"the snapshot's THP policy cannot be replayed: {e}") from e
+
+
+def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.ndarray,
            new: np.ndarray | None) -> dict[int, "Process"]:
     page, pmd = snap.page_size, snap.pmd_pages
     a = snap.arrays
@@ -218,6 +236,10 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
                                 f"{MAX_IDENTITY_FRAMES} pages")
         fids[key] = sim.create_file(n * page, page, shmem=key[2])
     procs: dict[int, Process] = {pid: sim.spawn() for pid in snap.pids}
+    # PR_SET_THP_DISABLE as /proc/<pid>/status showed it.
+    for pid, enabled in zip(snap.pids, snap.header.get("thp_enabled") or [1] * len(snap.pids)):
+        if not enabled:
+            procs[pid].prctl_thp_disable(True)
     file_of: dict[int, int] = {}
     for i in range(nv):
         f = int(a["vma_flags"][i])
@@ -234,7 +256,11 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
             file_of[i] = fid
         off = int(a["vma_pgoff"][i]) * page if f & VMA_FILE else 0
         procs[int(a["vma_pid"][i])].mmap(end - start, prot, shared, file=fid, offset=off, addr=start,
-                                          mthp=sizes if fid is None else ())
+                                          mthp=sizes if fid is None else None)
+        # The VMA's MADV_HUGEPAGE / MADV_NOHUGEPAGE, from smaps' VmFlags.
+        for bit, advice in ((VMA_HUGEPAGE, "hugepage"), (VMA_NOHUGEPAGE, "nohugepage")):
+            if f & bit:
+                procs[int(a["vma_pid"][i])].madvise(start, end - start, advice)
 
     # Folios, each placed once, from its first mapping seen.
     idx = np.flatnonzero(normal)

@@ -755,7 +755,7 @@ class _Run:
                 top = max((m["end"] for m in p.vmas()), default=1 << 36)
                 addr = -(-(top + v.align) // v.align) * v.align
             m = p.mmap(v.size, v.prot, v.shared, file=fids[v.file] if v.file else None, offset=v.offset,
-                       mthp=v.mthp, addr=addr)
+                       mthp=v.mthp or None, addr=addr)  # no sizes listed: the THP policy
             self.starts[v.name] = m.start
         self.pins: dict[str, Any] = {}
         self.serial = 0

@@ -212,16 +212,18 @@ class Process:
         return hash((id(self.sim), self.pid))
 
     def mmap(self, length: int | str, prot: str = "rw", shared: bool = False, *, file: int | None = None,
-             offset: int | str = 0, mthp: int | str | Iterable[int | str] = (), addr: int | None = None,
-             uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
-        """``mmap()``: anonymous private by default; ``mthp`` is the enabled anonymous folio size,
-        or a list of them."""
+             offset: int | str = 0, mthp: int | str | Iterable[int | str] | None = None,
+             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
+        """``mmap()``: anonymous private by default. Faults choose folio sizes by the THP policy
+        (``Simulation.set_thp_policy``, ``madvise(..., "hugepage")``, ``prctl_thp_disable``);
+        ``mthp``, a size or a list of sizes (``[]`` for pages only), overrides the sysfs controls
+        for this mapping (a model shortcut)."""
         n = parse_size(length, "length")
         prot = _str_arg(prot, "prot")
         shared = _bool_arg(shared, "shared")
         file = None if file is None else _int_arg(file, "file", 32)
         offset_b = parse_size(offset, "offset")
-        sizes = _sizes(mthp, "mthp")
+        sizes = None if mthp is None else _sizes(mthp, "mthp")
         addr = None if addr is None else _int_arg(addr, "addr")
         uffd_wp = _bool_arg(uffd_wp, "uffd_wp")
         uffd_event_fork = _bool_arg(uffd_event_fork, "uffd_event_fork")
@@ -256,9 +258,23 @@ class Process:
                              _str_arg(prot, "prot"))
 
     def madvise(self, addr: int, length: int | str, advice: str) -> None:
-        """``advice``: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork"."""
+        """``advice``: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork", "hugepage"
+        (VM_HUGEPAGE), "nohugepage" (VM_NOHUGEPAGE)."""
         self.sim._b.madvise(self.pid, _int_arg(addr, "addr"), parse_size(length, "length"),
                             _str_arg(advice, "advice"))
+
+    def prctl_thp_disable(self, disable: bool = True, *, except_advised: bool = False) -> None:
+        """``prctl(PR_SET_THP_DISABLE, disable)``: no THP for any fault of this process, in its
+        existing and later mappings, until cleared; its children inherit it.
+        ``except_advised=True`` (PR_THP_DISABLE_EXCEPT_ADVISED, 6.18+) spares MADV_HUGEPAGE
+        mappings."""
+        self.sim._b.prctl_thp_disable(self.pid, _bool_arg(disable, "disable"),
+                                      _bool_arg(except_advised, "except_advised"))
+
+    @property
+    def thp_disable(self) -> int:
+        """``prctl(PR_GET_THP_DISABLE)``: 0, 1, or 3 (disabled except MADV_HUGEPAGE mappings)."""
+        return int(self.sim._b.prctl_get_thp_disable(self.pid))
 
     def pin(self, addr: int, length: int | str, *, write: bool = True, longterm: bool = True) -> Pin:
         """``pin_user_pages(FOLL_PIN [| FOLL_WRITE] [| FOLL_LONGTERM])``."""
@@ -294,7 +310,9 @@ class Process:
         return _readonly(np.array(a, dtype=np.uint64)) if self.sim.backend == "reference" else a
 
     def vmas(self) -> list[dict[str, Any]]:
-        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes)."""
+        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, ``hugepage`` and
+        ``nohugepage`` (VM_HUGEPAGE / VM_NOHUGEPAGE), and ``mthp``: the explicit size list, or None
+        where the THP policy applies)."""
         return list(self.sim._b.vmas(self.pid))
 
     def rss(self) -> dict[str, int]:
@@ -303,7 +321,7 @@ class Process:
 
 
 #: Columns of the state's two-dimensional tables (see ``Simulation.state``).
-_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3, "pins": 3}
+_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 9, "vmas": 18, "files": 3, "pins": 3}
 
 
 class _Serialised:
@@ -431,6 +449,29 @@ class Simulation:
         """A file (or shmem object) whose page cache uses folios of ``folio_size``; returns its id."""
         return self._b.create_file(parse_size(size, "size"), parse_size(folio_size, "folio_size"),
                                    _bool_arg(shmem, "shmem"))
+
+    def set_thp_policy(self, enabled: str | None = None, sizes: dict[int | str, str] | None = None) -> None:
+        """Writes the simulated sysfs THP controls for anonymous memory: ``enabled`` is the
+        top-level ``transparent_hugepage/enabled`` ("always", "madvise", "never"); ``sizes`` maps
+        folio sizes to their ``hugepages-<size>kB/enabled`` ("always", "inherit", "madvise",
+        "never"). Controls not named keep their value; a bad value changes none. The default is
+        the kernel's: the PMD size "inherit", the other sizes "never", the top level "madvise"."""
+        if enabled is not None:
+            enabled = _str_arg(enabled, "enabled")
+        if sizes is None:
+            sizes = {}
+        if not isinstance(sizes, dict):
+            raise TypeError(f"sizes must be a dict of folio size to mode such as {{'64K': 'always'}}, "
+                            f"not {type(sizes).__name__}")
+        pairs = [(parse_size(k, f"sizes key {k!r}"), _str_arg(v, f"sizes[{k!r}]")) for k, v in sizes.items()]
+        self._b.set_thp_policy(enabled, pairs)
+
+    @property
+    def thp_policy(self) -> dict[str, Any]:
+        """The simulated sysfs THP controls, in ``set_thp_policy``'s shape:
+        ``{"enabled": "madvise", "sizes": {"16K": "never", ..., "2M": "inherit"}}``."""
+        p = self._b.thp_policy
+        return {"enabled": p["enabled"], "sizes": {format_size(int(s)): m for s, m in sorted(p["sizes"].items())}}
 
     def check(self) -> None:
         """Recomputes every invariant from the page tables; raises ``InvariantError`` naming the rule."""

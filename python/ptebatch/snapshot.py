@@ -67,8 +67,10 @@ KPF_KSM = 1 << 21
 KPF_THP = 1 << 22
 KPF_ZERO_PAGE = 1 << 24
 
-# VMA flag bits of the snapshot's vma_flags column.
+# VMA flag bits of the snapshot's vma_flags column; VM_HUGEPAGE / VM_NOHUGEPAGE are smaps'
+# VmFlags "hg" / "nh".
 VMA_READ, VMA_WRITE, VMA_EXEC, VMA_SHARED, VMA_FILE = 1, 2, 4, 8, 16
+VMA_HUGEPAGE, VMA_NOHUGEPAGE = 32, 64
 
 #: Arrays a snapshot must hold, with their dtypes; every one is one-dimensional.
 ARRAYS = {
@@ -372,6 +374,26 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _validate_thp(header: dict[str, Any]) -> None:
+    """The optional THP fields: ``thp_policy`` (the sysfs controls as plain strings, see
+    ``capture.read_thp_policy``) and ``thp_enabled`` (per pid, /proc/<pid>/status)."""
+    pol = header.get("thp_policy")
+    if pol is not None:
+        ok = isinstance(pol, dict) and all(isinstance(k, str) for k in pol)
+        for key, v in pol.items() if ok else ():
+            if key in ("sizes", "shmem_sizes"):
+                ok &= isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items())
+            else:
+                ok &= isinstance(v, str)
+        if not ok:
+            raise SnapshotError("header field 'thp_policy' must map control names to strings "
+                                "('sizes' and 'shmem_sizes' to dicts of strings)")
+    te = header.get("thp_enabled")
+    if te is not None and not (isinstance(te, list) and len(te) == len(header["pids"])
+                               and all(_is_int(x) and x in (0, 1) for x in te)):
+        raise SnapshotError("header field 'thp_enabled' must hold 0 or 1 for each pid")
+
+
 def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Checks a snapshot's header and arrays for consistency; raises ``SnapshotError``."""
     if not isinstance(header, dict):
@@ -399,6 +421,7 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         raise SnapshotError("header field 'pids' must list distinct non-negative integers")
     if not all(isinstance(x, str) for x in header["inferred"]):
         raise SnapshotError("header field 'inferred' must list strings")
+    _validate_thp(header)
     if not isinstance(arrays, dict):
         raise SnapshotError("the arrays are not a dict")
     missing = set(ARRAYS) - set(arrays)
@@ -423,7 +446,7 @@ def validate(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     same = upid[order][1:] == upid[order][:-1]
     if np.any(same & (start[order][1:] < end[order][:-1])):
         raise SnapshotError("two VMAs of one process overlap")
-    if np.any(arrays["vma_flags"] >> np.uint32(5)) or np.any(arrays["vma_anon_huge_kb"] < 0):
+    if np.any(arrays["vma_flags"] >> np.uint32(7)) or np.any(arrays["vma_anon_huge_kb"] < 0):
         raise SnapshotError("vma_flags has unknown bits or vma_anon_huge_kb is negative")
     off = arrays["vma_page_offset"]
     if len(off) != nv + 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != len(arrays["pagemap"]):

@@ -1,4 +1,4 @@
-//! Page faults and accesses: `do_anonymous_page` with the mTHP order choice, file faults
+//! Page faults and accesses: `do_anonymous_page` with the THP order choice (policy.rs), file faults
 //! (`do_read_fault`, `do_shared_fault`, `do_cow_fault`), and the write-protect fault
 //! `do_wp_page` with its reuse-or-copy decision per kernel version.
 //!
@@ -107,9 +107,12 @@ impl State {
         }
     }
 
-    /// `do_anonymous_page()` with `alloc_anon_folio()`: a read maps the shared zero page; a
-    /// write maps a new folio of the largest enabled order whose naturally aligned range lies
-    /// in the VMA and is all none, falling back to smaller orders when allocation fails.
+    /// `do_anonymous_page()` with `alloc_anon_folio()` (mm/memory.c): a read maps the shared
+    /// zero page; a write maps a new folio of the largest order the THP policy allows
+    /// ([`State::thp_vma_allowable_orders`]) whose naturally aligned range lies in the VMA and
+    /// is all none, falling back to smaller orders when allocation fails. The PMD order is
+    /// tried first, as `__handle_mm_fault()` calls `create_huge_pmd()` before the PTE path,
+    /// which itself only considers orders below PMD_ORDER.
     fn do_anonymous_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
         let vma = &self.mms[k].vmas[v];
         let i = (vpn - vma.start) as usize;
@@ -118,29 +121,30 @@ impl State {
             self.set_pte(l, p, k, v, i, pte);
             return Ok(());
         }
-        // thp_vma_suitable_orders() then the highest order whose range is pte_none; PMD order is
-        // allowed here only as the PTE-mapped stand-in documented in docs/simulation.md.
+        // alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps
+        // it from the PMD order).
+        let allowed = if vma.uffd_wp { 0 } else { crate::policy::thp_vma_suitable_orders(vma, vpn, self.thp_vma_allowable_orders(k, v)) };
+        let pmd_order = self.pmd_order;
+        if allowed & (1 << pmd_order) != 0 && self.pmd_order_fault(l, p, k, v, vpn)? {
+            return Ok(());
+        }
+        // alloc_anon_folio(): the highest order whose aligned range is all none; every lower
+        // order's range then is too.
         let mut candidates: Vec<u32> = Vec::new();
-        if !vma.uffd_wp {
-            let mut found = false;
-            for o in (1..=self.pmd_order).rev() {
-                if vma.mthp & (1 << o) == 0 {
-                    continue;
-                }
+        let vma = &self.mms[k].vmas[v];
+        for o in (1..pmd_order).rev() {
+            if allowed & (1 << o) == 0 {
+                continue;
+            }
+            if candidates.is_empty() {
                 let n = 1u64 << o;
-                let base = vpn & !(n - 1);
-                if base < vma.start || base + n > vma.end() {
+                let s = ((vpn & !(n - 1)) - vma.start) as usize;
+                self.op.pte_reads += n;
+                if !vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e)) {
                     continue;
-                }
-                if !found {
-                    let s = (base - vma.start) as usize;
-                    found = vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e));
-                    self.op.pte_reads += n;
-                }
-                if found {
-                    candidates.push(o);
                 }
             }
+            candidates.push(o);
         }
         let mut chosen = None;
         for o in candidates {
@@ -156,6 +160,33 @@ impl State {
             Some(c) => c,
             None => (self.mem.alloc(0).ok_or_else(oom)?, 0),
         };
+        self.map_new_anon_folio(l, p, k, v, vpn, head, order);
+        Ok(())
+    }
+
+    /// The PMD-order fault, `create_huge_pmd()` → `do_huge_pmd_anonymous_page()`, for a write
+    /// whose PMD-aligned range the policy allows. Stand-in until PMD mappings are modelled: when
+    /// the range is all none (for "the PMD is none") a PMD-sized folio is allocated and mapped
+    /// with PTEs. Returns false for the kernel's VM_FAULT_FALLBACK (range in use, or no
+    /// PMD-order memory), after which the PTE path runs.
+    fn pmd_order_fault<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64) -> Result<bool> {
+        let order = self.pmd_order;
+        let n = 1u64 << order;
+        let vma = &self.mms[k].vmas[v];
+        let s = ((vpn & !(n - 1)) - vma.start) as usize;
+        self.op.pte_reads += n;
+        if !vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e)) || self.mem.fragmented(order) {
+            return Ok(false);
+        }
+        let Some(head) = self.mem.alloc(order) else { return Ok(false) };
+        self.map_new_anon_folio(l, p, k, v, vpn, head, order);
+        Ok(true)
+    }
+
+    /// Maps a newly allocated anonymous folio of `order` over the aligned range around `vpn`
+    /// (`folio_add_new_anon_rmap()`, `set_ptes()`), with its references and rss.
+    #[allow(clippy::too_many_arguments)]
+    fn map_new_anon_folio<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, head: u64, order: u32) {
         self.op.allocated(order);
         let nr = 1u64 << order;
         let mm_id = self.mms[k].mm_id;
@@ -173,7 +204,6 @@ impl State {
         let pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write);
         let base = ((vpn & !(nr - 1)) - vma.start) as usize;
         self.set_ptes(l, p, k, v, base, pte, nr as usize);
-        Ok(())
     }
 
     /// The page-cache folio holding file page `idx` of file `f`, read in if absent (a folio of

@@ -51,6 +51,7 @@ impl State {
             has_pinned: false,
             exited: false,
             next_vpn: self.mms[k].next_vpn,
+            thp_disable: self.mms[k].thp_disable,
         });
         let caps = l.caps();
         let mut rss = [0i64; 3];

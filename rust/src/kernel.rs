@@ -188,6 +188,8 @@ pub struct KernelProfile {
     /// pagemap's "exclusively mapped" bit comes from `folio_maybe_mapped_shared()` (the
     /// newest tree) rather than the page's own mapcount (CONFIG_PAGE_MAPCOUNT, ≤ v6.19).
     pub pagemap_exclusive_by_folio: bool,
+    /// `prctl(PR_SET_THP_DISABLE)` takes PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c).
+    pub thp_disable_except_advised: bool,
 }
 
 impl KernelProfile {
@@ -218,6 +220,7 @@ impl KernelProfile {
                 LargeCowReuse::RefcountOne
             },
             pagemap_exclusive_by_folio: version.at_least(7, 0),
+            thp_disable_except_advised: version.at_least(6, 18),
         }
     }
 

@@ -95,8 +95,13 @@ pub struct Vma {
     pub wipeonfork: bool,
     /// The VMA's anon_vma (0 = none yet); VMAs split from one VMA share it.
     pub anon_vma: u32,
-    /// Enabled anonymous folio orders (bit n = order n; order 0 is always allowed).
+    /// Anonymous folio orders of an explicit size list given at mmap (bit n = order n, bit 0
+    /// always set), a model shortcut standing in for the sysfs controls; 0 = follow the THP
+    /// policy ([`crate::policy`]).
     pub mthp: u32,
+    /// VM_HUGEPAGE / VM_NOHUGEPAGE (MADV_HUGEPAGE / MADV_NOHUGEPAGE; never both).
+    pub hugepage: bool,
+    pub nohugepage: bool,
 }
 
 impl Vma {
@@ -153,6 +158,8 @@ impl Vma {
             wipeonfork: self.wipeonfork,
             anon_vma: self.anon_vma,
             mthp: self.mthp,
+            hugepage: self.hugepage,
+            nohugepage: self.nohugepage,
         }
     }
 
@@ -170,6 +177,8 @@ impl Vma {
             && self.dontfork == next.dontfork
             && self.wipeonfork == next.wipeonfork
             && self.mthp == next.mthp
+            && self.hugepage == next.hugepage
+            && self.nohugepage == next.nohugepage
             && (self.anon_vma == 0 || next.anon_vma == 0 || self.anon_vma == next.anon_vma)
     }
 }
@@ -188,6 +197,8 @@ pub struct Mm {
     pub exited: bool,
     /// Where the next mmap without an address goes (virtual page number).
     pub next_vpn: u64,
+    /// PR_SET_THP_DISABLE (MMF_DISABLE_THP*; inherited at fork through MMF_INIT_MASK).
+    pub thp_disable: crate::policy::ThpDisable,
 }
 
 impl Mm {

@@ -45,6 +45,8 @@ pub struct State {
     pub page_shift: u32,
     pub ptrs_per_pte: u64,
     pub pmd_order: u32,
+    /// The sysfs THP controls for anonymous memory ([`crate::policy`]).
+    pub thp: crate::policy::ThpPolicy,
     /// Asks the watch, if any, whether a long step may go on (not part of the state).
     pub ticker: Ticker,
 }
@@ -106,6 +108,7 @@ impl Simulation {
                 page_shift: g.page_shift,
                 ptrs_per_pte: g.ptrs_per_pte,
                 pmd_order,
+                thp: crate::policy::ThpPolicy::default_for(pmd_order),
                 ticker: Ticker::default(),
             },
         })
@@ -281,6 +284,7 @@ impl Simulation {
             has_pinned: false,
             exited: false,
             next_vpn: MMAP_BASE >> self.st.page_shift,
+            thp_disable: crate::policy::ThpDisable::No,
         });
         pid
     }
@@ -308,8 +312,9 @@ impl Simulation {
     }
 
     /// `mmap()`: returns the start address. `file` maps a file object from byte `offset`;
-    /// a shared anonymous mapping gets its own shmem object. `mthp` lists the enabled
-    /// anonymous folio sizes in bytes.
+    /// a shared anonymous mapping gets its own shmem object. `mthp`, when given, lists the
+    /// anonymous folio sizes in bytes the mapping may use in place of the THP policy's sysfs
+    /// controls (a model shortcut); `None` follows the policy.
     #[allow(clippy::too_many_arguments)]
     pub fn mmap(
         &mut self,
@@ -319,15 +324,15 @@ impl Simulation {
         prot: Prot,
         shared: bool,
         file: Option<(u32, u64)>,
-        mthp: &[u64],
+        mthp: Option<&[u64]>,
         uffd_wp: bool,
         uffd_event_fork: bool,
     ) -> Result<u64> {
         let k = self.mm_index(pid)?;
         let ps = self.page_size();
         let shift = self.st.page_shift;
-        let mut orders = 1u32;
-        for &size in mthp {
+        let mut orders = if mthp.is_some() { 1u32 } else { 0 };
+        for &size in mthp.unwrap_or_default() {
             let o = order_of_size(size, shift).filter(|&o| o <= self.st.pmd_order && o != 1);
             match o {
                 Some(o) => orders |= 1 << o,
@@ -405,6 +410,8 @@ impl Simulation {
             wipeonfork: false,
             anon_vma: 0,
             mthp: orders,
+            hugepage: false,
+            nohugepage: false,
         };
         let pos = self.st.mms[k].vmas.partition_point(|v| v.start < start);
         {
@@ -489,7 +496,8 @@ impl Simulation {
         self.guarded(0, work, |layout, p, st| with_layout!(layout, l => st.exit_mm(l, p, k)))
     }
 
-    /// `madvise()`: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork".
+    /// `madvise()`: "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork", "hugepage",
+    /// "nohugepage".
     pub fn madvise(&mut self, pid: u32, addr: u64, len: u64, advice: &str) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.mapped_range(k, addr, len)?;
@@ -497,7 +505,7 @@ impl Simulation {
             "dontneed" => {
                 self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.madv_dontneed(l, p, k, a, b)))
             }
-            "dontfork" | "dofork" | "wipeonfork" | "keeponfork" => {
+            "dontfork" | "dofork" | "wipeonfork" | "keeponfork" | "hugepage" | "nohugepage" => {
                 if advice == "wipeonfork" {
                     let mm = &self.st.mms[k];
                     let mut at = a;
@@ -527,7 +535,10 @@ impl Simulation {
                         "dontfork" => v.dontfork = true,
                         "dofork" => v.dontfork = false,
                         "wipeonfork" => v.wipeonfork = true,
-                        _ => v.wipeonfork = false,
+                        "keeponfork" => v.wipeonfork = false,
+                        // hugepage_madvise() (mm/huge_memory.c): each flag clears the other.
+                        "hugepage" => (v.hugepage, v.nohugepage) = (true, false),
+                        _ => (v.hugepage, v.nohugepage) = (false, true),
                     }
                 }
                 mm.merge_around(r);
@@ -535,9 +546,53 @@ impl Simulation {
                 Ok(())
             }
             _ => Err(Error::value(format!(
-                "unknown advice {advice:?}; known: dontneed, dontfork, dofork, wipeonfork, keeponfork"
+                "unknown advice {advice:?}; known: dontneed, dontfork, dofork, wipeonfork, keeponfork, \
+                 hugepage, nohugepage"
             ))),
         }
+    }
+
+    /// `prctl(PR_SET_THP_DISABLE, disable, except_advised ? PR_THP_DISABLE_EXCEPT_ADVISED : 0)`:
+    /// sets or clears the mm's MMF_DISABLE_THP* flag, which every later fault of the process
+    /// reads, for existing and new VMAs alike, and which fork passes on.
+    pub fn prctl_thp_disable(&mut self, pid: u32, disable: bool, except_advised: bool) -> Result<()> {
+        let k = self.mm_index(pid)?;
+        let state = crate::policy::prctl_thp_disable_state(&self.profile, disable, except_advised)?;
+        self.st.mms[k].thp_disable = state;
+        Ok(())
+    }
+
+    /// Writes the sysfs THP controls: the top-level `enabled` (when given) and per-size
+    /// `hugepages-<size>kB/enabled` values (size in bytes). All are checked before any is set.
+    pub fn set_thp_policy(&mut self, enabled: Option<&str>, sizes: &[(u64, String)]) -> Result<()> {
+        let mut policy = self.st.thp;
+        if let Some(e) = enabled {
+            policy.enabled = crate::policy::ThpEnabled::parse(e).ok_or_else(|| {
+                Error::value(format!(
+                    "enabled {e:?} is not one of {}",
+                    crate::policy::ThpEnabled::NAMES.join(", ")
+                ))
+            })?;
+        }
+        let anon = crate::policy::thp_orders_all_anon(self.st.pmd_order);
+        for (size, mode) in sizes {
+            let order = order_of_size(*size, self.st.page_shift).filter(|&o| o < 32 && anon & (1 << o) != 0).ok_or_else(|| {
+                Error::value(format!(
+                    "sizes: {size} bytes has no hugepages-<size>kB control for anonymous memory here \
+                     (4 pages … the PMD size, {} bytes, in powers of two)",
+                    (1u64 << self.st.pmd_order) << self.st.page_shift
+                ))
+            })?;
+            let m = crate::policy::SizeEnabled::parse(mode).ok_or_else(|| {
+                Error::value(format!(
+                    "sizes: {mode:?} for {size} bytes is not one of {}",
+                    crate::policy::SizeEnabled::NAMES.join(", ")
+                ))
+            })?;
+            policy.set_size_mode(order, m);
+        }
+        self.st.thp = policy;
+        Ok(())
     }
 
     /// `mprotect()`.
@@ -705,6 +760,7 @@ impl State {
             page_shift: self.page_shift,
             ptrs_per_pte: self.ptrs_per_pte,
             pmd_order: self.pmd_order,
+            thp: self.thp,
             ticker: self.ticker.clone(),
         })
     }
@@ -736,7 +792,7 @@ impl State {
         while at < b {
             let Some(v) = mm.find_vma(at) else { break };
             let vma = &mm.vmas[v];
-            max_order = max_order.max(31 - vma.mthp.leading_zeros());
+            max_order = max_order.max(self.vma_max_order(k, v));
             if let Some(f) = vma.file {
                 max_order = max_order.max(self.files[f as usize].folio_order);
             }

@@ -315,7 +315,7 @@ impl PySimulation {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = Vec::new(), addr = None, uffd_wp = false, uffd_event_fork = false))]
+    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = None, addr = None, uffd_wp = false, uffd_event_fork = false))]
     fn mmap(
         &self,
         py: Python<'_>,
@@ -325,13 +325,13 @@ impl PySimulation {
         shared: bool,
         file: Option<u32>,
         offset: u64,
-        mthp: Vec<u64>,
+        mthp: Option<Vec<u64>>,
         addr: Option<u64>,
         uffd_wp: bool,
         uffd_event_fork: bool,
     ) -> PyResult<u64> {
         let prot = prot_arg(prot)?;
-        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), &mthp, uffd_wp, uffd_event_fork))
+        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), mthp.as_deref(), uffd_wp, uffd_event_fork))
     }
 
     #[pyo3(signature = (pid, addr, length, write = false))]
@@ -361,6 +361,39 @@ impl PySimulation {
 
     fn madvise(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, advice: &str) -> PyResult<()> {
         self.run(py, |s| s.madvise(pid, addr, length, advice))
+    }
+
+    /// `prctl(PR_SET_THP_DISABLE, disable, except_advised ? PR_THP_DISABLE_EXCEPT_ADVISED : 0)`.
+    #[pyo3(signature = (pid, disable, except_advised = false))]
+    fn prctl_thp_disable(&self, py: Python<'_>, pid: u32, disable: bool, except_advised: bool) -> PyResult<()> {
+        self.run(py, |s| s.prctl_thp_disable(pid, disable, except_advised))
+    }
+
+    /// `prctl(PR_GET_THP_DISABLE)`: 0, 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED.
+    fn prctl_get_thp_disable(&self, py: Python<'_>, pid: u32) -> PyResult<u32> {
+        Ok(self.lock(py)?.mm(pid)?.thp_disable.prctl_value())
+    }
+
+    /// Writes the sysfs THP controls: `enabled` (top level) and `(size in bytes, mode)` pairs.
+    #[pyo3(signature = (enabled = None, sizes = Vec::new()))]
+    fn set_thp_policy(&self, py: Python<'_>, enabled: Option<String>, sizes: Vec<(u64, String)>) -> PyResult<()> {
+        self.run(py, |s| s.set_thp_policy(enabled.as_deref(), &sizes))
+    }
+
+    /// The sysfs THP controls: {"enabled": mode, "sizes": {size in bytes: mode}} for every
+    /// anonymous size (4 pages … the PMD size).
+    #[getter]
+    fn thp_policy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock(py)?;
+        let st = &s.st;
+        let d = PyDict::new(py);
+        d.set_item("enabled", st.thp.enabled.name())?;
+        let sizes = PyDict::new(py);
+        for o in 2..=st.pmd_order {
+            sizes.set_item((1u64 << o) << st.page_shift, st.thp.size_mode(o).name())?;
+        }
+        d.set_item("sizes", sizes)?;
+        Ok(d)
     }
 
     fn mprotect(&self, py: Python<'_>, pid: u32, addr: u64, length: u64, prot: &str) -> PyResult<()> {
@@ -438,8 +471,14 @@ impl PySimulation {
             d.set_item("dontfork", v.dontfork)?;
             d.set_item("wipeonfork", v.wipeonfork)?;
             d.set_item("anon_vma", v.anon_vma)?;
-            let sizes: Vec<u64> = (0..32).filter(|o| v.mthp & (1 << o) != 0).map(|o| 1u64 << (o + shift)).collect();
-            d.set_item("mthp", sizes)?;
+            if v.mthp == 0 {
+                d.set_item("mthp", py.None())?;
+            } else {
+                let sizes: Vec<u64> = (0..32).filter(|o| v.mthp & (1 << o) != 0).map(|o| 1u64 << (o + shift)).collect();
+                d.set_item("mthp", sizes)?;
+            }
+            d.set_item("hugepage", v.hugepage)?;
+            d.set_item("nohugepage", v.nohugepage)?;
             out.append(d)?;
         }
         Ok(out)
@@ -574,8 +613,8 @@ impl PySimulation {
         d.set_item("rng", m.rng.0)?;
         let nr_vmas: usize = st.mms.iter().map(|mm| mm.vmas.len()).sum();
         let nr_ptes: usize = st.mms.iter().flat_map(|mm| &mm.vmas).map(|v| v.ptes.len()).sum();
-        let mut mms: Vec<i64> = crate::alloc::try_with_capacity(st.mms.len() * 8, "the process table")?;
-        let mut vmas: Vec<i64> = crate::alloc::try_with_capacity(nr_vmas * 16, "the VMA table")?;
+        let mut mms: Vec<i64> = crate::alloc::try_with_capacity(st.mms.len() * 9, "the process table")?;
+        let mut vmas: Vec<i64> = crate::alloc::try_with_capacity(nr_vmas * 18, "the VMA table")?;
         let mut ptes: Vec<u64> = crate::alloc::try_with_capacity(nr_ptes, "a copy of every page table")?;
         for mm in &st.mms {
             mms.extend([
@@ -587,6 +626,7 @@ impl PySimulation {
                 mm.has_pinned as i64,
                 mm.exited as i64,
                 mm.next_vpn as i64,
+                mm.thp_disable.prctl_value() as i64,
             ]);
             for v in &mm.vmas {
                 vmas.extend([
@@ -606,12 +646,17 @@ impl PySimulation {
                     v.wipeonfork as i64,
                     v.anon_vma as i64,
                     v.mthp as i64,
+                    v.hugepage as i64,
+                    v.nohugepage as i64,
                 ]);
                 ptes.extend_from_slice(&v.ptes);
             }
         }
-        d.set_item("mms", table(py, mms, 8)?)?;
-        d.set_item("vmas", table(py, vmas, 16)?)?;
+        d.set_item("mms", table(py, mms, 9)?)?;
+        d.set_item("vmas", table(py, vmas, 18)?)?;
+        let thp = &st.thp;
+        let enabled = crate::policy::ThpEnabled::NAMES.iter().position(|n| *n == thp.enabled.name()).unwrap_or(0);
+        d.set_item("thp", vec![enabled as i64, thp.orders_always as i64, thp.orders_madvise as i64, thp.orders_inherit as i64])?;
         d.set_item("ptes", ptes.into_pyarray(py))?;
         let files = rows(st.files.iter(), 3, "the file table", |f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64])?;
         d.set_item("files", table(py, files, 3)?)?;

@@ -7,7 +7,7 @@ from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
 from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
-from . import contpte
+from . import contpte, policy
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -71,38 +71,36 @@ def ensure_anon_vma(st: State, k: int, v: int) -> None:
         st.mms[k].vmas[v].anon_vma = st.new_anon_vma()
 
 
-def anon_orders(st: State, l, vma, vpn: int) -> list[int]:
-    """thp_vma_suitable_orders() then the orders whose aligned range is all none — mm/memory.c"""
-    candidates: list[int] = []
-    if vma.uffd_wp:
-        return candidates
-    found = False
-    for o in range(st.pmd_order, 0, -1):
-        if not vma.mthp & (1 << o):
-            continue
-        n = 1 << o
-        base = vpn & ~(n - 1)
-        if base < vma.start or base + n > vma.end():
-            continue
-        if not found:
-            s = base - vma.start
-            found = all(l.pte_none(e) for e in vma.ptes[s:s + n])
-            st.op.pte_reads += n
-        if found:
-            candidates.append(o)
-    return candidates
-
-
 def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, write: bool) -> None:
-    """do_anonymous_page() with alloc_anon_folio() — mm/memory.c"""
+    """do_anonymous_page() with alloc_anon_folio() — mm/memory.c: a read maps the zero page; a
+    write the largest folio the THP policy allows whose aligned range is in the VMA and all
+    none, falling back to smaller orders. The PMD order comes first (__handle_mm_fault() calls
+    create_huge_pmd() before the PTE path, which considers only orders below PMD_ORDER)."""
     vma = st.mms[k].vmas[v]
     i = vpn - vma.start
     if not write:
         zero = l.pfn_pte_template(st.zero_pfn, vma.prot.exec, False)
         contpte.set_pte(st, l, p, vma, i, l.pte_mkspecial(l.pte_mkyoung(zero)))
         return
+    # alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps it
+    # from the PMD order).
+    allowed = 0 if vma.uffd_wp else policy.thp_vma_suitable_orders(vma, vpn, policy.thp_vma_allowable_orders(st, k, v))
+    if allowed & (1 << st.pmd_order) and pmd_order_fault(st, l, p, k, v, vpn):
+        return
+    # alloc_anon_folio(): the highest order whose aligned range is all none.
+    candidates: list[int] = []
+    for o in range(st.pmd_order - 1, 0, -1):
+        if not allowed & (1 << o):
+            continue
+        if not candidates:
+            n = 1 << o
+            s = (vpn & ~(n - 1)) - vma.start
+            st.op.pte_reads += n
+            if not all(l.pte_none(e) for e in vma.ptes[s:s + n]):
+                continue
+        candidates.append(o)
     chosen = None
-    for o in anon_orders(st, l, vma, vpn):
+    for o in candidates:
         if st.mem.fragmented(o):
             continue
         head = st.mem.alloc(o)
@@ -114,7 +112,30 @@ def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, 
         if head is None:
             raise out_of_memory()
         chosen = (head, 0)
-    head, order = chosen
+    map_new_anon_folio(st, l, p, k, v, vpn, *chosen)
+
+
+def pmd_order_fault(st: State, l, p: KernelProfile, k: int, v: int, vpn: int) -> bool:
+    """create_huge_pmd() → do_huge_pmd_anonymous_page() — mm/huge_memory.c, for a write the
+    policy allows at the PMD order. Stand-in until PMD mappings are modelled: when the range is
+    all none ("the PMD is none") a PMD-sized folio is mapped with PTEs. False is the kernel's
+    VM_FAULT_FALLBACK (range in use, or no PMD-order memory)."""
+    order = st.pmd_order
+    n = 1 << order
+    vma = st.mms[k].vmas[v]
+    s = (vpn & ~(n - 1)) - vma.start
+    st.op.pte_reads += n
+    if not all(l.pte_none(e) for e in vma.ptes[s:s + n]) or st.mem.fragmented(order):
+        return False
+    head = st.mem.alloc(order)
+    if head is None:
+        return False
+    map_new_anon_folio(st, l, p, k, v, vpn, head, order)
+    return True
+
+
+def map_new_anon_folio(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, head: int, order: int) -> None:
+    """folio_add_new_anon_rmap() and set_ptes() of a new anonymous folio over its aligned range."""
     st.op.allocated(order)
     nr = 1 << order
     mm_id = st.mms[k].mm_id

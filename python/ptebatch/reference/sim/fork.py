@@ -41,7 +41,7 @@ def fork(st: State, l, p: KernelProfile, k: int) -> int:
     pid = len(st.mms) + 1
     c = len(st.mms)
     st.mms.append(Mm(pid=pid, mm_id=pid, vmas=[], rss=[0, 0, 0], has_pinned=False, exited=False,
-                     next_vpn=st.mms[k].next_vpn))
+                     next_vpn=st.mms[k].next_vpn, thp_disable=st.mms[k].thp_disable))
     rss = [0, 0, 0]
     for vi in range(len(st.mms[k].vmas)):
         src = st.mms[k].vmas[vi]

@@ -64,6 +64,7 @@ class KernelProfile:
     mm_id: bool
     large_cow_reuse: str
     pagemap_exclusive_by_folio: bool
+    thp_disable_except_advised: bool  # PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c)
 
     @classmethod
     def parse(cls, s: str) -> KernelProfile:
@@ -106,6 +107,7 @@ class KernelProfile:
             mm_id=at_least(6, 15),
             large_cow_reuse=reuse,
             pagemap_exclusive_by_folio=at_least(7, 0),
+            thp_disable_except_advised=at_least(6, 18),
         )
 
     def unbatched(self) -> KernelProfile:

@@ -72,7 +72,11 @@ class Vma:
     dontfork: bool  # VM_DONTCOPY (MADV_DONTFORK)
     wipeonfork: bool  # VM_WIPEONFORK
     anon_vma: int  # 0 = none yet
-    mthp: int  # enabled anonymous folio orders, bit n = order n
+    # Orders of an explicit size list given at mmap (bit 0 always set), standing in for the
+    # sysfs controls; 0 = follow the THP policy (policy.py).
+    mthp: int
+    hugepage: bool = False  # VM_HUGEPAGE (MADV_HUGEPAGE)
+    nohugepage: bool = False  # VM_NOHUGEPAGE (MADV_NOHUGEPAGE)
 
     def end(self) -> int:
         return self.start + len(self.ptes)
@@ -120,6 +124,8 @@ class Vma:
             and self.dontfork == nxt.dontfork
             and self.wipeonfork == nxt.wipeonfork
             and self.mthp == nxt.mthp
+            and self.hugepage == nxt.hugepage
+            and self.nohugepage == nxt.nohugepage
             and (self.anon_vma == 0 or nxt.anon_vma == 0 or self.anon_vma == nxt.anon_vma)
         )
 
@@ -135,6 +141,7 @@ class Mm:
     has_pinned: bool  # MMF_HAS_PINNED
     exited: bool
     next_vpn: int  # where the next mmap without an address goes
+    thp_disable: int = 0  # PR_SET_THP_DISABLE (policy.THP_DISABLE_*), inherited at fork
 
     def find_vma(self, vpn: int) -> int | None:
         """find_vma(), exact: the index of the VMA holding ``vpn``."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import dataclasses
 import decimal
 import operator
 from typing import Sequence
 
 from .. import layouts
 from . import check as check_mod
-from . import contpte, fault, fork, mprotect, procfs, restore, zap
+from . import contpte, fault, fork, mprotect, policy, procfs, restore, zap
 from .errors import value_error
 from .kernel import KernelProfile
 from .memory import (
@@ -281,14 +282,16 @@ class Simulation:
         return len(self.st.files) - 1
 
     def mmap(self, pid: int, length: int, prot: str = "rw", shared: bool = False,
-             file: int | None = None, offset: int = 0, mthp: Sequence[int] = (),
+             file: int | None = None, offset: int = 0, mthp: Sequence[int] | None = None,
              addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False) -> int:
         """mmap(): returns the start address. ``file`` maps a file object from byte ``offset``; a
-        shared anonymous mapping gets its own shmem object; ``mthp`` lists the enabled
-        anonymous folio sizes in bytes."""
+        shared anonymous mapping gets its own shmem object; ``mthp``, when given, lists the
+        anonymous folio sizes in bytes the mapping may use in place of the THP policy's sysfs
+        controls (a model shortcut); None follows the policy."""
         pid, length, prot, shared = _u32(pid), _u64(length), _str(prot), _bool(shared)
         file = None if file is None else _u32(file)
-        offset, sizes = _u64(offset), _u64_list(mthp)
+        offset = _u64(offset)
+        sizes = None if mthp is None else _u64_list(mthp)
         addr = None if addr is None else _u64(addr)
         uffd_wp, uffd_event_fork = _bool(uffd_wp), _bool(uffd_event_fork)
         prot_ = _prot(prot)
@@ -296,15 +299,15 @@ class Simulation:
                           None if file is None else (file, offset), sizes, uffd_wp, uffd_event_fork)
 
     def _mmap(self, pid: int, addr: int | None, length: int, prot: Prot, shared: bool,
-              file: tuple[int, int] | None, mthp: list[int], uffd_wp: bool,
+              file: tuple[int, int] | None, mthp: list[int] | None, uffd_wp: bool,
               uffd_event_fork: bool) -> int:
         """do_mmap() — mm/mmap.c, as the model has it"""
         st, l = self.st, self.layout
         k = self._mm_index(pid)
         ps = self.page_size
         shift = st.page_shift
-        orders = 1
-        for size in mthp:
+        orders = 0 if mthp is None else 1
+        for size in mthp or ():
             o = order_of_size(size, shift)
             if o is None or o > st.pmd_order or o == 1:
                 raise value_error(f"mTHP size {size} is not one of the page size, 4 pages … the PMD size")
@@ -408,16 +411,17 @@ class Simulation:
         self._guarded(0, lambda st: zap.exit_mm(st, self.layout, self.profile, k))
 
     def madvise(self, pid: int, addr: int, length: int, advice: str) -> None:
-        """madvise(): "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork"."""
+        """madvise(): "dontneed", "dontfork", "dofork", "wipeonfork", "keeponfork", "hugepage",
+        "nohugepage"."""
         pid, addr, length, advice = _u32(pid), _u64(addr), _u64(length), _str(advice)
         k = self._mm_index(pid)
         a, b = self._mapped_range(k, addr, length)
         if advice == "dontneed":
             self._guarded(0, lambda st: zap.madv_dontneed(st, self.layout, self.profile, k, a, b))
             return
-        if advice not in ("dontfork", "dofork", "wipeonfork", "keeponfork"):
+        if advice not in ("dontfork", "dofork", "wipeonfork", "keeponfork", "hugepage", "nohugepage"):
             raise value_error(f'unknown advice "{advice}"; known: dontneed, dontfork, dofork, '
-                              "wipeonfork, keeponfork")
+                              "wipeonfork, keeponfork, hugepage, nohugepage")
         mm = self.st.mms[k]
         if advice == "wipeonfork":
             at = a
@@ -435,10 +439,55 @@ class Simulation:
         for v in mm.vmas[r.start:r.stop]:
             if advice in ("dontfork", "dofork"):
                 v.dontfork = advice == "dontfork"  # VM_DONTCOPY
+            elif advice in ("hugepage", "nohugepage"):
+                # hugepage_madvise() — mm/huge_memory.c: each flag clears the other.
+                v.hugepage, v.nohugepage = advice == "hugepage", advice == "nohugepage"
             else:
                 v.wipeonfork = advice == "wipeonfork"  # VM_WIPEONFORK
         mm.merge_around(r)
         self._end()
+
+    def prctl_thp_disable(self, pid: int, disable: bool, except_advised: bool = False) -> None:
+        """prctl(PR_SET_THP_DISABLE, disable, except_advised and PR_THP_DISABLE_EXCEPT_ADVISED) —
+        kernel/sys.c: every later fault of the process reads the mm flag, for existing and new
+        VMAs alike; fork passes it on."""
+        pid, disable, except_advised = _u32(pid), _bool(disable), _bool(except_advised)
+        k = self._mm_index(pid)
+        self.st.mms[k].thp_disable = policy.prctl_thp_disable_state(self.profile, disable, except_advised)
+
+    def prctl_get_thp_disable(self, pid: int) -> int:
+        """prctl(PR_GET_THP_DISABLE): 0, 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED."""
+        return self._mm(_u32(pid)).thp_disable
+
+    def set_thp_policy(self, enabled: str | None = None, sizes: Sequence = ()) -> None:
+        """Writes the sysfs THP controls: ``enabled`` (top level) and ``(size in bytes, mode)``
+        pairs; all are checked before any is set."""
+        enabled = None if enabled is None else _str(enabled)
+        pairs = [(_u64(size), _str(mode)) for size, mode in sizes]
+        st = self.st
+        new = dataclasses.replace(st.thp)
+        if enabled is not None:
+            if enabled not in policy.ENABLED_NAMES:
+                raise value_error(f'enabled "{enabled}" is not one of {", ".join(policy.ENABLED_NAMES)}')
+            new.enabled = enabled
+        anon = policy.thp_orders_all_anon(st.pmd_order)
+        for size, mode in pairs:
+            order = order_of_size(size, st.page_shift)
+            if order is None or order >= 32 or not anon & (1 << order):
+                raise value_error(f"sizes: {size} bytes has no hugepages-<size>kB control for anonymous "
+                                  f"memory here (4 pages … the PMD size, {(1 << st.pmd_order) << st.page_shift} "
+                                  "bytes, in powers of two)")
+            if mode not in policy.SIZE_NAMES:
+                raise value_error(f'sizes: "{mode}" for {size} bytes is not one of {", ".join(policy.SIZE_NAMES)}')
+            new.set_size_mode(order, mode)
+        st.thp = new
+
+    @property
+    def thp_policy(self) -> dict:
+        """The sysfs THP controls: {"enabled": mode, "sizes": {size in bytes: mode}}."""
+        st = self.st
+        return {"enabled": st.thp.enabled,
+                "sizes": {(1 << o) << st.page_shift: st.thp.size_mode(o) for o in range(2, st.pmd_order + 1)}}
 
     def mprotect(self, pid: int, addr: int, length: int, prot: str) -> None:
         """mprotect()."""
@@ -607,7 +656,8 @@ class Simulation:
                  "shared": v.shared, "file": v.file, "offset": v.pgoff << shift,
                  "vm_softdirty": v.vm_softdirty, "uffd_wp": v.uffd_wp, "dontfork": v.dontfork,
                  "wipeonfork": v.wipeonfork, "anon_vma": v.anon_vma,
-                 "mthp": [1 << (o + shift) for o in range(32) if v.mthp & (1 << o)]}
+                 "mthp": [1 << (o + shift) for o in range(32) if v.mthp & (1 << o)] if v.mthp else None,
+                 "hugepage": v.hugepage, "nohugepage": v.nohugepage}
                 for v in mm.vmas]
 
     def ptes(self, pid: int, addr: int) -> list[int]:
@@ -680,7 +730,8 @@ def canonical_state(st: State) -> dict:
             vmas.append([mm.pid, v.start, len(v.ptes), int(v.prot.read), int(v.prot.write),
                          int(v.prot.exec), int(v.shared), -1 if v.file is None else v.file,
                          v.pgoff, int(v.vm_softdirty), int(v.uffd_wp), int(v.uffd_event_fork),
-                         int(v.dontfork), int(v.wipeonfork), v.anon_vma, v.mthp])
+                         int(v.dontfork), int(v.wipeonfork), v.anon_vma, v.mthp, int(v.hugepage),
+                         int(v.nohugepage)])
             ptes.extend(v.ptes)
     return {
         "order": list(mem.order),
@@ -695,7 +746,9 @@ def canonical_state(st: State) -> dict:
         "next_anon_vma": st.next_anon_vma,
         "rng": mem.rng.state,
         "mms": [[m.pid, m.mm_id, m.rss[0], m.rss[1], m.rss[2], int(m.has_pinned), int(m.exited),
-                 m.next_vpn] for m in st.mms],
+                 m.next_vpn, m.thp_disable] for m in st.mms],
+        "thp": [policy.ENABLED_NAMES.index(st.thp.enabled), st.thp.orders_always, st.thp.orders_madvise,
+                st.thp.orders_inherit],
         "vmas": vmas,
         "ptes": ptes,
         "files": [[f.nr_pages, f.folio_order, int(f.shmem)] for f in st.files],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .kernel import KernelProfile
 from .memory import Memory
 from .mm import File, Mm, Pin, Vma
+from .policy import ThpPolicy, vma_max_order
 from .rmap import Rmap
 from .stats import Stats
 
@@ -29,6 +30,7 @@ class State:
         self.page_shift = page_shift
         self.ptrs_per_pte = ptrs_per_pte
         self.pmd_order = pmd_order
+        self.thp = ThpPolicy.default_for(pmd_order)  # the sysfs THP controls
 
     def new_token(self) -> int:
         """The next content token a write stores (u32, wrapping past 0)."""
@@ -73,7 +75,7 @@ class State:
             if v is None:
                 break
             vma = mm.vmas[v]
-            max_order = max(max_order, vma.mthp.bit_length() - 1)
+            max_order = max(max_order, vma_max_order(self, k, v))
             if vma.file is not None:
                 max_order = max(max_order, self.files[vma.file].folio_order)
             at = vma.end()
