@@ -343,8 +343,10 @@ class SimMachine(RuleBasedStateMachine):
         raise NotImplementedError
 
     @initialize(pages=st.integers(16, 640), mthp=MTHP, write=st.booleans(),
-                shared=st.sampled_from([False, False, False, True]))
-    def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool) -> None:
+                shared=st.sampled_from([False, False, False, True]),
+                tmpfs_huge=st.sampled_from(["never", "always", "within_size", "advise"]))
+    def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool, tmpfs_huge: str) -> None:
+        self.tmpfs_huge = tmpfs_huge
         self.sims = self.make_sims()
         self.layouts = [pb.layout(s.arch) for s in self.sims]
         self.page = self.sims[0].page_size
@@ -356,6 +358,7 @@ class SimMachine(RuleBasedStateMachine):
         self._views: list[View] | None = None
         self.procs.append(Proc(self.all(lambda s: s.spawn().pid)))
         self.file = self.all(lambda s: s.create_file("256K", "16K"))
+        self.tmpfs = self.all(lambda s: s.create_file("256K", shmem=True, huge=self.tmpfs_huge))
         # Most interesting sequences start from memory that is already faulted in.
         p = self.procs[0]
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp).start)
@@ -411,13 +414,16 @@ class SimMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.procs[0].maps) < 6)
     @rule(data=st.data(), pages=st.integers(1, 640), mthp=MTHP,
           kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared",
-                                "anon-uffd", "anon-uffd-fork"]),
+                                "tmpfs-shared", "anon-uffd", "anon-uffd-fork"]),
           prot=st.sampled_from(["rw", "rw", "r"]))
     def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...], kind: str, prot: str) -> None:
         p = data.draw(st.sampled_from(self.procs))
         if kind.startswith("file"):
             pages = min(pages, 64)
             file, shared = self.file, kind == "file-shared"
+        elif kind == "tmpfs-shared":
+            pages = min(pages, 64)
+            file, shared = self.tmpfs, True
         else:
             file, shared = None, kind == "shared-anon"
         uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
@@ -496,6 +502,19 @@ class SimMachine(RuleBasedStateMachine):
     def uffd_writeprotect(self, data: st.DataObject, enable: bool) -> None:
         p, a, n = self.addr(data)
         self.all(lambda s: s.process(p.pid).uffd_writeprotect(a, n, enable), ("protect", p.pid, a, n))
+
+    @rule(size=st.sampled_from(["4K", "16K", "64K", "128K", "3K", "8M"]))
+    def fault_around(self, size: str) -> None:
+        """/sys/kernel/debug/fault_around_bytes (a bad value must fail alike and change nothing)."""
+        self.all(lambda s: setattr(s, "fault_around_bytes", size))
+
+    @rule(enabled=st.sampled_from([None, "never", "always", "within_size", "advise", "deny", "force"]),
+          sizes=st.dictionaries(st.sampled_from(["8K", "16K", "32K", "64K", "2M"]),
+                                st.sampled_from(["always", "inherit", "within_size", "advise", "never"]),
+                                max_size=3))
+    def shmem_policy(self, enabled: str | None, sizes: dict[str, str]) -> None:
+        """The sysfs shmem controls, which pick the folio sizes of shared anonymous memory."""
+        self.all(lambda s: s.set_shmem_policy(enabled, sizes))
 
     @rule(data=st.data())
     def clear_soft_dirty(self, data: st.DataObject) -> None:

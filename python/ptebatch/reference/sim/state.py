@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .kernel import KernelProfile
 from .memory import Memory
-from .mm import File, Mm, Pin, Vma
+from .mm import FIXED, File, Mm, Pin, Vma
+from .shmem import ShmemPolicy
 from .rmap import Rmap
 from .stats import Stats
 
@@ -29,6 +30,8 @@ class State:
         self.page_shift = page_shift
         self.ptrs_per_pte = ptrs_per_pte
         self.pmd_order = pmd_order
+        self.fault_around_pages = max(65536 >> page_shift, 1)  # mm/memory.c fault_around_pages
+        self.shmem_policy = ShmemPolicy.new(pmd_order)  # the sysfs shmem THP controls
 
     def new_token(self) -> int:
         """The next content token a write stores (u32, wrapping past 0)."""
@@ -75,7 +78,8 @@ class State:
             vma = mm.vmas[v]
             max_order = max(max_order, vma.mthp.bit_length() - 1)
             if vma.file is not None:
-                max_order = max(max_order, self.files[vma.file].folio_order)
+                f = self.files[vma.file]
+                max_order = max(max_order, f.folio_order if f.kind == FIXED else self.pmd_order)
             at = vma.end()
         return 2 * (b - a) + 2 * (1 << max_order)
 
