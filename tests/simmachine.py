@@ -310,6 +310,8 @@ def compare(a: View, b: View, pte_mask: np.ndarray | None, flag_mask: np.ndarray
 class Mapping:
     start: int
     pages: int
+    #: A file or shared mapping: its faults follow the page-cache rules, which differ by version.
+    pagecache: bool = False
 
 
 @dataclass
@@ -348,6 +350,7 @@ class SimMachine(RuleBasedStateMachine):
     def setup(self, pages: int, mthp: tuple[str, ...], write: bool, shared: bool, tmpfs_huge: str) -> None:
         self.tmpfs_huge = tmpfs_huge
         self.sims = self.make_sims()
+        self.pagecache_faulted = False
         self.layouts = [pb.layout(s.arch) for s in self.sims]
         self.page = self.sims[0].page_size
         self.procs: list[Proc] = []
@@ -365,7 +368,8 @@ class SimMachine(RuleBasedStateMachine):
         if start is None:
             # An mTHP size this layout has not (its PMD is smaller): plain pages then.
             start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared).start)
-        p.maps.append(Mapping(start, pages))
+        p.maps.append(Mapping(start, pages, shared))
+        self.note_pagecache(p, start, pages * self.page)
         self.all(lambda s: s.process(p.pid).touch(start, pages * self.page, write),
                  ("write", p.pid, start, pages * self.page) if write else None)
 
@@ -397,6 +401,13 @@ class SimMachine(RuleBasedStateMachine):
         for (i, j), drift in self.drifts.items():
             drift.track(op or ("other", 0), [before[i], before[j]], [after[i], after[j]])
         return value
+
+    def note_pagecache(self, p: Proc, a: int, n: int) -> None:
+        """Notes a fault that may touch a file or shared mapping: from there on, kernels of
+        different versions may map page-cache folios differently (fault-around and
+        finish_fault() whole folios, shmem folio sizes, set_pte_range() dirtiness)."""
+        if any(m.pagecache and m.start < a + n and a < m.start + m.pages * self.page for m in p.maps):
+            self.pagecache_faulted = True
 
     def addr(self, data: st.DataObject, pages_max: int = 24) -> tuple[Proc, int, int]:
         p = data.draw(st.sampled_from(self.procs))
@@ -430,16 +441,18 @@ class SimMachine(RuleBasedStateMachine):
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, prot, shared, file=file, mthp=mthp,
                                                           uffd_wp=uffd, uffd_event_fork=fork_event).start)
         if start is not None:
-            p.maps.append(Mapping(start, pages))
+            p.maps.append(Mapping(start, pages, file is not None or shared))
 
     @rule(data=st.data(), write=st.booleans())
     def touch(self, data: st.DataObject, write: bool) -> None:
         p, a, n = self.addr(data, pages_max=640)
+        self.note_pagecache(p, a, n)
         self.all(lambda s: s.process(p.pid).touch(a, n, write), ("write", p.pid, a, n) if write else None)
 
     @rule(data=st.data(), write=st.booleans())
     def access(self, data: st.DataObject, write: bool) -> None:
         p, a, _ = self.addr(data)
+        self.note_pagecache(p, a, self.page)
         if write:
             self.all(lambda s: s.process(p.pid).write(a), ("write", p.pid, a, self.page))
         else:
@@ -472,6 +485,7 @@ class SimMachine(RuleBasedStateMachine):
     @rule(data=st.data(), write=st.booleans(), longterm=st.booleans())
     def pin(self, data: st.DataObject, write: bool, longterm: bool) -> None:
         p, a, n = self.addr(data, pages_max=4)
+        self.note_pagecache(p, a, n)
         pin = self.all(lambda s: s.process(p.pid).pin(a, n, write=write, longterm=longterm).id,
                        ("write", p.pid, a, n) if write else None)
         if pin is not None:
@@ -513,7 +527,10 @@ class SimMachine(RuleBasedStateMachine):
                                 st.sampled_from(["always", "inherit", "within_size", "advise", "never"]),
                                 max_size=3))
     def shmem_policy(self, enabled: str | None, sizes: dict[str, str]) -> None:
-        """The sysfs shmem controls, which pick the folio sizes of shared anonymous memory."""
+        """The sysfs shmem controls, which pick the folio sizes of shared anonymous memory (the
+        per-size ones only where every simulated kernel has them, 6.11+)."""
+        if not all(s.shmem_policy["sizes"] for s in self.sims):
+            sizes = {}
         self.all(lambda s: s.set_shmem_policy(enabled, sizes))
 
     @rule(data=st.data())
@@ -539,6 +556,11 @@ class SimMachine(RuleBasedStateMachine):
             if j in self.diverged:
                 continue
             if not same_version:
+                # Page-cache faults follow version-specific rules (docs/simulation.md
+                # "Fault-around", "shmem and file folios"): from the first one the states part.
+                if self.pagecache_faulted:
+                    self.diverged.add(j)
+                    continue
                 # "large-folio COW reuse rules differ by version": once the two kernels took
                 # different reuse/copy decisions their states legitimately part.
                 si, sj = self.sims[i].stats, self.sims[j].stats

@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -99,6 +99,14 @@ def _shmem_paths() -> dict[str, str]:
     return out
 
 
+def live_shmem_policy() -> dict[str, Any]:
+    """The live shmem controls in the form ``Simulation.set_shmem_policy(**policy)`` takes (the
+    form for a snapshot header's "shmem_policy" key): ``{"enabled": str, "sizes": {bytes: str}}``."""
+    paths = _shmem_paths()
+    top = paths.pop("enabled")
+    return {"enabled": _read_value(top), "sizes": {int(k): _read_value(p) for k, p in paths.items()}}
+
+
 @contextlib.contextmanager
 def shmem_controls(enabled: str | None, sizes: dict[int, str]) -> Iterator[dict[str, str]]:
     """Sets the shmem controls (sizes not named: "never"; the PMD size keeps "inherit" when
@@ -159,7 +167,7 @@ def _kernel_facts(snap: Snapshot, pid: int, addr: int, npages: int) -> tuple[np.
     return present, pfn, excl, count, size, thp
 
 
-def compare_step(label: str, snap: Snapshot, sim, live: list[tuple[int, object]], addr: int, npages: int,
+def compare_step(label: str, snap: Snapshot, sim: Any, live: Sequence[tuple[int, Any]], addr: int, npages: int,
                  kprev: dict, sprev: dict) -> StepResult:
     """Every page fact of every live process in ``[addr, addr + npages pages)``."""
     res = StepResult(label)
@@ -228,7 +236,7 @@ def run_script(npages: int, script: Script, *, skew: int = SKEW, tmpfs_huge: str
         ppid, addr = int(pid_s), int(addr_s)
         sim = Simulation(_arch(page), kernel, "256M")
         sim.fault_around_bytes = fab
-        sizes = {int(k): v for k, v in values.items() if k != "enabled" and int(k) <= pmd}
+        sizes: dict[int | str, str] = {int(k): v for k, v in values.items() if k != "enabled" and int(k) <= pmd}
         sim.set_shmem_policy(values["enabled"], sizes if sim.shmem_policy["sizes"] else None)
         sp = sim.spawn()
         if tmpfs_huge is None:
@@ -349,5 +357,5 @@ def missing_requirements() -> str | None:
     return None
 
 
-__all__ = ["SCENARIOS", "run_script", "compare_step", "shmem_controls", "live_fault_around_bytes",
+__all__ = ["SCENARIOS", "run_script", "compare_step", "shmem_controls", "live_fault_around_bytes", "live_shmem_policy",
            "missing_requirements"]

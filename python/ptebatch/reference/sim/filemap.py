@@ -66,6 +66,7 @@ def do_file_fault(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, writ
     """do_fault() for a file VMA: do_read_fault(), do_cow_fault() or do_shared_fault()."""
     vma = st.mms[k].vmas[v]
     f = vma.file
+    assert f is not None, "a file VMA"
     idx = vma.pgoff + (vpn - vma.start)
     if write and not vma.shared:
         do_cow_fault(st, l, p, k, v, vpn, f, idx)
@@ -123,6 +124,7 @@ def filemap_map_pages(st: State, l, p: KernelProfile, k: int, v: int, fault_vpn:
     PTEs are none, a folio's run at once; True if ``fault_vpn`` got mapped."""
     vma = st.mms[k].vmas[v]
     f = vma.file
+    assert f is not None, "a file VMA"
     rss = 0
     hit = False
     idx = start
@@ -196,6 +198,7 @@ def finish_fault(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, page:
         return
     vma = st.mms[k].vmas[v]
     f = vma.file
+    assert f is not None, "a file VMA"
     file = st.files[f]
     whole = (p.finish_fault_folio == FF_ANY_FILE
              or p.finish_fault_folio == FF_SHMEM and file.shmem
