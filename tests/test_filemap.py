@@ -295,3 +295,18 @@ def test_live_kernel_agrees(name: str) -> None:
     bad = [(s.step, s.mismatches[:3]) for s in steps if s.mismatches]
     assert sum(s.pages for s in steps) > 0
     assert bad == [], bad
+
+
+@pytest.mark.skipif(_live_skip() is not None, reason=str(_live_skip()))
+def test_live_oracle_tells_the_versions_apart() -> None:
+    """The same scenario simulated as 6.17 (fault-around maps only the window of a 128K folio)
+    disagrees with the live 6.18 kernel: the comparison can fail."""
+    import platform
+
+    from ptebatch import oracle_filemap
+
+    live = pb.kernel_from_release(platform.release())
+    if live == "seed" or tuple(map(int, live.split("."))) < (6, 18):
+        pytest.skip(f"the live kernel ({live}) has no whole-folio fault-around")
+    steps = oracle_filemap.SCENARIOS["shmem-mthp-128K-always"](kernel="6.17")
+    assert any("present kernel=True sim=False" in m for s in steps for m in s.mismatches)

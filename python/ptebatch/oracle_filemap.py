@@ -329,6 +329,12 @@ def _mthp(size: int, value: str, enabled: str = "never") -> Callable[..., list[S
     return run
 
 
+def _mthp_misaligned(kernel: str | None = None) -> list[StepResult]:
+    """64K "always" on a region 11 pages before a PMD boundary: the VMA's start is not 64K
+    aligned, so thp_vma_suitable_order() refuses the order and every folio is a page."""
+    return run_script(64, _SPARSE, shmem_sizes={65536: "always"}, kernel=kernel)
+
+
 #: Scenario name -> callable(kernel=None) returning the compared steps.
 SCENARIOS: dict[str, Callable[..., list[StepResult]]] = {
     "faultaround-shared-anon": lambda kernel=None: run_script(64, _EDGES, kernel=kernel),
@@ -342,6 +348,7 @@ SCENARIOS: dict[str, Callable[..., list[StepResult]]] = {
     "shmem-mthp-64K-inherit-enabled-never": _mthp(65536, "inherit", "never"),
     "shmem-mthp-32K-within_size": _mthp(32768, "within_size"),
     "shmem-mthp-64K-advise-no-madvise": _mthp(65536, "advise"),
+    "shmem-mthp-64K-misaligned-vma": _mthp_misaligned,
 }
 
 
