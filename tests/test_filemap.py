@@ -230,7 +230,7 @@ POLICY = st.tuples(st.sampled_from([None, "never", "always", "within_size", "adv
                                    max_size=4))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("PTEBATCH_FILEMAP_EXAMPLES", 30)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(kernel=st.sampled_from(["6.8", "6.11", "6.12", "6.13", "6.16", "6.17", "6.18", "7.0"]), policy=POLICY,
        fab=st.sampled_from(["4K", "16K", "64K", "128K"]), pages=st.integers(1, 600), skew=st.integers(0, 40),
        tmpfs=st.sampled_from([None, "never", "always", "within_size", "advise"]),
