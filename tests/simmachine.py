@@ -312,6 +312,8 @@ def compare(a: View, b: View, pte_mask: np.ndarray | None, flag_mask: np.ndarray
 class Mapping:
     start: int
     pages: int
+    #: A file or shared mapping: its faults follow the page-cache rules, which differ by version.
+    pagecache: bool = False
 
 
 @dataclass
@@ -348,9 +350,12 @@ class SimMachine(RuleBasedStateMachine):
         raise NotImplementedError
 
     @initialize(pages=st.integers(16, 640), mthp=MTHP, write=st.booleans(),
-                shared=st.sampled_from([False, False, False, True]))
-    def setup(self, pages: int, mthp: tuple[str, ...] | None, write: bool, shared: bool) -> None:
+                shared=st.sampled_from([False, False, False, True]),
+                tmpfs_huge=st.sampled_from(["never", "always", "within_size", "advise"]))
+    def setup(self, pages: int, mthp: tuple[str, ...] | None, write: bool, shared: bool, tmpfs_huge: str) -> None:
+        self.tmpfs_huge = tmpfs_huge
         self.sims = self.make_sims()
+        self.pagecache_faulted = False
         self.layouts = [pb.layout(s.arch) for s in self.sims]
         self.page = self.sims[0].page_size
         self.procs: list[Proc] = []
@@ -361,13 +366,15 @@ class SimMachine(RuleBasedStateMachine):
         self._views: list[View] | None = None
         self.procs.append(Proc(self.all(lambda s: s.spawn().pid)))
         self.file = self.all(lambda s: s.create_file("256K", "16K"))
+        self.tmpfs = self.all(lambda s: s.create_file("256K", shmem=True, huge=self.tmpfs_huge))
         # Most interesting sequences start from memory that is already faulted in.
         p = self.procs[0]
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp).start)
         if start is None:
             # An mTHP size this layout has not (its PMD is smaller): plain pages then.
             start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared).start)
-        p.maps.append(Mapping(start, pages))
+        p.maps.append(Mapping(start, pages, shared))
+        self.note_pagecache(p, start, pages * self.page)
         self.all(lambda s: s.process(p.pid).touch(start, pages * self.page, write),
                  ("write", p.pid, start, pages * self.page) if write else None)
 
@@ -400,6 +407,13 @@ class SimMachine(RuleBasedStateMachine):
             drift.track(op or ("other", 0), [before[i], before[j]], [after[i], after[j]])
         return value
 
+    def note_pagecache(self, p: Proc, a: int, n: int) -> None:
+        """Notes a fault that may touch a file or shared mapping: from there on, kernels of
+        different versions may map page-cache folios differently (fault-around and
+        finish_fault() whole folios, shmem folio sizes, set_pte_range() dirtiness)."""
+        if any(m.pagecache and m.start < a + n and a < m.start + m.pages * self.page for m in p.maps):
+            self.pagecache_faulted = True
+
     def addr(self, data: st.DataObject, pages_max: int = 24) -> tuple[Proc, int, int]:
         p = data.draw(st.sampled_from(self.procs))
         if p.maps and data.draw(st.integers(0, 9)) > 0:
@@ -416,29 +430,34 @@ class SimMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.procs[0].maps) < 6)
     @rule(data=st.data(), pages=st.integers(1, 640), mthp=MTHP,
           kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared",
-                                "anon-uffd", "anon-uffd-fork"]),
+                                "tmpfs-shared", "anon-uffd", "anon-uffd-fork"]),
           prot=st.sampled_from(["rw", "rw", "r"]))
     def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...] | None, kind: str, prot: str) -> None:
         p = data.draw(st.sampled_from(self.procs))
         if kind.startswith("file"):
             pages = min(pages, 64)
             file, shared = self.file, kind == "file-shared"
+        elif kind == "tmpfs-shared":
+            pages = min(pages, 64)
+            file, shared = self.tmpfs, True
         else:
             file, shared = None, kind == "shared-anon"
         uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, prot, shared, file=file, mthp=mthp,
                                                           uffd_wp=uffd, uffd_event_fork=fork_event).start)
         if start is not None:
-            p.maps.append(Mapping(start, pages))
+            p.maps.append(Mapping(start, pages, file is not None or shared))
 
     @rule(data=st.data(), write=st.booleans())
     def touch(self, data: st.DataObject, write: bool) -> None:
         p, a, n = self.addr(data, pages_max=640)
+        self.note_pagecache(p, a, n)
         self.all(lambda s: s.process(p.pid).touch(a, n, write), ("write", p.pid, a, n) if write else None)
 
     @rule(data=st.data(), write=st.booleans())
     def access(self, data: st.DataObject, write: bool) -> None:
         p, a, _ = self.addr(data)
+        self.note_pagecache(p, a, self.page)
         if write:
             self.all(lambda s: s.process(p.pid).write(a), ("write", p.pid, a, self.page))
         else:
@@ -482,6 +501,7 @@ class SimMachine(RuleBasedStateMachine):
     @rule(data=st.data(), write=st.booleans(), longterm=st.booleans())
     def pin(self, data: st.DataObject, write: bool, longterm: bool) -> None:
         p, a, n = self.addr(data, pages_max=4)
+        self.note_pagecache(p, a, n)
         pin = self.all(lambda s: s.process(p.pid).pin(a, n, write=write, longterm=longterm).id,
                        ("write", p.pid, a, n) if write else None)
         if pin is not None:
@@ -513,6 +533,22 @@ class SimMachine(RuleBasedStateMachine):
         p, a, n = self.addr(data)
         self.all(lambda s: s.process(p.pid).uffd_writeprotect(a, n, enable), ("protect", p.pid, a, n))
 
+    @rule(size=st.sampled_from(["4K", "16K", "64K", "128K", "3K", "8M"]))
+    def fault_around(self, size: str) -> None:
+        """/sys/kernel/debug/fault_around_bytes (a bad value must fail alike and change nothing)."""
+        self.all(lambda s: setattr(s, "fault_around_bytes", size))
+
+    @rule(enabled=st.sampled_from([None, "never", "always", "within_size", "advise", "deny", "force"]),
+          sizes=st.dictionaries(st.sampled_from(["8K", "16K", "32K", "64K", "2M"]),
+                                st.sampled_from(["always", "inherit", "within_size", "advise", "never"]),
+                                max_size=3))
+    def shmem_policy(self, enabled: str | None, sizes: dict[str, str]) -> None:
+        """The sysfs shmem controls, which pick the folio sizes of shared anonymous memory (the
+        per-size ones only where every simulated kernel has them, 6.11+)."""
+        if not all(s.shmem_policy["sizes"] for s in self.sims):
+            sizes = {}
+        self.all(lambda s: s.set_shmem_policy(enabled, sizes))
+
     @rule(data=st.data())
     def clear_soft_dirty(self, data: st.DataObject) -> None:
         p = data.draw(st.sampled_from(self.procs))
@@ -536,6 +572,11 @@ class SimMachine(RuleBasedStateMachine):
             if j in self.diverged:
                 continue
             if not same_version:
+                # Page-cache faults follow version-specific rules (docs/simulation.md
+                # "Fault-around", "shmem and file folios"): from the first one the states part.
+                if self.pagecache_faulted:
+                    self.diverged.add(j)
+                    continue
                 # "large-folio COW reuse rules differ by version": once the two kernels took
                 # different reuse/copy decisions their states legitimately part.
                 si, sj = self.sims[i].stats, self.sims[j].stats

@@ -374,6 +374,7 @@ def test_arm64_partial_mprotect_unfolds_one_block_and_keeps_the_other():
 
 def test_arm64_file_faults_fold_on_the_last_entry_of_a_block():
     sim = checked(Simulation("arm64-4k", "6.12", 4 << 20, seed=1))
+    sim.inner.fault_around_bytes = 4096  # one PTE per fault (fault-around would map a run at once)
     pid = sim.spawn()
     f = sim.create_file(64 * KIB, 64 * KIB)
     addr = sim.mmap(pid, 64 * KIB, "r", file=f)

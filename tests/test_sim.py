@@ -185,7 +185,9 @@ def test_private_file_mapping_cow() -> None:
     t3 = p.write(private.page(2))
     assert pin.read() == t3
     assert sim.page(pfn(p, shared.page(1)))["dirty"]
-    assert p.rss() == {"file": 1, "anon": 2, "shmem": 0}
+    # 6.18 maps the 16K folio whole on the shared write (finish_fault()) and fault-around maps
+    # it into the private mapping on the read; two of those pages became anonymous copies.
+    assert p.rss() == {"file": 6, "anon": 2, "shmem": 0}
     pin.unpin()
     sim.check()
 

@@ -108,6 +108,8 @@ def main() -> None:
             break
         elif op in POLICY_COMMANDS:
             reply = POLICY_COMMANDS[op](*args)
+        elif op.startswith("fm_"):
+            reply = filemap_command(op, args)
         else:
             reply = f"error unknown command {op}"
         sys.stdout.write(reply + "\n")
@@ -116,6 +118,95 @@ def main() -> None:
         to_child.write("exit\n")
         to_child.flush()
         os.waitpid(child, 0)
+    filemap_command("fm_cexit", [])
+
+
+# ---- shared and file mappings (ptebatch.oracle_filemap) ---------------------------------------
+# One MAP_SHARED mapping, anonymous or of a file, at a chosen offset from an aligned address; a
+# child that reads and writes it on command. Accesses are single loads and stores, so that a
+# read is a read fault and a write a write fault.
+
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+PROT_NONE, PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
+fm: dict = {"addr": 0, "child": None, "to": None, "frm": None, "stamp": 0}
+
+
+def fm_access(addr: int, write: bool) -> None:
+    if write:
+        fm["stamp"] = fm["stamp"] % 255 + 1
+        ctypes.memset(addr, fm["stamp"], 1)
+    else:
+        ctypes.c_char.from_address(addr).value
+
+
+def fm_child(rd: int, wr: int) -> None:
+    with os.fdopen(rd, "r") as cmds, os.fdopen(wr, "w") as out:
+        for line in cmds:
+            op, *args = line.split()
+            if op == "exit":
+                os._exit(0)
+            fm_access(fm["addr"] + int(args[0]) * PAGE, op == "write")
+            out.write("ok\n")
+            out.flush()
+    os._exit(0)
+
+
+def filemap_command(op: str, args: list[str]) -> str:
+    if op == "fm_map":
+        # fm_map <pages> <align bytes> <skew pages> <file path or "-">: MAP_SHARED at
+        # align_up(base) + skew pages, inside a PROT_NONE reservation.
+        pages, align, skew, path = int(args[0]), int(args[1]), int(args[2]), args[3]
+        size = pages * PAGE
+        base = libc.mmap(None, size + 2 * align + abs(skew) * PAGE, PROT_NONE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap reservation")
+        addr = -(-(base + abs(skew) * PAGE) // align) * align + skew * PAGE
+        if path == "-":
+            got = libc.mmap(addr, size, PROT_RW, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                got = libc.mmap(addr, size, PROT_RW, MAP_SHARED | MAP_FIXED, fd, 0)
+            finally:
+                os.close(fd)
+        if got != addr:
+            raise OSError(ctypes.get_errno(), "mmap MAP_FIXED")
+        fm["addr"] = addr
+        return f"ok {os.getpid()} {addr}"
+    if op in ("fm_read", "fm_write"):
+        fm_access(fm["addr"] + int(args[0]) * PAGE, op == "fm_write")
+    elif op == "fm_fork":
+        a_rd, a_wr = os.pipe()
+        b_rd, b_wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(a_wr)
+            os.close(b_rd)
+            fm_child(a_rd, b_wr)
+        os.close(a_rd)
+        os.close(b_wr)
+        fm["child"], fm["to"], fm["frm"] = pid, os.fdopen(a_wr, "w"), os.fdopen(b_rd, "r")
+        return f"ok {pid}"
+    elif op in ("fm_cread", "fm_cwrite"):
+        fm["to"].write(f"{op[4:]} {args[0]}\n")
+        fm["to"].flush()
+        fm["frm"].readline()
+    elif op == "fm_cexit":
+        if fm["child"] is not None:
+            fm["to"].write("exit\n")
+            fm["to"].flush()
+            os.waitpid(fm["child"], 0)
+            fm["child"] = None
+    elif op == "fm_dontneed":
+        check(libc.madvise(fm["addr"] + int(args[0]) * PAGE, int(args[1]) * PAGE, MADV_DONTNEED),
+              "madvise(MADV_DONTNEED)")
+    else:
+        return f"error unknown command {op}"
+    return "ok"
 
 
 # ---- commands of the THP policy scenarios (ptebatch.oracle_policy) --------------------------

@@ -445,10 +445,59 @@ class Simulation:
         """The process ``pid`` (e.g. of a replayed snapshot)."""
         return Process(self, pid)
 
-    def create_file(self, size: int | str, folio_size: int | str = 4096, *, shmem: bool = False) -> int:
-        """A file (or shmem object) whose page cache uses folios of ``folio_size``; returns its id."""
-        return self._b.create_file(parse_size(size, "size"), parse_size(folio_size, "folio_size"),
-                                   _bool_arg(shmem, "shmem"))
+    def create_file(self, size: int | str, folio_size: int | str | None = None, *, shmem: bool = False,
+                    huge: str | None = None) -> int:
+        """A file, or with ``shmem=True`` a shmem (tmpfs) object, of ``size`` bytes; returns its id.
+
+        ``folio_size`` (default: the page size) is the size of the folios the file's page cache
+        is filled with: a regular file's readahead / large-folio size, or for a shmem object
+        without ``huge`` a fixed size. ``huge`` ("never", "always", "within_size", "advise") is
+        the ``huge=`` option of the tmpfs mount the object lives on: its folio sizes are then
+        chosen at fault as mm/shmem.c chooses them (``set_shmem_policy`` sets the controls the
+        kernel reads besides)."""
+        fsize = self.page_size if folio_size is None else parse_size(folio_size, "folio_size")
+        if huge is not None:
+            _str_arg(huge, "huge")
+        return self._b.create_file(parse_size(size, "size"), fsize, _bool_arg(shmem, "shmem"), huge)
+
+    # ---- fault-around and the shmem controls --------------------------------------------------
+
+    @property
+    def fault_around_bytes(self) -> int:
+        """``/sys/kernel/debug/fault_around_bytes``: read faults on file and shared mappings map
+        the cached pages of this window around the fault (64K by default; the page size turns
+        fault-around off). Settable to a power of two from the page size to a page table's worth."""
+        return int(self._b.fault_around_bytes)
+
+    @fault_around_bytes.setter
+    def fault_around_bytes(self, value: int | str) -> None:
+        n = parse_size(value, "fault_around_bytes")
+        if isinstance(self._b, _Serialised):  # the reference: set on the wrapped object
+            with self._b._lock:
+                self._b._backend.fault_around_bytes = n
+        else:
+            self._b.fault_around_bytes = n
+
+    def set_shmem_policy(self, enabled: str | None = None, sizes: dict[int | str, str] | None = None) -> None:
+        """Sets the sysfs shmem THP controls: ``enabled`` is the top-level
+        ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` (always, within_size, advise,
+        never, deny, force); ``sizes`` maps folio sizes ("64K") to their
+        ``hugepages-<size>kB/shmem_enabled`` (always, inherit, within_size, advise, never; kernels
+        6.11+). Controls not named keep their values; the defaults are the kernel's (never, and
+        "inherit" for the PMD size only). They decide the folio sizes of shared anonymous
+        memory (MAP_SHARED|MAP_ANONYMOUS, memfd); "deny" and "force" also bind tmpfs mounts."""
+        if enabled is not None:
+            _str_arg(enabled, "enabled")
+        if sizes is not None and not isinstance(sizes, dict):
+            raise TypeError(f"sizes must be a dict of folio size to value, not {type(sizes).__name__}")
+        pairs = [(parse_size(k, "sizes key"), _str_arg(v, f"sizes[{k!r}]")) for k, v in (sizes or {}).items()]
+        self._b.set_shmem_policy(enabled, pairs)
+
+    @property
+    def shmem_policy(self) -> dict[str, Any]:
+        """The shmem controls: ``{"enabled": str, "sizes": {bytes: str}}`` (sizes from 6.11)."""
+        d = self._b.shmem_policy
+        return {"enabled": d["enabled"], "sizes": {int(k): v for k, v in d["sizes"].items()}}
 
     def set_thp_policy(self, enabled: str | None = None, sizes: dict[int | str, str] | None = None) -> None:
         """Writes the simulated sysfs THP controls for anonymous memory: ``enabled`` is the

@@ -1,5 +1,5 @@
 //! Page faults and accesses: `do_anonymous_page` with the THP order choice (policy.rs), file faults
-//! (`do_read_fault`, `do_shared_fault`, `do_cow_fault`), and the write-protect fault
+//! (in filemap.rs), and the write-protect fault
 //! `do_wp_page` with its reuse-or-copy decision per kernel version.
 //!
 //! Follows mm/memory.c (v6.8 – v6.18; large-folio reuse in wp_can_reuse_anon_folio() from v6.15). GUP pins, which
@@ -8,8 +8,8 @@
 use crate::arch::PteLayout;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelProfile, LargeCowReuse};
-use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED};
-use crate::mm::{mm_counter, user_pte, Pin, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED};
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_MAYBE_SHARED};
+use crate::mm::{mm_counter, user_pte, Pin, MM_ANONPAGES};
 use crate::sim::{Access, State};
 
 fn oom() -> Error {
@@ -100,7 +100,7 @@ impl State {
         }
     }
 
-    fn ensure_anon_vma(&mut self, k: usize, v: usize) {
+    pub(crate) fn ensure_anon_vma(&mut self, k: usize, v: usize) {
         if self.mms[k].vmas[v].anon_vma == 0 {
             let a = self.new_anon_vma();
             self.mms[k].vmas[v].anon_vma = a;
@@ -204,93 +204,6 @@ impl State {
         let pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write);
         let base = ((vpn & !(nr - 1)) - vma.start) as usize;
         self.set_ptes(l, p, k, v, base, pte, nr as usize);
-    }
-
-    /// The page-cache folio holding file page `idx` of file `f`, read in if absent (a folio of
-    /// the file's order when its aligned range is uncached and memory allows, else one page).
-    fn filemap_get<L: PteLayout>(&mut self, _l: &L, f: usize, idx: u64) -> Result<u64> {
-        let cached = self.files[f].cache[idx as usize];
-        if cached != NOT_CACHED {
-            return Ok(cached);
-        }
-        let order = self.files[f].folio_order;
-        let mut got = None;
-        if order > 0 {
-            let n = 1u64 << order;
-            let base = idx & !(n - 1);
-            let free = self.files[f].cache[base as usize..(base + n) as usize].iter().all(|&c| c == NOT_CACHED);
-            if free && !self.mem.fragmented(order) {
-                got = self.mem.alloc(order).map(|h| (h, order, base));
-            }
-        }
-        let (head, order, base) = match got {
-            Some(g) => g,
-            None => (self.mem.alloc(0).ok_or_else(oom)?, 0, idx),
-        };
-        self.op.allocated(order);
-        let nr = 1u64 << order;
-        // __filemap_add_folio(): the page cache holds one reference per page.
-        self.mem.refcount[head as usize] = nr as i32;
-        self.op.refcount_atomics += 1;
-        let shmem = self.files[f].shmem;
-        self.mem.set(head, PG_FILE | if shmem { PG_SWAPBACKED } else { 0 });
-        for j in 0..nr {
-            self.files[f].cache[(base + j) as usize] = head + j;
-        }
-        Ok(head + (idx - base))
-    }
-
-    /// `do_read_fault()` / `do_shared_fault()` / `do_cow_fault()` (mm/memory.c). One PTE per
-    /// fault: fault-around and whole-folio mapping are not modelled.
-    fn do_file_fault<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
-        let vma = &self.mms[k].vmas[v];
-        let i = (vpn - vma.start) as usize;
-        let f = vma.file.expect("file VMA") as usize;
-        let idx = vma.pgoff + i as u64;
-        let shared = vma.shared;
-        let mm_id = self.mms[k].mm_id;
-        if write && !shared {
-            // do_cow_fault(): the private copy is allocated before the file page is read.
-            let new = self.mem.alloc(0).ok_or_else(oom)?;
-            self.op.allocated(0);
-            let page = match self.filemap_get(l, f, idx) {
-                Ok(pg) => pg,
-                Err(e) => {
-                    self.mem.free(new);
-                    self.op.folios_freed += 1;
-                    return Err(e);
-                }
-            };
-            self.mem.token[new as usize] = self.mem.token[page as usize];
-            self.op.pages_copied += 1;
-            self.op.cow_copies += 1;
-            self.rmap(p).add_new_anon(new, mm_id);
-            self.ensure_anon_vma(k, v);
-            let mm = &mut self.mms[k];
-            mm.rss[MM_ANONPAGES] += 1;
-            let vma = &mm.vmas[v];
-            let pte = user_pte(l, new, vma.prot, vma.prot.write, true);
-            self.set_pte(l, p, k, v, i, pte);
-            return Ok(());
-        }
-        let page = self.filemap_get(l, f, idx)?;
-        let head = self.mem.folio_head(page);
-        {
-            let mut r = self.rmap(p);
-            r.ref_add(head, 1);
-            r.add_file_ptes(head, page, 1, mm_id);
-        }
-        if write {
-            self.mem.set(head, PG_DIRTY);
-        }
-        let counter = if self.files[f].shmem { MM_SHMEMPAGES } else { MM_FILEPAGES };
-        let pw = self.page_prot_write(l, &self.mms[k].vmas[v]);
-        let mm = &mut self.mms[k];
-        mm.rss[counter] += 1;
-        let vma = &mm.vmas[v];
-        let pte = user_pte(l, page, vma.prot, pw || (write && vma.prot.write), write);
-        self.set_pte(l, p, k, v, i, pte);
-        Ok(())
     }
 
     /// `wp_can_reuse_anon_folio()` (mm/memory.c): small folios (and, up to v6.8, large ones)

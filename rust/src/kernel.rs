@@ -165,6 +165,41 @@ pub enum LargeCowReuse {
     MmId,
 }
 
+/// Which page-cache faults `finish_fault()` (mm/memory.c) maps the whole folio on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishFaultFolio {
+    /// v6.8 – v6.10: one PTE per fault.
+    Page,
+    /// v6.11 – v6.16: shared anonymous memory only (`vma_is_anon_shmem()`).
+    AnonShmem,
+    /// v6.17: shmem and tmpfs (`vma_is_shmem()`).
+    Shmem,
+    /// v6.18+: every file ("mm/fault: try to map the entire file folio in finish_fault()").
+    AnyFile,
+}
+
+/// How a shmem fault chooses its folio order (mm/shmem.c).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShmemForm {
+    /// v6.8 – v6.10: `shmem_is_huge()`, PMD order or a page.
+    PmdOnly,
+    /// v6.11, v6.12: per-size controls for anonymous shmem (`shmem_allowable_huge_orders()`,
+    /// with its within_size loop rounding to the order rather than to 1 << order).
+    AnonMthp,
+    /// v6.13: the same with the within_size rounding fixed.
+    AnonMthpFixed,
+    /// v6.14+: `shmem_huge_global_enabled()` returns orders and `shmem_suitable_orders()`
+    /// checks the VMA for tmpfs too.
+    Unified,
+}
+
+impl ShmemForm {
+    /// The per-size `hugepages-<size>kB/shmem_enabled` controls exist (v6.11).
+    pub fn per_size(&self) -> bool {
+        !matches!(self, ShmemForm::PmdOnly)
+    }
+}
+
 /// What one kernel version does, as far as the model needs to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelProfile {
@@ -190,6 +225,16 @@ pub struct KernelProfile {
     pub pagemap_exclusive_by_folio: bool,
     /// `prctl(PR_SET_THP_DISABLE)` takes PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c).
     pub thp_disable_except_advised: bool,
+    // ---- page cache and shmem (filemap.rs, shmem.rs) ----
+    /// Which faults `finish_fault()` maps a whole page-cache folio on.
+    pub finish_fault_folio: FinishFaultFolio,
+    /// Fault-around maps a large folio whole where it fits the VMA and the page table
+    /// (`filemap_map_folio_range()`, v6.18 "mm/filemap: map entire large folio faultaround").
+    pub fault_around_whole_folio: bool,
+    /// `set_pte_range()` makes the PTE of a dirty folio dirty when it is writable (v6.16).
+    pub set_pte_dirty_folio: bool,
+    /// The shmem order choice.
+    pub shmem: ShmemForm,
 }
 
 impl KernelProfile {
@@ -221,6 +266,26 @@ impl KernelProfile {
             },
             pagemap_exclusive_by_folio: version.at_least(7, 0),
             thp_disable_except_advised: version.at_least(6, 18),
+            finish_fault_folio: if version.at_least(6, 18) {
+                FinishFaultFolio::AnyFile
+            } else if version.at_least(6, 17) {
+                FinishFaultFolio::Shmem
+            } else if version.at_least(6, 11) {
+                FinishFaultFolio::AnonShmem
+            } else {
+                FinishFaultFolio::Page
+            },
+            fault_around_whole_folio: version.at_least(6, 18),
+            set_pte_dirty_folio: version.at_least(6, 16),
+            shmem: if version.at_least(6, 14) {
+                ShmemForm::Unified
+            } else if version.at_least(6, 13) {
+                ShmemForm::AnonMthpFixed
+            } else if version.at_least(6, 11) {
+                ShmemForm::AnonMthp
+            } else {
+                ShmemForm::PmdOnly
+            },
         }
     }
 
@@ -254,6 +319,20 @@ mod tests {
         assert_eq!(form("6.16"), Some(FpbForm::V6_15));
         assert_eq!(form("6.17"), Some(FpbForm::V6_17));
         assert_eq!(form("7.0"), Some(FpbForm::V6_17));
+    }
+
+    #[test]
+    fn page_cache_switches_per_version() {
+        let p = |s: &str| KernelProfile::parse(s).unwrap();
+        assert_eq!(p("6.10").finish_fault_folio, FinishFaultFolio::Page);
+        assert_eq!(p("6.11").finish_fault_folio, FinishFaultFolio::AnonShmem);
+        assert_eq!(p("6.17").finish_fault_folio, FinishFaultFolio::Shmem);
+        assert_eq!(p("6.18").finish_fault_folio, FinishFaultFolio::AnyFile);
+        assert!(!p("6.17").fault_around_whole_folio && p("6.18").fault_around_whole_folio);
+        assert!(!p("6.15").set_pte_dirty_folio && p("6.16").set_pte_dirty_folio);
+        let forms: Vec<ShmemForm> = ["6.10", "6.11", "6.12", "6.13", "6.14", "7.0"].iter().map(|s| p(s).shmem).collect();
+        assert_eq!(forms, [ShmemForm::PmdOnly, ShmemForm::AnonMthp, ShmemForm::AnonMthp, ShmemForm::AnonMthpFixed, ShmemForm::Unified, ShmemForm::Unified]);
+        assert_eq!(p("seed").shmem, ShmemForm::PmdOnly);
     }
 
     #[test]

@@ -303,16 +303,43 @@ impl Mm {
     }
 }
 
+/// How a shmem object chooses its folio sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShmemKind {
+    /// Not shmem, or a shmem object whose page cache is filled with folios of its fixed
+    /// `folio_order` (as tmpfs write(2) may fill it from v6.14): no shmem policy applies.
+    Fixed,
+    /// A tmpfs file on a mount with this `huge=` option.
+    Tmpfs(crate::shmem::ShmemHuge),
+    /// Shared anonymous memory (`vma_is_anon_shmem()`), under the sysfs shmem controls.
+    Anon,
+}
+
 /// A file or shmem object with its page cache: `cache[index]` is the pfn of that file page
 /// or `u64::MAX` when not cached. Page-cache folios stay until the simulation ends (no
-/// truncation or reclaim).
+/// truncation or reclaim). A shmem object's cache reaches to the next PMD boundary, where a
+/// huge folio may extend past `i_size`.
 #[derive(Clone, Debug)]
 pub struct File {
+    /// `i_size` in pages.
     pub nr_pages: u64,
-    /// Order of the folios the page cache allocates for it (readahead / shmem huge setting).
+    /// The order of the folios the page cache is filled with where no shmem policy applies:
+    /// a regular file's readahead / large-folio size.
     pub folio_order: u32,
     pub shmem: bool,
+    pub kind: ShmemKind,
     pub cache: Vec<u64>,
+}
+
+impl File {
+    /// Entries of the page cache of an object of `nr_pages`.
+    pub fn cache_len(nr_pages: u64, shmem: bool, pmd_pages: u64) -> u64 {
+        if shmem {
+            nr_pages.div_ceil(pmd_pages) * pmd_pages
+        } else {
+            nr_pages
+        }
+    }
 }
 
 pub const NOT_CACHED: u64 = u64::MAX;

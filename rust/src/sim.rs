@@ -10,7 +10,8 @@ use crate::arch::{Layout, PteLayout};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::Memory;
-use crate::mm::{File, Mm, Pin, Prot, Vma, NOT_CACHED};
+use crate::mm::{File, Mm, Pin, Prot, ShmemKind, Vma, NOT_CACHED};
+use crate::shmem::{ShmemHuge, ShmemPolicy, ShmemSize};
 use crate::rmap::Rmap;
 use crate::stats::Stats;
 use crate::watch::{Ticker, Watch};
@@ -47,6 +48,10 @@ pub struct State {
     pub pmd_order: u32,
     /// The sysfs THP controls for anonymous memory ([`crate::policy`]).
     pub thp: crate::policy::ThpPolicy,
+    /// `fault_around_bytes` in pages (mm/memory.c `fault_around_pages`; 1 = no fault-around).
+    pub fault_around_pages: u64,
+    /// The sysfs shmem THP controls.
+    pub shmem_policy: ShmemPolicy,
     /// Asks the watch, if any, whether a long step may go on (not part of the state).
     pub ticker: Ticker,
 }
@@ -109,6 +114,8 @@ impl Simulation {
                 ptrs_per_pte: g.ptrs_per_pte,
                 pmd_order,
                 thp: crate::policy::ThpPolicy::default_for(pmd_order),
+                fault_around_pages: (65536 >> g.page_shift).max(1),
+                shmem_policy: ShmemPolicy::new(pmd_order),
                 ticker: Ticker::default(),
             },
         })
@@ -289,8 +296,11 @@ impl Simulation {
         pid
     }
 
-    /// A file (or shmem object) of `size` bytes whose page cache uses folios of `folio_size`.
-    pub fn create_file(&mut self, size: u64, folio_size: u64, shmem: bool) -> Result<u32> {
+    /// A file (or shmem object) of `size` bytes. A regular file's page cache is filled with
+    /// folios of `folio_size` (its readahead / large-folio size). A shmem object on a tmpfs
+    /// mount with `huge` chooses its folio sizes as the kernel's shmem code does (then
+    /// `folio_size` is the page size); without `huge` it is filled with folios of `folio_size`.
+    pub fn create_file(&mut self, size: u64, folio_size: u64, shmem: bool, huge: Option<&str>) -> Result<u32> {
         let ps = self.page_size();
         let order = order_of_size(folio_size, self.st.page_shift)
             .filter(|&o| o <= self.st.pmd_order)
@@ -300,15 +310,77 @@ impl Simulation {
                      PMD size"
                 ))
             })?;
+        let kind = match huge {
+            None => ShmemKind::Fixed,
+            Some(h) => {
+                if !shmem {
+                    return Err(Error::value("huge= is a tmpfs mount option: it needs shmem=True"));
+                }
+                let v = ShmemHuge::parse(h).filter(|v| !matches!(v, ShmemHuge::Deny | ShmemHuge::Force)).ok_or_else(|| {
+                    Error::value(format!("huge={h:?}: a tmpfs mount takes never, always, within_size or advise"))
+                })?;
+                if order != 0 {
+                    return Err(Error::value(format!(
+                        "folio size {folio_size} with huge={h:?}: on a tmpfs mount the shmem policy \
+                         chooses the folio size (leave folio_size at the page size)"
+                    )));
+                }
+                ShmemKind::Tmpfs(v)
+            }
+        };
         if size == 0 || size % (ps << order) != 0 {
             return Err(Error::value(format!(
                 "file size {size} is not a positive multiple of its folio size {folio_size}"
             )));
         }
         let nr = size / ps;
-        let cache = crate::alloc::try_filled(nr as usize, NOT_CACHED, "a page cache")?;
-        self.st.files.push(File { nr_pages: nr, folio_order: order, shmem, cache });
+        let len = File::cache_len(nr, shmem, self.st.ptrs_per_pte);
+        let cache = crate::alloc::try_filled(len as usize, NOT_CACHED, "a page cache")?;
+        self.st.files.push(File { nr_pages: nr, folio_order: order, shmem, kind, cache });
         Ok(self.st.files.len() as u32 - 1)
+    }
+
+    /// Sets `fault_around_bytes` as the kernel's debugfs file does, but strictly: a power of
+    /// two from the page size (no fault-around) to a page table's worth of pages.
+    pub fn set_fault_around_bytes(&mut self, bytes: u64) -> Result<()> {
+        let ps = self.page_size();
+        let max = ps * self.st.ptrs_per_pte;
+        if !bytes.is_power_of_two() || bytes < ps || bytes > max {
+            return Err(Error::value(format!(
+                "fault_around_bytes {bytes} is not a power of two from {ps} to {max} (the kernel \
+                 rounds other values down and refuses ones above {max})"
+            )));
+        }
+        self.st.fault_around_pages = bytes / ps;
+        Ok(())
+    }
+
+    pub fn fault_around_bytes(&self) -> u64 {
+        self.st.fault_around_pages * self.page_size()
+    }
+
+    /// Sets the sysfs shmem controls: the top-level `shmem_enabled` (always, within_size,
+    /// advise, never, deny, force) and per folio size in bytes `hugepages-<size>kB/shmem_enabled`
+    /// (always, inherit, within_size, advise, never; from v6.11). Unnamed sizes keep their value.
+    pub fn set_shmem_policy(&mut self, enabled: Option<&str>, sizes: &[(u64, String)]) -> Result<()> {
+        let top = match enabled {
+            None => None,
+            Some(e) => Some(ShmemHuge::parse(e).ok_or_else(|| {
+                Error::value(format!("shmem_enabled {e:?}; known: {}", ShmemHuge::NAMES.join(", ")))
+            })?),
+        };
+        let mut per = Vec::with_capacity(sizes.len());
+        for (size, v) in sizes {
+            let o = order_of_size(*size, self.st.page_shift).ok_or_else(|| {
+                Error::value(format!("shmem folio size {size} is not a power of two of at least a page"))
+            })?;
+            let val = ShmemSize::parse(v).ok_or_else(|| {
+                Error::value(format!("shmem_enabled {v:?} for size {size}; known: {}", ShmemSize::NAMES.join(", ")))
+            })?;
+            per.push((o, val));
+        }
+        self.st.shmem_policy = self.st.shmem_policy.updated(&self.profile, self.st.pmd_order, top, &per)?;
+        Ok(())
     }
 
     /// `mmap()`: returns the start address. `file` maps a file object from byte `offset`;
@@ -390,8 +462,9 @@ impl Simulation {
             Some((f, off)) => (Some(f), off / ps),
             None if shared => {
                 // Shared anonymous memory is a shmem object of the mapping's size.
-                let cache = crate::alloc::try_filled(nr as usize, NOT_CACHED, "a page cache")?;
-                self.st.files.push(File { nr_pages: nr, folio_order: 0, shmem: true, cache });
+                let len = File::cache_len(nr, true, pmd_pages);
+                let cache = crate::alloc::try_filled(len as usize, NOT_CACHED, "a page cache")?;
+                self.st.files.push(File { nr_pages: nr, folio_order: 0, shmem: true, kind: ShmemKind::Anon, cache });
                 (Some(self.st.files.len() as u32 - 1), 0)
             }
             None => (None, 0),
@@ -761,6 +834,8 @@ impl State {
             ptrs_per_pte: self.ptrs_per_pte,
             pmd_order: self.pmd_order,
             thp: self.thp,
+            fault_around_pages: self.fault_around_pages,
+            shmem_policy: self.shmem_policy,
             ticker: self.ticker.clone(),
         })
     }
@@ -794,7 +869,9 @@ impl State {
             let vma = &mm.vmas[v];
             max_order = max_order.max(self.vma_max_order(k, v));
             if let Some(f) = vma.file {
-                max_order = max_order.max(self.files[f as usize].folio_order);
+                let file = &self.files[f as usize];
+                let order = if file.kind == ShmemKind::Fixed { file.folio_order } else { self.pmd_order };
+                max_order = max_order.max(order);
             }
             at = vma.end();
         }

@@ -309,9 +309,46 @@ impl PySimulation {
         self.run(py, |s| Ok(s.spawn()))
     }
 
-    #[pyo3(signature = (size, folio_size, shmem = false))]
-    fn create_file(&self, py: Python<'_>, size: u64, folio_size: u64, shmem: bool) -> PyResult<u32> {
-        self.run(py, |s| s.create_file(size, folio_size, shmem))
+    #[pyo3(signature = (size, folio_size, shmem = false, huge = None))]
+    fn create_file(&self, py: Python<'_>, size: u64, folio_size: u64, shmem: bool, huge: Option<&str>) -> PyResult<u32> {
+        self.run(py, |s| s.create_file(size, folio_size, shmem, huge))
+    }
+
+    // ---- fault-around and the shmem controls (filemap.rs, shmem.rs) ----
+
+    /// `fault_around_bytes` (debugfs): the read-fault window, a power of two from the page
+    /// size (none) to a page table's worth.
+    #[getter]
+    fn get_fault_around_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.fault_around_bytes())
+    }
+    #[setter]
+    fn set_fault_around_bytes(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        self.run(py, |s| s.set_fault_around_bytes(bytes))
+    }
+
+    /// Sets the sysfs shmem controls; `sizes` maps folio sizes in bytes to their
+    /// `hugepages-<size>kB/shmem_enabled` value. Unnamed controls keep their values.
+    #[pyo3(signature = (enabled = None, sizes = Vec::new()))]
+    fn set_shmem_policy(&self, py: Python<'_>, enabled: Option<String>, sizes: Vec<(u64, String)>) -> PyResult<()> {
+        self.run(py, |s| s.set_shmem_policy(enabled.as_deref(), &sizes))
+    }
+
+    /// The sysfs shmem controls: `{"enabled": str, "sizes": {bytes: str}}` (sizes from 6.11).
+    #[getter]
+    fn shmem_policy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock(py)?;
+        let pol = s.st.shmem_policy;
+        let d = PyDict::new(py);
+        d.set_item("enabled", pol.enabled.name())?;
+        let sizes = PyDict::new(py);
+        if s.profile.shmem.per_size() {
+            for o in 1..=s.st.pmd_order {
+                sizes.set_item(s.page_size() << o, pol.sizes[o as usize].name())?;
+            }
+        }
+        d.set_item("sizes", sizes)?;
+        Ok(d)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,5 +1,5 @@
 """Page faults and accesses, GUP pins and the soft-dirty reset (rust/src/fault.rs; mm/memory.c,
-mm/gup.c, fs/proc/task_mmu.c)."""
+mm/gup.c, fs/proc/task_mmu.c). File faults are in filemap.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
 from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
-from . import contpte, policy
+from . import contpte, filemap, policy
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -62,7 +62,7 @@ def fault_none(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, write: 
     if st.mms[k].vmas[v].is_anon():
         do_anonymous_page(st, l, p, k, v, vpn, write)
     else:
-        do_file_fault(st, l, p, k, v, vpn, write)
+        filemap.do_file_fault(st, l, p, k, v, vpn, write)
 
 
 def ensure_anon_vma(st: State, k: int, v: int) -> None:
@@ -150,87 +150,6 @@ def map_new_anon_folio(st: State, l, p: KernelProfile, k: int, v: int, vpn: int,
     pte = user_pte(l, head, vma.prot, vma.prot.write, vma.prot.write)
     base = (vpn & ~(nr - 1)) - vma.start
     contpte.set_ptes(st, l, p, vma, base, pte, nr)
-
-
-def filemap_get(st: State, l, f: int, idx: int) -> int:
-    """filemap_get_folio() / shmem_get_folio(): the cached page of file page ``idx``, read in if absent."""
-    cached = st.files[f].cache[idx]
-    if cached != NOT_CACHED:
-        return cached
-    order = st.files[f].folio_order
-    got = None
-    if order > 0:
-        n = 1 << order
-        base = idx & ~(n - 1)
-        free = all(c == NOT_CACHED for c in st.files[f].cache[base:base + n])
-        if free and not st.mem.fragmented(order):
-            head = st.mem.alloc(order)
-            if head is not None:
-                got = (head, order, base)
-    if got is None:
-        head = st.mem.alloc(0)
-        if head is None:
-            raise out_of_memory()
-        got = (head, 0, idx)
-    head, order, base = got
-    st.op.allocated(order)
-    nr = 1 << order
-    st.mem.refcount[head] = nr  # __filemap_add_folio(): one reference per page
-    st.op.refcount_atomics += 1
-    st.mem.set(head, PG_FILE | (PG_SWAPBACKED if st.files[f].shmem else 0))
-    for j in range(nr):
-        st.files[f].cache[base + j] = head + j
-    return head + (idx - base)
-
-
-def do_file_fault(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, write: bool) -> None:
-    """do_read_fault() / do_shared_fault() / do_cow_fault() — mm/memory.c (one PTE, no fault-around)"""
-    vma = st.mms[k].vmas[v]
-    i = vpn - vma.start
-    f = vma.file
-    idx = vma.pgoff + i
-    mm_id = st.mms[k].mm_id
-    if write and not vma.shared:
-        do_cow_fault(st, l, p, k, v, i, f, idx, mm_id)
-        return
-    page = filemap_get(st, l, f, idx)
-    head = st.mem.folio_head(page)
-    r = st.rmap(p)
-    r.ref_add(head, 1)
-    r.add_file_ptes(head, page, 1, mm_id)
-    if write:
-        st.mem.set(head, PG_DIRTY)
-    counter = MM_SHMEMPAGES if st.files[f].shmem else MM_FILEPAGES
-    pw = st.page_prot_write(l, st.mms[k].vmas[v])
-    mm = st.mms[k]
-    mm.rss[counter] += 1
-    vma = mm.vmas[v]
-    contpte.set_pte(st, l, p, vma, i,
-                    user_pte(l, page, vma.prot, pw or (write and vma.prot.write), write))
-
-
-def do_cow_fault(st: State, l, p: KernelProfile, k: int, v: int, i: int, f: int, idx: int,
-                 mm_id: int) -> None:
-    """do_cow_fault() — mm/memory.c: the private copy is allocated before the file page is read."""
-    new = st.mem.alloc(0)
-    if new is None:
-        raise out_of_memory()
-    st.op.allocated(0)
-    try:
-        page = filemap_get(st, l, f, idx)
-    except Exception:
-        st.mem.free(new)
-        st.op.folios_freed += 1
-        raise
-    st.mem.token[new] = st.mem.token[page]
-    st.op.pages_copied += 1
-    st.op.cow_copies += 1
-    st.rmap(p).add_new_anon(new, mm_id)
-    ensure_anon_vma(st, k, v)
-    mm = st.mms[k]
-    mm.rss[MM_ANONPAGES] += 1
-    vma = mm.vmas[v]
-    contpte.set_pte(st, l, p, vma, i, user_pte(l, new, vma.prot, vma.prot.write, True))
 
 
 def wp_can_reuse_anon_folio(st: State, p: KernelProfile, head: int) -> bool:

@@ -14,6 +14,18 @@ REFCOUNT_ONE = "refcount-one"  # v6.5 - v6.8 and the seed series: like a small f
 NEVER = "never"  # v6.9 - v6.14
 MM_ID = "mm-id"  # v6.15+: one mm holds every mapping and every reference
 
+#: Which page-cache faults finish_fault() maps a whole folio on (FinishFaultFolio).
+FF_PAGE = "page"  # v6.8 - v6.10
+FF_ANON_SHMEM = "anon-shmem"  # v6.11 - v6.16: vma_is_anon_shmem()
+FF_SHMEM = "shmem"  # v6.17: vma_is_shmem()
+FF_ANY_FILE = "any-file"  # v6.18+
+
+#: The shmem order choice (ShmemForm).
+SHMEM_PMD_ONLY = "pmd-only"  # v6.8 - v6.10: shmem_is_huge()
+SHMEM_ANON_MTHP = "anon-mthp"  # v6.11, v6.12: per-size controls, within_size rounding bug
+SHMEM_ANON_MTHP_FIXED = "anon-mthp-fixed"  # v6.13
+SHMEM_UNIFIED = "unified"  # v6.14+: shmem_suitable_orders() for tmpfs too
+
 _U16 = re.compile(r"\+?[0-9]+")
 
 
@@ -65,6 +77,11 @@ class KernelProfile:
     large_cow_reuse: str
     pagemap_exclusive_by_folio: bool
     thp_disable_except_advised: bool  # PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c)
+    # page cache and shmem (filemap.py, shmem.py)
+    finish_fault_folio: str
+    fault_around_whole_folio: bool  # filemap_map_folio_range() maps whole folios (v6.18)
+    set_pte_dirty_folio: bool  # set_pte_range() dirties a writable PTE of a dirty folio (v6.16)
+    shmem: str
 
     @classmethod
     def parse(cls, s: str) -> KernelProfile:
@@ -108,6 +125,12 @@ class KernelProfile:
             large_cow_reuse=reuse,
             pagemap_exclusive_by_folio=at_least(7, 0),
             thp_disable_except_advised=at_least(6, 18),
+            finish_fault_folio=(FF_ANY_FILE if at_least(6, 18) else FF_SHMEM if at_least(6, 17)
+                                else FF_ANON_SHMEM if at_least(6, 11) else FF_PAGE),
+            fault_around_whole_folio=at_least(6, 18),
+            set_pte_dirty_folio=at_least(6, 16),
+            shmem=(SHMEM_UNIFIED if at_least(6, 14) else SHMEM_ANON_MTHP_FIXED if at_least(6, 13)
+                   else SHMEM_ANON_MTHP if at_least(6, 11) else SHMEM_PMD_ONLY),
         )
 
     def unbatched(self) -> KernelProfile:

@@ -186,14 +186,26 @@ class Mm:
                 prev.ptes.extend(nxt.ptes)
 
 
+#: How a shmem object chooses its folio sizes (ShmemKind): "fixed" (not shmem, or filled with
+#: folios of its folio_order), "tmpfs" (a mount with ``huge``), "anon" (shared anonymous memory).
+FIXED, TMPFS, ANON = "fixed", "tmpfs", "anon"
+
+
 @dataclasses.dataclass
 class File:
-    """A file or shmem object; ``cache[index]`` is the pfn of that page or NOT_CACHED."""
+    """A file or shmem object; ``cache[index]`` is the pfn of that page or NOT_CACHED. A shmem
+    object's cache reaches to the next PMD boundary (a huge folio may extend past i_size)."""
 
-    nr_pages: int
-    folio_order: int  # order of the page-cache folios
+    nr_pages: int  # i_size in pages
+    folio_order: int  # the order the page cache is filled with where no shmem policy applies
     shmem: bool
     cache: list[int]
+    kind: str = FIXED
+    huge: str | None = None  # the tmpfs huge= option
+
+    @staticmethod
+    def cache_len(nr_pages: int, shmem: bool, pmd_pages: int) -> int:
+        return -(-nr_pages // pmd_pages) * pmd_pages if shmem else nr_pages
 
 
 @dataclasses.dataclass

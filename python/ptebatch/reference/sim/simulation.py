@@ -31,7 +31,8 @@ from .memory import (
     PG_SWAPBACKED,
     Memory,
 )
-from .mm import NOT_CACHED, RSS_NAMES, File, Mm, Prot, Vma
+from . import shmem as shmem_mod
+from .mm import ANON, FIXED, NOT_CACHED, RSS_NAMES, TMPFS, File, Mm, Prot, Vma
 from .state import State
 from .stats import Stats
 
@@ -113,6 +114,11 @@ def _u64_list(value: object) -> list[int]:
             or not hasattr(type(value), "__len__"):
         raise _not_instance(value, "Sequence")
     return [_u64(v) for v in value]  # type: ignore[attr-defined]
+
+
+def _rust_str(s: str) -> str:
+    """``s`` as Rust's ``{:?}`` prints it (for the plain names used here)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _prot(value: str) -> Prot:
@@ -267,19 +273,78 @@ class Simulation:
                               exited=False, next_vpn=MMAP_BASE >> self.st.page_shift))
         return pid
 
-    def create_file(self, size: int, folio_size: int, shmem: bool = False) -> int:
-        """A file (or shmem object) of ``size`` bytes cached in folios of ``folio_size``; returns its id."""
+    def create_file(self, size: int, folio_size: int, shmem: bool = False, huge: str | None = None) -> int:
+        """A file (or shmem object) of ``size`` bytes; returns its id. A regular file's page cache
+        is filled with folios of ``folio_size``; a shmem object on a tmpfs mount with ``huge``
+        chooses its folio sizes as mm/shmem.c does."""
         size, folio_size, shmem = _u64(size), _u64(folio_size), _bool(shmem)
+        huge = None if huge is None else _str(huge)
         ps = self.page_size
         order = order_of_size(folio_size, self.st.page_shift)
         if order is None or order > self.st.pmd_order:
             raise value_error(f"folio size {folio_size} is not a power of two between the page "
                               "size and the PMD size")
+        kind = FIXED
+        if huge is not None:
+            if not shmem:
+                raise value_error("huge= is a tmpfs mount option: it needs shmem=True")
+            if huge not in ("never", "always", "within_size", "advise"):
+                raise value_error(f"huge={_rust_str(huge)}: a tmpfs mount takes never, always, within_size or advise")
+            if order != 0:
+                raise value_error(f"folio size {folio_size} with huge={_rust_str(huge)}: on a tmpfs mount the "
+                                  "shmem policy chooses the folio size (leave folio_size at the page size)")
+            kind = TMPFS
         if size == 0 or size % (ps << order) != 0:
             raise value_error(f"file size {size} is not a positive multiple of its folio size {folio_size}")
         nr = size // ps
-        self.st.files.append(File(nr_pages=nr, folio_order=order, shmem=shmem, cache=[NOT_CACHED] * nr))
+        n = File.cache_len(nr, shmem, self.st.ptrs_per_pte)
+        self.st.files.append(File(nr_pages=nr, folio_order=order, shmem=shmem, cache=[NOT_CACHED] * n,
+                                  kind=kind, huge=huge))
         return len(self.st.files) - 1
+
+    # ---- fault-around and the shmem controls (filemap.py, shmem.py) --------------------------
+
+    @property
+    def fault_around_bytes(self) -> int:
+        return self.st.fault_around_pages * self.page_size
+
+    @fault_around_bytes.setter
+    def fault_around_bytes(self, value: int) -> None:
+        """Set as the debugfs file is, but strictly: a power of two, page size .. a page table."""
+        b = _u64(value)
+        ps = self.page_size
+        top = ps * self.st.ptrs_per_pte
+        if b == 0 or b & (b - 1) or b < ps or b > top:
+            raise value_error(f"fault_around_bytes {b} is not a power of two from {ps} to {top} (the kernel "
+                              f"rounds other values down and refuses ones above {top})")
+        self.st.fault_around_pages = b // ps
+
+    def set_shmem_policy(self, enabled: str | None = None, sizes: Sequence = ()) -> None:
+        """The sysfs shmem controls: top-level ``enabled`` and (v6.11+) per size in bytes."""
+        enabled = None if enabled is None else _str(enabled)
+        if isinstance(sizes, str):
+            raise TypeError("Can't extract `str` to `Vec`")
+        pairs = [(_u64(a), _str(b)) for a, b in sizes]
+        if enabled is not None and enabled not in shmem_mod.HUGE_NAMES:
+            raise value_error(f"shmem_enabled {_rust_str(enabled)}; known: {', '.join(shmem_mod.HUGE_NAMES)}")
+        per = []
+        for size, v in pairs:
+            o = order_of_size(size, self.st.page_shift)
+            if o is None:
+                raise value_error(f"shmem folio size {size} is not a power of two of at least a page")
+            if v not in shmem_mod.SIZE_NAMES:
+                raise value_error(f"shmem_enabled {_rust_str(v)} for size {size}; known: "
+                                  f"{', '.join(shmem_mod.SIZE_NAMES)}")
+            per.append((o, v))
+        self.st.shmem_policy = self.st.shmem_policy.updated(self.profile, self.st.pmd_order, enabled, per)
+
+    @property
+    def shmem_policy(self) -> dict:
+        pol = self.st.shmem_policy
+        sizes = {}
+        if self.profile.shmem != "pmd-only":
+            sizes = {self.page_size << o: pol.sizes[o] for o in range(1, self.st.pmd_order + 1)}
+        return {"enabled": pol.enabled, "sizes": sizes}
 
     def mmap(self, pid: int, length: int, prot: str = "rw", shared: bool = False,
              file: int | None = None, offset: int = 0, mthp: Sequence[int] | None = None,
@@ -341,7 +406,8 @@ class Simulation:
             file_id, pgoff = file[0], file[1] // ps
         elif shared:
             # Shared anonymous memory is a shmem object of the mapping's size.
-            st.files.append(File(nr_pages=nr, folio_order=0, shmem=True, cache=[NOT_CACHED] * nr))
+            st.files.append(File(nr_pages=nr, folio_order=0, shmem=True,
+                                 cache=[NOT_CACHED] * File.cache_len(nr, True, pmd_pages), kind=ANON))
             file_id, pgoff = len(st.files) - 1, 0
         else:
             file_id, pgoff = None, 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from .kernel import KernelProfile
 from .memory import Memory
-from .mm import File, Mm, Pin, Vma
+from .mm import FIXED, File, Mm, Pin, Vma
 from .policy import ThpPolicy, vma_max_order
+from .shmem import ShmemPolicy
 from .rmap import Rmap
 from .stats import Stats
 
@@ -31,6 +32,8 @@ class State:
         self.ptrs_per_pte = ptrs_per_pte
         self.pmd_order = pmd_order
         self.thp = ThpPolicy.default_for(pmd_order)  # the sysfs THP controls
+        self.fault_around_pages = max(65536 >> page_shift, 1)  # mm/memory.c fault_around_pages
+        self.shmem_policy = ShmemPolicy.new(pmd_order)  # the sysfs shmem THP controls
 
     def new_token(self) -> int:
         """The next content token a write stores (u32, wrapping past 0)."""
@@ -77,7 +80,8 @@ class State:
             vma = mm.vmas[v]
             max_order = max(max_order, vma_max_order(self, k, v))
             if vma.file is not None:
-                max_order = max(max_order, self.files[vma.file].folio_order)
+                f = self.files[vma.file]
+                max_order = max(max_order, f.folio_order if f.kind == FIXED else self.pmd_order)
             at = vma.end()
         return 2 * (b - a) + 2 * (1 << max_order)
 
