@@ -165,11 +165,16 @@ def test_shmem_policy_defaults_and_checks(backend: str) -> None:
 
 
 def first_folio(backend: str, kernel: str, pages: int = 64, at: int = 20, addr: int | None = None,
-                enabled: str | None = None, sizes: dict | None = None) -> int:
+                enabled: str | None = None, sizes: dict | None = None, advice: str | None = None,
+                thp_disable: bool = False) -> int:
     sim = pb.Simulation("x86-64", kernel, "16M", backend=backend)
     sim.set_shmem_policy(enabled, sizes)
     p = sim.spawn()
+    if thp_disable:
+        p.prctl_thp_disable(True)
     m = p.mmap(pages * PAGE, "rw", shared=True, addr=addr)
+    if advice:
+        p.madvise(m.start, m.length, advice)
     p.write(m.page(at))
     sim.check()
     return folio_pages(sim, p, m.page(at))
@@ -182,6 +187,10 @@ def test_shmem_order_choice(backend: str) -> None:
     assert first_folio(backend, "6.18", enabled="always", sizes={"64K": "inherit"}) == 16
     assert first_folio(backend, "6.18", enabled="deny", sizes={"64K": "always"}) == 1
     assert first_folio(backend, "6.18", sizes={"64K": "advise"}) == 1, "no MADV_HUGEPAGE"
+    assert first_folio(backend, "6.18", sizes={"64K": "advise"}, advice="hugepage") == 16
+    # vma_thp_disabled(): VM_NOHUGEPAGE or PR_SET_THP_DISABLE turn shmem THP off too.
+    assert first_folio(backend, "6.18", sizes={"64K": "always"}, advice="nohugepage") == 1
+    assert first_folio(backend, "6.18", sizes={"64K": "always"}, thp_disable=True) == 1
     # Misaligned VMA start: thp_vma_suitable_order() refuses every large order.
     assert first_folio(backend, "6.18", addr=0x20_0000_0000 + 3 * PAGE, sizes={"64K": "always"}) == 1
     # Largest allowed first, falling back past the ones that do not fit the VMA.
