@@ -717,3 +717,14 @@ def test_demo_measure_times_the_running_kernel_beside_the_prediction(capsys):
     for ln in lines:
         meas, pred = float(ln.split()[1]), float(ln.split()[3])
         assert meas > 0 and pred > 0
+
+
+def test_oracle_scenarios_are_listed_and_checked(capsys) -> None:
+    """`oracle --scenario list` names every live scenario (no root needed); a wrong name is a
+    usage error that lists the known ones."""
+    rc, out, _ = _run(capsys, ["oracle", "--scenario", "list"])
+    topics = {line.split()[0] for line in out.splitlines()}
+    assert rc == 0 and {"policy", "filemap"} <= topics
+    assert "always-mode" in out and "faultaround-shared-anon" in out
+    rc, _, err = _run(capsys, ["oracle", "--scenario", "no-such"])
+    assert rc == 2 and "unknown scenario 'no-such'" in err and "always-mode" in err

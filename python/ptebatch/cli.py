@@ -446,9 +446,21 @@ def oracle_cmd(args: argparse.Namespace) -> int:
     """Runs the scripted sequence against the live kernel and the model, per folio size."""
     from ptebatch import oracle
 
+    if args.scenario:
+        known = oracle.scenarios()
+        if "list" in args.scenario:
+            for n, (topic, _) in known.items():
+                print(f"{topic:<8} {n}")
+            return 0
+        names = list(known) if "all" in args.scenario else _unique(args.scenario)
+        for n in names:
+            if n not in known:
+                _bad(args, "--scenario", f"unknown scenario {n!r}; known: all, list, " + " ".join(known))
     why = oracle.missing_requirements()
     if why:
         raise pb.PtebatchError(f"cannot run the kernel oracle here: {why}")
+    if args.scenario:
+        return _oracle_scenarios(args, [(n, *known[n]) for n in names])
     page = os.sysconf("SC_PAGE_SIZE")
     offered = sorted({page, *oracle._size_dirs()})
     sizes = _unique(args.size or [s for s in (4 << 10, 16 << 10, 64 << 10, 128 << 10, 2 << 20) if s in offered])
@@ -478,6 +490,33 @@ def oracle_cmd(args: argparse.Namespace) -> int:
                   ("pages compared", "page states compared, over all steps"),
                   ("mismatches", "pages where kernel and model differ (exit status 1 if any)"),
                   ("runs", "runs needed: a transient page reference (DAMON) can spoil one")))
+    return 1 if bad else 0
+
+
+def _oracle_scenarios(args: argparse.Namespace, todo: list) -> int:
+    """Runs named oracle scenarios (THP policy, PMD-mapped THP, fault-around, shmem)."""
+    width = max(len(n) for n, _, _ in todo)
+    print(f"{'topic':<8} {'scenario':<{width}} {'steps':>5} {'pages compared':>14} {'mismatches':>10}")
+    sys.stdout.flush()
+    bad = 0
+    with _progress(args, len(todo), "oracle") as bar:
+        for i, (name, topic, run) in enumerate(todo):
+            bar.update(i, name)
+            steps = run()
+            miss = sum(len(s.mismatches) for s in steps)
+            bad += miss
+            with bar.paused():
+                print(f"{topic:<8} {name:<{width}} {len(steps):>5} {sum(s.pages for s in steps):>14} {miss:>10}")
+                for s in steps:
+                    for m in s.mismatches[:5]:
+                        print(f"       {s.step}: {m}")
+    print()
+    print(_legend(("topic", "what the scenario checks: policy (THP sysfs controls, MADV_HUGEPAGE, prctl), "
+                            "filemap (fault-around, shmem and file folios), pmd (PMD-mapped THP)"),
+                  ("scenario", "the scripted sequence run on the live kernel and on the model"),
+                  ("steps", "scripted steps; kernel and model are compared after each"),
+                  ("pages compared", "page states compared, over all steps"),
+                  ("mismatches", "page facts where kernel and model differ (exit status 1 if any)")))
     return 1 if bad else 0
 
 
@@ -633,6 +672,10 @@ def _parser() -> argparse.ArgumentParser:
                 "root; sets the sysfs mTHP controls and restores them.")
     o.add_argument("--size", type=_pow2_size, action="append",
                    help="folio size the kernel offers (repeatable; default those of 4K 16K 64K 128K 2M it offers)")
+    o.add_argument("--scenario", action="append", metavar="NAME",
+                   help="run a named scenario instead (repeatable; 'all' for every one): THP policy modes, "
+                        "PMD-mapped THP, fault-around and shmem folio sizes; 'ptebatch oracle --scenario list' "
+                        "names them")
 
     from ptebatch import scenario  # ptebatch run: the scenario files (docs/scenarios.md)
     scenario.add_parser(sub, [common])

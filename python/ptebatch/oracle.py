@@ -264,6 +264,31 @@ def run(size: int, *, folios: int = 4, kernel: str | None = None) -> OracleRepor
             w.close()
 
 
+#: Modules with more oracle scenarios, each exposing ``SCENARIOS`` (name -> a callable that runs
+#: it against the live kernel and returns the compared steps).
+SCENARIO_MODULES = ("oracle_policy", "oracle_filemap", "oracle_pmd")
+
+
+def scenarios() -> dict[str, tuple[str, Callable[[], list[StepResult]]]]:
+    """Every named oracle scenario: name -> (topic, runner)."""
+    import importlib
+
+    out: dict[str, tuple[str, Callable[[], list[StepResult]]]] = {}
+    for mod in SCENARIO_MODULES:
+        try:
+            m = importlib.import_module(f"ptebatch.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ptebatch.{mod}":
+                raise
+            continue
+        topic = mod.removeprefix("oracle_")
+        for name, fn in m.SCENARIOS.items():
+            # A name to type on a command line: "madvise-mode, no advice" -> "madvise-mode-no-advice".
+            slug = "-".join("".join(c if c.isalnum() or c == "_" else " " for c in name).split())
+            out[slug] = (topic, fn)
+    return out
+
+
 def run_retrying(size: int, attempts: int = 3, **kw) -> OracleReport:
     """``run``, repeated up to ``attempts`` times while it finds mismatches: DAMON on the
     machines may hold a transient reference that turns one in-place reuse into a copy
