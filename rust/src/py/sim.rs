@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -641,49 +641,6 @@ impl PySimulation {
         self.run(py, |s| s.place_folio(head, order, k, dirty))
     }
 
-    /// Writes one captured PTE.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
-    fn place_pte(&self, py: Python<'_>, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
-        self.run(py, |s| s.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp))
-    }
-
-    /// Writes many captured PTEs of one process; `bits` per PTE: write 1, dirty 2, young 4,
-    /// soft-dirty 8, uffd-wp 16. Stops at the first bad entry (the caller rebuilds or drops
-    /// the simulation, which is under construction).
-    fn place_ptes(&self, py: Python<'_>, pid: u32, addr: numpy::PyReadonlyArray1<'_, u64>, pfn: numpy::PyReadonlyArray1<'_, u64>, bits: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<()> {
-        let (a, p, b) = (addr.as_slice()?, pfn.as_slice()?, bits.as_slice()?);
-        if a.len() != p.len() || a.len() != b.len() {
-            return Err(Error::value("addr, pfn and bits must have the same length").into());
-        }
-        self.run(py, |s| {
-            for i in 0..a.len() {
-                let f = b[i];
-                s.place_pte(pid, a[i], p[i], f & 1 != 0, f & 2 != 0, f & 4 != 0, f & 8 != 0, f & 16 != 0)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Places many anonymous folios (`dirty` per folio).
-    fn place_anon_folios(&self, py: Python<'_>, heads: numpy::PyReadonlyArray1<'_, u64>, orders: numpy::PyReadonlyArray1<'_, u8>, dirty: numpy::PyReadonlyArray1<'_, bool>) -> PyResult<()> {
-        let (h, o, d) = (heads.as_slice()?, orders.as_slice()?, dirty.as_slice()?);
-        if h.len() != o.len() || h.len() != d.len() {
-            return Err(Error::value("heads, orders and dirty must have the same length").into());
-        }
-        self.run(py, |s| {
-            for i in 0..h.len() {
-                s.place_folio(h[i], o[i] as u32, crate::restore::FolioKind::Anon, d[i])?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Recomputes every counter from the page tables after placing folios and PTEs.
-    fn rebuild_accounting(&self, py: Python<'_>) -> PyResult<()> {
-        self.run(py, |s| s.rebuild_accounting())
-    }
-
     /// Decodes a PTE of this simulation's layout into its logical bits.
     fn decode_pte<'py>(&self, py: Python<'py>, pte: u64) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -700,5 +657,184 @@ impl PySimulation {
             d.set_item("special", l.pte_special(pte))?;
         });
         Ok(d)
+    }
+}
+
+// ---- Building a state from arrays (issue 12 item 3; rust/src/restore.rs) ------------------
+
+/// One VMA of `Simulation.from_arrays` (the Python layer has checked types and dtypes).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct VmaArg<'py> {
+    start: u64,
+    ptes: PyReadonlyArray1<'py, u64>,
+    prot: String,
+    shared: bool,
+    file: Option<u32>,
+    offset: u64,
+    vm_softdirty: bool,
+    uffd_wp: bool,
+    uffd_event_fork: bool,
+    dontfork: bool,
+    wipeonfork: bool,
+    anon_vma: u32,
+    mthp: Vec<u64>,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct ProcArg<'py> {
+    vmas: Vec<VmaArg<'py>>,
+    exited: bool,
+    has_pinned: bool,
+    next_mmap: Option<u64>,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct FolioArg<'py> {
+    pfn: PyReadonlyArray1<'py, u64>,
+    order: PyReadonlyArray1<'py, u8>,
+    kind: PyReadonlyArray1<'py, u8>,
+    file: PyReadonlyArray1<'py, u32>,
+    index: PyReadonlyArray1<'py, u64>,
+    dirty: PyReadonlyArray1<'py, bool>,
+    partially_mapped: Option<PyReadonlyArray1<'py, bool>>,
+    maybe_shared: Option<PyReadonlyArray1<'py, bool>>,
+    mm_ids: Option<PyReadonlyArray1<'py, u32>>,
+    mm_id_mapcounts: Option<PyReadonlyArray1<'py, i32>>,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PinArg<'py> {
+    pfns: PyReadonlyArray1<'py, u64>,
+    write: bool,
+    longterm: bool,
+    active: bool,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct FileArg {
+    size: u64,
+    folio_size: u64,
+    shmem: bool,
+}
+
+fn opt_slice<'a, T: numpy::Element>(a: &'a Option<PyReadonlyArray1<'_, T>>) -> PyResult<Option<&'a [T]>> {
+    Ok(match a {
+        Some(a) => Some(a.as_slice()?),
+        None => None,
+    })
+}
+
+#[pymethods]
+impl PySimulation {
+    /// A simulation built from arrays (see `ptebatch.Simulation.from_arrays`, which checks the
+    /// arguments' types and dtypes first): the page tables are borrowed and copied once into
+    /// the simulation, with the GIL released.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (arch, kernel, memory, seed, batching, files, folios, processes, pins, token, anon_exclusive, next_token, next_anon_vma))]
+    fn from_arrays(
+        py: Python<'_>,
+        arch: &str,
+        kernel: &str,
+        memory: u64,
+        seed: u64,
+        batching: bool,
+        files: Vec<FileArg>,
+        folios: FolioArg<'_>,
+        processes: Vec<ProcArg<'_>>,
+        pins: Vec<PinArg<'_>>,
+        token: Option<PyReadonlyArray1<'_, u32>>,
+        anon_exclusive: Option<PyReadonlyArray1<'_, bool>>,
+        next_token: Option<u32>,
+        next_anon_vma: Option<u32>,
+    ) -> PyResult<PySimulation> {
+        use crate::restore::{Build, FileSpec, Folios, MmSpec, PinSpec, VmaSpec};
+        let layout = Layout::by_name(arch, None)?;
+        let mut profile = KernelProfile::parse(kernel)?;
+        if !batching {
+            profile = profile.unbatched();
+        }
+        let shift = layout.geometry().page_shift;
+        let page = 1u64 << shift;
+        let mut mms = Vec::with_capacity(processes.len());
+        for (k, p) in processes.iter().enumerate() {
+            let mut vmas = Vec::with_capacity(p.vmas.len());
+            for (i, v) in p.vmas.iter().enumerate() {
+                if v.start % page != 0 || v.offset % page != 0 {
+                    return Err(Error::value(format!("processes[{k}][\"vmas\"][{i}]: start {:#x} and offset {:#x} must be multiples of the {page}-byte page", v.start, v.offset)).into());
+                }
+                vmas.push(VmaSpec {
+                    start: v.start >> shift,
+                    ptes: v.ptes.as_slice()?,
+                    prot: prot_arg(&v.prot)?,
+                    shared: v.shared,
+                    file: v.file,
+                    pgoff: v.offset >> shift,
+                    vm_softdirty: v.vm_softdirty,
+                    uffd_wp: v.uffd_wp,
+                    uffd_event_fork: v.uffd_event_fork,
+                    dontfork: v.dontfork,
+                    wipeonfork: v.wipeonfork,
+                    anon_vma: v.anon_vma,
+                    mthp: v.mthp.clone(),
+                });
+            }
+            if p.next_mmap.is_some_and(|a| a % page != 0) {
+                return Err(Error::value(format!("processes[{k}]: next_mmap must be a multiple of the {page}-byte page")).into());
+            }
+            mms.push(MmSpec { vmas, exited: p.exited, has_pinned: p.has_pinned, next_vpn: p.next_mmap.map(|a| a >> shift) });
+        }
+        let mut pin_specs = Vec::with_capacity(pins.len());
+        for p in &pins {
+            pin_specs.push(PinSpec { pfns: p.pfns.as_slice()?, write: p.write, longterm: p.longterm, active: p.active });
+        }
+        let b = Build {
+            files: files.iter().map(|f| FileSpec { size: f.size, folio_size: f.folio_size, shmem: f.shmem }).collect(),
+            folios: Folios {
+                pfn: folios.pfn.as_slice()?,
+                order: folios.order.as_slice()?,
+                kind: folios.kind.as_slice()?,
+                file: folios.file.as_slice()?,
+                index: folios.index.as_slice()?,
+                dirty: folios.dirty.as_slice()?,
+                partially_mapped: opt_slice(&folios.partially_mapped)?,
+                maybe_shared: opt_slice(&folios.maybe_shared)?,
+                mm_ids: opt_slice(&folios.mm_ids)?,
+                mm_id_mapcounts: opt_slice(&folios.mm_id_mapcounts)?,
+            },
+            mms,
+            pins: pin_specs,
+            token: opt_slice(&token)?,
+            anon_exclusive: opt_slice(&anon_exclusive)?,
+            next_token,
+            next_anon_vma,
+        };
+        let sim = py.detach(|| Simulation::from_arrays(layout, profile, memory, seed, &b))?;
+        Ok(PySimulation::wrap(sim, arch.to_string(), kernel.to_string(), batching))
+    }
+
+    /// The pins, for `to_arrays`: dicts of pfns (uint64), write, longterm, active.
+    fn pins<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let s = self.lock(py)?;
+        let out = PyList::empty(py);
+        for p in &s.st.pins {
+            let d = PyDict::new(py);
+            d.set_item("pfns", array_from_slice(py, &p.pfns, "a copy of a pin's pages")?)?;
+            d.set_item("write", p.write)?;
+            d.set_item("longterm", p.longterm)?;
+            d.set_item("active", p.active)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// The simulated-fragmentation probability per folio order (`set_fallback`).
+    fn fallback(&self, py: Python<'_>) -> PyResult<Vec<f64>> {
+        Ok(self.lock(py)?.st.mem.fallback.clone())
     }
 }
