@@ -543,3 +543,63 @@ fn check_ptes<L: PteLayout>(l: &L, st: &State, vma: &Vma, ptes: &[u64], pid: u32
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Layout;
+    use crate::kernel::KernelProfile;
+
+    fn anon_vma(start: u64, ptes: &[u64]) -> VmaSpec<'_> {
+        VmaSpec {
+            start,
+            ptes,
+            prot: Prot::parse("rw").unwrap(),
+            shared: false,
+            file: None,
+            pgoff: 0,
+            vm_softdirty: true,
+            uffd_wp: false,
+            uffd_event_fork: false,
+            dontfork: false,
+            wipeonfork: false,
+            anon_vma: 0,
+            mthp: vec![],
+        }
+    }
+
+    fn build(ptes: &[u64]) -> Result<Simulation> {
+        let layout = Layout::by_name("x86-64", None)?;
+        let folio = Folios { pfn: &[16], order: &[4], kind: &[KIND_ANON], file: &[0], index: &[0], dirty: &[false], ..Default::default() };
+        let b = Build { folios: folio, mms: vec![MmSpec { vmas: vec![anon_vma(0x100_0000, ptes)], exited: false, has_pinned: false, next_vpn: None }], ..Default::default() };
+        Simulation::from_arrays(layout, KernelProfile::parse("6.18")?, 4 << 20, 0, &b)
+    }
+
+    fn ptes(pfns: std::ops::Range<u64>) -> Vec<u64> {
+        let l = Layout::by_name("x86-64", None).unwrap();
+        with_layout!(&l, l => pfns.map(|p| l.mk_pte(p, PteBits { present: true, write: true, dirty: true, young: true, ..Default::default() }).unwrap()).collect())
+    }
+
+    #[test]
+    fn counters_come_from_the_page_table() {
+        let sim = build(&ptes(16..32)).unwrap();
+        let m = &sim.st.mem;
+        assert_eq!(m.refcount[16], 16);
+        assert!((16..32).all(|p| m.mapcount[p] == 1 && m.test(p as u64, PG_ANON_EXCLUSIVE)));
+        let lf = m.large_folio(16).unwrap();
+        assert_eq!((lf.large_mapcount, lf.nr_pages_mapped, lf.mm_id, lf.mm_id_mapcount), (15, 16, [1, 0], [15, -1]));
+        assert_eq!(sim.st.mms[0].rss, [0, 16, 0]);
+        assert_eq!(sim.st.mms[0].vmas[0].anon_vma, 1);
+        assert_eq!(m.free_pages, 1024 - 16);
+    }
+
+    #[test]
+    fn a_pte_of_a_free_page_or_an_unmapped_folio_is_refused() {
+        let mut t = ptes(16..32);
+        t[3] = ptes(100..101)[0];
+        assert!(build(&t).unwrap_err().message.contains("in no folio"));
+        assert!(build(&[0; 16]).unwrap_err().message.contains("neither mapped"));
+        assert!(build(&ptes(16..24)).is_ok(), "a partly mapped folio is fine");
+        assert!(build(&ptes(16..24)).unwrap().st.mem.test(16, PG_PARTIALLY_MAPPED));
+    }
+}
