@@ -386,3 +386,17 @@ def _spawned(backend: str) -> pb.Simulation:
     sim = pb.Simulation(memory="1M", backend=backend)
     sim.spawn()
     return sim
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_process_vmas_with_their_ptes_are_vma_arguments(backend: str) -> None:
+    sim = pb.Simulation("arm64-4k", "6.18", "16M", backend=backend)
+    p = sim.spawn()
+    m = p.mmap("512K", mthp=["64K"])
+    p.touch(m.start, "512K", write=True)
+    p.madvise(m.start, "64K", "dontfork")
+    arrays = sim.to_arrays()
+    arrays["processes"] = [{"vmas": [{**v, "ptes": p.ptes(v["start"])} for v in p.vmas()]}]
+    again = pb.Simulation.from_arrays(**arrays)
+    assert state_diff(sim.state(), again.state()) == []
+    assert again.process(1).vmas() == p.vmas()
