@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -400,3 +401,44 @@ def test_process_vmas_with_their_ptes_are_vma_arguments(backend: str) -> None:
     again = pb.Simulation.from_arrays(**arrays)
     assert state_diff(sim.state(), again.state()) == []
     assert again.process(1).vmas() == p.vmas()
+
+
+def test_ctrl_c_during_a_build_is_a_keyboard_interrupt() -> None:
+    """SIGINT while the core builds (GIL released) raises KeyboardInterrupt from the call and
+    returns nothing (the core's watch runs the handler and abandons the build)."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    sim = pb.Simulation("x86-64", "6.18", "300M")
+    p = sim.spawn()
+    m = p.mmap("256M")
+    p.touch(m.start, "256M", write=True)
+    arrays = sim.to_arrays()
+    main = threading.main_thread().ident
+    source = Path(pb.simulation.__file__).read_text().splitlines()
+    call_line = next(i for i, line in enumerate(source, 1) if "_core.Simulation.from_arrays(*args)" in line)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            frame = sys._current_frames().get(main)
+            while frame is not None and frame.f_code.co_name != "from_arrays":
+                frame = frame.f_back
+            if frame is not None and frame.f_lineno == call_line:
+                signal.pthread_kill(main, signal.SIGINT)
+                return
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    built = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            built = pb.Simulation.from_arrays(**arrays)
+    finally:
+        t.join()
+    assert built is None

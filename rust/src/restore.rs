@@ -112,10 +112,16 @@ fn bad(msg: String) -> Error {
 impl Simulation {
     /// A new simulation holding the state `b` describes; fails, building nothing, on any
     /// inconsistency (ValueError) or broken invariant (InvariantError from `check()`).
-    pub fn from_arrays(layout: crate::arch::Layout, profile: crate::kernel::KernelProfile, memory_bytes: u64, seed: u64, b: &Build<'_>) -> Result<Simulation> {
+    /// `watch` (Ctrl-C, progress) may stop the build, which then leaves nothing.
+    pub fn from_arrays(layout: crate::arch::Layout, profile: crate::kernel::KernelProfile, memory_bytes: u64, seed: u64, b: &Build<'_>, watch: Option<std::sync::Arc<dyn crate::watch::Watch>>) -> Result<Simulation> {
         let mut sim = Simulation::new(layout, profile, memory_bytes, seed)?;
-        sim.build(b)?;
-        Ok(sim)
+        sim.set_watch(watch);
+        // Work: the check-and-copy and counting passes over the PTEs, then check()'s own.
+        let ptes: u64 = b.mms.iter().flat_map(|m| &m.vmas).map(|v| v.ptes.len() as u64).sum();
+        sim.st.ticker.start(2 * ptes, true);
+        let r = sim.build(b);
+        sim.st.ticker.stop();
+        r.map(|()| sim)
     }
 
     fn build(&mut self, b: &Build<'_>) -> Result<()> {
@@ -572,7 +578,7 @@ mod tests {
         let layout = Layout::by_name("x86-64", None)?;
         let folio = Folios { pfn: &[16], order: &[4], kind: &[KIND_ANON], file: &[0], index: &[0], dirty: &[false], ..Default::default() };
         let b = Build { folios: folio, mms: vec![MmSpec { vmas: vec![anon_vma(0x100_0000, ptes)], exited: false, has_pinned: false, next_vpn: None }], ..Default::default() };
-        Simulation::from_arrays(layout, KernelProfile::parse("6.18")?, 4 << 20, 0, &b)
+        Simulation::from_arrays(layout, KernelProfile::parse("6.18")?, 4 << 20, 0, &b, None)
     }
 
     fn ptes(pfns: std::ops::Range<u64>) -> Vec<u64> {

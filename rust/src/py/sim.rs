@@ -814,8 +814,19 @@ impl PySimulation {
             next_token,
             next_anon_vma,
         };
-        let sim = py.detach(|| Simulation::from_arrays(layout, profile, memory, seed, &b))?;
-        Ok(PySimulation::wrap(sim, arch.to_string(), kernel.to_string(), batching))
+        // Ctrl-C (and nothing else: no progress callback can be set yet) stops the build.
+        let watch = Arc::new(SignalWatch::default());
+        let w = watch.clone() as Arc<dyn Watch>;
+        let r = py.detach(|| Simulation::from_arrays(layout, profile, memory, seed, &b, Some(w)));
+        if let Some(e) = watch.pending() {
+            return Err(e);
+        }
+        let sim = match r {
+            Ok(sim) => sim,
+            Err(e) if e.kind == ErrorKind::Interrupted => return Err(PyKeyboardInterrupt::new_err("interrupted")),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(PySimulation { inner: Mutex::new(sim), holder: AtomicU64::new(0), watch, arch: arch.to_string(), kernel: kernel.to_string(), batching })
     }
 
     /// The pins, for `to_arrays`: dicts of pfns (uint64), write, longterm, active.
