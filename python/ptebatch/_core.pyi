@@ -281,17 +281,24 @@ class Simulation:
     def state_bytes(self) -> int: ...
     def decode_pte(self, pte: int) -> dict[str, Any]: ...
     def place_folio(self, head: int, order: int, kind: str, file: int | None = None, index: int = 0, dirty: bool = False) -> None: ...
-    def place_pte(
-        self,
-        pid: int,
-        addr: int,
-        pfn: int,
-        write: bool = False,
-        dirty: bool = False,
-        young: bool = True,
-        soft_dirty: bool = False,
-        uffd_wp: bool = False,
-    ) -> None: ...
-    def rebuild_accounting(self) -> None: ...
-    def place_ptes(self, pid: int, addr: npt.NDArray[np.uint64], pfn: npt.NDArray[np.uint64], bits: npt.NDArray[np.uint8]) -> None: ...
-    def place_anon_folios(self, heads: npt.NDArray[np.uint64], orders: npt.NDArray[np.uint8], dirty: npt.NDArray[np.bool_]) -> None: ...
+    # Building a state from arrays (ptebatch.Simulation.from_arrays checks the arguments and
+    # documents them; this is its backend). Each VMA dict's "ptes" is a C-contiguous uint64
+    # array, borrowed read-only and copied once into the simulation, with the GIL released.
+    @staticmethod
+    def from_arrays(
+        arch: str,
+        kernel: str,
+        memory: int,
+        seed: int,
+        batching: bool,
+        files: list[dict[str, Any]],
+        folios: dict[str, Any],
+        processes: list[dict[str, Any]],
+        pins: list[dict[str, Any]],
+        token: npt.NDArray[np.uint32] | None,
+        anon_exclusive: npt.NDArray[np.bool_] | None,
+        next_token: int | None,
+        next_anon_vma: int | None,
+    ) -> Simulation: ...
+    def pins(self) -> list[dict[str, Any]]: ...
+    def fallback(self) -> list[float]: ...

@@ -23,7 +23,7 @@ VMA, VMAs beyond the address space, ...) raises ``SnapshotError``; bad arguments
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -136,16 +136,20 @@ def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | st
     wins, new, frames = _frame_map(snap, compact)
     pmd = snap.pmd_pages
     nr = max(min_bytes // page, ((frames + pmd - 1) // pmd + SPARE_WINDOWS) * pmd)
+    from . import layout
+
     try:
-        sim = Simulation(arch, kernel, nr * page)
+        max_pfn = layout(arch).max_pfn
     except ValueError as e:
         raise SnapshotError(f"no simulation for this snapshot: {e}") from e
+    if nr + 1 > max_pfn:
+        raise SnapshotError(f"no simulation for this snapshot: {nr} pages do not fit the {arch} PFN field")
     try:
-        _apply_thp_policy(sim, snap)
-        procs = _build(sim, snap, sizes, wins, new)
+        sim = Simulation.from_arrays(arch, kernel, nr * page, **_arrays(snap, arch, nr, sizes, wins, new))
     except (ValueError, InvariantError) as e:
         raise SnapshotError(f"the snapshot cannot be replayed: {e}") from e
-    return sim, procs
+    _apply_thp_policy(sim, snap)
+    return sim, {pid: sim.process(k + 1) for k, pid in enumerate(snap.pids)}
 
 
 def _file_groups(snap: Snapshot, normal: np.ndarray, flags: np.ndarray,
@@ -204,9 +208,16 @@ def _apply_thp_policy(sim: "Simulation", snap: Snapshot) -> None:
         raise SnapshotError(f"the snapshot's THP policy cannot be replayed: {e}") from e
 
 
-def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.ndarray,
-           new: np.ndarray | None) -> dict[int, "Process"]:
+def _arrays(snap: Snapshot, arch: str, nr_pages: int, sizes: list[int] | None, wins: np.ndarray,
+            new: np.ndarray | None) -> dict:
+    """The arguments of ``Simulation.from_arrays`` (but arch, kernel and memory) for ``snap``
+    on a machine of ``nr_pages`` frames: files, VMAs (merged as mmap would merge them), folios
+    at their (moved) pfns and page tables with the inferred bits (see the module's doc)."""
+    from . import layout
+
     page, pmd = snap.page_size, snap.pmd_pages
+    lay = layout(arch)
+    zero_pfn = nr_pages  # one past the end of RAM
     a = snap.arrays
     pm = a["pagemap"]
     _, pfns_all, flags_all, usable = _usable(snap)
@@ -228,18 +239,20 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.
     for i, key in group.items():
         end = int(a["vma_pgoff"][i]) + int((a["vma_end"][i] - a["vma_start"][i]) // np.uint64(page))
         file_pages[key] = max(file_pages.get(key, 0), end)
+    files: list[dict] = []
     fids: dict[tuple[str, int, bool], int] = {}
     for key, n in file_pages.items():
         n = (n + pmd - 1) // pmd * pmd + pmd
         if n > MAX_IDENTITY_FRAMES:
             raise SnapshotError(f"file {key[0]!r} is mapped {n} pages deep; replay models files of up to "
                                 f"{MAX_IDENTITY_FRAMES} pages")
-        fids[key] = sim.create_file(n * page, page, shmem=key[2])
-    procs: dict[int, Process] = {pid: sim.spawn() for pid in snap.pids}
-    # PR_SET_THP_DISABLE as /proc/<pid>/status showed it.
-    for pid, enabled in zip(snap.pids, snap.header.get("thp_enabled") or [1] * len(snap.pids)):
-        if not enabled:
-            procs[pid].prctl_thp_disable(True)
+        fids[key] = len(files)
+        files.append({"size": n * page, "folio_size": page, "shmem": key[2]})
+    pid_index = {pid: k for k, pid in enumerate(snap.pids)}
+    # VMAs, as mmap at each captured address makes them: neighbours with the same attributes
+    # merge (vma_merge()).
+    vmas: list[list[dict[str, Any]]] = [[] for _ in snap.pids]
+    merged_of = np.zeros(nv, np.int64)  # captured VMA -> index in its process's list
     file_of: dict[int, int] = {}
     for i in range(nv):
         f = int(a["vma_flags"][i])
@@ -249,18 +262,25 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.
         if f & VMA_FILE:
             fid: int | None = fids[group[i]]
         elif shared:
-            fid = sim.create_file(end - start, page, shmem=True)
+            fid = len(files)
+            files.append({"size": end - start, "folio_size": page, "shmem": True, "anon": True})
         else:
             fid = None
         if fid is not None:
             file_of[i] = fid
         off = int(a["vma_pgoff"][i]) * page if f & VMA_FILE else 0
-        procs[int(a["vma_pid"][i])].mmap(end - start, prot, shared, file=fid, offset=off, addr=start,
-                                          mthp=sizes if fid is None else None)
-        # The VMA's MADV_HUGEPAGE / MADV_NOHUGEPAGE, from smaps' VmFlags.
-        for bit, advice in ((VMA_HUGEPAGE, "hugepage"), (VMA_NOHUGEPAGE, "nohugepage")):
-            if f & bit:
-                procs[int(a["vma_pid"][i])].madvise(start, end - start, advice)
+        m: dict[str, Any] = {"start": start, "end": end, "prot": prot, "shared": shared, "file": fid,
+                             "offset": off, "mthp": sizes if fid is None else None,
+                             "hugepage": bool(f & VMA_HUGEPAGE), "nohugepage": bool(f & VMA_NOHUGEPAGE)}
+        own = vmas[pid_index[int(a["vma_pid"][i])]]
+        last = own[-1] if own else None
+        if (last is not None and last["end"] == start
+                and all(last[k] == m[k] for k in ("prot", "shared", "file", "mthp", "hugepage", "nohugepage"))
+                and (fid is None or last["offset"] + (last["end"] - last["start"]) == off)):
+            last["end"] = end
+        else:
+            own.append(m)
+        merged_of[i] = len(own) - 1
 
     # Folios, each placed once, from its first mapping seen.
     idx = np.flatnonzero(normal)
@@ -276,8 +296,9 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.
     orders = np.log2(lens).astype(np.uint8)
     hflags, _ = snap.frame_info(uniq) if len(uniq) else (np.zeros(0, np.uint64), None)
     is_anon = (hflags & np.uint64(KPF_ANON)) != 0
-    dirty = (hflags & np.uint64(KPF_DIRTY)) != 0
-    sim._b.place_anon_folios(moved(uniq[is_anon]).astype(np.uint64), orders[is_anon], dirty[is_anon])
+    kind = np.full(len(uniq), "anon", dtype=object)
+    file_col = np.full(len(uniq), -1, np.int64)
+    index_col = np.zeros(len(uniq), np.uint64)
     for k in np.flatnonzero(~is_anon):
         head, page_i = int(uniq[k]), int(idx[first[k]])
         v = int(vma_of_page[page_i])
@@ -289,33 +310,49 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int] | None, wins: np.
         index = base + in_vma - (int(pfns_all[page_i]) - head)
         if index < 0:
             raise SnapshotError(f"page-cache folio {head:#x} would start before its file")
-        sim._b.place_folio(int(moved(np.array([head], np.uint64))[0]), int(orders[k]), "file", file=fid,
-                           index=index, dirty=bool(dirty[k]))
+        kind[k] = "shmem" if files[fid]["shmem"] else "file"
+        file_col[k], index_col[k] = fid, index
+    folios = {"pfn": moved(uniq), "order": orders, "kind": kind, "file": file_col, "index": index_col,
+              "dirty": (hflags & np.uint64(KPF_DIRTY)) != 0}
 
-    # PTEs, one bulk call per process.
+    # Page tables, with the bits /proc does not show inferred: a private PTE is writable only
+    # on an exclusive anonymous page (mapped once), as the kernel's COW rules require.
     sel = np.flatnonzero(usable)
     v_of = vma_of_page[sel]
-    addrs = a["vma_start"][v_of] + (sel - a["vma_page_offset"][v_of]).astype(np.uint64) * np.uint64(page)
     e = pm[sel]
     fl = flags_all[sel]
     vf = a["vma_flags"][v_of]
     anon = (fl & np.uint64(KPF_ANON)) != 0
     shared = (vf & VMA_SHARED) != 0
     excl = (e & np.uint64(PM_MMAP_EXCLUSIVE)) != 0
-    write = ((vf & VMA_WRITE) != 0) & (shared | (anon & excl))
-    dirty_pte = anon | ((fl & np.uint64(KPF_DIRTY)) != 0) | (shared & write)
-    bits = (write.astype(np.uint8) | (dirty_pte.astype(np.uint8) << 1) | np.uint8(4)
-            | (((e & np.uint64(PM_SOFT_DIRTY)) != 0).astype(np.uint8) << 3)
-            | (((e & np.uint64(PM_UFFD_WP)) != 0).astype(np.uint8) << 4))
-    pfn = np.full(len(sel), sim.zero_pfn, dtype=np.uint64)
     keep = normal[sel]
+    pfn = np.full(len(sel), zero_pfn, dtype=np.uint64)
     pfn[keep] = moved(e[keep] & np.uint64(PM_PFN_MASK))
-    owner = a["vma_pid"][v_of]
-    for pid, proc in procs.items():
-        m = owner == pid
-        sim._b.place_ptes(proc.pid, addrs[m].astype(np.uint64), pfn[m], bits[m].astype(np.uint8))
-    sim._b.rebuild_accounting()
-    return procs
+    _, inverse, counts = np.unique(np.where(keep, pfn, np.uint64(zero_pfn)), return_inverse=True, return_counts=True)
+    mapped_once = keep & anon & (counts[inverse] == 1)
+    prot_none = (vf & (VMA_READ | VMA_WRITE | VMA_EXEC)) == 0
+    write = ((vf & VMA_WRITE) != 0) & (shared | (anon & excl)) & keep & (shared | mapped_once)
+    dirty = (anon | ((fl & np.uint64(KPF_DIRTY)) != 0) | (shared & write)) & keep
+    ptes = lay.mk_pte(pfn, write=write, dirty=dirty, young=True,
+                      soft_dirty=((e & np.uint64(PM_SOFT_DIRTY)) != 0) & lay.has_soft_dirty,
+                      uffd_wp=((e & np.uint64(PM_UFFD_WP)) != 0) & lay.has_uffd_wp,
+                      exec=((vf & VMA_EXEC) != 0) & ~prot_none, special=~keep, prot_none=prot_none)
+    owner = np.array([pid_index[int(p)] for p in a["vma_pid"]], dtype=np.int64)[v_of] if nv else np.zeros(0, np.int64)
+    where = merged_of[v_of]
+    addrs = a["vma_start"][v_of] + (sel - a["vma_page_offset"][v_of]).astype(np.uint64) * np.uint64(page)
+    processes = []
+    # PR_SET_THP_DISABLE as /proc/<pid>/status showed it.
+    thp_enabled = snap.header.get("thp_enabled") or [1] * len(snap.pids)
+    for pk, own in enumerate(vmas):
+        mine = owner == pk
+        out = []
+        for j, vm in enumerate(own):
+            table = np.full((vm["end"] - vm["start"]) // page, lay.none_value, dtype=np.uint64)
+            here = mine & (where == j)
+            table[((addrs[here] - np.uint64(vm["start"])) // np.uint64(page)).astype(np.int64)] = ptes[here]
+            out.append({**{key: val for key, val in vm.items() if key != "end"}, "ptes": table})
+        processes.append({"vmas": out, "thp_disable": 0 if thp_enabled[pk] else 1})
+    return {"folios": folios, "processes": processes, "files": files}
 
 
 __all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "MAX_IDENTITY_FRAMES"]

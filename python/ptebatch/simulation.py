@@ -106,6 +106,173 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+# ---- Simulation.from_arrays: argument checks (docs/from-arrays.md) ---------------------------
+
+#: ``folios["kind"]`` values, in the order of the core's kind codes.
+FOLIO_KINDS = ("anon", "file", "shmem")
+# The model's page flags (rust/src/memory.rs), for to_arrays.
+_PG_ANON_EXCLUSIVE, _PG_ANON, _PG_SWAPBACKED, _PG_DIRTY = 1 << 0, 1 << 1, 1 << 2, 1 << 4
+_PG_PARTIALLY_MAPPED, _PG_MAYBE_SHARED = 1 << 5, 1 << 6
+_FREE_ORDER = 255
+#: Keys of one VMA (``Process.vmas()`` gives all but ``ptes``), with their defaults (those of
+#: ``mmap``); ``end``, when given, must agree with the page table's length. ``pmds`` is
+#: reserved for PMD-mapped THPs and must be None for now.
+_VMA_DEFAULTS: dict[str, Any] = {"prot": "rw", "shared": False, "file": None, "offset": 0,
+                                 "vm_softdirty": True, "uffd_wp": False, "uffd_event_fork": False,
+                                 "dontfork": False, "wipeonfork": False, "anon_vma": 0, "mthp": None,
+                                 "hugepage": False, "nohugepage": False, "end": None, "pmds": None}
+_PROCESS_KEYS = ("vmas", "pid", "exited", "has_pinned", "next_mmap", "thp_disable")
+_FOLIO_KEYS = ("pfn", "order", "kind", "file", "index", "dirty", "partially_mapped", "maybe_shared",
+               "mm_ids", "mm_id_mapcounts")
+_PIN_KEYS = ("pfns", "write", "longterm", "active")
+_FILE_KEYS = ("size", "folio_size", "shmem", "huge", "anon")
+#: state()["files"] kind column: 0 file or fixed-order shmem, 1 shared anonymous, 2 + i tmpfs huge=_FILE_HUGE[i].
+_FILE_HUGE = ("never", "always", "within_size", "advise")
+
+
+def _keys(d: object, name: str, known: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
+    """``d`` as a dict of known keys (a TypeError if it is no mapping, a ValueError naming an
+    unknown or missing key)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{name} must be a dict, not {type(d).__name__}")
+    known = tuple(known)
+    for k in d:
+        if k not in known:
+            raise ValueError(f"{name} has no key {k!r}; known: {', '.join(known)}")
+    for k in required:
+        if k not in d:
+            raise ValueError(f"{name} needs the key {k!r}")
+    return d
+
+
+def _list(v: object, name: str) -> list[Any]:
+    if isinstance(v, (str, bytes, dict)) or not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name} must be a list, not {type(v).__name__}")
+    return list(v)
+
+
+def _table_column(v: object, name: str, dtype: Any, n: int | None, width: int = 1) -> np.ndarray:
+    """An integer or bool column of a table, converted exactly to ``dtype`` (small: a copy is
+    cheap): a TypeError for other dtypes, a ValueError for a wrong length or values out of
+    range."""
+    want_bool = np.dtype(dtype) == np.bool_
+    if isinstance(v, np.ndarray):
+        a = v
+    else:
+        # Element by element: numpy would make floats of a list mixing uint64 and int.
+        items = np.asarray(v, dtype=object)
+        for x in items.reshape(-1):
+            if isinstance(x, (bool, np.bool_)) != want_bool or not isinstance(x, (int, np.integer, np.bool_)):
+                raise TypeError(f"{name} must hold {'bools' if want_bool else 'integers'}, not {type(x).__name__}")
+        flat = [int(x) for x in items.reshape(-1)]
+        if not want_bool and flat and (min(flat) < np.iinfo(dtype).min or max(flat) > np.iinfo(dtype).max):
+            bad = min(flat) if min(flat) < np.iinfo(dtype).min else max(flat)
+            raise ValueError(f"{name} holds {bad}, outside {np.iinfo(dtype).min}..{np.iinfo(dtype).max}")
+        a = np.array(flat, dtype=dtype).reshape(items.shape)
+    if a.size and a.dtype.kind not in ("b" if want_bool else "iu"):
+        raise TypeError(f"{name} must hold {'bools' if want_bool else 'integers'}, not {a.dtype}")
+    shape = (n,) if width == 1 else (n, width)
+    if n is not None and (a.shape != shape and not (a.size == 0 and n == 0)):
+        raise ValueError(f"{name} has shape {a.shape}, {shape} expected")
+    if a.ndim != (1 if width == 1 else 2) and a.size:
+        raise ValueError(f"{name} must be {'one' if width == 1 else 'two'}-dimensional, not of shape {a.shape}")
+    if not want_bool and a.size:
+        info = np.iinfo(dtype)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise ValueError(f"{name} holds {bad}, outside {info.min}..{info.max}")
+    return np.ascontiguousarray(a.astype(dtype, copy=False).reshape(-1))
+
+
+def _pte_array(v: object, name: str) -> np.ndarray:
+    """A page table: a one-dimensional, C-contiguous numpy uint64 array, borrowed as it is."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a numpy uint64 array (as Process.ptes() returns), not {type(v).__name__}")
+    if v.dtype != np.uint64:
+        raise TypeError(f"{name} must have dtype uint64 (the layout's PTE encoding), not {v.dtype}")
+    if v.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, not of shape {v.shape}")
+    if not v.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (pass np.ascontiguousarray(...))")
+    return v
+
+
+def _folio_table(folios: object) -> dict[str, np.ndarray | None]:
+    f = _keys(folios, "folios", _FOLIO_KEYS, ("pfn", "order"))
+    pfn = _table_column(f["pfn"], 'folios["pfn"]', np.uint64, None)
+    n = len(pfn)
+    order = _table_column(f["order"], 'folios["order"]', np.uint8, n)
+    kind_in = f.get("kind", "anon")
+    kinds = np.asarray([kind_in] * n if isinstance(kind_in, str) else kind_in)
+    if kinds.size and kinds.dtype.kind not in "UO":
+        raise TypeError(f'folios["kind"] must hold strings ({", ".join(FOLIO_KINDS)}), not {kinds.dtype}')
+    if kinds.shape != (n,) and not (n == 0 and kinds.size == 0):
+        raise ValueError(f'folios["kind"] has shape {kinds.shape}, ({n},) expected')
+    kind = np.full(n, 255, np.uint8)
+    for code, k in enumerate(FOLIO_KINDS):
+        kind[kinds == k] = code
+    if np.any(kind == 255):
+        i = int(np.flatnonzero(kind == 255)[0])
+        raise ValueError(f'folios["kind"][{i}] is {kinds[i]!r}; known: {", ".join(FOLIO_KINDS)}')
+    file = _table_column(f.get("file", np.full(n, -1)), 'folios["file"]', np.int64, n)
+    cached = kind != 0
+    if np.any(cached & (file < 0)) or np.any(~cached & (file >= 0)):
+        i = int(np.flatnonzero((cached & (file < 0)) | (~cached & (file >= 0)))[0])
+        raise ValueError(f'folios[{i}]: a {FOLIO_KINDS[kind[i]]} folio with file {file[i]} '
+                         "(page-cache folios name their file, anonymous ones have -1)")
+    if np.any(file > 0xFFFF_FFFF):
+        raise ValueError('folios["file"] holds a file id beyond 2**32 - 1')
+    out: dict[str, np.ndarray | None] = {
+        "pfn": pfn, "order": order, "kind": kind,
+        "file": np.where(cached, file, 0).astype(np.uint32),
+        "index": _table_column(f.get("index", np.zeros(n, np.uint64)), 'folios["index"]', np.uint64, n),
+        "dirty": _table_column(f.get("dirty", np.zeros(n, bool)), 'folios["dirty"]', np.bool_, n),
+    }
+    for k in ("partially_mapped", "maybe_shared"):
+        out[k] = None if f.get(k) is None else _table_column(f[k], f'folios["{k}"]', np.bool_, n)
+    out["mm_ids"] = None if f.get("mm_ids") is None else _table_column(f["mm_ids"], 'folios["mm_ids"]', np.uint32, n, 2)
+    out["mm_id_mapcounts"] = (None if f.get("mm_id_mapcounts") is None else
+                              _table_column(f["mm_id_mapcounts"], 'folios["mm_id_mapcounts"]', np.int32, n, 2))
+    return out
+
+
+def _vma_arg(v: object, name: str, page_size: int) -> dict[str, Any]:
+    d = {**_VMA_DEFAULTS, **_keys(v, name, ("start", "ptes", *_VMA_DEFAULTS), ("start", "ptes"))}
+    if d["pmds"] is not None:
+        raise ValueError(f"{name}: PMD mappings (pmds) are not modelled yet; map the range with PTEs")
+    ptes = _pte_array(d["ptes"], f'{name}["ptes"]')
+    start = _int_arg(d["start"], f'{name}["start"]')
+    if d["end"] is not None and _int_arg(d["end"], f'{name}["end"]') != start + len(ptes) * page_size:
+        raise ValueError(f'{name}: end {d["end"]:#x} does not match start {start:#x} plus {len(ptes)} PTEs')
+    return {
+        "start": start, "ptes": ptes, "prot": _str_arg(d["prot"], f'{name}["prot"]'),
+        "shared": _bool_arg(d["shared"], f'{name}["shared"]'),
+        "file": None if d["file"] is None else _int_arg(d["file"], f'{name}["file"]', 32),
+        "offset": parse_size(d["offset"], f'{name}["offset"]'),
+        **{k: _bool_arg(d[k], f'{name}["{k}"]') for k in ("vm_softdirty", "uffd_wp", "uffd_event_fork", "dontfork", "wipeonfork")},
+        "anon_vma": _int_arg(d["anon_vma"], f'{name}["anon_vma"]', 32),
+        "mthp": None if d["mthp"] is None else _sizes(d["mthp"], f'{name}["mthp"]'),
+        **{k: _bool_arg(d[k], f'{name}["{k}"]') for k in ("hugepage", "nohugepage")},
+    }
+
+
+def _process_arg(p: object, k: int, page_size: int) -> dict[str, Any]:
+    name = f"processes[{k}]"
+    d = _keys(p, name, _PROCESS_KEYS)
+    if "pid" in d and _int_arg(d["pid"], f'{name}["pid"]', 32) != k + 1:
+        raise ValueError(f"{name} has pid {d['pid']}, but process {k} of the list gets pid {k + 1}")
+    vmas = _list(d.get("vmas", []), f'{name}["vmas"]')
+    return {
+        "vmas": [_vma_arg(v, f'{name}["vmas"][{i}]', page_size) for i, v in enumerate(vmas)],
+        "exited": _bool_arg(d.get("exited", False), f'{name}["exited"]'),
+        "has_pinned": _bool_arg(d.get("has_pinned", False), f'{name}["has_pinned"]'),
+        "next_mmap": None if d.get("next_mmap") is None else _int_arg(d["next_mmap"], f'{name}["next_mmap"]'),
+        "thp_disable": _int_arg(d.get("thp_disable", 0), f'{name}["thp_disable"]', 32),
+    }
+
+
+
 class _Backend(Protocol):
     """The low-level API both the Rust core and the reference implement."""
 
@@ -321,7 +488,7 @@ class Process:
 
 
 #: Columns of the state's two-dimensional tables (see ``Simulation.state``).
-_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 9, "vmas": 18, "files": 3, "pins": 3}
+_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 9, "vmas": 18, "files": 4, "pins": 3}
 
 
 class _Serialised:
@@ -380,6 +547,9 @@ class Simulation:
         else:
             raise ValueError(f"backend must be 'rust' or 'reference', not {backend!r}")
         self.arch, self.kernel, self.batching, self.backend = arch, kernel, batching, backend
+        self._set_fragmentation(fragmentation)
+
+    def _set_fragmentation(self, fragmentation: dict[int | str, float] | None) -> None:
         for size, p in (fragmentation or {}).items():
             n = parse_size(size, "fragmentation")
             order = n.bit_length() - 1 - (self.page_size.bit_length() - 1)
@@ -409,6 +579,156 @@ class Simulation:
         if kernel is not None:
             _str_arg(kernel, "kernel")
         return from_snapshot(snap, kernel, **kw)
+
+    @classmethod
+    def from_arrays(cls, arch: str = "x86-64", kernel: str = _core.KERNEL_VERSIONS[-1], memory: int | str = "1GiB", *,
+                    folios: dict[str, Any], processes: list[dict[str, Any]], files: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                    pins: list[dict[str, Any]] = (), pages: dict[str, Any] | None = None,  # type: ignore[assignment]
+                    next_token: int | None = None, next_anon_vma: int | None = None, seed: int = 0,
+                    batching: bool = True, fragmentation: dict[int | str, float] | None = None,
+                    thp_policy: dict[str, Any] | None = None, shmem_policy: dict[str, Any] | None = None,
+                    fault_around_bytes: int | str | None = None, backend: str = "rust") -> "Simulation":
+        """A simulation in the state the arrays describe, every counter rebuilt from them and
+        ``check()`` run (docs/from-arrays.md): the general form of replay.
+
+        ``folios``: a table of equal-length columns, one row per folio: ``pfn`` (first page),
+        ``order``, ``kind`` ("anon", "file", "shmem"), ``file`` (id, -1 for anon), ``index``
+        (file page of the first page), ``dirty``; optionally ``partially_mapped``,
+        ``maybe_shared``, ``mm_ids`` and ``mm_id_mapcounts`` (two columns) where history, not
+        the page tables, decided them. ``processes``: one dict per process (pid = position + 1)
+        with ``vmas``, each a dict with ``start`` (bytes), ``ptes`` (uint64, the layout's
+        encoding: exactly what ``Process.ptes()`` returns), and optionally the other keys
+        ``Process.vmas()`` lists (``mthp``: an explicit size list, or None to follow the THP
+        policy; ``hugepage`` / ``nohugepage``), and ``thp_disable`` (PR_GET_THP_DISABLE's
+        0, 1 or 3). ``files``: ``{"size", "folio_size", "shmem", "huge", "anon"}`` per file id
+        (``huge``: a tmpfs file's ``huge=``; ``anon``: shared anonymous memory, under the shmem
+        controls). ``thp_policy`` / ``shmem_policy`` (as :attr:`thp_policy` and
+        :attr:`shmem_policy` read them) and ``fault_around_bytes`` set the controls.
+        ``pins``: ``{"pfns", "write", "longterm", "active"}``. ``pages``: per-pfn ``token``
+        (uint32) and ``anon_exclusive`` (bool; otherwise an anonymous page mapped exactly
+        once is exclusive). Bad input raises TypeError/ValueError (or InvariantError from
+        ``check()``) and builds nothing. Page tables are borrowed, copied once.
+        """
+        arch, kernel = _str_arg(arch, "arch"), _str_arg(kernel, "kernel")
+        nbytes, seed = parse_size(memory, "memory"), _int_arg(seed, "seed")
+        batching = _bool_arg(batching, "batching")
+        if backend not in ("rust", "reference"):
+            raise ValueError(f"backend must be 'rust' or 'reference', not {backend!r}")
+        if fragmentation is not None and not isinstance(fragmentation, dict):
+            raise TypeError(f"fragmentation must be a dict of folio size to probability, "
+                            f"not {type(fragmentation).__name__}")
+        page_size = _core.layout(arch).page_size if arch in _core.LAYOUT_NAMES else 4096
+        file_args = []
+        for i, fl in enumerate(_list(files, "files")):
+            d = _keys(fl, f"files[{i}]", _FILE_KEYS, ("size",))
+            file_args.append({"size": parse_size(d["size"], f'files[{i}]["size"]'),
+                              "folio_size": parse_size(d.get("folio_size", page_size), f'files[{i}]["folio_size"]'),
+                              "shmem": _bool_arg(d.get("shmem", False), f'files[{i}]["shmem"]'),
+                              "huge": None if d.get("huge") is None else _str_arg(d["huge"], f'files[{i}]["huge"]'),
+                              "anon": _bool_arg(d.get("anon", False), f'files[{i}]["anon"]')})
+        for name, pol in (("thp_policy", thp_policy), ("shmem_policy", shmem_policy)):
+            if pol is not None:
+                _keys(pol, name, ("enabled", "sizes"))
+        folio_args = _folio_table(folios)
+        proc_args = [_process_arg(p, k, page_size) for k, p in enumerate(_list(processes, "processes"))]
+        pin_args = []
+        for i, pn in enumerate(_list(pins, "pins")):
+            d = _keys(pn, f"pins[{i}]", _PIN_KEYS, ("pfns",))
+            pin_args.append({"pfns": _table_column(d["pfns"], f'pins[{i}]["pfns"]', np.uint64, None),
+                             **{k: _bool_arg(d.get(k, True), f'pins[{i}]["{k}"]')
+                                for k in ("write", "longterm", "active")}})
+        pg = _keys({} if pages is None else pages, "pages", ("token", "anon_exclusive"))
+        token = None if pg.get("token") is None else _table_column(pg["token"], 'pages["token"]', np.uint32, None)
+        excl = (None if pg.get("anon_exclusive") is None else
+                _table_column(pg["anon_exclusive"], 'pages["anon_exclusive"]', np.bool_, None))
+        nt = None if next_token is None else _int_arg(next_token, "next_token", 32)
+        na = None if next_anon_vma is None else _int_arg(next_anon_vma, "next_anon_vma", 32)
+        args = (arch, kernel, nbytes, seed, batching, file_args, folio_args, proc_args, pin_args, token, excl, nt, na)
+        if backend == "rust":
+            b: Any = _core.Simulation.from_arrays(*args)
+        else:
+            from .reference.sim import Simulation as RefSimulation
+
+            b = _Serialised(RefSimulation.from_arrays(*args))
+        sim = cls.__new__(cls)
+        sim._b = b
+        sim.arch, sim.kernel, sim.batching, sim.backend = arch, kernel, batching, backend
+        sim._set_fragmentation(fragmentation)
+        if thp_policy is not None:
+            sim.set_thp_policy(thp_policy.get("enabled"), thp_policy.get("sizes") or {})
+        if shmem_policy is not None:
+            sim.set_shmem_policy(shmem_policy.get("enabled"), shmem_policy.get("sizes") or {})
+        if fault_around_bytes is not None:
+            sim.fault_around_bytes = parse_size(fault_around_bytes, "fault_around_bytes")
+        return sim
+
+    def to_arrays(self) -> dict[str, Any]:
+        """The state as the arguments of :meth:`from_arrays`:
+        ``Simulation.from_arrays(**sim.to_arrays())`` rebuilds a simulation whose ``state()``
+        equals this one's. The page tables are views into one copy of all of them."""
+        s = self.state()
+        for k in ("ptes", "file_cache"):  # exact: a list of Python ints may not become uint64
+            s[k] = np.asarray(self._b.state()[k], dtype=np.uint64) if self.backend == "reference" else s[k]
+        page, n = self.page_size, self.nr_pages
+        order, flags = s["order"].astype(np.int64), s["flags"]
+        pfns = np.arange(n, dtype=np.uint64)
+        alloc = order != _FREE_ORDER
+        heads = np.flatnonzero(alloc & (pfns % (np.uint64(1) << np.where(alloc, order, 0).astype(np.uint64)) == 0))
+        hf = flags[heads]
+        kind = np.where(hf & _PG_ANON, "anon", np.where(hf & _PG_SWAPBACKED, "shmem", "file"))
+        # The page cache: which file page each cached pfn is.
+        file_of = np.full(n, -1, np.int64)
+        index_of = np.zeros(n, np.uint64)
+        cache, at = s["file_cache"], 0
+        pmd_pages = 1 << (len(s["shmem"]) - 2)  # "shmem": the top level, then orders 0 ..= PMD order
+        for fid, (nr, _, shmem, _) in enumerate(s["files"]):
+            nr = -(-nr // pmd_pages) * pmd_pages if shmem else nr  # File::cache_len
+            c = cache[at:at + nr]
+            hit = np.flatnonzero(c != np.uint64((1 << 64) - 1))
+            file_of[c[hit].astype(np.int64)] = fid
+            index_of[c[hit].astype(np.int64)] = hit
+            at += nr
+        mm_ids = np.zeros((len(heads), 2), np.uint32)
+        mm_counts = np.zeros((len(heads), 2), np.int32)
+        if len(s["large"]):
+            k = np.searchsorted(heads, s["large"][:, 0])
+            mm_ids[k] = s["large"][:, 5:7]
+            mm_counts[k] = s["large"][:, 7:9] + 1
+        folios = {"pfn": heads.astype(np.uint64), "order": order[heads].astype(np.uint8), "kind": kind,
+                  "file": file_of[heads], "index": index_of[heads], "dirty": (hf & _PG_DIRTY) != 0,
+                  "partially_mapped": (hf & _PG_PARTIALLY_MAPPED) != 0,
+                  "maybe_shared": (hf & _PG_MAYBE_SHARED) != 0, "mm_ids": mm_ids,
+                  "mm_id_mapcounts": mm_counts}
+        shift = page.bit_length() - 1
+        vma_rows, ptes = s["vmas"], s["ptes"]
+        ends = np.cumsum(vma_rows[:, 2]) if len(vma_rows) else np.zeros(0, np.int64)
+        processes: list[dict[str, Any]] = []
+        for pid, _mm_id, _a, _b, _c, has_pinned, exited, next_vpn, thp_disable in s["mms"].tolist():
+            processes.append({"pid": pid, "exited": bool(exited), "has_pinned": bool(has_pinned),
+                              "next_mmap": next_vpn << shift, "thp_disable": thp_disable, "vmas": []})
+        for j, row in enumerate(vma_rows.tolist()):
+            pid, start, nr, r, w, x, shared, fid, pgoff, sd, uwp, uef, dontfork, wipe, anon_vma, mthp, hp, nhp = row
+            prot = "".join(c for c, on in zip("rwx", (r, w, x)) if on) or "none"
+            end = int(ends[j])
+            processes[pid - 1]["vmas"].append({
+                "start": start << shift, "ptes": ptes[end - nr:end], "prot": prot, "shared": bool(shared),
+                "file": None if fid < 0 else fid, "offset": pgoff << shift if fid >= 0 else 0,
+                "vm_softdirty": bool(sd), "uffd_wp": bool(uwp), "uffd_event_fork": bool(uef),
+                "dontfork": bool(dontfork), "wipeonfork": bool(wipe), "anon_vma": anon_vma,
+                "mthp": [page << o for o in range(32) if mthp >> o & 1] if mthp else None,
+                "hugepage": bool(hp), "nohugepage": bool(nhp)})
+        files = [{"size": nr * page, "folio_size": page << fo, "shmem": bool(sh), "anon": kind == 1,
+                  "huge": _FILE_HUGE[kind - 2] if kind >= 2 else None} for nr, fo, sh, kind in s["files"].tolist()]
+        pins = [{**p, "pfns": np.asarray(p["pfns"], dtype=np.uint64)} for p in self._b.pins()]
+        fallback = self._b.fallback()
+        return {"arch": self.arch, "kernel": self.kernel, "memory": n * page, "folios": folios,
+                "processes": processes, "files": files, "pins": pins,
+                "pages": {"token": s["token"].astype(np.uint32), "anon_exclusive": (flags & _PG_ANON_EXCLUSIVE) != 0},
+                "next_token": int(s["next_token"]), "next_anon_vma": int(s["next_anon_vma"]),
+                "seed": int(s["rng"]), "batching": self.batching,
+                "fragmentation": {page << o: p for o, p in enumerate(fallback) if p > 0} or None,
+                "thp_policy": self.thp_policy, "shmem_policy": self.shmem_policy,
+                "fault_around_bytes": self.fault_around_bytes, "backend": self.backend}
 
     @classmethod
     def _wrap(cls, backend: Any, like: "Simulation") -> "Simulation":
@@ -600,4 +920,4 @@ def state_diff(a: dict[str, Any], b: dict[str, Any], ignore: Iterable[str] = ())
     return out
 
 
-__all__ = ["Simulation", "Process", "Mapping", "Pin", "parse_size", "format_size", "state_diff"]
+__all__ = ["Simulation", "Process", "Mapping", "Pin", "parse_size", "format_size", "state_diff", "FOLIO_KINDS"]

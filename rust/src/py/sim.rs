@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use numpy::{IntoPyArray, PyArray1, PyArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -695,8 +695,19 @@ impl PySimulation {
         let enabled = crate::policy::ThpEnabled::NAMES.iter().position(|n| *n == thp.enabled.name()).unwrap_or(0);
         d.set_item("thp", vec![enabled as i64, thp.orders_always as i64, thp.orders_madvise as i64, thp.orders_inherit as i64])?;
         d.set_item("ptes", ptes.into_pyarray(py))?;
-        let files = rows(st.files.iter(), 3, "the file table", |f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64])?;
-        d.set_item("files", table(py, files, 3)?)?;
+        // Kind: 0 a file or fixed-order shmem object, 1 shared anonymous memory, 2 + i a tmpfs
+        // file mounted with huge=FILE_HUGE[i].
+        let kind = |f: &crate::mm::File| match f.kind {
+            crate::mm::ShmemKind::Fixed => 0,
+            crate::mm::ShmemKind::Anon => 1,
+            crate::mm::ShmemKind::Tmpfs(h) => 2 + ["never", "always", "within_size", "advise"].iter().position(|n| *n == h.name()).unwrap_or(0) as i64,
+        };
+        let files = rows(st.files.iter(), 4, "the file table", |f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64, kind(f)])?;
+        d.set_item("files", table(py, files, 4)?)?;
+        let mut shmem = vec![st.shmem_policy.enabled.name()];
+        shmem.extend((0..=st.pmd_order).map(|o| st.shmem_policy.sizes[o as usize].name()));
+        d.set_item("shmem", shmem)?;
+        d.set_item("fault_around_pages", st.fault_around_pages)?;
         let mut cache: Vec<u64> = crate::alloc::try_with_capacity(st.files.iter().map(|f| f.cache.len()).sum(), "a copy of the page caches")?;
         st.files.iter().for_each(|f| cache.extend_from_slice(&f.cache));
         d.set_item("file_cache", cache.into_pyarray(py))?;
@@ -733,49 +744,6 @@ impl PySimulation {
         self.run(py, |s| s.place_folio(head, order, k, dirty))
     }
 
-    /// Writes one captured PTE.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
-    fn place_pte(&self, py: Python<'_>, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
-        self.run(py, |s| s.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp))
-    }
-
-    /// Writes many captured PTEs of one process; `bits` per PTE: write 1, dirty 2, young 4,
-    /// soft-dirty 8, uffd-wp 16. Stops at the first bad entry (the caller rebuilds or drops
-    /// the simulation, which is under construction).
-    fn place_ptes(&self, py: Python<'_>, pid: u32, addr: numpy::PyReadonlyArray1<'_, u64>, pfn: numpy::PyReadonlyArray1<'_, u64>, bits: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<()> {
-        let (a, p, b) = (addr.as_slice()?, pfn.as_slice()?, bits.as_slice()?);
-        if a.len() != p.len() || a.len() != b.len() {
-            return Err(Error::value("addr, pfn and bits must have the same length").into());
-        }
-        self.run(py, |s| {
-            for i in 0..a.len() {
-                let f = b[i];
-                s.place_pte(pid, a[i], p[i], f & 1 != 0, f & 2 != 0, f & 4 != 0, f & 8 != 0, f & 16 != 0)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Places many anonymous folios (`dirty` per folio).
-    fn place_anon_folios(&self, py: Python<'_>, heads: numpy::PyReadonlyArray1<'_, u64>, orders: numpy::PyReadonlyArray1<'_, u8>, dirty: numpy::PyReadonlyArray1<'_, bool>) -> PyResult<()> {
-        let (h, o, d) = (heads.as_slice()?, orders.as_slice()?, dirty.as_slice()?);
-        if h.len() != o.len() || h.len() != d.len() {
-            return Err(Error::value("heads, orders and dirty must have the same length").into());
-        }
-        self.run(py, |s| {
-            for i in 0..h.len() {
-                s.place_folio(h[i], o[i] as u32, crate::restore::FolioKind::Anon, d[i])?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Recomputes every counter from the page tables after placing folios and PTEs.
-    fn rebuild_accounting(&self, py: Python<'_>) -> PyResult<()> {
-        self.run(py, |s| s.rebuild_accounting())
-    }
-
     /// Decodes a PTE of this simulation's layout into its logical bits.
     fn decode_pte<'py>(&self, py: Python<'py>, pte: u64) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -792,5 +760,209 @@ impl PySimulation {
             d.set_item("special", l.pte_special(pte))?;
         });
         Ok(d)
+    }
+}
+
+// ---- Building a state from arrays (issue 12 item 3; rust/src/restore.rs) ------------------
+
+/// One VMA of `Simulation.from_arrays` (the Python layer has checked types and dtypes).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct VmaArg<'py> {
+    start: u64,
+    ptes: PyReadonlyArray1<'py, u64>,
+    prot: String,
+    shared: bool,
+    file: Option<u32>,
+    offset: u64,
+    vm_softdirty: bool,
+    uffd_wp: bool,
+    uffd_event_fork: bool,
+    dontfork: bool,
+    wipeonfork: bool,
+    anon_vma: u32,
+    mthp: Option<Vec<u64>>,
+    hugepage: bool,
+    nohugepage: bool,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct ProcArg<'py> {
+    vmas: Vec<VmaArg<'py>>,
+    exited: bool,
+    has_pinned: bool,
+    next_mmap: Option<u64>,
+    /// PR_SET_THP_DISABLE as `prctl(PR_GET_THP_DISABLE)` reads it: 0, 1, or 3 (except advised).
+    thp_disable: u32,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct FolioArg<'py> {
+    pfn: PyReadonlyArray1<'py, u64>,
+    order: PyReadonlyArray1<'py, u8>,
+    kind: PyReadonlyArray1<'py, u8>,
+    file: PyReadonlyArray1<'py, u32>,
+    index: PyReadonlyArray1<'py, u64>,
+    dirty: PyReadonlyArray1<'py, bool>,
+    partially_mapped: Option<PyReadonlyArray1<'py, bool>>,
+    maybe_shared: Option<PyReadonlyArray1<'py, bool>>,
+    mm_ids: Option<PyReadonlyArray1<'py, u32>>,
+    mm_id_mapcounts: Option<PyReadonlyArray1<'py, i32>>,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PinArg<'py> {
+    pfns: PyReadonlyArray1<'py, u64>,
+    write: bool,
+    longterm: bool,
+    active: bool,
+}
+
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct FileArg {
+    size: u64,
+    folio_size: u64,
+    shmem: bool,
+    huge: Option<String>,
+    anon: bool,
+}
+
+fn opt_slice<'a, T: numpy::Element>(a: &'a Option<PyReadonlyArray1<'_, T>>) -> PyResult<Option<&'a [T]>> {
+    Ok(match a {
+        Some(a) => Some(a.as_slice()?),
+        None => None,
+    })
+}
+
+#[pymethods]
+impl PySimulation {
+    /// A simulation built from arrays (see `ptebatch.Simulation.from_arrays`, which checks the
+    /// arguments' types and dtypes first): the page tables are borrowed and copied once into
+    /// the simulation, with the GIL released.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (arch, kernel, memory, seed, batching, files, folios, processes, pins, token, anon_exclusive, next_token, next_anon_vma))]
+    fn from_arrays(
+        py: Python<'_>,
+        arch: &str,
+        kernel: &str,
+        memory: u64,
+        seed: u64,
+        batching: bool,
+        files: Vec<FileArg>,
+        folios: FolioArg<'_>,
+        processes: Vec<ProcArg<'_>>,
+        pins: Vec<PinArg<'_>>,
+        token: Option<PyReadonlyArray1<'_, u32>>,
+        anon_exclusive: Option<PyReadonlyArray1<'_, bool>>,
+        next_token: Option<u32>,
+        next_anon_vma: Option<u32>,
+    ) -> PyResult<PySimulation> {
+        use crate::restore::{Build, FileSpec, Folios, MmSpec, PinSpec, VmaSpec};
+        let layout = Layout::by_name(arch, None)?;
+        let mut profile = KernelProfile::parse(kernel)?;
+        if !batching {
+            profile = profile.unbatched();
+        }
+        let shift = layout.geometry().page_shift;
+        let page = 1u64 << shift;
+        let mut mms = Vec::with_capacity(processes.len());
+        for (k, p) in processes.iter().enumerate() {
+            let mut vmas = Vec::with_capacity(p.vmas.len());
+            for (i, v) in p.vmas.iter().enumerate() {
+                if v.start % page != 0 || v.offset % page != 0 {
+                    return Err(Error::value(format!("processes[{k}][\"vmas\"][{i}]: start {:#x} and offset {:#x} must be multiples of the {page}-byte page", v.start, v.offset)).into());
+                }
+                vmas.push(VmaSpec {
+                    start: v.start >> shift,
+                    ptes: v.ptes.as_slice()?,
+                    prot: prot_arg(&v.prot)?,
+                    shared: v.shared,
+                    file: v.file,
+                    pgoff: v.offset >> shift,
+                    vm_softdirty: v.vm_softdirty,
+                    uffd_wp: v.uffd_wp,
+                    uffd_event_fork: v.uffd_event_fork,
+                    dontfork: v.dontfork,
+                    wipeonfork: v.wipeonfork,
+                    anon_vma: v.anon_vma,
+                    mthp: v.mthp.clone(),
+                    hugepage: v.hugepage,
+                    nohugepage: v.nohugepage,
+                });
+            }
+            if p.next_mmap.is_some_and(|a| a % page != 0) {
+                return Err(Error::value(format!("processes[{k}]: next_mmap must be a multiple of the {page}-byte page")).into());
+            }
+            let thp_disable = match p.thp_disable {
+                0 => crate::policy::ThpDisable::No,
+                1 => crate::policy::ThpDisable::Completely,
+                3 => crate::policy::ThpDisable::ExceptAdvised,
+                v => return Err(Error::value(format!("processes[{k}]: thp_disable {v} is not 0, 1 or 3 (PR_GET_THP_DISABLE)")).into()),
+            };
+            mms.push(MmSpec { vmas, exited: p.exited, has_pinned: p.has_pinned, next_vpn: p.next_mmap.map(|a| a >> shift), thp_disable });
+        }
+        let mut pin_specs = Vec::with_capacity(pins.len());
+        for p in &pins {
+            pin_specs.push(PinSpec { pfns: p.pfns.as_slice()?, write: p.write, longterm: p.longterm, active: p.active });
+        }
+        let b = Build {
+            files: files.iter().map(|f| FileSpec { size: f.size, folio_size: f.folio_size, shmem: f.shmem, huge: f.huge.clone(), anon: f.anon }).collect(),
+            folios: Folios {
+                pfn: folios.pfn.as_slice()?,
+                order: folios.order.as_slice()?,
+                kind: folios.kind.as_slice()?,
+                file: folios.file.as_slice()?,
+                index: folios.index.as_slice()?,
+                dirty: folios.dirty.as_slice()?,
+                partially_mapped: opt_slice(&folios.partially_mapped)?,
+                maybe_shared: opt_slice(&folios.maybe_shared)?,
+                mm_ids: opt_slice(&folios.mm_ids)?,
+                mm_id_mapcounts: opt_slice(&folios.mm_id_mapcounts)?,
+            },
+            mms,
+            pins: pin_specs,
+            token: opt_slice(&token)?,
+            anon_exclusive: opt_slice(&anon_exclusive)?,
+            next_token,
+            next_anon_vma,
+        };
+        // Ctrl-C (and nothing else: no progress callback can be set yet) stops the build.
+        let watch = Arc::new(SignalWatch::default());
+        let w = watch.clone() as Arc<dyn Watch>;
+        let r = py.detach(|| Simulation::from_arrays(layout, profile, memory, seed, &b, Some(w)));
+        if let Some(e) = watch.pending() {
+            return Err(e);
+        }
+        let sim = match r {
+            Ok(sim) => sim,
+            Err(e) if e.kind == ErrorKind::Interrupted => return Err(PyKeyboardInterrupt::new_err("interrupted")),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(PySimulation { inner: Mutex::new(sim), holder: AtomicU64::new(0), watch, arch: arch.to_string(), kernel: kernel.to_string(), batching })
+    }
+
+    /// The pins, for `to_arrays`: dicts of pfns (uint64), write, longterm, active.
+    fn pins<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let s = self.lock(py)?;
+        let out = PyList::empty(py);
+        for p in &s.st.pins {
+            let d = PyDict::new(py);
+            d.set_item("pfns", array_from_slice(py, &p.pfns, "a copy of a pin's pages")?)?;
+            d.set_item("write", p.write)?;
+            d.set_item("longterm", p.longterm)?;
+            d.set_item("active", p.active)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// The simulated-fragmentation probability per folio order (`set_fallback`).
+    fn fallback(&self, py: Python<'_>) -> PyResult<Vec<f64>> {
+        Ok(self.lock(py)?.st.mem.fallback.clone())
     }
 }

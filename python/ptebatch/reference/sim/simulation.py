@@ -672,42 +672,26 @@ class Simulation:
             raise value_error('kind must be "anon", or "file" with file=<id>')
         restore.place_folio(self.st, head, order, where, dirty)
 
-    def place_pte(self, pid: int, addr: int, pfn: int, write: bool = False, dirty: bool = False,
-                  young: bool = True, soft_dirty: bool = False, uffd_wp: bool = False) -> None:
-        """Writes one captured PTE."""
-        pid, addr, pfn = _u32(pid), _u64(addr), _u64(pfn)
-        flags = [_bool(x) for x in (write, dirty, young, soft_dirty, uffd_wp)]
-        self._place_pte(pid, addr, pfn, *flags)
+    @classmethod
+    def from_arrays(cls, arch: str, kernel: str, memory: int, seed: int, batching: bool,
+                    files: list, folios: dict, processes: list, pins: list, token, anon_exclusive,
+                    next_token: int | None, next_anon_vma: int | None) -> Simulation:
+        """A simulation built from arrays (``ptebatch.Simulation.from_arrays`` checks types and
+        dtypes first); every counter rebuilt, then ``check()``."""
+        sim = cls(arch, kernel, memory, seed, batching)
+        restore.build(sim.st, sim.layout, sim.profile, sim.spawn, sim.create_file, files, folios,
+                      processes, pins, token, anon_exclusive, next_token, next_anon_vma)
+        sim.check()
+        return sim
 
-    def _place_pte(self, pid: int, addr: int, pfn: int, *flags: bool) -> None:
-        k = self._mm_index(pid)
-        v = self.st.mms[k].find_vma(addr >> self.st.page_shift)
-        if v is None:
-            raise value_error(f"no mapping at {addr:#x} in process {pid}")
-        restore.place_pte(self.st, self.layout, k, v, addr >> self.st.page_shift, pfn, *flags)
+    def pins(self) -> list[dict]:
+        """The pins, for ``to_arrays``: pfns, write, longterm, active."""
+        return [{"pfns": list(p.pfns), "write": p.write, "longterm": p.longterm, "active": p.active}
+                for p in self.st.pins]
 
-    def place_ptes(self, pid: int, addr: Sequence[int], pfn: Sequence[int], bits: Sequence[int]) -> None:
-        """Writes many captured PTEs of one process; ``bits``: write 1, dirty 2, young 4,
-        soft-dirty 8, uffd-wp 16. Stops at the first bad entry."""
-        pid = _u32(pid)
-        addr, pfn, bits = [_u64(x) for x in addr], [_u64(x) for x in pfn], [int(x) & 0xFF for x in bits]
-        if not len(addr) == len(pfn) == len(bits):
-            raise value_error("addr, pfn and bits must have the same length")
-        for a, f, b in zip(addr, pfn, bits):
-            self._place_pte(pid, a, f, *(bool(b & m) for m in (1, 2, 4, 8, 16)))
-
-    def place_anon_folios(self, heads: Sequence[int], orders: Sequence[int], dirty: Sequence[bool]) -> None:
-        """Places many anonymous folios (``dirty`` per folio)."""
-        heads, orders, dirty = [_u64(h) for h in heads], [int(o) & 0xFF for o in orders], [bool(d) for d in dirty]
-        if not len(heads) == len(orders) == len(dirty):
-            raise value_error("heads, orders and dirty must have the same length")
-        for h, o, d in zip(heads, orders, dirty):
-            restore.place_folio(self.st, h, o, None, d)
-
-    def rebuild_accounting(self) -> None:
-        """Recomputes every counter from the page tables after placing folios and PTEs."""
-        restore.rebuild_accounting(self.st, self.layout, self.profile)
-        self.check()
+    def fallback(self) -> list[float]:
+        """The simulated-fragmentation probability per folio order."""
+        return list(self.st.mem.fallback)
 
     # ---- inspection (the binding's helpers) -------------------------------------------------
 
@@ -817,7 +801,11 @@ def canonical_state(st: State) -> dict:
                 st.thp.orders_inherit],
         "vmas": vmas,
         "ptes": ptes,
-        "files": [[f.nr_pages, f.folio_order, int(f.shmem)] for f in st.files],
+        "files": [[f.nr_pages, f.folio_order, int(f.shmem),
+                   0 if f.kind == "fixed" else 1 if f.kind == "anon"
+                   else 2 + ["never", "always", "within_size", "advise"].index(f.huge)] for f in st.files],
+        "shmem": [st.shmem_policy.enabled] + st.shmem_policy.sizes[:st.pmd_order + 1],
+        "fault_around_pages": st.fault_around_pages,
         "file_cache": [c for f in st.files for c in f.cache],
         "pins": [[int(p.active), int(p.longterm), len(p.pfns)] for p in st.pins],
         "pin_pfns": [pfn for p in st.pins for pfn in p.pfns],
