@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod memory;
 pub mod mm;
 pub mod mprotect;
+pub mod pgtable;
 pub mod procfs;
 pub mod restore;
 pub mod rmap;
