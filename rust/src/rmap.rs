@@ -156,8 +156,8 @@ pub struct FolioArrays<'a> {
 }
 
 impl<'a> FolioArrays<'a> {
-    /// Checks that the arrays have matching lengths and that `order` describes naturally
-    /// aligned folios inside memory (each page of a folio of order o carries o).
+    /// Checks that the arrays have matching lengths; [`check_orders`] (whole map) or
+    /// [`check_folio`] (one folio) check the folio map.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         order: &'a mut [u8],
@@ -189,10 +189,35 @@ impl<'a> FolioArrays<'a> {
                 return Err(Error::value(format!("{name} has {len} entries; it needs two per pfn ({})", 2 * n)));
             }
         }
-        check_orders(order)?;
         Ok(FolioArrays { order, flags, mapcount, refcount, large_mapcount, nr_pages_mapped, pincount, mm_id, mm_id_mapcount })
     }
 
+}
+
+/// The folio at `head` in a folio map: allocated, naturally aligned, inside the map, each of
+/// its pages carrying its order. Returns the order.
+pub fn check_folio(order: &[u8], head: u64, what: &str) -> Result<u32> {
+    let n = order.len() as u64;
+    let o = match order.get(head as usize) {
+        None => return Err(Error::value(format!("{what}={head} is beyond the {n} pages of the count arrays"))),
+        Some(&FREE) => return Err(Error::value(format!("{what}={head} is a free page (order 255), not a folio"))),
+        Some(&o) if o >= 32 => return Err(Error::value(format!("order[{head}]={o}: an order is below 32, or 255 for a free page"))),
+        Some(&o) => o as u32,
+    };
+    let nr = 1u64 << o;
+    if head % nr != 0 {
+        return Err(Error::value(format!("{what}={head} is not the first page of its folio of order {o}")));
+    }
+    if head + nr > n {
+        return Err(Error::value(format!("the folio of order {o} at pfn {head} runs past the {n} pages of order")));
+    }
+    if let Some(k) = (head..head + nr).find(|&p| order[p as usize] as u32 != o) {
+        return Err(Error::value(format!(
+            "order[{k}]={} inside the folio of order {o} at pfn {head}: every page of a folio carries its order",
+            order[k as usize]
+        )));
+    }
+    Ok(o)
 }
 
 /// A folio map must describe whole, naturally aligned folios: a run of `2^o` pages at a
