@@ -220,9 +220,9 @@ fn child_set_ptes<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &
 }
 
 /// `copy_page_range()` of one VMA over arrays a user owns: `src` (the parent's table,
-/// write-protected where the copy is COW) and `dst` (the child's, `pte_none` where the
-/// parent's is) cut into page tables at PMD boundaries, one [`copy_pte_range`] each. The
-/// caller has checked both tables ([`pgtable::check_table`]) and their lengths.
+/// write-protected where the copy is COW) and `dst` (the child's, emptied first, as a new
+/// page table is) cut into page tables at PMD boundaries, one [`copy_pte_range`] each. The
+/// caller has checked `src` ([`pgtable::check_table`]) and the lengths.
 pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>) -> Result<()> {
     if ctx.has_pinned {
         return Err(Error::value("the array form of copy_pte_range() models a parent without MMF_HAS_PINNED"));
@@ -232,6 +232,8 @@ pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProf
     let mut a = 0usize;
     while a < len {
         let e = len.min(a + ptrs - ((ctx.start as usize + a) & (ptrs - 1)));
+        // pte_alloc(): the child's page table starts empty (filled here, while it is in cache).
+        env.dst[a..e].fill(l.geometry().none_value);
         // Without MMF_HAS_PINNED no page needs copying, so there is no -EAGAIN.
         copy_pte_range(l, p, ctx, env, a, e, &mut None)
             .map_err(|Again(i)| Error::value(format!("entry {i} needs copy_present_page(), which the array form has not")))?;

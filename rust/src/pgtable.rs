@@ -163,7 +163,9 @@ pub fn check_run(len: usize, i: usize, nr: usize) -> Result<()> {
 /// The checks the array forms of the whole-table loops make before they write anything:
 /// every entry is `pte_none` or present (swap and migration entries are not modelled), and
 /// every present entry that maps a page (not special, not the zero page) maps an allocated
-/// page of `mem`. `what` names the table in messages.
+/// page of `mem` whose folio (the order stored on that page) starts at a page carrying the
+/// same order and ends inside memory, so that the loops stay inside the arrays. `what` names
+/// the table in messages.
 pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64, mem: &M, what: &str) -> Result<()> {
     let n = mem.nr_pages();
     for (i, &v) in t.iter().enumerate() {
@@ -187,8 +189,17 @@ pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64
                 "{what}[{i}]={v:#x} maps pfn {pfn:#x}, beyond the {n} pages of the count arrays"
             )));
         }
-        if mem.order_of(pfn) == crate::memory::FREE {
+        let o = mem.order_of(pfn);
+        if o == crate::memory::FREE {
             return Err(Error::value(format!("{what}[{i}]={v:#x} maps pfn {pfn:#x}, a free page (order 255)")));
+        }
+        let head = pfn & !((1u64 << o.min(63)) - 1);
+        if o >= 32 || mem.order_of(head) != o || head + (1u64 << o) > n {
+            return Err(Error::value(format!(
+                "{what}[{i}]={v:#x} maps pfn {pfn:#x} of order {o}, but order[{head}]={} (every page of a \
+                 folio carries its order, and a folio ends inside memory)",
+                mem.order_of(head)
+            )));
         }
     }
     Ok(())

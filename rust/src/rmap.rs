@@ -156,8 +156,8 @@ pub struct FolioArrays<'a> {
 }
 
 impl<'a> FolioArrays<'a> {
-    /// Checks that the arrays have matching lengths; [`check_orders`] (whole map) or
-    /// [`check_folio`] (one folio) check the folio map.
+    /// Checks that the arrays have matching lengths; [`check_folio`] and
+    /// [`crate::pgtable::check_table`] check the folio map where a helper will read it.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         order: &'a mut [u8],
@@ -218,41 +218,6 @@ pub fn check_folio(order: &[u8], head: u64, what: &str) -> Result<u32> {
         )));
     }
     Ok(o)
-}
-
-/// A folio map must describe whole, naturally aligned folios: a run of `2^o` pages at a
-/// multiple of `2^o`, each carrying `o`.
-pub fn check_orders(order: &[u8]) -> Result<()> {
-    let n = order.len();
-    let mut pfn = 0usize;
-    while pfn < n {
-        let o = order[pfn];
-        if o == FREE {
-            pfn += 1;
-            continue;
-        }
-        if o >= 32 {
-            return Err(Error::value(format!("order[{pfn}]={o}: an order is below 32, or 255 for a free page")));
-        }
-        let nr = 1usize << o;
-        if pfn % nr != 0 {
-            return Err(Error::value(format!(
-                "order[{pfn}]={o}, but pfn {pfn} is not a multiple of {nr}: folios are naturally aligned \
-                 (a folio's first page comes first)"
-            )));
-        }
-        if pfn + nr > n {
-            return Err(Error::value(format!("order[{pfn}]={o}: the folio runs past the {n} pages of order")));
-        }
-        if let Some(k) = (pfn..pfn + nr).find(|&p| order[p] != o) {
-            return Err(Error::value(format!(
-                "order[{k}]={} inside the folio of order {o} at pfn {pfn}: every page of a folio carries its order",
-                order[k]
-            )));
-        }
-        pfn += nr;
-    }
-    Ok(())
 }
 
 impl FolioCounts for FolioArrays<'_> {

@@ -20,7 +20,7 @@ use crate::kernel::KernelProfile;
 use crate::memory::{MM_ID_DUMMY, PG_ANON};
 use crate::mm::Prot;
 use crate::pgtable::{self, check_run, check_table};
-use crate::rmap::{check_folio, check_orders, FolioArrays, FolioCounts, Rmap};
+use crate::rmap::{check_folio, FolioArrays, FolioCounts, Rmap};
 use crate::stats::Stats;
 use crate::with_layout;
 use crate::zap::{new_gather, zap_pte_range_arrays, ZapCtx, ZapEnv};
@@ -222,9 +222,6 @@ pub fn set_ptes<'py>(
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
     let order = order.filter(|o| !o.is_none()).map(|o| ro_array::<u8>(o, "order", "uint8")).transpose()?;
     let order = order.as_ref().map(|o| o.as_slice()).transpose().map_err(|e| PyValueError::new_err(e.to_string()))?;
-    if let Some(o) = order {
-        check_orders(o)?;
-    }
     let t = slice_mut(&mut arr, "ptes")?;
     check_run(t.len(), i, nr)?;
     let g = layout.geometry();
@@ -550,9 +547,7 @@ pub fn copy_pte_range<'py>(
     let mut st = Stats::default();
     let mut rss = [0i64; 3];
     py.detach(|| -> crate::Result<()> {
-        check_orders(mem.order)?;
         with_layout!(&layout, l => check_table(l, src, zero_pfn, &mem, "src"))?;
-        dst.fill(layout.geometry().none_value);
         let mut env = CopyEnv { src, dst, mem: &mut mem, stats: &mut st, rss: &mut rss };
         with_layout!(&layout, l => copy_pte_range_arrays(l, &p, &ctx, &mut env))
     })?;
@@ -591,7 +586,6 @@ pub fn zap_pte_range<'py>(
     let mut rss = [0i64; 3];
     let mut gather = new_gather()?;
     py.detach(|| -> crate::Result<()> {
-        check_orders(mem.order)?;
         with_layout!(&layout, l => check_table(l, t, zero_pfn, &mem, "ptes"))?;
         let mut env = ZapEnv { ptes: t, mem: &mut mem, stats: &mut st, rss: &mut rss, gather: &mut gather };
         with_layout!(&layout, l => zap_pte_range_arrays(l, &p, &ctx, &mut env));
