@@ -75,10 +75,13 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
     prealloc: &mut Option<u64>,
 ) -> std::result::Result<(), Again> {
     let cont = pgtable::cont_ptes(l, p);
+    let none = l.geometry().none_value;
     while i < e {
         let pte = pgtable::ptep_get(l, cont, env.src, ctx.start, i);
         env.stats.pte_reads += 1;
         if l.pte_none(pte) {
+            // The child's entry stays (or becomes: the array form's table is not new) none.
+            env.dst[i] = none;
             i += 1;
             continue;
         }
@@ -220,8 +223,9 @@ fn child_set_ptes<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &
 }
 
 /// `copy_page_range()` of one VMA over arrays a user owns: `src` (the parent's table,
-/// write-protected where the copy is COW) and `dst` (the child's, emptied first, as a new
-/// page table is) cut into page tables at PMD boundaries, one [`copy_pte_range`] each. The
+/// write-protected where the copy is COW) and `dst` (the child's: every entry written, none
+/// where the parent's is none, as in a new page table) cut into page tables at PMD
+/// boundaries, one [`copy_pte_range`] each. The
 /// caller has checked `src` ([`pgtable::check_table`]) and the lengths.
 pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>) -> Result<()> {
     if ctx.has_pinned {
@@ -232,8 +236,10 @@ pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProf
     let mut a = 0usize;
     while a < len {
         let e = len.min(a + ptrs - ((ctx.start as usize + a) & (ptrs - 1)));
-        // pte_alloc(): the child's page table starts empty (filled here, while it is in cache).
-        env.dst[a..e].fill(l.geometry().none_value);
+        if pgtable::cont_ptes(l, p).is_some() {
+            // A single-entry set_ptes() reads what it overwrites (contpte unfold): empty first.
+            env.dst[a..e].fill(l.geometry().none_value);
+        }
         // Without MMF_HAS_PINNED no page needs copying, so there is no -EAGAIN.
         copy_pte_range(l, p, ctx, env, a, e, &mut None)
             .map_err(|Again(i)| Error::value(format!("entry {i} needs copy_present_page(), which the array form has not")))?;

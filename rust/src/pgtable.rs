@@ -60,11 +60,19 @@ pub fn set_ptes<L: PteLayout>(
 ) {
     st.pte_writes += nr as u64;
     match cont {
-        None => {
-            for (k, e) in t[i..i + nr].iter_mut().enumerate() {
-                *e = l.pte_advance_pfn(pte, k as u64);
+        None => match l.linear_advance(pte, nr as u64) {
+            // The common case: each entry is the last plus a constant (vectorises).
+            Some(step) => {
+                for (k, e) in t[i..i + nr].iter_mut().enumerate() {
+                    *e = pte.wrapping_add(step.wrapping_mul(k as u64));
+                }
             }
-        }
+            None => {
+                for (k, e) in t[i..i + nr].iter_mut().enumerate() {
+                    *e = l.pte_advance_pfn(pte, k as u64);
+                }
+            }
+        },
         Some(n) => {
             let mut c = Cont { t, first_vpn, n };
             if nr == 1 {
@@ -167,42 +175,52 @@ pub fn check_run(len: usize, i: usize, nr: usize) -> Result<()> {
 /// same order and ends inside memory, so that the loops stay inside the arrays. `what` names
 /// the table in messages.
 pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64, mem: &M, what: &str) -> Result<()> {
-    let n = mem.nr_pages();
+    // The folio checked last: the rest of a run of one folio costs a range test.
+    let (mut lo, mut hi) = (0u64, 0u64);
     for (i, &v) in t.iter().enumerate() {
-        if l.pte_none(v) {
-            continue;
-        }
-        if !l.pte_present(v) {
-            return Err(Error::value(format!(
-                "{what}[{i}]={v:#x} is neither none nor present: swap and migration entries are not modelled"
-            )));
-        }
-        if l.pte_special(v) {
-            continue;
-        }
         let pfn = l.pte_pfn(v);
-        if pfn == zero_pfn {
+        if pfn.wrapping_sub(lo) < hi.wrapping_sub(lo) && l.pte_present(v) && !l.pte_special(v) {
             continue;
         }
-        if pfn >= n {
-            return Err(Error::value(format!(
-                "{what}[{i}]={v:#x} maps pfn {pfn:#x}, beyond the {n} pages of the count arrays"
-            )));
-        }
-        let o = mem.order_of(pfn);
-        if o == crate::memory::FREE {
-            return Err(Error::value(format!("{what}[{i}]={v:#x} maps pfn {pfn:#x}, a free page (order 255)")));
-        }
-        let head = pfn & !((1u64 << o.min(63)) - 1);
-        if o >= 32 || mem.order_of(head) != o || head + (1u64 << o) > n {
-            return Err(Error::value(format!(
-                "{what}[{i}]={v:#x} maps pfn {pfn:#x} of order {o}, but order[{head}]={} (every page of a \
-                 folio carries its order, and a folio ends inside memory)",
-                mem.order_of(head)
-            )));
+        if let Some((head, nr)) = check_entry(l, i, v, zero_pfn, mem, what)? {
+            (lo, hi) = (head, head + nr);
         }
     }
     Ok(())
+}
+
+/// One entry of [`check_table`]: the folio it maps, if any.
+#[inline(never)]
+fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64, zero_pfn: u64, mem: &M, what: &str) -> Result<Option<(u64, u64)>> {
+    if l.pte_none(v) || (l.pte_present(v) && l.pte_special(v)) {
+        return Ok(None);
+    }
+    if !l.pte_present(v) {
+        return Err(Error::value(format!(
+            "{what}[{i}]={v:#x} is neither none nor present: swap and migration entries are not modelled"
+        )));
+    }
+    let pfn = l.pte_pfn(v);
+    if pfn == zero_pfn {
+        return Ok(None);
+    }
+    let n = mem.nr_pages();
+    if pfn >= n {
+        return Err(Error::value(format!("{what}[{i}]={v:#x} maps pfn {pfn:#x}, beyond the {n} pages of the count arrays")));
+    }
+    let o = mem.order_of(pfn);
+    if o == crate::memory::FREE {
+        return Err(Error::value(format!("{what}[{i}]={v:#x} maps pfn {pfn:#x}, a free page (order 255)")));
+    }
+    let head = pfn & !((1u64 << o.min(63)) - 1);
+    if o >= 32 || mem.order_of(head) != o || head + (1u64 << o) > n {
+        return Err(Error::value(format!(
+            "{what}[{i}]={v:#x} maps pfn {pfn:#x} of order {o}, but order[{head}]={} (every page of a \
+             folio carries its order, and a folio ends inside memory)",
+            mem.order_of(head)
+        )));
+    }
+    Ok(Some((head, 1u64 << o)))
 }
 
 #[cfg(test)]

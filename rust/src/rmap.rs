@@ -28,6 +28,10 @@ pub trait FolioCounts {
     fn flags_of(&self, pfn: u64) -> u8;
     /// Mappings of page `pfn` (the kernel's `_mapcount + 1`).
     fn mapcount_mut(&mut self, pfn: u64) -> &mut i32;
+    /// The mappings of pages `[page, page + nr)`, for the per-page loops.
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32];
+    /// The flags of pages `[page, page + nr)`.
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8];
     /// `folio->_refcount`.
     fn refcount_mut(&mut self, head: u64) -> &mut i32;
     fn refcount_of(&self, head: u64) -> i32;
@@ -100,6 +104,14 @@ impl FolioCounts for Memory {
     #[inline]
     fn mapcount_mut(&mut self, pfn: u64) -> &mut i32 {
         &mut self.mapcount[pfn as usize]
+    }
+    #[inline]
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32] {
+        &mut self.mapcount[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8] {
+        &mut self.flags[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn refcount_mut(&mut self, head: u64) -> &mut i32 {
@@ -240,6 +252,14 @@ impl FolioCounts for FolioArrays<'_> {
     #[inline]
     fn mapcount_mut(&mut self, pfn: u64) -> &mut i32 {
         &mut self.mapcount[pfn as usize]
+    }
+    #[inline]
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32] {
+        &mut self.mapcount[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8] {
+        &mut self.flags[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn refcount_mut(&mut self, head: u64) -> &mut i32 {
@@ -417,8 +437,8 @@ impl<M: FolioCounts> Rmap<'_, M> {
     pub fn add_anon_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32, exclusive: bool) {
         self.add_ptes(head, page, nr, mm_id);
         if exclusive {
-            for p in page..page + nr {
-                self.mem.set(p, PG_ANON_EXCLUSIVE);
+            for f in self.mem.flags_range_mut(page, nr) {
+                *f |= PG_ANON_EXCLUSIVE;
             }
         }
     }
@@ -433,11 +453,8 @@ impl<M: FolioCounts> Rmap<'_, M> {
     fn add_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
         self.stats.rmap_calls += 1;
         let mut first = 0;
-        for p in page..page + nr {
-            let m = self.mem.mapcount_mut(p);
-            if *m == 0 {
-                first += 1;
-            }
+        for m in self.mem.mapcounts_mut(page, nr) {
+            first += (*m == 0) as i32;
             *m += 1;
         }
         self.stats.mapcount_updates += nr;
@@ -460,12 +477,14 @@ impl<M: FolioCounts> Rmap<'_, M> {
         self.stats.rmap_calls += 1;
         // folio_needs_cow_for_dma(): MMF_HAS_PINNED and folio_maybe_dma_pinned().
         let maybe_pinned = src_has_pinned && self.mem.folio_maybe_dma_pinned(head);
-        if maybe_pinned && (page..page + nr).any(|p| self.mem.test(p, PG_ANON_EXCLUSIVE)) {
+        if maybe_pinned && self.mem.flags_range_mut(page, nr).iter().any(|&f| f & PG_ANON_EXCLUSIVE != 0) {
             return false;
         }
-        for p in page..page + nr {
-            self.mem.clear(p, PG_ANON_EXCLUSIVE);
-            *self.mem.mapcount_mut(p) += 1;
+        for f in self.mem.flags_range_mut(page, nr) {
+            *f &= !PG_ANON_EXCLUSIVE;
+        }
+        for m in self.mem.mapcounts_mut(page, nr) {
+            *m += 1;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) > 0 {
@@ -478,8 +497,8 @@ impl<M: FolioCounts> Rmap<'_, M> {
     /// (`_nr_pages_mapped` does not move).
     pub fn dup_file_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32) {
         self.stats.rmap_calls += 1;
-        for p in page..page + nr {
-            *self.mem.mapcount_mut(p) += 1;
+        for m in self.mem.mapcounts_mut(page, nr) {
+            *m += 1;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) > 0 {
@@ -492,12 +511,9 @@ impl<M: FolioCounts> Rmap<'_, M> {
     pub fn remove_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
         self.stats.rmap_calls += 1;
         let mut last = 0;
-        for p in page..page + nr {
-            let m = self.mem.mapcount_mut(p);
+        for m in self.mem.mapcounts_mut(page, nr) {
             *m -= 1;
-            if *m == 0 {
-                last += 1;
-            }
+            last += (*m == 0) as i32;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) == 0 {
