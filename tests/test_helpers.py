@@ -13,6 +13,7 @@ and the boundary: bad arguments raise TypeError / ValueError naming them, and wr
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,7 +148,8 @@ def test_copy_pte_range_matches_simulation_fork(sc: Scene) -> None:
     pid = sc.parent.pid
     child_pid = len(before["mms"]) + 1
     counts = H.FolioCounts.from_state(before)
-    parents, children, total = [], [], {}
+    parents, children = [], []
+    total: dict[str, Any] = {}
     for row, src in vma_tables(before, pid):
         # vma_needs_copy(): only VMAs with anonymous pages (no uffd-wp, MADV_DONTFORK here).
         dst = np.full_like(src, lay(sc.arch).none_value)
@@ -213,7 +215,7 @@ def per_pte_fork(sc: Scene, src: np.ndarray, dst: np.ndarray, counts: H.FolioCou
     """copy_pte_range() of a per-PTE kernel written with the single helpers (mm/memory.c
     copy_present_ptes() with nr == 1, no uffd-wp, no pins)."""
     l = lay(sc.arch)
-    k = dict(layout=sc.arch, kernel=sc.kernel, first_vpn=int(row[1]))
+    k: dict[str, Any] = dict(layout=sc.arch, kernel=sc.kernel, first_vpn=int(row[1]))
     shared = bool(row[6])
     for i in range(len(src)):
         pte = H.ptep_get(src, i, **k)
@@ -268,7 +270,7 @@ def test_single_helpers_compose_into_the_per_pte_zap(sc: Scene, data) -> None:
     counts = H.FolioCounts.from_state(before)
     mm_id = int(mm_row(before, pid)[1])
     l = lay(sc.arch)
-    k = dict(layout=sc.arch, kernel=sc.kernel, first_vpn=int(row[1]))
+    k: dict[str, Any] = dict(layout=sc.arch, kernel=sc.kernel, first_vpn=int(row[1]))
     gather = []
     for i in range(len(ptes)):
         pte = int(ptes[i])
@@ -323,7 +325,7 @@ def test_loops_agree_with_reference(sc: Scene, data) -> None:
     for x, y in zip(a, b):
         same(x, y)
     full = data.draw(st.booleans())
-    zkw = dict(layout=sc.arch, kernel=sc.kernel, batched=sc.batching, mm_id=pid, first_vpn=int(row[1]),
+    zkw: dict[str, Any] = dict(layout=sc.arch, kernel=sc.kernel, batched=sc.batching, mm_id=pid, first_vpn=int(row[1]),
                full=full, zero_pfn=sc.sim.zero_pfn)
     p1, c1 = src.copy(), counts.copy()
     p2, c2 = src.copy(), counts.copy()
@@ -354,7 +356,9 @@ def test_rmap_helpers_agree_with_reference(sc: Scene, data) -> None:
         anon = bool(counts.flags[head] & H.PG_ANON)
         op = data.draw(st.sampled_from(("ref_add", "put", "add_anon", "dup_anon", "dup_file", "remove")))
         c1, c2 = counts.copy(), counts.copy()
-        k = dict(kernel=sc.kernel)
+        k: dict[str, Any] = dict(kernel=sc.kernel)
+        r1: Any
+        r2: Any
         if op == "ref_add":
             r1, r2 = H.folio_ref_add(c1, head, nr, **k), R.folio_ref_add(c2, head, nr, **k)
         elif op == "put":
@@ -417,10 +421,12 @@ def test_pte_helpers_agree_with_reference(t, data) -> None:
     n = len(ptes)
     i = data.draw(st.integers(0, n - 1))
     nr = data.draw(st.integers(1, n - i))
-    k = dict(layout=arch, kernel=kernel, first_vpn=first_vpn)
+    k: dict[str, Any] = dict(layout=arch, kernel=kernel, first_vpn=first_vpn)
     assert H.ptep_get(ptes, i, **k) == R.ptep_get(ptes, i, **k)
     op = data.draw(st.sampled_from(("set", "set1", "wrprotect", "clear", "get_and_clear")))
     a, b = ptes.copy(), ptes.copy()
+    r1: Any
+    r2: Any
     if op in ("set", "set1"):
         l = lay(arch)
         nr = 1 if op == "set1" else nr
@@ -477,7 +483,7 @@ def test_bad_arguments_raise_and_write_nothing() -> None:
     sim, p, m, state = small_state()
     src = p.ptes(m)
     counts = H.FolioCounts.from_state(state)
-    kw = dict(layout="x86-64", kernel="6.18", dst_mm_id=2, first_vpn=m.start >> 12, zero_pfn=sim.zero_pfn)
+    kw: dict[str, Any] = dict(layout="x86-64", kernel="6.18", dst_mm_id=2, first_vpn=m.start >> 12, zero_pfn=sim.zero_pfn)
 
     def unchanged():
         assert counts.equal(H.FolioCounts.from_state(state))
@@ -500,7 +506,7 @@ def test_bad_arguments_raise_and_write_nothing() -> None:
     with pytest.raises(TypeError, match="counts.mapcount must be a numpy int32 array"):
         H.copy_pte_range(src, np.zeros_like(src), bad, **kw)
     with pytest.raises(TypeError, match="counts must be a ptebatch.helpers.FolioCounts"):
-        H.copy_pte_range(src, np.zeros_like(src), object(), **kw)
+        H.copy_pte_range(src, np.zeros_like(src), object(), **kw)  # type: ignore[arg-type]
     short = counts.copy()
     short.flags = short.flags[:-1].copy()
     with pytest.raises(ValueError, match="flags has"):
@@ -532,7 +538,7 @@ def test_bad_arguments_raise_and_write_nothing() -> None:
     with pytest.raises(ValueError, match="does not fit the table"):
         H.wrprotect_ptes(src, len(src) - 1, 2, layout="x86-64", kernel="6.18")
     with pytest.raises(TypeError, match="index must be an integer"):
-        H.clear_full_ptes(src, 1.0, 1, layout="x86-64", kernel="6.18")
+        H.clear_full_ptes(src, 1.0, 1, layout="x86-64", kernel="6.18")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="largest pfn"):
         H.set_ptes(src, 0, lay("x86-64").mk_pte(lay("x86-64").max_pfn), 2, layout="x86-64", kernel="6.18")
     unchanged()

@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (rust/src/py)."""
 
-from typing import Any, Callable, ClassVar, Final, Iterable, Literal, Sequence, final, overload
+from typing import Any, Callable, ClassVar, Final, Iterable, Literal, Protocol, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -201,16 +201,26 @@ def fpb_form(kernel: str) -> str | None: ...
 # ValueError for a wrong shape, a read-only or non-contiguous array, an index out of range.
 # The dicts are the simulation's counters (Simulation.last_stats' keys); the whole-table
 # loops add "rss" ({"file", "anon", "shmem"}: the change in pages).
-class _FolioCountsLike:
-    order: npt.NDArray[np.uint8]
-    flags: npt.NDArray[np.uint8]
-    mapcount: npt.NDArray[np.int32]
-    refcount: npt.NDArray[np.int32]
-    large_mapcount: npt.NDArray[np.int32]
-    nr_pages_mapped: npt.NDArray[np.int32]
-    pincount: npt.NDArray[np.int32]
-    mm_id: npt.NDArray[np.uint32]
-    mm_id_mapcount: npt.NDArray[np.int32]
+class _FolioCountsLike(Protocol):
+    # ptebatch.helpers.FolioCounts; the dtypes are checked at run time.
+    @property
+    def order(self) -> npt.NDArray[Any]: ...
+    @property
+    def flags(self) -> npt.NDArray[Any]: ...
+    @property
+    def mapcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def refcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def large_mapcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def nr_pages_mapped(self) -> npt.NDArray[Any]: ...
+    @property
+    def pincount(self) -> npt.NDArray[Any]: ...
+    @property
+    def mm_id(self) -> npt.NDArray[Any]: ...
+    @property
+    def mm_id_mapcount(self) -> npt.NDArray[Any]: ...
 
 def ptep_get(ptes: _U64Table, index: int, *, layout: Layout | str, kernel: str, first_vpn: int | None = None) -> int: ...
 def set_ptes(

@@ -25,6 +25,11 @@ from .sim.stats import Stats
 from .sim.batching import fork_flags
 
 
+def _layout(name: str) -> Any:
+    """The reference layout (its accessors live on the per-architecture classes)."""
+    return ref_layout(name)
+
+
 def _profile(kernel: str, batched: bool = True) -> KernelProfile:
     p = KernelProfile.parse(kernel)
     return p if batched else p.unbatched()
@@ -133,7 +138,7 @@ def _stats_dict(st: Stats) -> dict[str, Any]:
 
 def ptep_get(ptes: np.ndarray, index: int, *, layout: str, kernel: str, first_vpn: int = 0) -> int:
     """ptep_get(): with the arm64 contpte gather of young and dirty."""
-    l, p = ref_layout(layout), _profile(kernel)
+    l, p = _layout(layout), _profile(kernel)
     return contpte._table_ptep_get(l, _cont(l, p) is not None, [int(x) for x in ptes], first_vpn, index)
 
 
@@ -158,7 +163,7 @@ def _unfold_partial(l, n: int | None, t: list[int], first_vpn: int, i: int, nr: 
 def set_ptes(ptes: np.ndarray, index: int, pte: int, nr: int, *, layout: str, kernel: str,
              first_vpn: int = 0, order: np.ndarray | None = None) -> dict[str, Any]:
     """set_ptes() — include/linux/pgtable.h; arm64: set_pte_at() folds, contpte_set_ptes()."""
-    l, p = ref_layout(layout), _profile(kernel)
+    l, p = _layout(layout), _profile(kernel)
     n = _cont(l, p)
     st = Stats()
     orders = None if order is None else [int(x) for x in order]
@@ -186,7 +191,7 @@ def set_ptes(ptes: np.ndarray, index: int, pte: int, nr: int, *, layout: str, ke
 def wrprotect_ptes(ptes: np.ndarray, index: int, nr: int, *, layout: str, kernel: str,
                    first_vpn: int = 0) -> dict[str, Any]:
     """wrprotect_ptes() — include/linux/pgtable.h; arm64 contpte_wrprotect_ptes()."""
-    l, p = ref_layout(layout), _profile(kernel)
+    l, p = _layout(layout), _profile(kernel)
     st = Stats()
 
     def go(t: list[int]) -> None:
@@ -203,7 +208,7 @@ def get_and_clear_full_ptes(ptes: np.ndarray, index: int, nr: int, *, layout: st
                             full: bool = False, first_vpn: int = 0) -> int:
     """get_and_clear_full_ptes() — include/linux/pgtable.h: the first entry with the run's
     dirty and young bits; arm64 unfolds partly covered blocks unless the whole mm goes."""
-    l, p = ref_layout(layout), _profile(kernel)
+    l, p = _layout(layout), _profile(kernel)
     st = Stats()
 
     def go(t: list[int]) -> int:
@@ -224,7 +229,7 @@ def get_and_clear_full_ptes(ptes: np.ndarray, index: int, nr: int, *, layout: st
 def clear_full_ptes(ptes: np.ndarray, index: int, nr: int, *, layout: str, kernel: str,
                     full: bool = False, first_vpn: int = 0) -> dict[str, Any]:
     """clear_full_ptes() — include/linux/pgtable.h; arm64 contpte_clear_full_ptes()."""
-    l, p = ref_layout(layout), _profile(kernel)
+    l, p = _layout(layout), _profile(kernel)
     st = Stats()
 
     def go(t: list[int]) -> None:
@@ -303,7 +308,7 @@ def copy_pte_range(src: np.ndarray, dst: np.ndarray, counts: Any, *, layout: str
                    zero_pfn: int | None = None) -> dict[str, Any]:
     """copy_page_range() of one VMA's table: the reference simulation's fork loop
     (reference/sim/fork.py) over the arrays."""
-    l, p = ref_layout(layout), _profile(kernel, batched)
+    l, p = _layout(layout), _profile(kernel, batched)
     mem = ArrayMemory(counts)
     st = _state(l, mem, zero_pfn, 1, first_vpn, [int(x) for x in src])  # the parent's MM-ID is not read
     child = [l.none_value] * len(src)
@@ -328,7 +333,7 @@ def zap_pte_range(ptes: np.ndarray, counts: Any, *, layout: str, kernel: str, mm
                   zero_pfn: int | None = None) -> dict[str, Any]:
     """unmap_page_range() of one table: the reference simulation's zap loop
     (reference/sim/zap.py) over the arrays, then the gather finished."""
-    l, p = ref_layout(layout), _profile(kernel, batched)
+    l, p = _layout(layout), _profile(kernel, batched)
     mem = ArrayMemory(counts)
     st = _state(l, mem, zero_pfn, mm_id, first_vpn, [int(x) for x in ptes])
     gather: zap.Gather = []
