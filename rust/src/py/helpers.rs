@@ -148,6 +148,14 @@ fn i32_count(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i32> {
     i32::try_from(v).ok().filter(|&v| v >= 1).ok_or_else(|| PyValueError::new_err(format!("{name}={v} must be between 1 and 2**31 - 1")))
 }
 
+/// The virtual pages of a table of `len` entries from `first_vpn` fit 64 bits.
+fn check_vpn(first_vpn: u64, len: usize) -> PyResult<()> {
+    if first_vpn.checked_add(len as u64).is_none() {
+        return Err(PyValueError::new_err(format!("first_vpn={first_vpn:#x}: the table's {len} pages would pass 2**64")));
+    }
+    Ok(())
+}
+
 fn cont_of(layout: &Layout, p: &KernelProfile) -> Option<usize> {
     with_layout!(layout, l => pgtable::cont_ptes(l, p))
 }
@@ -164,7 +172,7 @@ fn folio_run(order: &[u8], page: u64, nr: u64) -> crate::Result<(u64, u64, u64)>
     }
     let head = if o >= 32 { page } else { page & !((1u64 << o) - 1) };
     let o = check_folio(order, head, "the folio's first page")?;
-    if nr == 0 || page + nr > head + (1u64 << o) {
+    if nr == 0 || nr > head + (1u64 << o) - page {
         return Err(Error::value(format!(
             "nr={nr}: the run from page {page} must hold at least one page and stay inside its folio [{head}, {})",
             head + (1u64 << o)
@@ -195,6 +203,7 @@ pub fn ptep_get(ptes: &Bound<'_, PyAny>, index: &Bound<'_, PyAny>, layout: &Boun
     let i = index_arg(index, "index")?;
     check_run(t.len(), i, 1)?;
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
+    check_vpn(first_vpn, t.len())?;
     let cont = cont_of(&layout, &p);
     Ok(with_layout!(&layout, l => pgtable::ptep_get(l, cont, t, first_vpn, i)))
 }
@@ -224,6 +233,7 @@ pub fn set_ptes<'py>(
     let order = order.as_ref().map(|o| o.as_slice()).transpose().map_err(|e| PyValueError::new_err(e.to_string()))?;
     let t = slice_mut(&mut arr, "ptes")?;
     check_run(t.len(), i, nr)?;
+    check_vpn(first_vpn, t.len())?;
     let g = layout.geometry();
     if with_layout!(&layout, l => l.pte_present(pte) && !l.pte_none(pte)) {
         let pfn = with_layout!(&layout, l => l.pte_pfn(pte));
@@ -268,6 +278,7 @@ pub fn wrprotect_ptes<'py>(
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
     let t = slice_mut(&mut arr, "ptes")?;
     check_run(t.len(), i, nr)?;
+    check_vpn(first_vpn, t.len())?;
     let cont = cont_of(&layout, &p);
     let mut st = Stats::default();
     py.detach(|| with_layout!(&layout, l => pgtable::wrprotect_ptes(l, cont, t, first_vpn, i, nr, &mut st)));
@@ -295,6 +306,7 @@ pub fn clear_full_ptes<'py>(
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
     let t = slice_mut(&mut arr, "ptes")?;
     check_run(t.len(), i, nr)?;
+    check_vpn(first_vpn, t.len())?;
     let cont = cont_of(&layout, &p);
     let mut st = Stats::default();
     py.detach(|| with_layout!(&layout, l => pgtable::clear_full_ptes(l, cont, t, first_vpn, i, nr, full, &mut st)));
@@ -322,6 +334,7 @@ pub fn get_and_clear_full_ptes<'py>(
     let first_vpn = first_vpn.map(|v| u64_scalar(v, "first_vpn")).transpose()?.unwrap_or(0);
     let t = slice_mut(&mut arr, "ptes")?;
     check_run(t.len(), i, nr)?;
+    check_vpn(first_vpn, t.len())?;
     let cont = cont_of(&layout, &p);
     let mut st = Stats::default();
     Ok(py.detach(|| with_layout!(&layout, l => pgtable::get_and_clear_full_ptes(l, cont, t, first_vpn, i, nr, full, &mut st))))
@@ -531,6 +544,7 @@ pub fn copy_pte_range<'py>(
     if src.len() != dst.len() {
         return Err(PyValueError::new_err(format!("dst has {} entries but src has {}: the child's table mirrors the parent's", dst.len(), src.len())));
     }
+    check_vpn(first_vpn, src.len())?;
     let mut mem = c.arrays()?;
     let ctx = CopyCtx {
         start: first_vpn,
@@ -580,6 +594,7 @@ pub fn zap_pte_range<'py>(
     let mut arr = table_arg(ptes, "ptes")?;
     let mut c = Counts::extract(counts)?;
     let t = slice_mut(&mut arr, "ptes")?;
+    check_vpn(first_vpn, t.len())?;
     let mut mem = c.arrays()?;
     let ctx = ZapCtx { start: first_vpn, fullmm: full, mm_id, zero_pfn };
     let mut st = Stats::default();
