@@ -112,6 +112,7 @@ pub fn wrprotect_ptes<L: PteLayout>(l: &L, cont: Option<usize>, t: &mut [u64], f
 
 /// `clear_full_ptes()`: the run becomes `pte_none`. On arm64 the blocks it covers in part are
 /// unfolded first, except when the whole mm goes (`full`), where nothing is repainted.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn clear_full_ptes<L: PteLayout>(l: &L, cont: Option<usize>, t: &mut [u64], first_vpn: u64, i: usize, nr: usize, full: bool, st: &mut Stats) {
     if !full {
@@ -123,6 +124,7 @@ pub fn clear_full_ptes<L: PteLayout>(l: &L, cont: Option<usize>, t: &mut [u64], 
 
 /// `get_and_clear_full_ptes()`: as [`clear_full_ptes`], returning the run's first entry
 /// (after any unfold) with the dirty and young bits of every entry of the run OR-ed in.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn get_and_clear_full_ptes<L: PteLayout>(
     l: &L,

@@ -172,8 +172,8 @@ impl State {
         let mut rss = [0i64; 3];
         let mut env = ZapEnv { ptes: &mut mm.vmas[v].ptes[..], mem, stats: op, rss: &mut rss, gather };
         zap_pte_range(l, p, &ctx, &mut env, a, e);
-        for c in 0..3 {
-            mm.rss[c] += rss[c];
+        for (total, d) in mm.rss.iter_mut().zip(rss) {
+            *total += d;
         }
     }
 
