@@ -31,6 +31,7 @@ from ptebatch._core import (
     fpb_form,
     layout,
 )
+from ptebatch import helpers
 from ptebatch.simulation import Mapping, Pin, Process, Simulation, format_size, parse_size, state_diff
 from ptebatch._flags import (
     FPB_IGNORE_DIRTY,
@@ -105,6 +106,7 @@ __all__ = [
     "folio_pte_batch",
     "fork_flags",
     "fpb_form",
+    "helpers",
     "kernel_from_release",
     "layout",
 ]

@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (rust/src/py)."""
 
-from typing import Any, Callable, ClassVar, Final, Iterable, Literal, Sequence, final, overload
+from typing import Any, Callable, ClassVar, Final, Iterable, Literal, Protocol, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -13,7 +13,10 @@ _Flag = bool | np.bool_ | _BoolArray
 
 __all__ = ["Layout", "Batch", "layout", "folio_pte_batch", "batch_lengths", "fork_flag_bits",
            "fpb_form", "LAYOUT_NAMES", "KERNEL_VERSIONS", "__version__", "PtebatchError", "InvariantError",
-           "SnapshotError", "CaptureError", "OutOfMemoryError", "AccessFault", "Simulation", "StateView"]
+           "SnapshotError", "CaptureError", "OutOfMemoryError", "AccessFault", "Simulation", "StateView",
+           "ptep_get", "set_ptes", "wrprotect_ptes", "clear_full_ptes", "get_and_clear_full_ptes",
+           "folio_ref_add", "folio_put_refs", "folio_add_anon_rmap_ptes", "folio_try_dup_anon_rmap_ptes",
+           "folio_dup_file_rmap_ptes", "folio_remove_rmap_ptes", "copy_pte_range", "zap_pte_range"]
 
 LAYOUT_NAMES: Final[list[str]]
 KERNEL_VERSIONS: Final[list[str]]
@@ -190,6 +193,71 @@ def batch_lengths(
 ) -> npt.NDArray[np.uint32]: ...
 def fork_flag_bits(kernel: str, shared: bool = False, soft_dirty_tracking: bool = False) -> tuple[str, int]: ...
 def fpb_form(kernel: str) -> str | None: ...
+
+# The batched helpers over arrays the caller owns (ptebatch.helpers, docs/helpers.md). Page
+# tables are writeable C-contiguous 1-D uint64 arrays, updated in place (ptep_get also takes a
+# read-only one); `counts` is a ptebatch.helpers.FolioCounts (or any object with its array
+# attributes). Each checks every argument before writing: TypeError for a wrong type or dtype,
+# ValueError for a wrong shape, a read-only or non-contiguous array, an index out of range.
+# The dicts are the simulation's counters (Simulation.last_stats' keys); the whole-table
+# loops add "rss" ({"file", "anon", "shmem"}: the change in pages).
+class _FolioCountsLike(Protocol):
+    # ptebatch.helpers.FolioCounts; the dtypes are checked at run time.
+    @property
+    def order(self) -> npt.NDArray[Any]: ...
+    @property
+    def flags(self) -> npt.NDArray[Any]: ...
+    @property
+    def mapcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def refcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def large_mapcount(self) -> npt.NDArray[Any]: ...
+    @property
+    def nr_pages_mapped(self) -> npt.NDArray[Any]: ...
+    @property
+    def pincount(self) -> npt.NDArray[Any]: ...
+    @property
+    def mm_id(self) -> npt.NDArray[Any]: ...
+    @property
+    def mm_id_mapcount(self) -> npt.NDArray[Any]: ...
+
+def ptep_get(ptes: _U64Table, index: int, *, layout: Layout | str, kernel: str, first_vpn: int | None = None) -> int: ...
+def set_ptes(
+    ptes: _U64Array, index: int, pte: int, nr: int, *, layout: Layout | str, kernel: str,
+    first_vpn: int | None = None, order: npt.NDArray[np.uint8] | None = None,
+) -> dict[str, Any]: ...
+def wrprotect_ptes(
+    ptes: _U64Array, index: int, nr: int, *, layout: Layout | str, kernel: str, first_vpn: int | None = None,
+) -> dict[str, Any]: ...
+def clear_full_ptes(
+    ptes: _U64Array, index: int, nr: int, *, layout: Layout | str, kernel: str, full: bool = False,
+    first_vpn: int | None = None,
+) -> dict[str, Any]: ...
+def get_and_clear_full_ptes(
+    ptes: _U64Array, index: int, nr: int, *, layout: Layout | str, kernel: str, full: bool = False,
+    first_vpn: int | None = None,
+) -> int: ...
+def folio_ref_add(counts: _FolioCountsLike, head: int, nr: int, *, kernel: str) -> dict[str, Any]: ...
+def folio_put_refs(counts: _FolioCountsLike, head: int, nr: int, *, kernel: str) -> bool: ...
+def folio_add_anon_rmap_ptes(
+    counts: _FolioCountsLike, page: int, nr: int, *, kernel: str, mm_id: int, exclusive: bool = False,
+) -> dict[str, Any]: ...
+def folio_try_dup_anon_rmap_ptes(
+    counts: _FolioCountsLike, page: int, nr: int, *, kernel: str, dst_mm_id: int, src_has_pinned: bool = False,
+) -> bool: ...
+def folio_dup_file_rmap_ptes(counts: _FolioCountsLike, page: int, nr: int, *, kernel: str, dst_mm_id: int) -> dict[str, Any]: ...
+def folio_remove_rmap_ptes(counts: _FolioCountsLike, page: int, nr: int, *, kernel: str, mm_id: int) -> dict[str, Any]: ...
+def copy_pte_range(
+    src: _U64Array, dst: _U64Array, counts: _FolioCountsLike, *, layout: Layout | str, kernel: str,
+    dst_mm_id: int, batched: bool = True, first_vpn: int | None = None, shared: bool = False,
+    cow: bool | None = None, soft_dirty_tracking: bool = False, dst_uffd_wp: bool = False,
+    zero_pfn: int | None = None,
+) -> dict[str, Any]: ...
+def zap_pte_range(
+    ptes: _U64Array, counts: _FolioCountsLike, *, layout: Layout | str, kernel: str, mm_id: int,
+    batched: bool = True, first_vpn: int | None = None, full: bool = False, zero_pfn: int | None = None,
+) -> dict[str, Any]: ...
 
 @final
 class StateView:

@@ -128,50 +128,33 @@ impl Cont<'_> {
 }
 
 use crate::kernel::KernelProfile;
+use crate::pgtable;
 use crate::sim::State;
 
 impl State {
     /// `CONT_PTES` when the kernel folds user contpte blocks on this layout (arm64, v6.9+).
     pub fn cont_ptes<L: PteLayout>(l: &L, p: &KernelProfile) -> Option<usize> {
-        (p.contpte && l.caps().contpte).then(|| l.geometry().cont_ptes as usize)
+        pgtable::cont_ptes(l, p)
     }
 
     /// `ptep_get()`: on a contpte block, young and dirty of the whole block.
     pub fn ptep_get<L: PteLayout>(&self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize) -> u64 {
         let vma = &self.mms[k].vmas[v];
-        let table = crate::batch::Table { ptes: &vma.ptes, first_vpn: vma.start };
-        table.ptep_get(l, Self::cont_ptes(l, p).is_some(), i)
+        pgtable::ptep_get(l, pgtable::cont_ptes(l, p), &vma.ptes, vma.start, i)
     }
 
     /// `set_pte_at()` / `set_ptes(.., 1)` of entry `i` of VMA `v`.
     pub fn set_pte<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, pte: u64) {
-        self.op.pte_writes += 1;
-        let Some(n) = Self::cont_ptes(l, p) else {
-            self.mms[k].vmas[v].ptes[i] = pte;
-            return;
-        };
-        let mem = &self.mem;
-        let vma = &mut self.mms[k].vmas[v];
-        let mut c = Cont { t: &mut vma.ptes, first_vpn: vma.start, n };
-        c.set_pte(l, i, pte, |pfn| folio_of(mem, pfn), &mut self.op);
+        self.set_ptes(l, p, k, v, i, pte, 1);
     }
 
     /// `set_ptes()` of `nr` entries from `i` (pfn advancing by one).
     #[allow(clippy::too_many_arguments)]
     pub fn set_ptes<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, i: usize, pte: u64, nr: usize) {
-        if nr == 1 {
-            return self.set_pte(l, p, k, v, i, pte);
-        }
-        self.op.pte_writes += nr as u64;
-        let vma = &mut self.mms[k].vmas[v];
-        match Self::cont_ptes(l, p) {
-            Some(n) => Cont { t: &mut vma.ptes, first_vpn: vma.start, n }.set_ptes(l, i, pte, nr),
-            None => {
-                for j in 0..nr {
-                    vma.ptes[i + j] = l.pte_advance_pfn(pte, j as u64);
-                }
-            }
-        }
+        let State { mem, mms, op, .. } = self;
+        let vma = &mut mms[k].vmas[v];
+        let mem = &*mem;
+        pgtable::set_ptes(l, pgtable::cont_ptes(l, p), &mut vma.ptes[..], vma.start, i, pte, nr, |pfn| pgtable::folio_of(mem, pfn), op);
     }
 
     /// Unfolds the contpte block holding entry `i`, if any (`contpte_try_unfold()`).
@@ -200,7 +183,7 @@ impl State {
         if let Some(n) = Self::cont_ptes(l, p) {
             let mem = &self.mem;
             let vma = &mut self.mms[k].vmas[v];
-            Cont { t: &mut vma.ptes, first_vpn: vma.start, n }.try_fold(l, i, |pfn| folio_of(mem, pfn), &mut self.op);
+            Cont { t: &mut vma.ptes, first_vpn: vma.start, n }.try_fold(l, i, |pfn| pgtable::folio_of(mem, pfn), &mut self.op);
         }
     }
 
@@ -214,13 +197,4 @@ impl State {
             }
         }
     }
-}
-
-/// The folio holding `pfn`: its first pfn and size.
-pub fn folio_of(mem: &crate::memory::Memory, pfn: u64) -> Option<(u64, u64)> {
-    if pfn >= mem.nr_pages() || mem.is_free(pfn) {
-        return None;
-    }
-    let h = mem.folio_head(pfn);
-    Some((h, 1 << mem.folio_order(h)))
 }

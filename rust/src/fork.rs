@@ -1,34 +1,252 @@
 //! fork(): `dup_mmap()` → `copy_page_range()` → `copy_pte_range()` → `copy_present_ptes()`
 //! → `__copy_present_ptes()` (mm/memory.c, kernel/fork.c; v6.8 per PTE, v6.9+ batched;
 //! docs/simulation.md, "fork").
+//!
+//! [`copy_pte_range`] is the per-page-table loop, written once over a parent and a child
+//! table and any [`FolioCounts`]: the simulation runs it over its own storage, and
+//! [`copy_pte_range_arrays`] over arrays a user owns (docs/helpers.md).
 
 use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::PG_ANON;
-use crate::mm::{mm_counter, Mm, Vma, MM_ANONPAGES};
-use crate::contpte::{folio_of, Cont};
-use crate::rmap::Rmap;
+use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES};
+use crate::pgtable;
+use crate::rmap::{FolioCounts, Rmap};
 use crate::sim::State;
+use crate::stats::Stats;
 
 /// What one VMA's copy needs to know about source and destination.
-struct CopyCtx {
-    k: usize,
-    vi: usize,
-    start: u64,
-    is_cow: bool,
-    shared: bool,
-    dst_uffd_wp: bool,
-    dst_prot_write: bool,
-    dst_prot: crate::mm::Prot,
-    flags: FpbFlags,
-    has_pinned: bool,
-    dst_mm_id: u32,
+#[derive(Clone, Copy, Debug)]
+pub struct CopyCtx {
+    /// Virtual page number of entry 0 of both tables.
+    pub start: u64,
+    /// `is_cow_mapping()` of the source VMA: the parent's writable PTEs are write-protected.
+    pub is_cow: bool,
+    /// VM_SHARED: the child's PTEs are clean.
+    pub shared: bool,
+    /// The child VMA keeps uffd-wp (`userfaultfd_wp(dst_vma)`).
+    pub dst_uffd_wp: bool,
+    pub dst_prot: Prot,
+    /// The `fpb_t` flags `copy_present_ptes()` passes (ignored without batching).
+    pub flags: FpbFlags,
+    /// MMF_HAS_PINNED of the parent mm.
+    pub has_pinned: bool,
+    pub dst_mm_id: u32,
+    /// The shared zero page's pfn (`vm_normal_page()` gives no page for it).
+    pub zero_pfn: u64,
 }
 
-/// `copy_present_ptes()` asks for a preallocated page (-EAGAIN).
-struct Again;
+/// `copy_present_ptes()` returned -EAGAIN at this entry: it needs a preallocated page.
+pub struct Again(pub usize);
+
+/// `vm_normal_page()`: no page for special entries and the shared zero page.
+#[inline]
+fn vm_normal_page<L: PteLayout>(l: &L, pte: u64, zero_pfn: u64) -> Option<u64> {
+    if l.pte_special(pte) {
+        return None;
+    }
+    let pfn = l.pte_pfn(pte);
+    (pfn != zero_pfn).then_some(pfn)
+}
+
+/// The tables and counts one `copy_pte_range()` works on.
+pub struct CopyEnv<'a, M: FolioCounts> {
+    pub src: &'a mut [u64],
+    pub dst: &'a mut [u64],
+    pub mem: &'a mut M,
+    pub stats: &'a mut Stats,
+    /// The child's rss counters (file, anon, shmem).
+    pub rss: &'a mut [i64; 3],
+}
+
+/// `copy_pte_range()` over entries `[i, e)` of one page table. A page that needs
+/// `copy_present_page()` (the parent may have pinned it) takes `prealloc`; without one the
+/// copy stops with [`Again`] at that entry, for the caller to preallocate and call again
+/// from there. A preallocated page not used for the next present entry is dropped.
+pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    ctx: &CopyCtx,
+    env: &mut CopyEnv<'_, M>,
+    mut i: usize,
+    e: usize,
+    prealloc: &mut Option<u64>,
+) -> std::result::Result<(), Again> {
+    let cont = pgtable::cont_ptes(l, p);
+    let none = l.geometry().none_value;
+    while i < e {
+        let pte = pgtable::ptep_get(l, cont, env.src, ctx.start, i);
+        env.stats.pte_reads += 1;
+        if l.pte_none(pte) {
+            // The child's entry stays (or becomes: the array form's table is not new) none.
+            env.dst[i] = none;
+            i += 1;
+            continue;
+        }
+        let nr = copy_present_ptes(l, p, ctx, env, i, pte, e - i, prealloc).map_err(|()| Again(i))?;
+        if let Some(pf) = prealloc.take() {
+            // A preallocated page is never kept for another address.
+            Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }.put_refs(pf, 1);
+        }
+        i += nr;
+    }
+    Ok(())
+}
+
+/// `copy_present_ptes()`: a run of PTEs of one large folio at once where the kernel
+/// batches, else one PTE (with the pinned-page copy through `copy_present_page()`).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    ctx: &CopyCtx,
+    env: &mut CopyEnv<'_, M>,
+    i: usize,
+    pte: u64,
+    max_nr: usize,
+    prealloc: &mut Option<u64>,
+) -> std::result::Result<usize, ()> {
+    let Some(page) = vm_normal_page(l, pte, ctx.zero_pfn) else {
+        env.stats.batch(1);
+        copy_ptes_tail(l, p, ctx, env, i, pte, 1);
+        return Ok(1);
+    };
+    let head = env.mem.folio_head(page);
+    let order = env.mem.folio_order(head);
+    let anon = env.mem.test(head, PG_ANON);
+    let file_counter = mm_counter(&*env.mem, head);
+    if let (None, true, true, Some(form)) = (&prealloc, order > 0, max_nr != 1, p.fpb.filter(|_| p.fork_batched)) {
+        let table = Table { ptes: env.src, first_vpn: ctx.start };
+        let folio = Folio { pfn: head, nr_pages: 1 << order };
+        let b = folio_pte_batch_unchecked(l, form, table, i, max_nr, folio, ctx.flags);
+        env.stats.folio_pte_batch_calls += 1;
+        env.stats.pte_reads += b.nr as u64;
+        let nr = b.nr as u64;
+        let mut r = Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p };
+        r.ref_add(head, nr as i32);
+        if anon {
+            if !r.try_dup_anon_ptes(head, page, nr, ctx.dst_mm_id, ctx.has_pinned) {
+                r.put_refs(head, nr as i32);
+                return Err(());
+            }
+            env.rss[MM_ANONPAGES] += nr as i64;
+        } else {
+            r.dup_file_ptes(head, page, nr, ctx.dst_mm_id);
+            env.rss[file_counter] += nr as i64;
+        }
+        let mut tpl = b.pte;
+        if b.any_writable == Some(true) {
+            tpl = l.pte_mkwrite(tpl);
+        }
+        env.stats.batch(b.nr);
+        copy_ptes_tail(l, p, ctx, env, i, tpl, b.nr);
+        return Ok(b.nr);
+    }
+    let mut r = Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p };
+    r.ref_add(head, 1);
+    if anon {
+        if !r.try_dup_anon_ptes(head, page, 1, ctx.dst_mm_id, ctx.has_pinned) {
+            r.put_refs(head, 1);
+            return copy_present_page(l, p, ctx, env, i, pte, page, prealloc);
+        }
+        env.rss[MM_ANONPAGES] += 1;
+    } else {
+        r.dup_file_ptes(head, page, 1, ctx.dst_mm_id);
+        env.rss[file_counter] += 1;
+    }
+    env.stats.batch(1);
+    copy_ptes_tail(l, p, ctx, env, i, pte, 1);
+    Ok(1)
+}
+
+/// `copy_present_page()`: the child gets its own copy of a page the parent may have
+/// pinned; the parent's PTE and exclusivity stay as they are.
+#[allow(clippy::too_many_arguments)]
+fn copy_present_page<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    ctx: &CopyCtx,
+    env: &mut CopyEnv<'_, M>,
+    i: usize,
+    pte: u64,
+    page: u64,
+    prealloc: &mut Option<u64>,
+) -> std::result::Result<usize, ()> {
+    let Some(new) = prealloc.take() else { return Err(()) };
+    env.mem.copy_contents(new, page);
+    env.stats.pages_copied += 1;
+    Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }.add_new_anon(new, ctx.dst_mm_id);
+    env.rss[MM_ANONPAGES] += 1;
+    // mk_pte(new, vm_page_prot) without pte_sw_mkyoung(): young only where the arch's
+    // user template is (x86, arm64), then maybe_mkwrite(pte_mkdirty()).
+    let mut n = l.pte_mkdirty(l.pfn_pte_template(new, ctx.dst_prot.exec, ctx.dst_prot.none()));
+    if ctx.dst_prot.write {
+        n = l.pte_mkwrite(n);
+    }
+    if ctx.dst_uffd_wp && l.pte_uffd_wp(pte) {
+        n = l.set_uffd_wp_bit(n);
+    }
+    child_set_ptes(l, p, ctx, env, i, n, 1);
+    env.stats.batch(1);
+    Ok(1)
+}
+
+/// `__copy_present_ptes()`: write-protect the parent's run if the mapping is COW and the
+/// template is writable (`wrprotect_ptes()`), then `set_ptes()` the child's run from the
+/// template made old, clean if shared, and without uffd-wp unless the child VMA has it.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn copy_ptes_tail<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, i: usize, tpl: u64, nr: usize) {
+    let mut t = tpl;
+    if ctx.is_cow && l.pte_write(t) {
+        pgtable::wrprotect_ptes(l, pgtable::cont_ptes(l, p), env.src, ctx.start, i, nr, env.stats);
+        t = l.pte_wrprotect(t);
+    }
+    if ctx.shared {
+        t = l.pte_mkclean(t);
+    }
+    t = l.pte_mkold(t);
+    if !ctx.dst_uffd_wp {
+        t = l.clear_uffd_wp_bit(t);
+    }
+    child_set_ptes(l, p, ctx, env, i, t, nr);
+}
+
+/// `set_ptes()` into the child's table (not yet part of the child mm).
+#[inline]
+fn child_set_ptes<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, i: usize, pte: u64, nr: usize) {
+    let mem = &*env.mem;
+    pgtable::set_ptes(l, pgtable::cont_ptes(l, p), env.dst, ctx.start, i, pte, nr, |pfn| pgtable::folio_of(mem, pfn), env.stats);
+}
+
+/// `copy_page_range()` of one VMA over arrays a user owns: `src` (the parent's table,
+/// write-protected where the copy is COW) and `dst` (the child's: every entry written, none
+/// where the parent's is none, as in a new page table) cut into page tables at PMD
+/// boundaries, one [`copy_pte_range`] each. The
+/// caller has checked `src` ([`pgtable::check_table`]) and the lengths.
+pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>) -> Result<()> {
+    if ctx.has_pinned {
+        return Err(Error::value("the array form of copy_pte_range() models a parent without MMF_HAS_PINNED"));
+    }
+    let len = env.src.len();
+    let ptrs = l.geometry().ptrs_per_pte as usize;
+    let mut a = 0usize;
+    while a < len {
+        let e = len.min(a + ptrs - ((ctx.start as usize + a) & (ptrs - 1)));
+        if pgtable::cont_ptes(l, p).is_some() {
+            // A single-entry set_ptes() reads what it overwrites (contpte unfold): empty first.
+            env.dst[a..e].fill(l.geometry().none_value);
+        }
+        // Without MMF_HAS_PINNED no page needs copying, so there is no -EAGAIN.
+        copy_pte_range(l, p, ctx, env, a, e, &mut None)
+            .map_err(|Again(i)| Error::value(format!("entry {i} needs copy_present_page(), which the array form has not")))?;
+        a = e;
+    }
+    Ok(())
+}
 
 impl State {
     /// `dup_mmap()`: a child with a copy of every VMA not marked MADV_DONTFORK; page tables
@@ -68,13 +286,10 @@ impl State {
             let src_anon_vma = src.anon_vma;
             let wipe = src.wipeonfork;
             let ctx = CopyCtx {
-                k,
-                vi,
                 start: src.start,
                 is_cow: src.is_cow(),
                 shared: src.shared,
                 dst_uffd_wp: dst.uffd_wp,
-                dst_prot_write: dst.prot.write,
                 dst_prot: dst.prot,
                 flags: p
                     .fpb
@@ -88,11 +303,12 @@ impl State {
                     .unwrap_or_default(),
                 has_pinned: self.mms[k].has_pinned,
                 dst_mm_id: pid,
+                zero_pfn: self.zero_pfn,
             };
             dst.anon_vma = if src_anon_vma != 0 && !wipe { self.new_anon_vma() } else { 0 };
             // vma_needs_copy(): uffd-wp in the child, or anonymous pages in the parent.
             if !wipe && (dst.uffd_wp || src_anon_vma != 0) {
-                self.copy_page_range(l, p, &ctx, &mut dst.ptes, &mut rss)?;
+                self.copy_page_range(l, p, &ctx, k, vi, &mut dst.ptes, &mut rss)?;
             }
             self.mms[c].vmas.push(dst);
         }
@@ -103,51 +319,33 @@ impl State {
     }
 
     /// `copy_page_range()`: one `copy_pte_range()` per page table (PMD range).
-    fn copy_page_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], rss: &mut [i64; 3]) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn copy_page_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, k: usize, vi: usize, dst: &mut [u64], rss: &mut [i64; 3]) -> Result<()> {
         let len = dst.len();
         let ptrs = self.ptrs_per_pte as usize;
         let mut a = 0usize;
         while a < len {
             let to_pmd = ptrs - ((ctx.start as usize + a) & (ptrs - 1));
             let e = len.min(a + to_pmd);
-            self.copy_pte_range(l, p, ctx, dst, a, e, rss)?;
+            self.copy_pte_range(l, p, ctx, k, vi, dst, a, e, rss)?;
             self.ticker.tick((e - a) as u64)?;
             a = e;
         }
         Ok(())
     }
 
-    /// `copy_pte_range()` over entries `[a, e)` of one page table, with the -EAGAIN retry
+    /// [`copy_pte_range`] over entries `[a, e)` of VMA `vi`'s table, with the -EAGAIN retry
     /// that preallocates one order-0 page for a pinned exclusive page.
     #[allow(clippy::too_many_arguments)]
-    fn copy_pte_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], a: usize, e: usize, rss: &mut [i64; 3]) -> Result<()> {
+    fn copy_pte_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, k: usize, vi: usize, dst: &mut [u64], a: usize, e: usize, rss: &mut [i64; 3]) -> Result<()> {
         let mut prealloc: Option<u64> = None;
         let mut i = a;
         loop {
-            let mut again = false;
-            while i < e {
-                let pte = self.ptep_get(l, p, ctx.k, ctx.vi, i);
-                self.op.pte_reads += 1;
-                if l.pte_none(pte) {
-                    i += 1;
-                    continue;
-                }
-                match self.copy_present_ptes(l, p, ctx, dst, i, pte, e - i, &mut prealloc, rss) {
-                    Ok(nr) => {
-                        if let Some(pf) = prealloc.take() {
-                            // A preallocated page is never kept for another address.
-                            Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }.put_refs(pf, 1);
-                        }
-                        i += nr;
-                    }
-                    Err(Again) => {
-                        again = true;
-                        break;
-                    }
-                }
-            }
-            if !again {
-                break;
+            let State { mem, mms, op, .. } = self;
+            let mut env = CopyEnv { src: &mut mms[k].vmas[vi].ptes[..], dst: &mut *dst, mem, stats: op, rss: &mut *rss };
+            match copy_pte_range(l, p, ctx, &mut env, i, e, &mut prealloc) {
+                Ok(()) => break,
+                Err(Again(at)) => i = at,
             }
             self.op.fork_eagain_retries += 1;
             let pf = self.mem.alloc(0).ok_or_else(|| {
@@ -157,155 +355,8 @@ impl State {
             prealloc = Some(pf);
         }
         if let Some(pf) = prealloc {
-            Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }.put_refs(pf, 1);
+            self.rmap(p).put_refs(pf, 1);
         }
         Ok(())
-    }
-
-    /// `copy_present_ptes()`: a run of PTEs of one large folio at once where the kernel
-    /// batches, else one PTE (with the pinned-page copy through `copy_present_page()`).
-    #[allow(clippy::too_many_arguments)]
-    fn copy_present_ptes<L: PteLayout>(
-        &mut self,
-        l: &L,
-        p: &KernelProfile,
-        ctx: &CopyCtx,
-        dst: &mut [u64],
-        i: usize,
-        pte: u64,
-        max_nr: usize,
-        prealloc: &mut Option<u64>,
-        rss: &mut [i64; 3],
-    ) -> std::result::Result<usize, Again> {
-        let Some(page) = self.vm_normal_page(l, pte) else {
-            self.op.batch(1);
-            self.copy_ptes_tail(l, p, ctx, dst, i, pte, 1);
-            return Ok(1);
-        };
-        let head = self.mem.folio_head(page);
-        let order = self.mem.folio_order(head);
-        let anon = self.mem.test(head, PG_ANON);
-        let file_counter = mm_counter(&self.mem, head);
-        if let (None, true, true, Some(form)) = (&prealloc, order > 0, max_nr != 1, p.fpb.filter(|_| p.fork_batched)) {
-            let table = Table { ptes: &self.mms[ctx.k].vmas[ctx.vi].ptes, first_vpn: ctx.start };
-            let folio = Folio { pfn: head, nr_pages: 1 << order };
-            let b = folio_pte_batch_unchecked(l, form, table, i, max_nr, folio, ctx.flags);
-            self.op.folio_pte_batch_calls += 1;
-            self.op.pte_reads += b.nr as u64;
-            let nr = b.nr as u64;
-            let mut r = Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p };
-            r.ref_add(head, nr as i32);
-            if anon {
-                if !r.try_dup_anon_ptes(head, page, nr, ctx.dst_mm_id, ctx.has_pinned) {
-                    r.put_refs(head, nr as i32);
-                    return Err(Again);
-                }
-                rss[MM_ANONPAGES] += nr as i64;
-            } else {
-                r.dup_file_ptes(head, page, nr, ctx.dst_mm_id);
-                rss[file_counter] += nr as i64;
-            }
-            let mut tpl = b.pte;
-            if b.any_writable == Some(true) {
-                tpl = l.pte_mkwrite(tpl);
-            }
-            self.op.batch(b.nr);
-            self.copy_ptes_tail(l, p, ctx, dst, i, tpl, b.nr);
-            return Ok(b.nr);
-        }
-        let mut r = Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p };
-        r.ref_add(head, 1);
-        if anon {
-            if !r.try_dup_anon_ptes(head, page, 1, ctx.dst_mm_id, ctx.has_pinned) {
-                r.put_refs(head, 1);
-                return self.copy_present_page(l, p, ctx, dst, i, pte, page, prealloc, rss);
-            }
-            rss[MM_ANONPAGES] += 1;
-        } else {
-            r.dup_file_ptes(head, page, 1, ctx.dst_mm_id);
-            rss[file_counter] += 1;
-        }
-        self.op.batch(1);
-        self.copy_ptes_tail(l, p, ctx, dst, i, pte, 1);
-        Ok(1)
-    }
-
-    /// `copy_present_page()`: the child gets its own copy of a page the parent may have
-    /// pinned; the parent's PTE and exclusivity stay as they are.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_present_page<L: PteLayout>(
-        &mut self,
-        l: &L,
-        p: &KernelProfile,
-        ctx: &CopyCtx,
-        dst: &mut [u64],
-        i: usize,
-        pte: u64,
-        page: u64,
-        prealloc: &mut Option<u64>,
-        rss: &mut [i64; 3],
-    ) -> std::result::Result<usize, Again> {
-        let Some(new) = prealloc.take() else { return Err(Again) };
-        self.mem.token[new as usize] = self.mem.token[page as usize];
-        self.op.pages_copied += 1;
-        Rmap { mem: &mut self.mem, stats: &mut self.op, profile: p }.add_new_anon(new, ctx.dst_mm_id);
-        rss[MM_ANONPAGES] += 1;
-        // mk_pte(new, vm_page_prot) without pte_sw_mkyoung(): young only where the arch's
-        // user template is (x86, arm64), then maybe_mkwrite(pte_mkdirty()).
-        let mut n = l.pte_mkdirty(l.pfn_pte_template(new, ctx.dst_prot.exec, ctx.dst_prot.none()));
-        if ctx.dst_prot_write {
-            n = l.pte_mkwrite(n);
-        }
-        if ctx.dst_uffd_wp && l.pte_uffd_wp(pte) {
-            n = l.set_uffd_wp_bit(n);
-        }
-        self.child_set_ptes(l, p, ctx, dst, i, n, 1);
-        self.op.batch(1);
-        Ok(1)
-    }
-
-    /// `__copy_present_ptes()`: write-protect the parent's run if the mapping is COW and the
-    /// template is writable, then `set_ptes()` the child's run from the template made old,
-    /// clean if shared, and without uffd-wp unless the child VMA has it.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_ptes_tail<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], i: usize, tpl: u64, nr: usize) {
-        let mut t = tpl;
-        if ctx.is_cow && l.pte_write(t) {
-            // wrprotect_ptes(): blocks covered in part are unfolded, whole ones keep PTE_CONT.
-            self.unfold_partial(l, p, ctx.k, ctx.vi, i, nr);
-            let src = &mut self.mms[ctx.k].vmas[ctx.vi].ptes;
-            for e in &mut src[i..i + nr] {
-                *e = l.pte_wrprotect(*e);
-            }
-            self.op.pte_writes += nr as u64;
-            t = l.pte_wrprotect(t);
-        }
-        if ctx.shared {
-            t = l.pte_mkclean(t);
-        }
-        t = l.pte_mkold(t);
-        if !ctx.dst_uffd_wp {
-            t = l.clear_uffd_wp_bit(t);
-        }
-        self.child_set_ptes(l, p, ctx, dst, i, t, nr);
-    }
-
-    /// `set_ptes()` into the child's table (not yet part of the child mm).
-    #[allow(clippy::too_many_arguments)]
-    fn child_set_ptes<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, ctx: &CopyCtx, dst: &mut [u64], i: usize, pte: u64, nr: usize) {
-        self.op.pte_writes += nr as u64;
-        let Some(n) = State::cont_ptes(l, p) else {
-            for (j, e) in dst[i..i + nr].iter_mut().enumerate() {
-                *e = l.pte_advance_pfn(pte, j as u64);
-            }
-            return;
-        };
-        let mut c = Cont { t: dst, first_vpn: ctx.start, n };
-        if nr == 1 {
-            let mem = &self.mem;
-            c.set_pte(l, i, pte, |pfn| folio_of(mem, pfn), &mut self.op);
-        } else {
-            c.set_ptes(l, i, pte, nr);
-        }
     }
 }

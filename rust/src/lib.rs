@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod memory;
 pub mod mm;
 pub mod mprotect;
+pub mod pgtable;
 pub mod policy;
 pub mod procfs;
 pub mod ptes;

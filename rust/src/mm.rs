@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::arch::{Caps, PteLayout};
-use crate::memory::{Memory, PG_ANON, PG_SWAPBACKED};
+use crate::memory::{PG_ANON, PG_SWAPBACKED};
 use crate::ptes::PteTable;
 
 /// `MM_FILEPAGES`, `MM_ANONPAGES`, `MM_SHMEMPAGES` (include/linux/mm_types_task.h).
@@ -13,7 +13,7 @@ pub const MM_SHMEMPAGES: usize = 2;
 pub const RSS_NAMES: [&str; 3] = ["file", "anon", "shmem"];
 
 /// `mm_counter(folio)`: the rss counter a folio's pages are counted in.
-pub fn mm_counter(mem: &Memory, head: u64) -> usize {
+pub fn mm_counter<M: crate::rmap::FolioCounts>(mem: &M, head: u64) -> usize {
     if mem.test(head, PG_ANON) {
         MM_ANONPAGES
     } else if mem.test(head, PG_SWAPBACKED) {

@@ -4,36 +4,336 @@
 //! Follows include/linux/rmap.h and mm/rmap.c (v6.8 – v6.18; MM-ID from v6.15, folio_add_large_mapcount();
 //! docs/simulation.md). Before v6.10 the kernel had no `_large_mapcount` and summed page mapcounts; the model
 //! keeps the sum in `large_mapcount` in every version, which reads the same.
+//!
+//! The helpers are written once, over [`FolioCounts`]: the simulation's [`Memory`] and the
+//! arrays a user owns ([`FolioArrays`], docs/helpers.md) run the same code.
 
+use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{
-    Memory, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
+    Memory, FREE, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
     PG_PARTIALLY_MAPPED, PG_SWAPBACKED,
 };
 use crate::stats::Stats;
 
+/// The per-page and per-folio counts the rmap helpers read and write: `struct page` /
+/// `struct folio` fields, found by pfn (per page) or by the folio's first pfn (per folio).
+/// Large-folio fields are only asked for folios of order > 0.
+pub trait FolioCounts {
+    /// Pages of memory (the length of the per-page arrays).
+    fn nr_pages(&self) -> u64;
+    /// The folio order stored on page `pfn` ([`FREE`] for a free page).
+    fn order_of(&self, pfn: u64) -> u8;
+    fn flags_mut(&mut self, pfn: u64) -> &mut u8;
+    fn flags_of(&self, pfn: u64) -> u8;
+    /// Mappings of page `pfn` (the kernel's `_mapcount + 1`).
+    fn mapcount_mut(&mut self, pfn: u64) -> &mut i32;
+    /// The mappings of pages `[page, page + nr)`, for the per-page loops.
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32];
+    /// The flags of pages `[page, page + nr)`.
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8];
+    /// `folio->_refcount`.
+    fn refcount_mut(&mut self, head: u64) -> &mut i32;
+    fn refcount_of(&self, head: u64) -> i32;
+    /// `folio->_large_mapcount` (−1 = none).
+    fn large_mapcount_mut(&mut self, head: u64) -> &mut i32;
+    /// `folio->_nr_pages_mapped`.
+    fn nr_pages_mapped_mut(&mut self, head: u64) -> &mut i32;
+    /// `folio->_pincount`.
+    fn pincount_mut(&mut self, head: u64) -> &mut i32;
+    fn pincount_of(&self, head: u64) -> i32;
+    /// `folio->_mm_id[2]` and `folio->_mm_id_mapcount[2]` (−1 = none), v6.15+.
+    fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
+    /// The folio's last reference went: it returns to the allocator.
+    fn free_folio(&mut self, head: u64);
+    /// The copy of a page's contents `copy_present_page()` makes (the simulation's token).
+    fn copy_contents(&mut self, _dst: u64, _src: u64) {}
+
+    #[inline]
+    fn folio_order(&self, head: u64) -> u32 {
+        self.order_of(head) as u32
+    }
+    /// The first pfn of the folio holding allocated page `pfn` (a free page is its own).
+    #[inline]
+    fn folio_head(&self, pfn: u64) -> u64 {
+        match self.order_of(pfn) {
+            FREE => pfn,
+            o => pfn & !((1u64 << o) - 1),
+        }
+    }
+    #[inline]
+    fn test(&self, pfn: u64, flag: u8) -> bool {
+        self.flags_of(pfn) & flag != 0
+    }
+    #[inline]
+    fn set(&mut self, pfn: u64, flag: u8) {
+        *self.flags_mut(pfn) |= flag;
+    }
+    #[inline]
+    fn clear(&mut self, pfn: u64, flag: u8) {
+        *self.flags_mut(pfn) &= !flag;
+    }
+    /// `folio_maybe_dma_pinned()`: pincount for large folios, the refcount bias heuristic
+    /// for small ones.
+    fn folio_maybe_dma_pinned(&self, head: u64) -> bool {
+        if self.folio_order(head) > 0 {
+            self.pincount_of(head) > 0
+        } else {
+            self.refcount_of(head) >= GUP_PIN_COUNTING_BIAS
+        }
+    }
+}
+
+impl FolioCounts for Memory {
+    #[inline]
+    fn nr_pages(&self) -> u64 {
+        self.order.len() as u64
+    }
+    #[inline]
+    fn order_of(&self, pfn: u64) -> u8 {
+        self.order[pfn as usize]
+    }
+    #[inline]
+    fn flags_mut(&mut self, pfn: u64) -> &mut u8 {
+        &mut self.flags[pfn as usize]
+    }
+    #[inline]
+    fn flags_of(&self, pfn: u64) -> u8 {
+        self.flags[pfn as usize]
+    }
+    #[inline]
+    fn mapcount_mut(&mut self, pfn: u64) -> &mut i32 {
+        &mut self.mapcount[pfn as usize]
+    }
+    #[inline]
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32] {
+        &mut self.mapcount[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8] {
+        &mut self.flags[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn refcount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcount_of(&self, head: u64) -> i32 {
+        self.refcount[head as usize]
+    }
+    #[inline]
+    fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.lf(head).large_mapcount
+    }
+    #[inline]
+    fn nr_pages_mapped_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.lf(head).nr_pages_mapped
+    }
+    #[inline]
+    fn pincount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.lf(head).pincount
+    }
+    fn pincount_of(&self, head: u64) -> i32 {
+        self.large_folio(head).map_or(0, |lf| lf.pincount)
+    }
+    #[inline]
+    fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]) {
+        let lf = self.lf(head);
+        (&mut lf.mm_id, &mut lf.mm_id_mapcount)
+    }
+    fn free_folio(&mut self, head: u64) {
+        self.free(head);
+    }
+    fn copy_contents(&mut self, dst: u64, src: u64) {
+        self.token[dst as usize] = self.token[src as usize];
+    }
+}
+
+/// The counts as arrays a user owns (docs/helpers.md, "Array layouts"). Every array has one
+/// entry per pfn; per-folio fields are read and written at the folio's first pfn (the
+/// entries of tail pages are left alone), the MM-ID arrays hold two entries per pfn.
+pub struct FolioArrays<'a> {
+    /// Folio order on every page of an allocated folio, [`FREE`] (255) on a free page.
+    pub order: &'a mut [u8],
+    /// `PG_*` bits as [`crate::memory`] numbers them.
+    pub flags: &'a mut [u8],
+    pub mapcount: &'a mut [i32],
+    pub refcount: &'a mut [i32],
+    pub large_mapcount: &'a mut [i32],
+    pub nr_pages_mapped: &'a mut [i32],
+    pub pincount: &'a mut [i32],
+    /// `2 * nr_pages` entries: slot `s` of the folio at `head` is `[2 * head + s]`.
+    pub mm_id: &'a mut [u32],
+    pub mm_id_mapcount: &'a mut [i32],
+}
+
+impl<'a> FolioArrays<'a> {
+    /// Checks that the arrays have matching lengths; [`check_folio`] and
+    /// [`crate::pgtable::check_table`] check the folio map where a helper will read it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        order: &'a mut [u8],
+        flags: &'a mut [u8],
+        mapcount: &'a mut [i32],
+        refcount: &'a mut [i32],
+        large_mapcount: &'a mut [i32],
+        nr_pages_mapped: &'a mut [i32],
+        pincount: &'a mut [i32],
+        mm_id: &'a mut [u32],
+        mm_id_mapcount: &'a mut [i32],
+    ) -> Result<FolioArrays<'a>> {
+        let n = order.len();
+        let lens = [
+            ("flags", flags.len()),
+            ("mapcount", mapcount.len()),
+            ("refcount", refcount.len()),
+            ("large_mapcount", large_mapcount.len()),
+            ("nr_pages_mapped", nr_pages_mapped.len()),
+            ("pincount", pincount.len()),
+        ];
+        for (name, len) in lens {
+            if len != n {
+                return Err(Error::value(format!("{name} has {len} entries but order has {n}: one per pfn")));
+            }
+        }
+        for (name, len) in [("mm_id", mm_id.len()), ("mm_id_mapcount", mm_id_mapcount.len())] {
+            if len != 2 * n {
+                return Err(Error::value(format!("{name} has {len} entries; it needs two per pfn ({})", 2 * n)));
+            }
+        }
+        Ok(FolioArrays { order, flags, mapcount, refcount, large_mapcount, nr_pages_mapped, pincount, mm_id, mm_id_mapcount })
+    }
+
+}
+
+/// The folio at `head` in a folio map: allocated, naturally aligned, inside the map, each of
+/// its pages carrying its order. Returns the order.
+pub fn check_folio(order: &[u8], head: u64, what: &str) -> Result<u32> {
+    let n = order.len() as u64;
+    let o = match order.get(head as usize) {
+        None => return Err(Error::value(format!("{what}={head} is beyond the {n} pages of the count arrays"))),
+        Some(&FREE) => return Err(Error::value(format!("{what}={head} is a free page (order 255), not a folio"))),
+        Some(&o) if o >= 32 => return Err(Error::value(format!("order[{head}]={o}: an order is below 32, or 255 for a free page"))),
+        Some(&o) => o as u32,
+    };
+    let nr = 1u64 << o;
+    if head % nr != 0 {
+        return Err(Error::value(format!("{what}={head} is not the first page of its folio of order {o}")));
+    }
+    if head + nr > n {
+        return Err(Error::value(format!("the folio of order {o} at pfn {head} runs past the {n} pages of order")));
+    }
+    if let Some(k) = (head..head + nr).find(|&p| order[p as usize] as u32 != o) {
+        return Err(Error::value(format!(
+            "order[{k}]={} inside the folio of order {o} at pfn {head}: every page of a folio carries its order",
+            order[k as usize]
+        )));
+    }
+    Ok(o)
+}
+
+impl FolioCounts for FolioArrays<'_> {
+    #[inline]
+    fn nr_pages(&self) -> u64 {
+        self.order.len() as u64
+    }
+    #[inline]
+    fn order_of(&self, pfn: u64) -> u8 {
+        self.order[pfn as usize]
+    }
+    #[inline]
+    fn flags_mut(&mut self, pfn: u64) -> &mut u8 {
+        &mut self.flags[pfn as usize]
+    }
+    #[inline]
+    fn flags_of(&self, pfn: u64) -> u8 {
+        self.flags[pfn as usize]
+    }
+    #[inline]
+    fn mapcount_mut(&mut self, pfn: u64) -> &mut i32 {
+        &mut self.mapcount[pfn as usize]
+    }
+    #[inline]
+    fn mapcounts_mut(&mut self, page: u64, nr: u64) -> &mut [i32] {
+        &mut self.mapcount[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8] {
+        &mut self.flags[page as usize..(page + nr) as usize]
+    }
+    #[inline]
+    fn refcount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcount_of(&self, head: u64) -> i32 {
+        self.refcount[head as usize]
+    }
+    #[inline]
+    fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.large_mapcount[head as usize]
+    }
+    #[inline]
+    fn nr_pages_mapped_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.nr_pages_mapped[head as usize]
+    }
+    #[inline]
+    fn pincount_mut(&mut self, head: u64) -> &mut i32 {
+        &mut self.pincount[head as usize]
+    }
+    #[inline]
+    fn pincount_of(&self, head: u64) -> i32 {
+        self.pincount[head as usize]
+    }
+    #[inline]
+    fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]) {
+        let h = 2 * head as usize;
+        let ids: &mut [u32; 2] = (&mut self.mm_id[h..h + 2]).try_into().expect("two slots");
+        let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
+        (ids, counts)
+    }
+    /// The pages become free (order 255, counts and flags zero) and the folio's record
+    /// fields return to their empty values, as a new folio would have them.
+    fn free_folio(&mut self, head: u64) {
+        let h = head as usize;
+        let o = self.order[h];
+        let nr = if o == FREE { 1 } else { 1usize << o };
+        self.order[h..h + nr].fill(FREE);
+        self.flags[h..h + nr].fill(0);
+        self.mapcount[h..h + nr].fill(0);
+        self.refcount[h..h + nr].fill(0);
+        if o != FREE && o > 0 {
+            self.large_mapcount[h] = -1;
+            self.nr_pages_mapped[h] = 0;
+            self.pincount[h] = 0;
+            self.mm_id[2 * h..2 * h + 2].fill(MM_ID_DUMMY);
+            self.mm_id_mapcount[2 * h..2 * h + 2].fill(-1);
+        }
+    }
+}
+
 /// The rmap context: memory, counters and the kernel's rules.
-pub struct Rmap<'a> {
-    pub mem: &'a mut Memory,
+pub struct Rmap<'a, M: FolioCounts = Memory> {
+    pub mem: &'a mut M,
     pub stats: &'a mut Stats,
     pub profile: &'a KernelProfile,
 }
 
-impl Rmap<'_> {
+impl<M: FolioCounts> Rmap<'_, M> {
     /// `folio_ref_add()`.
     #[inline]
     pub fn ref_add(&mut self, head: u64, nr: i32) {
-        self.mem.refcount[head as usize] += nr;
+        *self.mem.refcount_mut(head) += nr;
         self.stats.refcount_atomics += 1;
     }
 
     /// `folio_ref_sub()` / `folio_put_refs()`: frees the folio when the count reaches zero.
     pub fn put_refs(&mut self, head: u64, nr: i32) {
         self.stats.refcount_atomics += 1;
-        let r = &mut self.mem.refcount[head as usize];
+        let r = self.mem.refcount_mut(head);
         *r -= nr;
         if *r == 0 {
-            self.mem.free(head);
+            self.mem.free_folio(head);
             self.stats.folios_freed += 1;
         }
     }
@@ -42,25 +342,28 @@ impl Rmap<'_> {
     fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
-        let lf = self.mem.lf(head);
-        let new = lf.large_mapcount + diff;
-        lf.large_mapcount = new;
+        let new = {
+            let c = self.mem.large_mapcount_mut(head);
+            *c += diff;
+            *c
+        };
         if !track {
             return;
         }
+        let (ids, counts) = self.mem.mm_id_slots(head);
         let mut set_shared = false;
-        if lf.mm_id[0] == mm_id {
-            lf.mm_id_mapcount[0] += diff;
-        } else if lf.mm_id[1] == mm_id {
-            lf.mm_id_mapcount[1] += diff;
-        } else if lf.mm_id[0] == MM_ID_DUMMY {
-            lf.mm_id[0] = mm_id;
-            lf.mm_id_mapcount[0] = diff - 1;
+        if ids[0] == mm_id {
+            counts[0] += diff;
+        } else if ids[1] == mm_id {
+            counts[1] += diff;
+        } else if ids[0] == MM_ID_DUMMY {
+            ids[0] = mm_id;
+            counts[0] = diff - 1;
             // Other mms may already map it.
             set_shared = new != diff - 1;
-        } else if lf.mm_id[1] == MM_ID_DUMMY {
-            lf.mm_id[1] = mm_id;
-            lf.mm_id_mapcount[1] = diff - 1;
+        } else if ids[1] == MM_ID_DUMMY {
+            ids[1] = mm_id;
+            counts[1] = diff - 1;
             // Slot 0 has mappings too.
             set_shared = true;
         }
@@ -74,25 +377,28 @@ impl Rmap<'_> {
     fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
-        let lf = self.mem.lf(head);
-        let new = lf.large_mapcount - diff;
-        lf.large_mapcount = new;
+        let new = {
+            let c = self.mem.large_mapcount_mut(head);
+            *c -= diff;
+            *c
+        };
         if !track {
             return;
         }
+        let (ids, counts) = self.mem.mm_id_slots(head);
         for s in 0..2 {
-            if lf.mm_id[s] == mm_id {
-                lf.mm_id_mapcount[s] -= diff;
-                if lf.mm_id_mapcount[s] >= 0 {
+            if ids[s] == mm_id {
+                counts[s] -= diff;
+                if counts[s] >= 0 {
                     return;
                 }
                 // Some of this mm's mappings were added while it had no slot.
-                lf.mm_id_mapcount[s] = -1;
-                lf.mm_id[s] = MM_ID_DUMMY;
+                counts[s] = -1;
+                ids[s] = MM_ID_DUMMY;
                 break;
             }
         }
-        if lf.mm_id_mapcount[0] == new || lf.mm_id_mapcount[1] == new {
+        if counts[0] == new || counts[1] == new {
             self.mem.clear(head, PG_MAYBE_SHARED);
         }
     }
@@ -106,38 +412,54 @@ impl Rmap<'_> {
         let nr = 1u64 << order;
         self.mem.set(head, PG_ANON | PG_SWAPBACKED);
         for p in head..head + nr {
-            self.mem.mapcount[p as usize] = 1;
+            *self.mem.mapcount_mut(p) = 1;
             self.mem.set(p, PG_ANON_EXCLUSIVE);
         }
         self.stats.mapcount_updates += nr;
         if order > 0 {
             let track = self.profile.mm_id;
-            let lf = self.mem.lf(head);
             // folio_set_large_mapcount(): slot 0 takes the whole count.
-            lf.large_mapcount = nr as i32 - 1;
-            lf.nr_pages_mapped = nr as i32;
+            *self.mem.large_mapcount_mut(head) = nr as i32 - 1;
+            *self.mem.nr_pages_mapped_mut(head) = nr as i32;
             if track {
-                lf.mm_id[0] = mm_id;
-                lf.mm_id_mapcount[0] = nr as i32 - 1;
+                let (ids, counts) = self.mem.mm_id_slots(head);
+                ids[0] = mm_id;
+                counts[0] = nr as i32 - 1;
             }
             self.stats.mapcount_updates += 1;
         }
     }
 
+    /// `folio_add_anon_rmap_ptes()` → `__folio_add_anon_rmap()` (mm/rmap.c) for pages of an
+    /// anonymous folio already in the rmap (a swap-in or a page moved back): the pages become
+    /// exclusive when `exclusive` (RMAP_EXCLUSIVE), and `_nr_pages_mapped` counts the first
+    /// mappings, as for a file folio.
+    pub fn add_anon_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32, exclusive: bool) {
+        self.add_ptes(head, page, nr, mm_id);
+        if exclusive {
+            for f in self.mem.flags_range_mut(page, nr) {
+                *f |= PG_ANON_EXCLUSIVE;
+            }
+        }
+    }
+
     /// `folio_add_file_rmap_ptes()` → `__folio_add_rmap()` at PTE level.
     pub fn add_file_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
+        self.add_ptes(head, page, nr, mm_id);
+    }
+
+    /// `__folio_add_rmap(.., RMAP_LEVEL_PTE)`: per-page mapcounts, `_nr_pages_mapped` for
+    /// pages mapped for the first time, the large mapcount.
+    fn add_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
         self.stats.rmap_calls += 1;
         let mut first = 0;
-        for p in page..page + nr {
-            let m = &mut self.mem.mapcount[p as usize];
-            if *m == 0 {
-                first += 1;
-            }
+        for m in self.mem.mapcounts_mut(page, nr) {
+            first += (*m == 0) as i32;
             *m += 1;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) > 0 {
-            self.mem.lf(head).nr_pages_mapped += first;
+            *self.mem.nr_pages_mapped_mut(head) += first;
             self.add_large_mapcount(head, nr as i32, mm_id);
         }
     }
@@ -155,12 +477,14 @@ impl Rmap<'_> {
         self.stats.rmap_calls += 1;
         // folio_needs_cow_for_dma(): MMF_HAS_PINNED and folio_maybe_dma_pinned().
         let maybe_pinned = src_has_pinned && self.mem.folio_maybe_dma_pinned(head);
-        if maybe_pinned && (page..page + nr).any(|p| self.mem.test(p, PG_ANON_EXCLUSIVE)) {
+        if maybe_pinned && self.mem.flags_range_mut(page, nr).iter().any(|&f| f & PG_ANON_EXCLUSIVE != 0) {
             return false;
         }
-        for p in page..page + nr {
-            self.mem.clear(p, PG_ANON_EXCLUSIVE);
-            self.mem.mapcount[p as usize] += 1;
+        for f in self.mem.flags_range_mut(page, nr) {
+            *f &= !PG_ANON_EXCLUSIVE;
+        }
+        for m in self.mem.mapcounts_mut(page, nr) {
+            *m += 1;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) > 0 {
@@ -173,8 +497,8 @@ impl Rmap<'_> {
     /// (`_nr_pages_mapped` does not move).
     pub fn dup_file_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32) {
         self.stats.rmap_calls += 1;
-        for p in page..page + nr {
-            self.mem.mapcount[p as usize] += 1;
+        for m in self.mem.mapcounts_mut(page, nr) {
+            *m += 1;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) > 0 {
@@ -187,23 +511,20 @@ impl Rmap<'_> {
     pub fn remove_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
         self.stats.rmap_calls += 1;
         let mut last = 0;
-        for p in page..page + nr {
-            let m = &mut self.mem.mapcount[p as usize];
+        for m in self.mem.mapcounts_mut(page, nr) {
             *m -= 1;
-            if *m == 0 {
-                last += 1;
-            }
+            last += (*m == 0) as i32;
         }
         self.stats.mapcount_updates += nr;
         if self.mem.folio_order(head) == 0 {
             return;
         }
         self.sub_large_mapcount(head, nr as i32, mm_id);
-        let lf = self.mem.lf(head);
         let mut partially_mapped = false;
         if last > 0 {
-            lf.nr_pages_mapped -= last;
-            partially_mapped = lf.nr_pages_mapped != 0;
+            let m = self.mem.nr_pages_mapped_mut(head);
+            *m -= last;
+            partially_mapped = *m != 0;
         }
         if partially_mapped
             && self.mem.test(head, PG_ANON)
@@ -220,7 +541,7 @@ impl Rmap<'_> {
         self.stats.pins += 1;
         if self.mem.folio_order(head) > 0 {
             self.ref_add(head, 1);
-            self.mem.lf(head).pincount += 1;
+            *self.mem.pincount_mut(head) += 1;
         } else {
             self.ref_add(head, GUP_PIN_COUNTING_BIAS);
         }
@@ -229,7 +550,7 @@ impl Rmap<'_> {
     /// `unpin_user_page()`.
     pub fn unpin(&mut self, head: u64) {
         if self.mem.folio_order(head) > 0 {
-            self.mem.lf(head).pincount -= 1;
+            *self.mem.pincount_mut(head) -= 1;
             self.put_refs(head, 1);
         } else {
             self.put_refs(head, GUP_PIN_COUNTING_BIAS);

@@ -65,14 +65,14 @@ impl PyBatch {
     }
 }
 
-fn profile_arg(kernel: &Bound<'_, PyAny>) -> PyResult<KernelProfile> {
+pub(super) fn profile_arg(kernel: &Bound<'_, PyAny>) -> PyResult<KernelProfile> {
     let s: String = kernel
         .extract()
         .map_err(|_| PyTypeError::new_err("kernel must be a version string such as \"6.18\" or \"seed\""))?;
     Ok(KernelProfile::parse(&s)?)
 }
 
-fn layout_arg(layout: &Bound<'_, PyAny>) -> PyResult<Layout> {
+pub(super) fn layout_arg(layout: &Bound<'_, PyAny>) -> PyResult<Layout> {
     if let Ok(l) = layout.cast::<PyLayout>() {
         return Ok(l.get().inner.clone());
     }

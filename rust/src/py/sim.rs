@@ -105,7 +105,7 @@ fn prot_arg(s: &str) -> PyResult<Prot> {
     })
 }
 
-fn stats_dict<'py>(py: Python<'py>, s: &Stats) -> PyResult<Bound<'py, PyDict>> {
+pub(super) fn stats_dict<'py>(py: Python<'py>, s: &Stats) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (name, v) in COUNTER_NAMES.iter().zip(s.values()) {
         d.set_item(name, v)?;
