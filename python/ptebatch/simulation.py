@@ -199,9 +199,12 @@ class Process:
 
     def mmap(self, length: int | str, prot: str = "rw", shared: bool = False, *, file: int | None = None,
              offset: int | str = 0, mthp: int | str | Iterable[int | str] = (), addr: int | None = None,
-             uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
+             uffd_wp: bool = False, uffd_event_fork: bool = False, pmd: bool = False) -> Mapping:
         """``mmap()``: anonymous private by default; ``mthp`` is the enabled anonymous folio size,
-        or a list of them."""
+        or a list of them (a "2M" in the list is mapped by PTEs at fault: a PTE-mapped THP).
+        ``pmd=True``: faults map PMD THPs where a whole aligned PMD range lies in the mapping
+        and its page table is empty, as with THP ``enabled=always`` (the huge zero page on a
+        read fault); they are split into PTEs by a partial munmap, mprotect or MADV_DONTNEED."""
         n = parse_size(length, "length")
         prot = _str_arg(prot, "prot")
         shared = _bool_arg(shared, "shared")
@@ -211,8 +214,9 @@ class Process:
         addr = None if addr is None else _int_arg(addr, "addr")
         uffd_wp = _bool_arg(uffd_wp, "uffd_wp")
         uffd_event_fork = _bool_arg(uffd_event_fork, "uffd_event_fork")
+        pmd = _bool_arg(pmd, "pmd")
         start = self.sim._b.mmap(self.pid, n, prot, shared, file, offset_b, sizes, addr,
-                                 uffd_wp, uffd_event_fork)
+                                 uffd_wp, uffd_event_fork, pmd)
         return Mapping(self, start, n)
 
     def touch(self, addr: int, length: int | str, write: bool = False) -> None:
@@ -276,8 +280,19 @@ class Process:
         return np.asarray(self.sim._b.ptes(self.pid, addr), dtype=np.uint64)
 
     def vmas(self) -> list[dict[str, Any]]:
-        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes)."""
-        return list(self.sim._b.vmas(self.pid))
+        """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, mthp sizes, pmd),
+        each with ``anon_huge_pages``: smaps' AnonHugePages in bytes (anonymous memory mapped
+        by huge PMDs)."""
+        out = [dict(v) for v in self.sim._b.vmas(self.pid)]
+        for v, huge in zip(out, self.sim._b.anon_huge_pages(self.pid)):
+            v["anon_huge_pages"] = int(huge)
+        return out
+
+    def pmds(self, mapping: Mapping | int) -> list[tuple[int, int]]:
+        """The huge PMDs of the VMA holding the mapping's start (or an address): (address, PMD
+        entry) pairs; the entry decodes like a PTE (``Simulation.decode_pte``)."""
+        addr = mapping.start if isinstance(mapping, Mapping) else _int_arg(mapping, "mapping")
+        return [(int(a), int(e)) for a, e in self.sim._b.pmds(self.pid, addr)]
 
     def rss(self) -> dict[str, int]:
         """The rss counters in pages: ``{"file", "anon", "shmem"}``."""
@@ -285,7 +300,7 @@ class Process:
 
 
 #: Columns of the state's two-dimensional tables (see ``Simulation.state``).
-_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3, "pins": 3}
+_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 8, "vmas": 16, "files": 3, "pins": 3, "pmd_keys": 2}
 
 
 class _Serialised:
@@ -440,8 +455,14 @@ class Simulation:
         return MemoryArrays(self)
 
     def kpagecount(self, pfn: int) -> int:
-        """/proc/kpagecount of ``pfn``: the page's mapcount as the kernel reports it."""
+        """/proc/kpagecount of ``pfn``: the page's mapcount as the kernel reports it (PTE
+        mappings plus the folio's huge PMD mappings)."""
         return self._b.kpagecount(_int_arg(pfn, "pfn"))
+
+    def kpageflags(self, pfn: int) -> int:
+        """/proc/kpageflags of ``pfn``, the bits the model knows: KPF_ANON, KPF_MMAP,
+        KPF_COMPOUND_HEAD / KPF_COMPOUND_TAIL and KPF_THP (large folios), KPF_ZERO_PAGE."""
+        return self._b.kpageflags(_int_arg(pfn, "pfn"))
 
     def state(self) -> dict[str, Any]:
         """The whole state in canonical form (numpy arrays and ints)."""

@@ -65,10 +65,17 @@ impl State {
     pub fn access<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, vpn: u64, access: Access) -> Result<()> {
         let write = access == Access::Write;
         let (v, i) = self.locate(k, vpn);
+        if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+            return Ok(());
+        }
         self.op.pte_reads += 1;
         let pte = self.mms[k].vmas[v].ptes[i];
         if l.pte_none(pte) {
             self.fault_none(l, p, k, v, vpn, write)?;
+            // The fault may have mapped a huge PMD (huge_memory.rs).
+            if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+                return Ok(());
+            }
         } else if write && !l.pte_write(pte) {
             self.do_wp_page(l, p, k, v, i, false)?;
         }
@@ -100,7 +107,7 @@ impl State {
         }
     }
 
-    fn ensure_anon_vma(&mut self, k: usize, v: usize) {
+    pub(crate) fn ensure_anon_vma(&mut self, k: usize, v: usize) {
         if self.mms[k].vmas[v].anon_vma == 0 {
             let a = self.new_anon_vma();
             self.mms[k].vmas[v].anon_vma = a;
@@ -111,6 +118,10 @@ impl State {
     /// write maps a new folio of the largest enabled order whose naturally aligned range lies
     /// in the VMA and is all none, falling back to smaller orders when allocation fails.
     fn do_anonymous_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        // __handle_mm_fault(): a PMD THP first where the mapping takes one.
+        if self.mms[k].vmas[v].thp_pmd && self.do_huge_pmd_anonymous_page(l, p, k, v, vpn, write)? {
+            return Ok(());
+        }
         let vma = &self.mms[k].vmas[v];
         let i = (vpn - vma.start) as usize;
         if !write {
@@ -403,9 +414,17 @@ impl State {
         for vpn in a..b {
             self.ticker.tick(1)?;
             let (v, i) = self.locate(k, vpn);
+            if let Some(pfn) = self.gup_huge_pmd(l, p, k, v, vpn, write, longterm)? {
+                pfns.push(pfn);
+                continue;
+            }
             self.op.pte_reads += 1;
             if l.pte_none(self.mms[k].vmas[v].ptes[i]) {
                 self.fault_none(l, p, k, v, vpn, write)?;
+                if let Some(pfn) = self.gup_huge_pmd(l, p, k, v, vpn, write, longterm)? {
+                    pfns.push(pfn);
+                    continue;
+                }
             }
             let pte = self.ptep_get(l, p, k, v, i);
             if write && !l.pte_write(pte) {
@@ -455,6 +474,7 @@ impl State {
             }
         }
         self.op.pte_writes += writes;
+        self.clear_soft_dirty_pmds(l, k);
         self.op.tlb_flush_ranges += 1;
         Ok(())
     }

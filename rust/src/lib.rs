@@ -11,6 +11,7 @@ pub mod contpte;
 pub mod error;
 pub mod fault;
 pub mod fork;
+pub mod huge_memory;
 pub mod kernel;
 pub mod memory;
 pub mod mm;

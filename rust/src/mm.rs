@@ -1,6 +1,8 @@
 //! Address spaces: `mm_struct`s with their VMAs, each VMA's PTEs as one array, rss counters,
 //! and the page-cache objects (files and shmem) that file-backed VMAs map.
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
 use crate::arch::{Caps, PteLayout};
 use crate::memory::{Memory, PG_ANON, PG_SWAPBACKED};
@@ -96,6 +98,13 @@ pub struct Vma {
     pub anon_vma: u32,
     /// Enabled anonymous folio orders (bit n = order n; order 0 is always allowed).
     pub mthp: u32,
+    /// `pmd=True`: anonymous faults map a PMD THP where a whole aligned PMD range lies in
+    /// the VMA and its page table is empty (THP `enabled=always` for this mapping).
+    pub thp_pmd: bool,
+    /// Huge PMD leaves: the first vpn of a PMD-aligned range → the PMD entry, encoded as a
+    /// PTE of the layout (pfn of the folio's first page, or the zero pfn for the huge zero
+    /// page; write, dirty, young, soft-dirty, uffd-wp bits). The PTEs of such a range are none.
+    pub pmds: BTreeMap<u64, u64>,
 }
 
 impl Vma {
@@ -133,6 +142,8 @@ impl Vma {
         let mut v = self.clone_without_ptes();
         v.start = at;
         v.ptes = room;
+        // A PMD leaf never straddles `at`: the caller split it first (vma_adjust_trans_huge()).
+        v.pmds = self.pmds.split_off(&at);
         if v.file.is_some() {
             v.pgoff = self.pgoff + k as u64;
         }
@@ -155,6 +166,8 @@ impl Vma {
             wipeonfork: self.wipeonfork,
             anon_vma: self.anon_vma,
             mthp: self.mthp,
+            thp_pmd: self.thp_pmd,
+            pmds: BTreeMap::new(),
         }
     }
 
@@ -172,6 +185,7 @@ impl Vma {
             && self.dontfork == next.dontfork
             && self.wipeonfork == next.wipeonfork
             && self.mthp == next.mthp
+            && self.thp_pmd == next.thp_pmd
             && (self.anon_vma == 0 || next.anon_vma == 0 || self.anon_vma == next.anon_vma)
     }
 }
@@ -199,6 +213,7 @@ impl Mm {
         for v in &self.vmas {
             let mut c = v.clone_without_ptes();
             c.ptes = crate::alloc::try_copy(&v.ptes, "a page table", t)?;
+            c.pmds = v.pmds.clone();
             vmas.push(c);
         }
         Ok(Mm { vmas, ..*self })
@@ -281,6 +296,8 @@ impl Mm {
                     prev.anon_vma = next.anon_vma;
                 }
                 prev.ptes.extend_from_slice(&next.ptes);
+                let mut pmds = next.pmds;
+                prev.pmds.append(&mut pmds);
             }
         }
     }

@@ -36,6 +36,8 @@ impl State {
     /// `mprotect()` of `[a, b)` (vpns, entirely mapped).
     pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) -> Result<()> {
         let room = self.mms[k].isolate_room(a, b)?;
+        self.split_huge_pmd_at(l, p, k, a);
+        self.split_huge_pmd_at(l, p, k, b);
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
@@ -68,7 +70,7 @@ impl State {
     }
 
     /// `can_change_pte_writable()`.
-    fn can_change_pte_writable<L: PteLayout>(&self, l: &L, vma: &Vma, pte: u64, page: Option<u64>) -> bool {
+    pub(crate) fn can_change_pte_writable<L: PteLayout>(&self, l: &L, vma: &Vma, pte: u64, page: Option<u64>) -> bool {
         if !vma.prot.write || l.pte_protnone(pte) {
             return false;
         }
@@ -101,6 +103,11 @@ impl State {
         let mut s = from;
         while s < len {
             let e = len.min(s + ptrs - ((start as usize + s) & (ptrs - 1)));
+            if self.change_huge_pmd_range(l, p, k, v, s, e, uffd) {
+                self.ticker.tick((e - s) as u64)?;
+                s = e;
+                continue;
+            }
             let mut changed = false;
             let mut i = s;
             while i < e {

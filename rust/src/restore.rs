@@ -77,14 +77,45 @@ impl Simulation {
             cont: false,
         };
         let pte = with_layout!(&self.layout, l => l.mk_pte(pfn, PteBits { write: bits.write && !bits.prot_none, exec: bits.exec && !bits.prot_none, ..bits }))?;
-        let i = ((addr >> self.st.page_shift) - vma.start) as usize;
+        let vpn = addr >> self.st.page_shift;
+        if self.st.huge_pmd(k, v, vpn).is_some() {
+            return Err(Error::value(format!("{addr:#x} is mapped by a huge PMD")));
+        }
+        let i = (vpn - self.st.mms[k].vmas[v].start) as usize;
         self.st.mms[k].vmas[v].ptes[i] = pte;
         Ok(())
     }
 
+    /// Writes one captured huge PMD of process `pid` at the PMD-aligned `addr`: `pfn` is the
+    /// first page of a placed PMD-sized anonymous folio, or the zero pfn (the huge zero page).
+    #[allow(clippy::too_many_arguments)]
+    pub fn place_pmd(&mut self, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> Result<()> {
+        let (k, v) = self.vma_index(pid, addr)?;
+        let zero = pfn == self.st.zero_pfn;
+        let caps = self.layout.caps();
+        let vma = &self.st.mms[k].vmas[v];
+        let prot_none = vma.prot.none();
+        let bits = PteBits {
+            present: true,
+            write: write && !zero && !prot_none,
+            dirty: dirty && !zero,
+            young,
+            soft_dirty: soft_dirty && caps.soft_dirty,
+            uffd_wp: uffd_wp && caps.uffd_wp,
+            exec: vma.prot.exec && !prot_none,
+            special: zero,
+            prot_none,
+            cont: false,
+        };
+        let e = with_layout!(&self.layout, l => l.mk_pte(pfn, bits))?;
+        let base = addr >> self.st.page_shift;
+        with_layout!(&self.layout, l => self.st.place_huge_pmd(l, k, v, base, pfn, e))
+    }
+
     /// Recomputes every counter from the page tables: mapcounts, refcounts (mappings plus
     /// page-cache references), large-folio records, MM-ID slots (in process order) and the
-    /// shared bit, rss, and PageAnonExclusive (inferred: an anonymous page mapped once).
+    /// shared bit, rss, and PageAnonExclusive (inferred: an anonymous page mapped once; under
+    /// a huge PMD mapped once, the head only, as a PMD fault leaves it).
     /// Placed folios that nothing maps or caches are freed.
     pub fn rebuild_accounting(&mut self) -> Result<()> {
         let st = &mut self.st;
@@ -122,7 +153,22 @@ impl Simulation {
             let mm_id = st.mms[mi].mm_id;
             let mut rss = [0i64; 3];
             for vi in 0..st.mms[mi].vmas.len() {
-                let mut any_anon = false;
+                let mut any_anon = !st.mms[mi].vmas[vi].pmds.is_empty();
+                let pmd_heads: Vec<u64> = st.mms[mi].vmas[vi].pmds.values().map(|&e| with_layout!(&self.layout, l => l.pte_pfn(e))).collect();
+                for head in pmd_heads.into_iter().filter(|&h| h != zero) {
+                    st.mem.refcount[head as usize] += 1;
+                    rss[mm_counter(&st.mem, head)] += st.ptrs_per_pte as i64;
+                    let lf = st.mem.lf(head);
+                    lf.entire_mapcount += 1;
+                    lf.large_mapcount += 1;
+                    if mm_id_on {
+                        let slot = (0..2).find(|&s| lf.mm_id[s] == mm_id).or_else(|| (0..2).find(|&s| lf.mm_id[s] == MM_ID_DUMMY));
+                        if let Some(s) = slot {
+                            lf.mm_id[s] = mm_id;
+                            lf.mm_id_mapcount[s] += 1;
+                        }
+                    }
+                }
                 for i in 0..st.mms[mi].vmas[vi].ptes.len() {
                     let e = st.mms[mi].vmas[vi].ptes[i];
                     let pfn = with_layout!(&self.layout, l => if l.pte_none(e) { None } else { Some(l.pte_pfn(e)) });
@@ -165,8 +211,10 @@ impl Simulation {
                 continue;
             }
             let anon = st.mem.test(head, PG_ANON);
+            let entire = st.mem.large_folio(head).map(|lf| lf.entire_mapcount + 1).unwrap_or(0);
             for p in head..head + (1 << o) {
-                if anon && st.mem.mapcount[p as usize] == 1 {
+                let ptes = st.mem.mapcount[p as usize];
+                if anon && ((ptes == 1 && entire == 0) || (ptes == 0 && entire == 1 && p == head)) {
                     st.mem.set(p, PG_ANON_EXCLUSIVE);
                 }
             }
@@ -182,6 +230,13 @@ impl Simulation {
             for vma in &mut mm.vmas {
                 if !vma.is_cow() {
                     continue;
+                }
+                for e in vma.pmds.values_mut() {
+                    with_layout!(&self.layout, l => {
+                        if l.pte_write(*e) && !st.mem.test(l.pte_pfn(*e), PG_ANON_EXCLUSIVE) {
+                            *e = l.pte_wrprotect(*e);
+                        }
+                    });
                 }
                 for e in vma.ptes.iter_mut() {
                     with_layout!(&self.layout, l => {

@@ -39,7 +39,7 @@ impl Rmap<'_> {
     }
 
     /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
-    fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
+    pub(crate) fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
         let lf = self.mem.lf(head);
@@ -71,7 +71,7 @@ impl Rmap<'_> {
 
     /// `folio_sub_return_large_mapcount()`: the shared bit clears lazily, when one slot turns
     /// out to hold every remaining mapping.
-    fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
+    pub(crate) fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
         let lf = self.mem.lf(head);
@@ -203,7 +203,8 @@ impl Rmap<'_> {
         let mut partially_mapped = false;
         if last > 0 {
             lf.nr_pages_mapped -= last;
-            partially_mapped = lf.nr_pages_mapped != 0;
+            // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
+            partially_mapped = lf.nr_pages_mapped != 0 && lf.entire_mapcount < 0;
         }
         if partially_mapped
             && self.mem.test(head, PG_ANON)

@@ -292,7 +292,7 @@ impl Simulation {
 
     /// `mmap()`: returns the start address. `file` maps a file object from byte `offset`;
     /// a shared anonymous mapping gets its own shmem object. `mthp` lists the enabled
-    /// anonymous folio sizes in bytes.
+    /// anonymous folio sizes in bytes; `pmd` lets faults map PMD THPs (huge_memory.rs).
     #[allow(clippy::too_many_arguments)]
     pub fn mmap(
         &mut self,
@@ -305,6 +305,7 @@ impl Simulation {
         mthp: &[u64],
         uffd_wp: bool,
         uffd_event_fork: bool,
+        pmd: bool,
     ) -> Result<u64> {
         let k = self.mm_index(pid)?;
         let ps = self.page_size();
@@ -389,6 +390,8 @@ impl Simulation {
             wipeonfork: false,
             anon_vma: 0,
             mthp: orders,
+            thp_pmd: pmd,
+            pmds: Default::default(),
         };
         let pos = mm.vmas.partition_point(|v| v.start < start);
         mm.vmas.insert(pos, vma);
@@ -487,6 +490,8 @@ impl Simulation {
                 // unfolded (the kernel may leave it folded across the two VMAs).
                 let (layout, profile) = (&self.layout, &self.profile);
                 with_layout!(layout, l => {
+                    self.st.split_huge_pmd_at(l, profile, k, a);
+                    self.st.split_huge_pmd_at(l, profile, k, b);
                     self.st.unfold_at_split(l, profile, k, a);
                     self.st.unfold_at_split(l, profile, k, b);
                 });
@@ -668,6 +673,9 @@ impl State {
     pub fn token_at<L: PteLayout>(&self, l: &L, k: usize, vpn: u64) -> u32 {
         let mm = &self.mms[k];
         let Some(v) = mm.find_vma(vpn) else { return 0 };
+        if let Some(page) = self.huge_pmd_page(l, k, v, vpn) {
+            return page.map(|pg| self.mem.token[pg as usize]).unwrap_or(0);
+        }
         let vma = &mm.vmas[v];
         let pte = vma.ptes[(vpn - vma.start) as usize];
         if l.pte_none(pte) {
@@ -686,6 +694,9 @@ impl State {
             let Some(v) = mm.find_vma(at) else { break };
             let vma = &mm.vmas[v];
             max_order = max_order.max(31 - vma.mthp.leading_zeros());
+            if vma.thp_pmd {
+                max_order = max_order.max(self.pmd_order);
+            }
             if let Some(f) = vma.file {
                 max_order = max_order.max(self.files[f as usize].folio_order);
             }

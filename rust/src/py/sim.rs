@@ -314,7 +314,7 @@ impl PySimulation {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = Vec::new(), addr = None, uffd_wp = false, uffd_event_fork = false))]
+    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = Vec::new(), addr = None, uffd_wp = false, uffd_event_fork = false, pmd = false))]
     fn mmap(
         &self,
         py: Python<'_>,
@@ -328,9 +328,10 @@ impl PySimulation {
         addr: Option<u64>,
         uffd_wp: bool,
         uffd_event_fork: bool,
+        pmd: bool,
     ) -> PyResult<u64> {
         let prot = prot_arg(prot)?;
-        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), &mthp, uffd_wp, uffd_event_fork))
+        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), &mthp, uffd_wp, uffd_event_fork, pmd))
     }
 
     #[pyo3(signature = (pid, addr, length, write = false))]
@@ -403,6 +404,11 @@ impl PySimulation {
         self.run(py, |s| s.st.kpagecount(pfn))
     }
 
+    /// /proc/kpageflags of a page: the KPF_* bits the model knows.
+    fn kpageflags(&self, py: Python<'_>, pfn: u64) -> PyResult<u64> {
+        self.run(py, |s| s.st.kpageflags(pfn))
+    }
+
     /// Rescans every page table and compares with the stored counters.
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |s| s.check())
@@ -439,9 +445,28 @@ impl PySimulation {
             d.set_item("anon_vma", v.anon_vma)?;
             let sizes: Vec<u64> = (0..32).filter(|o| v.mthp & (1 << o) != 0).map(|o| 1u64 << (o + shift)).collect();
             d.set_item("mthp", sizes)?;
+            d.set_item("pmd", v.thp_pmd)?;
             out.append(d)?;
         }
         Ok(out)
+    }
+
+    /// Huge PMDs of the VMA holding `addr`: (address, PMD entry) pairs in address order.
+    fn pmds(&self, py: Python<'_>, pid: u32, addr: u64) -> PyResult<Vec<(u64, u64)>> {
+        let s = self.lock(py)?;
+        let (k, v) = s.vma_index(pid, addr)?;
+        let shift = s.st.page_shift;
+        Ok(s.st.mms[k].vmas[v].pmds.iter().map(|(&b, &e)| (b << shift, e)).collect())
+    }
+
+    /// smaps' AnonHugePages of every VMA of a process, in bytes, in VMA order.
+    fn anon_huge_pages(&self, py: Python<'_>, pid: u32) -> PyResult<Vec<u64>> {
+        let s = self.lock(py)?;
+        s.mm(pid)?;
+        let k = pid as usize - 1;
+        let ps = s.page_size();
+        let n = s.st.mms[k].vmas.len();
+        Ok((0..n).map(|v| with_layout!(&s.layout, l => s.st.anon_huge_pages(l, k, v)) * ps).collect())
     }
 
     /// A copy of the PTE array of the VMA holding `addr`.
@@ -566,6 +591,9 @@ impl PySimulation {
         let mut mms: Vec<i64> = crate::alloc::try_with_capacity(st.mms.len() * 8, "the process table")?;
         let mut vmas: Vec<i64> = crate::alloc::try_with_capacity(nr_vmas * 16, "the VMA table")?;
         let mut ptes: Vec<u64> = crate::alloc::try_with_capacity(nr_ptes, "a copy of every page table")?;
+        let mut vma_pmd: Vec<i64> = Vec::new();
+        let mut pmd_keys: Vec<i64> = Vec::new();
+        let mut pmds: Vec<u64> = Vec::new();
         for mm in &st.mms {
             mms.extend([
                 mm.pid as i64,
@@ -597,11 +625,19 @@ impl PySimulation {
                     v.mthp as i64,
                 ]);
                 ptes.extend_from_slice(&v.ptes);
+                vma_pmd.push(v.thp_pmd as i64);
+                for (&b, &e) in &v.pmds {
+                    pmd_keys.extend([mm.pid as i64, b as i64]);
+                    pmds.push(e);
+                }
             }
         }
         d.set_item("mms", table(py, mms, 8)?)?;
         d.set_item("vmas", table(py, vmas, 16)?)?;
         d.set_item("ptes", ptes.into_pyarray(py))?;
+        d.set_item("vma_pmd", vma_pmd.into_pyarray(py))?;
+        d.set_item("pmd_keys", table(py, pmd_keys, 2)?)?;
+        d.set_item("pmds", pmds.into_pyarray(py))?;
         let files = rows(st.files.iter(), 3, "the file table", |f| vec![f.nr_pages as i64, f.folio_order as i64, f.shmem as i64])?;
         d.set_item("files", table(py, files, 3)?)?;
         let mut cache: Vec<u64> = crate::alloc::try_with_capacity(st.files.iter().map(|f| f.cache.len()).sum(), "a copy of the page caches")?;
@@ -646,6 +682,14 @@ impl PySimulation {
     #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
     fn place_pte(&self, py: Python<'_>, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
         self.run(py, |s| s.place_pte(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp))
+    }
+
+    /// Writes one captured huge PMD at the PMD-aligned `addr`; `pfn` is the first page of a
+    /// placed PMD-sized anonymous folio (or the zero pfn, for the huge zero page).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (pid, addr, pfn, write = false, dirty = false, young = true, soft_dirty = false, uffd_wp = false))]
+    fn place_pmd(&self, py: Python<'_>, pid: u32, addr: u64, pfn: u64, write: bool, dirty: bool, young: bool, soft_dirty: bool, uffd_wp: bool) -> PyResult<()> {
+        self.run(py, |s| s.place_pmd(pid, addr, pfn, write, dirty, young, soft_dirty, uffd_wp))
     }
 
     /// Writes many captured PTEs of one process; `bits` per PTE: write 1, dirty 2, young 4,

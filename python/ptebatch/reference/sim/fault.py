@@ -7,7 +7,7 @@ from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
 from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
-from . import contpte
+from . import contpte, huge_memory
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -37,10 +37,14 @@ def access(st: State, l, p: KernelProfile, k: int, vpn: int, acc: str) -> None:
     """handle_mm_fault() as needed, then the MMU's accessed/dirty update; a write stores a token."""
     write = acc == WRITE
     v, i = st.locate(k, vpn)
+    if huge_memory.huge_pmd_access(st, l, p, k, v, vpn, write):
+        return
     st.op.pte_reads += 1
     pte = st.mms[k].vmas[v].ptes[i]
     if l.pte_none(pte):
         fault_none(st, l, p, k, v, vpn, write)
+        if huge_memory.huge_pmd_access(st, l, p, k, v, vpn, write):  # the fault mapped a PMD
+            return
     elif write and not l.pte_write(pte):
         do_wp_page(st, l, p, k, v, i, unshare=False)
     ptes = st.mms[k].vmas[v].ptes
@@ -95,6 +99,9 @@ def anon_orders(st: State, l, vma, vpn: int) -> list[int]:
 
 def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, write: bool) -> None:
     """do_anonymous_page() with alloc_anon_folio() — mm/memory.c"""
+    # __handle_mm_fault(): a PMD THP first where the mapping takes one.
+    if st.mms[k].vmas[v].thp_pmd and huge_memory.do_huge_pmd_anonymous_page(st, l, p, k, v, vpn, write):
+        return
     vma = st.mms[k].vmas[v]
     i = vpn - vma.start
     if not write:
@@ -324,9 +331,17 @@ def pin_user_pages(st: State, l, p: KernelProfile, k: int, a: int, b: int, write
     pfns = []
     for vpn in range(a, b):
         v, i = st.locate(k, vpn)
+        pfn = huge_memory.gup_huge_pmd(st, l, p, k, v, vpn, write, longterm)
+        if pfn is not None:
+            pfns.append(pfn)
+            continue
         st.op.pte_reads += 1
         if l.pte_none(st.mms[k].vmas[v].ptes[i]):
             fault_none(st, l, p, k, v, vpn, write)
+            pfn = huge_memory.gup_huge_pmd(st, l, p, k, v, vpn, write, longterm)
+            if pfn is not None:
+                pfns.append(pfn)
+                continue
         pte = contpte.ptep_get(st, l, p, st.mms[k].vmas[v], i)
         if write and not l.pte_write(pte):
             do_wp_page(st, l, p, k, v, i, unshare=False)
@@ -361,4 +376,5 @@ def clear_soft_dirty(st: State, l, k: int) -> None:
                 vma.ptes[j] = l.pte_clear_soft_dirty(l.pte_wrprotect(e))
                 writes += 1
     st.op.pte_writes += writes
+    huge_memory.clear_soft_dirty_pmds(st, l, k)
     st.op.tlb_flush_ranges += 1

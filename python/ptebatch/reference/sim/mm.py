@@ -73,6 +73,9 @@ class Vma:
     wipeonfork: bool  # VM_WIPEONFORK
     anon_vma: int  # 0 = none yet
     mthp: int  # enabled anonymous folio orders, bit n = order n
+    thp_pmd: bool = False  # pmd=True: faults map PMD THPs where they can
+    #: huge PMDs: first vpn of the PMD range → PMD entry (a PTE value); their PTEs stay none
+    pmds: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def end(self) -> int:
         return self.start + len(self.ptes)
@@ -93,7 +96,7 @@ class Vma:
         return layout.has_soft_dirty and not self.vm_softdirty
 
     def clone_without_ptes(self) -> Vma:
-        return dataclasses.replace(self, ptes=[])
+        return dataclasses.replace(self, ptes=[], pmds={})
 
     def split_off(self, at: int) -> Vma:
         """__split_vma() — mm/vma.c: this VMA keeps [start, at), the returned one is [at, end)."""
@@ -102,6 +105,9 @@ class Vma:
         tail.start = at
         tail.ptes = self.ptes[k:]
         del self.ptes[k:]
+        # A huge PMD never straddles ``at``: the caller split it (vma_adjust_trans_huge()).
+        tail.pmds = {b: e for b, e in self.pmds.items() if b >= at}
+        self.pmds = {b: e for b, e in self.pmds.items() if b < at}
         if tail.file is not None:
             tail.pgoff = self.pgoff + k
         return tail
@@ -120,6 +126,7 @@ class Vma:
             and self.dontfork == nxt.dontfork
             and self.wipeonfork == nxt.wipeonfork
             and self.mthp == nxt.mthp
+            and self.thp_pmd == nxt.thp_pmd
             and (self.anon_vma == 0 or nxt.anon_vma == 0 or self.anon_vma == nxt.anon_vma)
         )
 
@@ -177,6 +184,7 @@ class Mm:
                 if prev.anon_vma == 0:
                     prev.anon_vma = nxt.anon_vma
                 prev.ptes.extend(nxt.ptes)
+                prev.pmds.update(nxt.pmds)
 
 
 @dataclasses.dataclass

@@ -55,12 +55,43 @@ def place_pte(st: State, l, k: int, v: int, vpn: int, pfn: int, write: bool, dir
     if not zero and (pfn >= st.mem.nr_pages() or st.mem.is_free(pfn)):
         raise value_error(f"pfn {pfn:#x} is not a placed folio's page")
     vma = st.mms[k].vmas[v]
+    if vma.pmds and (vpn & ~(st.ptrs_per_pte - 1)) in vma.pmds:
+        raise value_error(f"{vpn << st.page_shift:#x} is mapped by a huge PMD")
     prot_none = vma.prot.none()
     pte = l.mk_pte(pfn, present=True, write=write and not zero and not prot_none,
                    dirty=dirty and not zero, young=young,
                    soft_dirty=soft_dirty and l.has_soft_dirty, uffd_wp=uffd_wp and l.has_uffd_wp,
                    exec=vma.prot.exec and not prot_none, special=zero, prot_none=prot_none)
     vma.ptes[vpn - vma.start] = pte
+
+
+def place_pmd(st: State, l, k: int, v: int, base: int, pfn: int, write: bool, dirty: bool,
+              young: bool, soft_dirty: bool, uffd_wp: bool) -> None:
+    """Writes one captured huge PMD at the PMD-aligned ``base``: ``pfn`` is the first page of a
+    placed PMD-sized anonymous folio, or the zero pfn (the huge zero page)."""
+    zero = pfn == st.zero_pfn
+    vma = st.mms[k].vmas[v]
+    prot_none = vma.prot.none()
+    e = l.mk_pte(pfn, present=True, write=write and not zero and not prot_none,
+                 dirty=dirty and not zero, young=young,
+                 soft_dirty=soft_dirty and l.has_soft_dirty, uffd_wp=uffd_wp and l.has_uffd_wp,
+                 exec=vma.prot.exec and not prot_none, special=zero, prot_none=prot_none)
+    n = st.ptrs_per_pte
+    if base % n or base < vma.start or base + n > vma.end():
+        raise value_error(f"a huge PMD at {base << st.page_shift:#x} must be PMD-aligned and lie "
+                          "whole in a mapping")
+    if not vma.is_anon():
+        raise value_error("huge PMDs are modelled in private anonymous mappings only")
+    s = base - vma.start
+    if base in vma.pmds or not all(l.pte_none(x) for x in vma.ptes[s:s + n]):
+        raise value_error(f"the PMD range at {base << st.page_shift:#x} is already mapped")
+    if not zero:
+        ok = (pfn < st.mem.nr_pages() and not st.mem.is_free(pfn) and st.mem.folio_head(pfn) == pfn
+              and st.mem.folio_order(pfn) == st.pmd_order and st.mem.test(pfn, PG_ANON))
+        if not ok:
+            raise value_error(f"pfn {pfn:#x} is not the first page of a placed PMD-sized "
+                              "anonymous folio")
+    vma.pmds[base] = e
 
 
 def _reset_counts(st: State) -> list[int]:
@@ -89,7 +120,22 @@ def _count_mappings(st: State, l, p: KernelProfile) -> None:
     for mm in st.mms:
         rss = [0, 0, 0]
         for vma in mm.vmas:
-            any_anon = False
+            any_anon = bool(vma.pmds)
+            for e in vma.pmds.values():
+                head = l.pte_pfn(e)
+                if head == st.zero_pfn:
+                    continue
+                st.mem.refcount[head] += 1
+                rss[mm_counter(st.mem, head)] += st.ptrs_per_pte
+                lf = st.mem.lf(head)
+                lf.entire_mapcount += 1
+                lf.large_mapcount += 1
+                if p.mm_id:
+                    slot = next((s for s in (0, 1) if lf.mm_id[s] == mm.mm_id),
+                                next((s for s in (0, 1) if lf.mm_id[s] == MM_ID_DUMMY), None))
+                    if slot is not None:
+                        lf.mm_id[slot] = mm.mm_id
+                        lf.mm_id_mapcount[slot] += 1
             for e in vma.ptes:
                 if l.pte_none(e) or l.pte_pfn(e) == st.zero_pfn:
                     continue
@@ -129,9 +175,14 @@ def rebuild_accounting(st: State, l, p: KernelProfile) -> None:
             st.mem.free(head)
             continue
         anon = st.mem.test(head, PG_ANON)
+        lf = st.mem.large.get(head)
+        entire = lf.entire_mapcount + 1 if lf is not None else 0
         for pg in range(head, head + (1 << o)):
-            if anon and st.mem.mapcount[pg] == 1:
-                st.mem.set(pg, PG_ANON_EXCLUSIVE)  # inferred: an anonymous page mapped once
+            ptes = st.mem.mapcount[pg]
+            # Inferred: an anonymous page mapped once; under a huge PMD mapped once, the head
+            # only, as a PMD fault leaves it.
+            if anon and ((ptes == 1 and entire == 0) or (ptes == 0 and entire == 1 and pg == head)):
+                st.mem.set(pg, PG_ANON_EXCLUSIVE)
         if o > 0 and p.mm_id:
             lf = st.mem.large[head]
             if lf.large_mapcount >= 0 and lf.large_mapcount not in lf.mm_id_mapcount:
@@ -141,6 +192,9 @@ def rebuild_accounting(st: State, l, p: KernelProfile) -> None:
         for vma in mm.vmas:
             if not vma.is_cow():
                 continue
+            for base, e in vma.pmds.items():
+                if l.pte_write(e) and not st.mem.test(l.pte_pfn(e), PG_ANON_EXCLUSIVE):
+                    vma.pmds[base] = l.pte_wrprotect(e)
             for i, e in enumerate(vma.ptes):
                 if not l.pte_none(e) and l.pte_write(e):
                     pfn = l.pte_pfn(e)

@@ -56,6 +56,11 @@ class State:
         if v is None:
             return 0
         vma = mm.vmas[v]
+        from .huge_memory import huge_pmd_page
+
+        mapped, page = huge_pmd_page(self, l, vma, vpn)
+        if mapped:
+            return 0 if page is None else self.mem.token[page]
         pte = vma.ptes[vpn - vma.start]
         if l.pte_none(pte):
             return 0
@@ -74,6 +79,8 @@ class State:
                 break
             vma = mm.vmas[v]
             max_order = max(max_order, vma.mthp.bit_length() - 1)
+            if vma.thp_pmd:
+                max_order = max(max_order, self.pmd_order)
             if vma.file is not None:
                 max_order = max(max_order, self.files[vma.file].folio_order)
             at = vma.end()
