@@ -1,5 +1,6 @@
 """PMD-mapped THP (rust/src/huge_memory.rs, python/ptebatch/reference/sim/huge_memory.py): the
-huge PMD fault, fork, COW, zap and split with the kernel's accounting, on both backends."""
+huge PMD fault, fork, COW, zap and split with the kernel's accounting, on both backends;
+replay of captured PMD mappings."""
 
 from __future__ import annotations
 
@@ -236,3 +237,35 @@ def test_pmd_argument_is_checked() -> None:
     s = pb.Simulation("x86-64", "6.18", "8M")
     with pytest.raises(TypeError, match="pmd"):
         s.spawn().mmap("2M", pmd=1)  # type: ignore[arg-type]
+
+
+def test_replay_keeps_pmd_mappings() -> None:
+    """A capture's PMD-mapped THPs (AnonHugePages, aligned whole runs of one PMD-sized folio)
+    come back as huge PMDs; the PTE-mapped THP beside them stays PTE-mapped."""
+    from ptebatch.replay import pmd_mappings
+    from ptebatch.thpmaps import snapshot_of
+
+    s, p, m = setup()
+    c = p.fork()
+    c.write(m.page(5))  # the child's first PMD is split, one page copied
+    q = p.mmap("2M", mthp=["2M"])  # a whole, in-order PTE-mapped THP: AnonHugePages says no
+    p.touch(q.start, "2M", write=True)
+    snap = snapshot_of(s, [p, c])
+    found = pmd_mappings(snap)
+    assert sorted(len(v) for v in found.values()) == [1, 2]
+    r, procs = pb.Simulation.from_snapshot(snap, "6.18")
+    r.check()
+    rp, rc = procs[p.pid], procs[c.pid]
+    assert len(rp.pmds(m)) == 2 and len(rc.pmds(m)) == 1 and rp.pmds(q.start) == []
+    for orig, new in ((p, rp), (c, rc)):
+        for start, length in ((m.start, m.length), (q.start, q.length)):
+            assert np.array_equal(orig.pagemap(start, length), new.pagemap(start, length))
+        assert orig.rss() == new.rss()
+    h = head_of(p, m)
+    for pfn in (h, h + 5, h + 6):
+        assert r.kpagecount(pfn) == s.kpagecount(pfn)
+        for key in ("entire_mapcount", "large_mapcount", "nr_pages_mapped", "refcount", "anon_exclusive"):
+            assert r.page(pfn)[key] == s.page(pfn)[key], key
+    # The replayed machine forks the PMDs as the kernel would: copied, not walked.
+    rp.fork()
+    assert r.last_stats["pmd_copies"] == 2

@@ -8,6 +8,12 @@ anonymous pages are dirty, file pages dirty when their folio is, PTEs young, and
 PageAnonExclusive is set on anonymous pages mapped once. Then every counter is recomputed
 from the page tables and ``check()`` runs.
 
+PMD-mapped THPs stay PMD-mapped (:func:`pmd_mappings` gives the rule): in a private anonymous
+VMA whose smaps AnonHugePages is non-zero, a PMD-aligned run of ``pmd_pages`` present entries
+mapping consecutive pfns from the first page of one anonymous folio of exactly ``pmd_pages``
+pages is a huge PMD, up to as many as AnonHugePages counts, in address order. Such a VMA is
+replayed with ``pmd=True``, so its later faults map PMDs too.
+
 Frames keep their captured pfns while the highest one fits a machine of
 ``MAX_IDENTITY_FRAMES`` frames. Beyond that (a capture of a big machine, where mapped pfns
 are sparse), the PMD-sized frame windows that hold mapped pages are packed into a dense
@@ -105,6 +111,48 @@ def replayed_pfns(snap: Snapshot, pfns: Iterable[int] | np.ndarray, *, compact: 
     if np.any(k >= len(wins)) or np.any(wins[np.minimum(k, len(wins) - 1)] != p - p % pmd):
         raise ValueError("a pfn that no replayed page uses was asked for")
     return new[k] + p % pmd
+
+
+def pmd_mappings(snap: Snapshot) -> dict[int, list[int]]:
+    """The huge PMDs of a capture: VMA index → indices (into the VMA's pagemap entries) of the
+    first page of each PMD-mapped range.
+
+    pagemap cannot tell a PMD mapping from a PTE-mapped THP mapped whole and in order; smaps'
+    AnonHugePages of the VMA says how many PMD mappings it holds. Every run that could be one
+    (PMD-aligned address, ``pmd_pages`` present entries, consecutive pfns from the first page of
+    an anonymous folio of exactly ``pmd_pages`` pages) is taken, in address order, until that
+    count is reached: where a VMA holds both kinds, a whole in-order PTE-mapped THP before a
+    PMD-mapped one would be taken for it (AnonHugePages does not say which ranges it counts).
+    """
+    a = snap.arrays
+    page, pmd = snap.page_size, snap.pmd_pages
+    pm = a["pagemap"]
+    off = a["vma_page_offset"]
+    out: dict[int, list[int]] = {}
+    for i in np.flatnonzero(a["vma_anon_huge_kb"] > 0):
+        f = int(a["vma_flags"][i])
+        if f & (VMA_FILE | VMA_SHARED):
+            continue
+        want = int(a["vma_anon_huge_kb"][i]) * 1024 // (pmd * page)
+        lo, hi = int(off[i]), int(off[i + 1])
+        start = int(a["vma_start"][i]) // page
+        j = (-start) % pmd
+        found: list[int] = []
+        while j + pmd <= hi - lo and len(found) < want:
+            run = pm[lo + j:lo + j + pmd]
+            pfns = run & np.uint64(PM_PFN_MASK)
+            head = pfns[0]
+            if (np.all(run & np.uint64(PM_PRESENT)) and int(head) % pmd == 0
+                    and np.array_equal(pfns, head + np.arange(pmd, dtype=np.uint64))):
+                heads, lens = snap.folio_of(np.array([head], dtype=np.uint64))
+                fl, _ = snap.frame_info(np.array([head], dtype=np.uint64))
+                if int(heads[0]) == int(head) and int(lens[0]) == pmd and int(fl[0]) & KPF_ANON \
+                        and not int(fl[0]) & (KPF_HUGE | KPF_ZERO_PAGE):
+                    found.append(j)
+            j += pmd
+        if found:
+            out[int(i)] = found
+    return out
 
 
 def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | str | None = None,
@@ -218,6 +266,7 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
                                 f"{MAX_IDENTITY_FRAMES} pages")
         fids[key] = sim.create_file(n * page, page, shmem=key[2])
     procs: dict[int, Process] = {pid: sim.spawn() for pid in snap.pids}
+    huge = pmd_mappings(snap)
     file_of: dict[int, int] = {}
     for i in range(nv):
         f = int(a["vma_flags"][i])
@@ -234,7 +283,7 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
             file_of[i] = fid
         off = int(a["vma_pgoff"][i]) * page if f & VMA_FILE else 0
         procs[int(a["vma_pid"][i])].mmap(end - start, prot, shared, file=fid, offset=off, addr=start,
-                                          mthp=sizes if fid is None else ())
+                                          mthp=sizes if fid is None else (), pmd=i in huge)
 
     # Folios, each placed once, from its first mapping seen.
     idx = np.flatnonzero(normal)
@@ -266,8 +315,19 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
         sim._b.place_folio(int(moved(np.array([head], np.uint64))[0]), int(orders[k]), "file", file=fid,
                            index=index, dirty=bool(dirty[k]))
 
-    # PTEs, one bulk call per process.
-    sel = np.flatnonzero(usable)
+    # Huge PMDs, then PTEs for the rest (one bulk call per process).
+    as_pmd = np.zeros(len(pm), dtype=bool)
+    for i, starts in huge.items():
+        base = int(a["vma_page_offset"][i])
+        vf = int(a["vma_flags"][i])
+        pid = procs[int(a["vma_pid"][i])].pid
+        for j in starts:
+            e = int(pm[base + j])
+            as_pmd[base + j:base + j + pmd] = True
+            write = bool(vf & VMA_WRITE) and bool(e & PM_MMAP_EXCLUSIVE)
+            sim._b.place_pmd(pid, int(a["vma_start"][i]) + j * page, int(moved(np.array([e & PM_PFN_MASK], np.uint64))[0]),
+                             write, True, True, bool(e & PM_SOFT_DIRTY), bool(e & PM_UFFD_WP))
+    sel = np.flatnonzero(usable & ~as_pmd)
     v_of = vma_of_page[sel]
     addrs = a["vma_start"][v_of] + (sel - a["vma_page_offset"][v_of]).astype(np.uint64) * np.uint64(page)
     e = pm[sel]
@@ -292,4 +352,4 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
     return procs
 
 
-__all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "MAX_IDENTITY_FRAMES"]
+__all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "pmd_mappings", "MAX_IDENTITY_FRAMES"]
