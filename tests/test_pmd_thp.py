@@ -1,8 +1,11 @@
 """PMD-mapped THP (rust/src/huge_memory.rs, python/ptebatch/reference/sim/huge_memory.py): the
-huge PMD fault, fork, COW, zap and split with the kernel's accounting, on both backends;
-replay of captured PMD mappings."""
+huge PMD fault, fork, COW, zap and split with the kernel's accounting, on both backends; and
+the live kernel as oracle (``ptebatch.oracle_pmd``), skipped without root or with
+PTEBATCH_SKIP_LIVE=1."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -269,3 +272,24 @@ def test_replay_keeps_pmd_mappings() -> None:
     # The replayed machine forks the PMDs as the kernel would: copied, not walked.
     rp.fork()
     assert r.last_stats["pmd_copies"] == 2
+
+
+# ---- the live kernel ---------------------------------------------------------------------------
+
+def _live_skip() -> str | None:
+    if os.environ.get("PTEBATCH_SKIP_LIVE") == "1":
+        return "PTEBATCH_SKIP_LIVE=1"
+    from ptebatch.oracle import missing_requirements
+
+    return missing_requirements()
+
+
+@pytest.mark.skipif(_live_skip() is not None, reason=str(_live_skip()))
+def test_live_kernel_oracle_pmd_scenarios() -> None:
+    from ptebatch import oracle_pmd
+
+    for name, run in oracle_pmd.SCENARIOS.items():
+        steps = run()
+        assert steps and sum(st.pages for st in steps) > 0, name
+        bad = [m for st in steps for m in st.mismatches]
+        assert bad == [], f"{name}: {bad[:10]}"

@@ -104,6 +104,11 @@ def main() -> None:
             check(libc.munmap(r.at(int(args[0])), int(args[1]) * PAGE), "munmap")
         elif op == "dontneed":
             check(libc.madvise(r.at(int(args[0])), int(args[1]) * PAGE, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+        # ---- PMD-mapped THP scenarios (ptebatch.oracle_pmd) ----
+        elif op == "mprotect":
+            prot = {"r": mmap.PROT_READ, "rw": mmap.PROT_READ | mmap.PROT_WRITE, "none": 0}[args[2]]
+            check(libc.mprotect(r.at(int(args[0])), int(args[1]) * PAGE, prot), "mprotect")
+        # ---- end of the PMD block ----
         elif op == "quit":
             break
         else:
