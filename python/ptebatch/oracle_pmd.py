@@ -16,6 +16,7 @@ process's smaps AnonHugePages (which PMDs are still PMD-mapped).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Callable
@@ -130,7 +131,7 @@ def run(name: str, *, kernel: str | None = None) -> list[StepResult]:
                     sprev[cpid] = sprev[ppid].copy()
                 else:
                     w(*cmd)
-                    a = addr + int(cmd[1]) * page if len(cmd) > 1 else None
+                    a = addr + int(cmd[1]) * page if len(cmd) > 1 else addr
                     if op == "cwrite":
                         child[1].write(a)  # type: ignore[index, union-attr]
                     elif op == "pwrite":
@@ -165,8 +166,7 @@ def run_retrying(name: str, attempts: int = 3, **kw) -> list[StepResult]:
     return steps
 
 
-SCENARIOS: dict[str, Callable[[], list[StepResult]]] = {
-    name: (lambda name=name: run_retrying(name)) for name in _scripts(512)
-}
+SCENARIOS: dict[str, Callable[[], list[StepResult]]] = {name: functools.partial(run_retrying, name)
+                                                       for name in _scripts(512)}
 
 __all__ = ["SCENARIOS", "run", "run_retrying"]

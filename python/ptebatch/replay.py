@@ -319,14 +319,15 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
     as_pmd = np.zeros(len(pm), dtype=bool)
     for i, starts in huge.items():
         base = int(a["vma_page_offset"][i])
-        vf = int(a["vma_flags"][i])
+        writable = bool(int(a["vma_flags"][i]) & VMA_WRITE)
         pid = procs[int(a["vma_pid"][i])].pid
         for j in starts:
-            e = int(pm[base + j])
+            entry = int(pm[base + j])
             as_pmd[base + j:base + j + pmd] = True
-            write = bool(vf & VMA_WRITE) and bool(e & PM_MMAP_EXCLUSIVE)
-            sim._b.place_pmd(pid, int(a["vma_start"][i]) + j * page, int(moved(np.array([e & PM_PFN_MASK], np.uint64))[0]),
-                             write, True, True, bool(e & PM_SOFT_DIRTY), bool(e & PM_UFFD_WP))
+            head = int(moved(np.array([entry & PM_PFN_MASK], np.uint64))[0])
+            # The write bit inferred as for PTEs; dirty (anonymous) and young.
+            sim._b.place_pmd(pid, int(a["vma_start"][i]) + j * page, head, writable and bool(entry & PM_MMAP_EXCLUSIVE),
+                             True, True, bool(entry & PM_SOFT_DIRTY), bool(entry & PM_UFFD_WP))
     sel = np.flatnonzero(usable & ~as_pmd)
     v_of = vma_of_page[sel]
     addrs = a["vma_start"][v_of] + (sel - a["vma_page_offset"][v_of]).astype(np.uint64) * np.uint64(page)
