@@ -11,8 +11,9 @@ from the page tables and ``check()`` runs.
 PMD-mapped THPs stay PMD-mapped (:func:`pmd_mappings` gives the rule): in a private anonymous
 VMA whose smaps AnonHugePages is non-zero, a PMD-aligned run of ``pmd_pages`` present entries
 mapping consecutive pfns from the first page of one anonymous folio of exactly ``pmd_pages``
-pages is a huge PMD, up to as many as AnonHugePages counts, in address order. Such a VMA is
-replayed with ``pmd=True``, so its later faults map PMDs too.
+pages is a huge PMD, up to as many as AnonHugePages counts, in address order; an aligned run
+of the huge zero page (KPF_ZERO_PAGE and KPF_THP, consecutive pfns) is a huge zero PMD. Such a
+VMA is replayed with ``pmd=True``, so its later faults map PMDs too.
 
 Frames keep their captured pfns while the highest one fits a machine of
 ``MAX_IDENTITY_FRAMES`` frames. Beyond that (a capture of a big machine, where mapped pfns
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from ._core import KERNEL_VERSIONS, InvariantError, SnapshotError
-from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
+from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_THP, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
                        PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_UFFD_WP, VMA_EXEC, VMA_FILE, VMA_READ,
                        VMA_SHARED, VMA_WRITE, Snapshot)
 
@@ -123,33 +124,47 @@ def pmd_mappings(snap: Snapshot) -> dict[int, list[int]]:
     an anonymous folio of exactly ``pmd_pages`` pages) is taken, in address order, until that
     count is reached: where a VMA holds both kinds, a whole in-order PTE-mapped THP before a
     PMD-mapped one would be taken for it (AnonHugePages does not say which ranges it counts).
+    A PMD-aligned run of ``pmd_pages`` consecutive pages of the huge zero folio (KPF_ZERO_PAGE
+    and KPF_THP) is a huge zero PMD (AnonHugePages does not count those); PTEs of the small zero
+    page never look like that.
     """
     a = snap.arrays
     page, pmd = snap.page_size, snap.pmd_pages
     pm = a["pagemap"]
     off = a["vma_page_offset"]
     out: dict[int, list[int]] = {}
-    for i in np.flatnonzero(a["vma_anon_huge_kb"] > 0):
-        f = int(a["vma_flags"][i])
-        if f & (VMA_FILE | VMA_SHARED):
-            continue
+    for i in np.flatnonzero((a["vma_flags"] & np.uint32(VMA_FILE | VMA_SHARED)) == 0):
         want = int(a["vma_anon_huge_kb"][i]) * 1024 // (pmd * page)
         lo, hi = int(off[i]), int(off[i + 1])
         start = int(a["vma_start"][i]) // page
-        j = (-start) % pmd
         found: list[int] = []
-        while j + pmd <= hi - lo and len(found) < want:
+        # Aligned runs whose first entry maps an aligned pfn and whose last the pfn pmd - 1 on.
+        js = np.arange((-start) % pmd, hi - lo - pmd + 1, pmd)
+        if not len(js):
+            continue
+        first, last = pm[lo + js], pm[lo + js + pmd - 1]
+        mask = np.uint64(PM_PFN_MASK)
+        cand = (((first & last & np.uint64(PM_PRESENT)) != 0) & ((first & mask) % np.uint64(pmd) == 0)
+                & ((last & mask) == (first & mask) + np.uint64(pmd - 1)))
+        taken = 0
+        for j in js[cand].tolist():
             run = pm[lo + j:lo + j + pmd]
-            pfns = run & np.uint64(PM_PFN_MASK)
+            pfns = run & mask
             head = pfns[0]
-            if (np.all(run & np.uint64(PM_PRESENT)) and int(head) % pmd == 0
-                    and np.array_equal(pfns, head + np.arange(pmd, dtype=np.uint64))):
-                heads, lens = snap.folio_of(np.array([head], dtype=np.uint64))
-                fl, _ = snap.frame_info(np.array([head], dtype=np.uint64))
-                if int(heads[0]) == int(head) and int(lens[0]) == pmd and int(fl[0]) & KPF_ANON \
-                        and not int(fl[0]) & (KPF_HUGE | KPF_ZERO_PAGE):
+            if not (np.all(run & np.uint64(PM_PRESENT)) and np.array_equal(pfns, head + np.arange(pmd, dtype=np.uint64))):
+                continue
+            fl, _ = snap.frame_info(np.array([head], dtype=np.uint64))
+            flags = int(fl[0])
+            if flags & KPF_ZERO_PAGE:
+                if flags & KPF_THP:
                     found.append(j)
-            j += pmd
+                continue
+            if taken == want or flags & KPF_HUGE or not flags & KPF_ANON:
+                continue
+            heads, lens = snap.folio_of(np.array([head], dtype=np.uint64))
+            if int(heads[0]) == int(head) and int(lens[0]) == pmd:
+                found.append(j)
+                taken += 1
         if found:
             out[int(i)] = found
     return out
@@ -324,6 +339,10 @@ def _build(sim: "Simulation", snap: Snapshot, sizes: list[int], wins: np.ndarray
         for j in starts:
             entry = int(pm[base + j])
             as_pmd[base + j:base + j + pmd] = True
+            if zero[base + j]:
+                sim._b.place_pmd(pid, int(a["vma_start"][i]) + j * page, sim.zero_pfn, False, False, True,
+                                 bool(entry & PM_SOFT_DIRTY), bool(entry & PM_UFFD_WP))
+                continue
             head = int(moved(np.array([entry & PM_PFN_MASK], np.uint64))[0])
             # The write bit inferred as for PTEs; dirty (anonymous) and young.
             sim._b.place_pmd(pid, int(a["vma_start"][i]) + j * page, head, writable and bool(entry & PM_MMAP_EXCLUSIVE),
