@@ -526,3 +526,79 @@ impl State {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::{Layout, PteLayout};
+    use crate::kernel::KernelProfile;
+    use crate::memory::{PG_ANON_EXCLUSIVE, PG_PARTIALLY_MAPPED};
+    use crate::mm::Prot;
+    use crate::sim::Simulation;
+    use crate::with_layout;
+
+    const PMD: u64 = 2 << 20;
+
+    fn setup(kernel: &str, write: bool) -> (Simulation, u32, u64) {
+        let layout = Layout::by_name("x86-64", None).unwrap();
+        let mut s = Simulation::new(layout, KernelProfile::parse(kernel).unwrap(), 16 << 20, 1).unwrap();
+        let p = s.spawn();
+        let rw = Prot { read: true, write: true, exec: false };
+        let a = s.mmap(p, None, 2 * PMD, rw, false, None, &[], false, false, true).unwrap();
+        s.touch(p, a, 2 * PMD, write).unwrap();
+        check(&s);
+        (s, p, a)
+    }
+
+    fn check(s: &Simulation) {
+        with_layout!(&s.layout, l => s.st.check(l, &s.profile)).unwrap();
+    }
+
+    fn head(s: &Simulation, pid: u32, addr: u64) -> u64 {
+        let (k, v) = s.vma_index(pid, addr).unwrap();
+        let e = *s.st.mms[k].vmas[v].pmds.values().next().unwrap();
+        with_layout!(&s.layout, l => l.pte_pfn(e))
+    }
+
+    #[test]
+    fn fault_fork_write_split_and_zap_keep_the_kernels_accounting() {
+        let (mut s, p, a) = setup("6.18", true);
+        let h = head(&s, p, a);
+        let lf = *s.st.mem.large_folio(h).unwrap();
+        assert_eq!((lf.entire_mapcount, lf.large_mapcount, lf.nr_pages_mapped), (0, 0, 0));
+        assert!(s.st.mem.test(h, PG_ANON_EXCLUSIVE) && !s.st.mem.test(h + 1, PG_ANON_EXCLUSIVE));
+        let c = s.fork(p).unwrap();
+        check(&s);
+        assert_eq!(s.st.op.pmd_copies, 2);
+        assert_eq!(s.st.mem.large_folio(h).unwrap().entire_mapcount, 1);
+        s.write(c, a + 5 * 4096).unwrap();
+        check(&s);
+        assert_eq!((s.st.op.pmd_splits, s.st.op.cow_copies), (1, 1));
+        let lf = *s.st.mem.large_folio(h).unwrap();
+        assert_eq!((lf.entire_mapcount, lf.nr_pages_mapped, lf.large_mapcount), (0, 511, 511));
+        assert_eq!(s.st.kpagecount(h + 6).unwrap(), 2);
+        s.exit(c).unwrap();
+        check(&s);
+        // A partial munmap splits the parent's PMD and queues the folio for deferred split.
+        s.munmap(p, a + 8 * 4096, 4096).unwrap();
+        check(&s);
+        assert_eq!((s.st.op.pmd_splits, s.st.op.deferred_splits), (1, 1));
+        assert!(s.st.mem.test(h, PG_PARTIALLY_MAPPED));
+        s.madvise(p, a + PMD, PMD, "dontneed").unwrap();
+        check(&s);
+        assert_eq!(s.st.op.pmd_zaps, 1);
+        s.exit(p).unwrap();
+        check(&s);
+        assert_eq!(s.st.mem.free_pages, s.st.mem.nr_pages());
+    }
+
+    #[test]
+    fn write_to_the_huge_zero_page_per_version() {
+        for (kernel, splits, anon) in [("6.12", 1, 1), ("6.13", 0, 512)] {
+            let (mut s, p, a) = setup(kernel, false);
+            assert_eq!(head(&s, p, a), s.st.zero_pfn);
+            s.write(p, a + 3 * 4096).unwrap();
+            check(&s);
+            assert_eq!((s.st.op.pmd_splits, s.st.mms[0].rss[crate::mm::MM_ANONPAGES]), (splits, anon), "{kernel}");
+        }
+    }
+}
