@@ -31,6 +31,9 @@ from .oracle import StepResult, Worker, _only, _view, thp_only
 from .snapshot import PM_PFN_MASK, Snapshot
 
 KPF_THP, KPF_ZERO_PAGE = 1 << 22, 1 << 24
+#: The "pfn" of a page that is not present, so that a page faulted in at pfn 0 (the model's
+#: allocator may use it, the kernel's does not) does not count as having kept its pfn.
+ABSENT = np.uint64((1 << 64) - 1)
 
 #: (label, worker command) steps; commands: ("fork",), ("cwrite", page), ("pwrite", page),
 #: ("cexit",), ("munmap", page, pages), ("dontneed", page, pages), ("mprotect", page, pages, prot).
@@ -52,6 +55,7 @@ def _scripts(n: int) -> dict[str, Script]:
         "pmd-partial-munmap-dontneed": [
             ("munmap of part of PMD 1 (split, deferred split)", ("munmap", n + n // 4, n // 4)),
             ("MADV_DONTNEED of all of PMD 0 (zap_huge_pmd)", ("dontneed", 0, n)),
+            ("parent writes a page of PMD 0 (a new PMD)", ("pwrite", 3)),
             ("fork", ("fork",)),
             ("child writes a page of the split PMD 1", ("cwrite", n + 1)),
             ("child exits", ("cexit",)),
@@ -71,6 +75,8 @@ def _scripts(n: int) -> dict[str, Script]:
             ("parent writes a page of PMD 1 (splits it)", ("pwrite", n + 9)),
             ("child writes a page of PMD 0", ("cwrite", 3)),
             ("child exits", ("cexit",)),
+            ("MADV_DONTNEED of all of the split PMD 0 (its empty page table is freed)", ("dontneed", 0, n)),
+            ("parent writes a page of PMD 0 (a PMD fault again)", ("pwrite", 4)),
         ],
     }
 
@@ -83,7 +89,8 @@ def _huge_kb(snap: Snapshot, pid: int) -> int:
 def _compare(label: str, snap: Snapshot, sim, live, addr: int, npages: int, kprev: dict, sprev: dict) -> StepResult:
     """``oracle._compare``'s page facts (present, mapcount, exclusive bit, kept pfn, folio size
     of a new page, partially mapped folios), with the partially-mapped test run on each side's
-    own folio: a new THP has a different pfn in the kernel and in the model."""
+    own folio: a new THP has a different pfn in the kernel and in the model, and a page keeps its
+    pfn only if it was present before."""
     res = StepResult(label)
     page = snap.page_size
     folio_state: dict[int, tuple[bool, bool]] = {}
@@ -94,6 +101,8 @@ def _compare(label: str, snap: Snapshot, sim, live, addr: int, npages: int, kpre
         spres = (pm & np.uint64(1 << 63)) != 0
         spfn = np.where(spres, pm & np.uint64(PM_PFN_MASK), 0)
         sexcl = (pm & np.uint64(1 << 56)) != 0
+        kpfn = np.where(kpres, kpfn, ABSENT)
+        spfn_now = np.where(spres, spfn, ABSENT)
         for j in range(npages):
             res.pages += 1
             where = f"pid {kpid} page {j}"
@@ -107,7 +116,7 @@ def _compare(label: str, snap: Snapshot, sim, live, addr: int, npages: int, kpre
                 res.mismatches.append(f"{where}: mapcount kernel={kcount[j]} sim={scount}")
             if kexcl[j] != sexcl[j]:
                 res.mismatches.append(f"{where}: exclusive kernel={kexcl[j]} sim={sexcl[j]}")
-            kkept, skept = kpfn[j] == kprev[kpid][j], spfn[j] == sprev[kpid][j]
+            kkept, skept = kpfn[j] == kprev[kpid][j], spfn_now[j] == sprev[kpid][j]
             if kkept != skept:
                 res.mismatches.append(f"{where}: kept its pfn kernel={kkept} sim={skept}")
             elif not kkept:
@@ -125,7 +134,7 @@ def _compare(label: str, snap: Snapshot, sim, live, addr: int, npages: int, kpre
                 sc = [sim.kpagecount(x) for x in range(sh, sh + ln)]
                 folio_state[h] = (bool(np.any(kc == 0)), 0 in sc)
         kprev[kpid] = kpfn
-        sprev[kpid] = spfn
+        sprev[kpid] = spfn_now
     for h, (kp, sp_) in folio_state.items():
         if kp != sp_:
             res.mismatches.append(f"folio {h:#x}: partially mapped kernel={kp} sim={sp_}")
@@ -190,8 +199,10 @@ def run(name: str, *, kernel: str | None = None) -> list[StepResult]:
                 first.mismatches.append(f"the kernel mapped {_huge_kb(pre, ppid)} kB of the region by PMD, "
                                         f"not all {region // 1024} kB (THP allocation fell back)")
             first.pages = npages
-            kprev = {ppid: _view(pre, addr, npages)[1]}
-            sprev = {ppid: sp.pagemap(addr, region) & np.uint64(PM_PFN_MASK)}
+            kpres0, kpfn0, _, _ = _view(pre, addr, npages)
+            spm0 = sp.pagemap(addr, region)
+            kprev = {ppid: np.where(kpres0, kpfn0, ABSENT)}
+            sprev = {ppid: np.where((spm0 & np.uint64(1 << 63)) != 0, spm0 & np.uint64(PM_PFN_MASK), ABSENT)}
             child: tuple[int, object] | None = None
             steps = [first]
             for label, cmd in script:
