@@ -351,8 +351,10 @@ class SimMachine(RuleBasedStateMachine):
 
     @initialize(pages=st.integers(16, 640), mthp=MTHP, write=st.booleans(),
                 shared=st.sampled_from([False, False, False, True]),
-                tmpfs_huge=st.sampled_from(["never", "always", "within_size", "advise"]))
-    def setup(self, pages: int, mthp: tuple[str, ...] | None, write: bool, shared: bool, tmpfs_huge: str) -> None:
+                tmpfs_huge=st.sampled_from(["never", "always", "within_size", "advise"]),
+                pmd=st.sampled_from([False, False, True]))
+    def setup(self, pages: int, mthp: tuple[str, ...] | None, write: bool, shared: bool, tmpfs_huge: str,
+              pmd: bool) -> None:
         self.tmpfs_huge = tmpfs_huge
         self.sims = self.make_sims()
         self.pagecache_faulted = False
@@ -369,7 +371,9 @@ class SimMachine(RuleBasedStateMachine):
         self.tmpfs = self.all(lambda s: s.create_file("256K", shmem=True, huge=self.tmpfs_huge))
         # Most interesting sequences start from memory that is already faulted in.
         p = self.procs[0]
-        start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp).start)
+        if pmd:
+            pages = 512 + pages % 129  # room for a huge PMD (on 512-entry page tables)
+        start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared, mthp=mthp, pmd=pmd).start)
         if start is None:
             # An mTHP size this layout has not (its PMD is smaller): plain pages then.
             start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, "rw", shared).start)
@@ -429,7 +433,7 @@ class SimMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.procs[0].maps) < 6)
     @rule(data=st.data(), pages=st.integers(1, 640), mthp=MTHP,
-          kind=st.sampled_from(["anon", "anon", "anon", "shared-anon", "file-private", "file-shared",
+          kind=st.sampled_from(["anon", "anon", "anon", "anon-pmd", "shared-anon", "file-private", "file-shared",
                                 "tmpfs-shared", "anon-uffd", "anon-uffd-fork"]),
           prot=st.sampled_from(["rw", "rw", "r"]))
     def mmap(self, data: st.DataObject, pages: int, mthp: tuple[str, ...] | None, kind: str, prot: str) -> None:
@@ -443,8 +447,11 @@ class SimMachine(RuleBasedStateMachine):
         else:
             file, shared = None, kind == "shared-anon"
         uffd, fork_event = kind.startswith("anon-uffd"), kind == "anon-uffd-fork"
+        pmd = kind == "anon-pmd"
+        if pmd:
+            pages = 512 + pages % 129
         start = self.all(lambda s: s.process(p.pid).mmap(pages * self.page, prot, shared, file=file, mthp=mthp,
-                                                          uffd_wp=uffd, uffd_event_fork=fork_event).start)
+                                                          uffd_wp=uffd, uffd_event_fork=fork_event, pmd=pmd).start)
         if start is not None:
             p.maps.append(Mapping(start, pages, file is not None or shared))
 

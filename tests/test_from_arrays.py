@@ -64,11 +64,17 @@ def machine_for(arch: str, kernel: str) -> type[SimMachine]:
                 round_trip(self.sims[1])
                 # The rebuilt simulation goes on like the original.
                 again = pb.Simulation.from_arrays(**self.sims[0].to_arrays())
+                outcomes = []
                 for s in (self.sims[0], again):
                     p = s.process(self.procs[0].pid)
                     if p.vmas():
-                        p.fork()
+                        try:  # a pinned page (or PMD) copied at fork may not fit a small memory
+                            p.fork()
+                            outcomes.append("forked")
+                        except pb.OutOfMemoryError:
+                            outcomes.append("out of memory")
                         s.check()
+                assert len(set(outcomes)) <= 1, outcomes
                 assert state_diff(self.sims[0].state(), again.state()) == []
 
     Machine.__name__ = f"FromArrays_{arch.replace('-', '_')}_{kernel.replace('.', '_')}"
@@ -253,7 +259,7 @@ def bad_exited_with_vmas(d):
 
 
 def bad_pmds(d):
-    vma(d)["pmds"] = np.zeros(1, np.uint64)
+    vma(d)["pmds"] = [(vma(d)["start"] + 4096, int(vma(d)["ptes"][0]))]  # not PMD-aligned
 
 
 def bad_unknown_key(d):

@@ -104,6 +104,19 @@ def main() -> None:
             check(libc.munmap(r.at(int(args[0])), int(args[1]) * PAGE), "munmap")
         elif op == "dontneed":
             check(libc.madvise(r.at(int(args[0])), int(args[1]) * PAGE, MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+        # ---- PMD-mapped THP scenarios (ptebatch.oracle_pmd) ----
+        elif op == "zsetup":
+            # Read every page only: each aligned 2M range maps the huge zero page.
+            size, align = int(args[0]), int(args[1])
+            r = Region(size, align)
+            check(libc.madvise(r.addr, size, MADV_HUGEPAGE), "madvise(MADV_HUGEPAGE)")
+            for p in range(size // PAGE):
+                r.m[r.off + p * PAGE]
+            reply = f"ok {os.getpid()} {r.addr}"
+        elif op == "mprotect":
+            prot = {"r": mmap.PROT_READ, "rw": mmap.PROT_READ | mmap.PROT_WRITE, "none": 0}[args[2]]
+            check(libc.mprotect(r.at(int(args[0])), int(args[1]) * PAGE, prot), "mprotect")
+        # ---- end of the PMD block ----
         elif op == "quit":
             break
         elif op in POLICY_COMMANDS:

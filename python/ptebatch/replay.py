@@ -8,6 +8,13 @@ anonymous pages are dirty, file pages dirty when their folio is, PTEs young, and
 PageAnonExclusive is set on anonymous pages mapped once. Then every counter is recomputed
 from the page tables and ``check()`` runs.
 
+PMD-mapped THPs stay PMD-mapped (:func:`pmd_mappings` gives the rule): in a private anonymous
+VMA whose smaps AnonHugePages is non-zero, a PMD-aligned run of ``pmd_pages`` present entries
+mapping consecutive pfns from the first page of one anonymous folio of exactly ``pmd_pages``
+pages is a huge PMD, up to as many as AnonHugePages counts, in address order; an aligned run
+of the huge zero page (KPF_ZERO_PAGE and KPF_THP, consecutive pfns) is a huge zero PMD. Such a
+VMA is replayed with ``pmd=True``, so its later faults map PMDs too.
+
 Frames keep their captured pfns while the highest one fits a machine of
 ``MAX_IDENTITY_FRAMES`` frames. Beyond that (a capture of a big machine, where mapped pfns
 are sparse), the PMD-sized frame windows that hold mapped pages are packed into a dense
@@ -28,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from ._core import KERNEL_VERSIONS, InvariantError, SnapshotError
-from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
+from .snapshot import (KPF_ANON, KPF_DIRTY, KPF_HUGE, KPF_SWAPBACKED, KPF_THP, KPF_ZERO_PAGE, PM_MMAP_EXCLUSIVE,
                        PM_PFN_MASK, PM_PRESENT, PM_SOFT_DIRTY, PM_UFFD_WP, VMA_EXEC, VMA_FILE, VMA_HUGEPAGE,
                        VMA_NOHUGEPAGE, VMA_READ, VMA_SHARED, VMA_WRITE, Snapshot)
 
@@ -105,6 +112,62 @@ def replayed_pfns(snap: Snapshot, pfns: Iterable[int] | np.ndarray, *, compact: 
     if np.any(k >= len(wins)) or np.any(wins[np.minimum(k, len(wins) - 1)] != p - p % pmd):
         raise ValueError("a pfn that no replayed page uses was asked for")
     return new[k] + p % pmd
+
+
+def pmd_mappings(snap: Snapshot) -> dict[int, list[int]]:
+    """The huge PMDs of a capture: VMA index → indices (into the VMA's pagemap entries) of the
+    first page of each PMD-mapped range.
+
+    pagemap cannot tell a PMD mapping from a PTE-mapped THP mapped whole and in order; smaps'
+    AnonHugePages of the VMA says how many PMD mappings it holds. Every run that could be one
+    (PMD-aligned address, ``pmd_pages`` present entries, consecutive pfns from the first page of
+    an anonymous folio of exactly ``pmd_pages`` pages) is taken, in address order, until that
+    count is reached: where a VMA holds both kinds, a whole in-order PTE-mapped THP before a
+    PMD-mapped one would be taken for it (AnonHugePages does not say which ranges it counts).
+    A PMD-aligned run of ``pmd_pages`` consecutive pages of the huge zero folio (KPF_ZERO_PAGE
+    and KPF_THP) is a huge zero PMD (AnonHugePages does not count those); PTEs of the small zero
+    page never look like that.
+    """
+    a = snap.arrays
+    page, pmd = snap.page_size, snap.pmd_pages
+    pm = a["pagemap"]
+    off = a["vma_page_offset"]
+    out: dict[int, list[int]] = {}
+    for i in np.flatnonzero((a["vma_flags"] & np.uint32(VMA_FILE | VMA_SHARED)) == 0):
+        want = int(a["vma_anon_huge_kb"][i]) * 1024 // (pmd * page)
+        lo, hi = int(off[i]), int(off[i + 1])
+        start = int(a["vma_start"][i]) // page
+        found: list[int] = []
+        # Aligned runs whose first entry maps an aligned pfn and whose last the pfn pmd - 1 on.
+        js = np.arange((-start) % pmd, hi - lo - pmd + 1, pmd)
+        if not len(js):
+            continue
+        first, last = pm[lo + js], pm[lo + js + pmd - 1]
+        mask = np.uint64(PM_PFN_MASK)
+        cand = (((first & last & np.uint64(PM_PRESENT)) != 0) & ((first & mask) % np.uint64(pmd) == 0)
+                & ((last & mask) == (first & mask) + np.uint64(pmd - 1)))
+        taken = 0
+        for j in js[cand].tolist():
+            run = pm[lo + j:lo + j + pmd]
+            pfns = run & mask
+            head = pfns[0]
+            if not (np.all(run & np.uint64(PM_PRESENT)) and np.array_equal(pfns, head + np.arange(pmd, dtype=np.uint64))):
+                continue
+            fl, _ = snap.frame_info(np.array([head], dtype=np.uint64))
+            flags = int(fl[0])
+            if flags & KPF_ZERO_PAGE:
+                if flags & KPF_THP:
+                    found.append(j)
+                continue
+            if taken == want or flags & KPF_HUGE or not flags & KPF_ANON:
+                continue
+            heads, lens = snap.folio_of(np.array([head], dtype=np.uint64))
+            if int(heads[0]) == int(head) and int(lens[0]) == pmd:
+                found.append(j)
+                taken += 1
+        if found:
+            out[int(i)] = found
+    return out
 
 
 def from_snapshot(snap: Snapshot, kernel: str | None = None, *, memory: int | str | None = None,
@@ -249,6 +312,7 @@ def _arrays(snap: Snapshot, arch: str, nr_pages: int, sizes: list[int] | None, w
         fids[key] = len(files)
         files.append({"size": n * page, "folio_size": page, "shmem": key[2]})
     pid_index = {pid: k for k, pid in enumerate(snap.pids)}
+    huge = pmd_mappings(snap)
     # VMAs, as mmap at each captured address makes them: neighbours with the same attributes
     # merge (vma_merge()).
     vmas: list[list[dict[str, Any]]] = [[] for _ in snap.pids]
@@ -271,11 +335,12 @@ def _arrays(snap: Snapshot, arch: str, nr_pages: int, sizes: list[int] | None, w
         off = int(a["vma_pgoff"][i]) * page if f & VMA_FILE else 0
         m: dict[str, Any] = {"start": start, "end": end, "prot": prot, "shared": shared, "file": fid,
                              "offset": off, "mthp": sizes if fid is None else None,
-                             "hugepage": bool(f & VMA_HUGEPAGE), "nohugepage": bool(f & VMA_NOHUGEPAGE)}
+                             "hugepage": bool(f & VMA_HUGEPAGE), "nohugepage": bool(f & VMA_NOHUGEPAGE),
+                             "pmd": i in huge, "pmds": []}
         own = vmas[pid_index[int(a["vma_pid"][i])]]
         last = own[-1] if own else None
         if (last is not None and last["end"] == start
-                and all(last[k] == m[k] for k in ("prot", "shared", "file", "mthp", "hugepage", "nohugepage"))
+                and all(last[k] == m[k] for k in ("prot", "shared", "file", "mthp", "hugepage", "nohugepage", "pmd"))
                 and (fid is None or last["offset"] + (last["end"] - last["start"]) == off)):
             last["end"] = end
         else:
@@ -315,9 +380,28 @@ def _arrays(snap: Snapshot, arch: str, nr_pages: int, sizes: list[int] | None, w
     folios = {"pfn": moved(uniq), "order": orders, "kind": kind, "file": file_col, "index": index_col,
               "dirty": (hflags & np.uint64(KPF_DIRTY)) != 0}
 
-    # Page tables, with the bits /proc does not show inferred: a private PTE is writable only
-    # on an exclusive anonymous page (mapped once), as the kernel's COW rules require.
-    sel = np.flatnonzero(usable)
+    # Huge PMDs, in the layout's PTE encoding; PTEs for the rest, with the bits /proc does not
+    # show inferred: a private PTE (or PMD) is writable only on an exclusive anonymous page
+    # (mapped once), as the kernel's COW rules require.
+    as_pmd = np.zeros(len(pm), dtype=bool)
+    for i, starts in huge.items():
+        base = int(a["vma_page_offset"][i])
+        f = int(a["vma_flags"][i])
+        prot_none = (f & (VMA_READ | VMA_WRITE | VMA_EXEC)) == 0
+        own = vmas[pid_index[int(a["vma_pid"][i])]][merged_of[i]]
+        for j in starts:
+            entry = int(pm[base + j])
+            as_pmd[base + j:base + j + pmd] = True
+            is_zero = bool(zero[base + j])
+            head = zero_pfn if is_zero else int(moved(np.array([entry & PM_PFN_MASK], np.uint64))[0])
+            e = lay.mk_pte(np.array([head], np.uint64),
+                           write=bool(f & VMA_WRITE) and not is_zero and not prot_none and bool(entry & PM_MMAP_EXCLUSIVE),
+                           dirty=not is_zero, young=True,
+                           soft_dirty=bool(entry & PM_SOFT_DIRTY) and lay.has_soft_dirty,
+                           uffd_wp=bool(entry & PM_UFFD_WP) and lay.has_uffd_wp,
+                           exec=bool(f & VMA_EXEC) and not prot_none, special=is_zero, prot_none=prot_none)
+            own["pmds"].append((int(a["vma_start"][i]) + j * page, int(e[0])))
+    sel = np.flatnonzero(usable & ~as_pmd)
     v_of = vma_of_page[sel]
     e = pm[sel]
     fl = flags_all[sel]
@@ -355,4 +439,4 @@ def _arrays(snap: Snapshot, arch: str, nr_pages: int, sizes: list[int] | None, w
     return {"folios": folios, "processes": processes, "files": files}
 
 
-__all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "MAX_IDENTITY_FRAMES"]
+__all__ = ["from_snapshot", "layout_for", "kernel_of", "replayed_pfns", "pmd_mappings", "MAX_IDENTITY_FRAMES"]

@@ -115,12 +115,14 @@ _PG_ANON_EXCLUSIVE, _PG_ANON, _PG_SWAPBACKED, _PG_DIRTY = 1 << 0, 1 << 1, 1 << 2
 _PG_PARTIALLY_MAPPED, _PG_MAYBE_SHARED = 1 << 5, 1 << 6
 _FREE_ORDER = 255
 #: Keys of one VMA (``Process.vmas()`` gives all but ``ptes``), with their defaults (those of
-#: ``mmap``); ``end``, when given, must agree with the page table's length. ``pmds`` is
+#: ``mmap``); ``end``, when given, must agree with the page table's length; ``anon_huge_pages``
+#: (what ``Process.vmas()`` reports) is derived from ``pmds`` and ignored. ``pmds`` is
 #: reserved for PMD-mapped THPs and must be None for now.
 _VMA_DEFAULTS: dict[str, Any] = {"prot": "rw", "shared": False, "file": None, "offset": 0,
                                  "vm_softdirty": True, "uffd_wp": False, "uffd_event_fork": False,
                                  "dontfork": False, "wipeonfork": False, "anon_vma": 0, "mthp": None,
-                                 "hugepage": False, "nohugepage": False, "end": None, "pmds": None}
+                                 "hugepage": False, "nohugepage": False, "pmd": False, "end": None, "pmds": (),
+                                 "anon_huge_pages": None}
 _PROCESS_KEYS = ("vmas", "pid", "exited", "has_pinned", "next_mmap", "thp_disable")
 _FOLIO_KEYS = ("pfn", "order", "kind", "file", "index", "dirty", "partially_mapped", "maybe_shared",
                "mm_ids", "mm_id_mapcounts")
@@ -239,8 +241,11 @@ def _folio_table(folios: object) -> dict[str, np.ndarray | None]:
 
 def _vma_arg(v: object, name: str, page_size: int) -> dict[str, Any]:
     d = {**_VMA_DEFAULTS, **_keys(v, name, ("start", "ptes", *_VMA_DEFAULTS), ("start", "ptes"))}
-    if d["pmds"] is not None:
-        raise ValueError(f"{name}: PMD mappings (pmds) are not modelled yet; map the range with PTEs")
+    pmds = []
+    for j, pair in enumerate(_list(d["pmds"], f'{name}["pmds"]')):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f'{name}["pmds"][{j}] must be an (address, PMD entry) pair')
+        pmds.append((_int_arg(pair[0], f'{name}["pmds"][{j}] address'), _int_arg(pair[1], f'{name}["pmds"][{j}] entry')))
     ptes = _pte_array(d["ptes"], f'{name}["ptes"]')
     start = _int_arg(d["start"], f'{name}["start"]')
     if d["end"] is not None and _int_arg(d["end"], f'{name}["end"]') != start + len(ptes) * page_size:
@@ -253,7 +258,8 @@ def _vma_arg(v: object, name: str, page_size: int) -> dict[str, Any]:
         **{k: _bool_arg(d[k], f'{name}["{k}"]') for k in ("vm_softdirty", "uffd_wp", "uffd_event_fork", "dontfork", "wipeonfork")},
         "anon_vma": _int_arg(d["anon_vma"], f'{name}["anon_vma"]', 32),
         "mthp": None if d["mthp"] is None else _sizes(d["mthp"], f'{name}["mthp"]'),
-        **{k: _bool_arg(d[k], f'{name}["{k}"]') for k in ("hugepage", "nohugepage")},
+        **{k: _bool_arg(d[k], f'{name}["{k}"]') for k in ("hugepage", "nohugepage", "pmd")},
+        "pmds": pmds,
     }
 
 
@@ -380,11 +386,16 @@ class Process:
 
     def mmap(self, length: int | str, prot: str = "rw", shared: bool = False, *, file: int | None = None,
              offset: int | str = 0, mthp: int | str | Iterable[int | str] | None = None,
-             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False) -> Mapping:
+             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False,
+             pmd: bool = False) -> Mapping:
         """``mmap()``: anonymous private by default. Faults choose folio sizes by the THP policy
-        (``Simulation.set_thp_policy``, ``madvise(..., "hugepage")``, ``prctl_thp_disable``);
-        ``mthp``, a size or a list of sizes (``[]`` for pages only), overrides the sysfs controls
-        for this mapping (a model shortcut)."""
+        (``Simulation.set_thp_policy``, ``madvise(..., "hugepage")``, ``prctl_thp_disable``),
+        mapping PMD THPs with one PMD where the policy allows the PMD size; ``mthp``, a size or
+        a list of sizes (``[]`` for pages only), overrides the sysfs controls for this mapping
+        (a model shortcut; a "2M" in the list is mapped by PTEs at fault: a PTE-mapped THP).
+        ``pmd=True``: faults map PMD THPs where a whole aligned PMD range lies in the mapping
+        and its page table is empty, whatever the policy (the huge zero page on a read fault);
+        they are split into PTEs by a partial munmap, mprotect or MADV_DONTNEED."""
         n = parse_size(length, "length")
         prot = _str_arg(prot, "prot")
         shared = _bool_arg(shared, "shared")
@@ -394,8 +405,9 @@ class Process:
         addr = None if addr is None else _int_arg(addr, "addr")
         uffd_wp = _bool_arg(uffd_wp, "uffd_wp")
         uffd_event_fork = _bool_arg(uffd_event_fork, "uffd_event_fork")
+        pmd = _bool_arg(pmd, "pmd")
         start = self.sim._b.mmap(self.pid, n, prot, shared, file, offset_b, sizes, addr,
-                                 uffd_wp, uffd_event_fork)
+                                 uffd_wp, uffd_event_fork, pmd)
         return Mapping(self, start, n)
 
     def touch(self, addr: int, length: int | str, write: bool = False) -> None:
@@ -478,9 +490,19 @@ class Process:
 
     def vmas(self) -> list[dict[str, Any]]:
         """The VMAs, as dicts (start, end, prot, shared, file, offset, flags, ``hugepage`` and
-        ``nohugepage`` (VM_HUGEPAGE / VM_NOHUGEPAGE), and ``mthp``: the explicit size list, or None
-        where the THP policy applies)."""
-        return list(self.sim._b.vmas(self.pid))
+        ``nohugepage`` (VM_HUGEPAGE / VM_NOHUGEPAGE), ``mthp``: the explicit size list, or None
+        where the THP policy applies, ``pmd``), each with ``anon_huge_pages``: smaps'
+        AnonHugePages in bytes (anonymous memory mapped by huge PMDs)."""
+        out = [dict(v) for v in self.sim._b.vmas(self.pid)]
+        for v, huge in zip(out, self.sim._b.anon_huge_pages(self.pid)):
+            v["anon_huge_pages"] = int(huge)
+        return out
+
+    def pmds(self, mapping: Mapping | int) -> list[tuple[int, int]]:
+        """The huge PMDs of the VMA holding the mapping's start (or an address): (address, PMD
+        entry) pairs; the entry decodes like a PTE (``Simulation.decode_pte``)."""
+        addr = mapping.start if isinstance(mapping, Mapping) else _int_arg(mapping, "mapping")
+        return [(int(a), int(e)) for a, e in self.sim._b.pmds(self.pid, addr)]
 
     def rss(self) -> dict[str, int]:
         """The rss counters in pages: ``{"file", "anon", "shmem"}``."""
@@ -488,7 +510,7 @@ class Process:
 
 
 #: Columns of the state's two-dimensional tables (see ``Simulation.state``).
-_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 9, "vmas": 18, "files": 4, "pins": 3}
+_TABLE_WIDTHS = {"large": 9, "free_blocks": 2, "mms": 9, "vmas": 18, "files": 4, "pins": 3, "pmd_keys": 2}
 
 
 class _Serialised:
@@ -706,6 +728,9 @@ class Simulation:
         for pid, _mm_id, _a, _b, _c, has_pinned, exited, next_vpn, thp_disable in s["mms"].tolist():
             processes.append({"pid": pid, "exited": bool(exited), "has_pinned": bool(has_pinned),
                               "next_mmap": next_vpn << shift, "thp_disable": thp_disable, "vmas": []})
+        huge: dict[int, list[tuple[int, int]]] = {}  # pid -> (first vpn, PMD entry)
+        for (ppid, base), e in zip(np.asarray(s["pmd_keys"]).reshape(-1, 2).tolist(), np.asarray(s["pmds"], dtype=np.uint64).tolist()):
+            huge.setdefault(ppid, []).append((base, e))
         for j, row in enumerate(vma_rows.tolist()):
             pid, start, nr, r, w, x, shared, fid, pgoff, sd, uwp, uef, dontfork, wipe, anon_vma, mthp, hp, nhp = row
             prot = "".join(c for c, on in zip("rwx", (r, w, x)) if on) or "none"
@@ -716,7 +741,8 @@ class Simulation:
                 "vm_softdirty": bool(sd), "uffd_wp": bool(uwp), "uffd_event_fork": bool(uef),
                 "dontfork": bool(dontfork), "wipeonfork": bool(wipe), "anon_vma": anon_vma,
                 "mthp": [page << o for o in range(32) if mthp >> o & 1] if mthp else None,
-                "hugepage": bool(hp), "nohugepage": bool(nhp)})
+                "hugepage": bool(hp), "nohugepage": bool(nhp), "pmd": bool(s["vma_pmd"][j]),
+                "pmds": [(b << shift, e) for b, e in huge.get(pid, []) if start <= b < start + nr]})
         files = [{"size": nr * page, "folio_size": page << fo, "shmem": bool(sh), "anon": kind == 1,
                   "huge": _FILE_HUGE[kind - 2] if kind >= 2 else None} for nr, fo, sh, kind in s["files"].tolist()]
         pins = [{**p, "pfns": np.asarray(p["pfns"], dtype=np.uint64)} for p in self._b.pins()]
@@ -868,8 +894,14 @@ class Simulation:
         return MemoryArrays(self)
 
     def kpagecount(self, pfn: int) -> int:
-        """/proc/kpagecount of ``pfn``: the page's mapcount as the kernel reports it."""
+        """/proc/kpagecount of ``pfn``: the page's mapcount as the kernel reports it (PTE
+        mappings plus the folio's huge PMD mappings)."""
         return self._b.kpagecount(_int_arg(pfn, "pfn"))
+
+    def kpageflags(self, pfn: int) -> int:
+        """/proc/kpageflags of ``pfn``, the bits the model knows: KPF_ANON, KPF_MMAP,
+        KPF_COMPOUND_HEAD / KPF_COMPOUND_TAIL and KPF_THP (large folios), KPF_ZERO_PAGE."""
+        return self._b.kpageflags(_int_arg(pfn, "pfn"))
 
     def state(self) -> dict[str, Any]:
         """The whole state in canonical form (numpy arrays and ints)."""

@@ -218,7 +218,7 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
                                      | (VMA_EXEC if "x" in prot else 0) | (VMA_SHARED if v["shared"] else 0)
                                      | (VMA_FILE if v["file"] is not None else 0))
             cols["vma_pgoff"].append(v["offset"] // page)
-            cols["vma_anon_huge_kb"].append(0)
+            cols["vma_anon_huge_kb"].append(v.get("anon_huge_pages", 0) // 1024)
             names.append(f"[sim file {v['file']}]" if v["file"] is not None else f"[sim pid {p.pid}]")
     pagemap = np.concatenate(maps) if maps else np.zeros(0, np.uint64)
     pres = pagemap[(pagemap & np.uint64(PM_PRESENT)) != 0] & np.uint64(PM_PFN_MASK)
@@ -246,7 +246,11 @@ def snapshot_of(sim: Any, processes: Iterable[Any] | None = None) -> Snapshot:
         f[large & (heads == pf_in)] |= np.uint64(KPF_COMPOUND_HEAD | KPF_THP)
         f[large & (heads != pf_in)] |= np.uint64(KPF_COMPOUND_TAIL | KPF_THP)
         flags[k * pmd:k * pmd + len(pf_in)] = f
-        counts[k * pmd:k * pmd + len(pf_in)] = np.where(alloc, mcount[pf_in], 0).astype(np.uint64)
+        c = np.where(alloc, mcount[pf_in], 0).astype(np.uint64)
+        # kpagecount adds the folio's huge PMD mappings (entire mapcount).
+        for h in np.unique(heads[alloc & (ord_ == pmd.bit_length() - 1)]).tolist():
+            c[(heads == h) & alloc] += np.uint64(sim._b.page(h).get("entire_mapcount", 0))
+        counts[k * pmd:k * pmd + len(pf_in)] = c
         if w <= zero_pfn < w + pmd:
             # The shared zero page: flagged as such, and the rmap does not count it.
             flags[k * pmd + zero_pfn - w] = np.uint64(KPF_ZERO_PAGE)

@@ -24,6 +24,12 @@ impl State {
     fn where_mapped<L: PteLayout>(&self, l: &L, pfn: u64) -> String {
         for mm in &self.mms {
             for vma in &mm.vmas {
+                for (&base, &e) in &vma.pmds {
+                    let head = l.pte_pfn(e);
+                    if pfn >= head && pfn < head + self.ptrs_per_pte {
+                        return format!("; mapped by pid {} at {:#x} (huge PMD)", mm.pid, (base + pfn - head) << self.page_shift);
+                    }
+                }
                 for (i, &e) in vma.ptes.iter().enumerate() {
                     if !l.pte_none(e) && l.pte_pfn(e) == pfn {
                         return format!("; mapped by pid {} at {:#x}", mm.pid, (vma.start + i as u64) << self.page_shift);
@@ -97,6 +103,8 @@ impl State {
             Ok(())
         };
         let mut run: Option<(u64, u32, u32)> = None;
+        // Huge PMD mappings, by folio head (the kernel's entire mapcount); sorted below.
+        let mut pmd_heads: Vec<u64> = Vec::new();
         for mm in &self.mms {
             if mm.exited && !mm.vmas.is_empty() {
                 return Err(broken("exited-mm", format!("pid {} has exited but still has VMAs", mm.pid)));
@@ -107,6 +115,45 @@ impl State {
                     return Err(broken("vma-order", format!("pid {}: VMAs overlap at {:#x}", mm.pid, vma.start << shift)));
                 }
                 self.check_contpte(l, p, mm.pid, vma)?;
+                for (&base, &e) in &vma.pmds {
+                    let at = || format!("pid {} address {:#x} (PMD {e:#x})", mm.pid, base << shift);
+                    let nr = self.ptrs_per_pte;
+                    if base % nr != 0 || base < vma.start || base + nr > vma.end() || !vma.is_anon() {
+                        return Err(broken("pmd-leaf", format!("{}: a huge PMD must be aligned, inside its mapping, in a private anonymous mapping", at())));
+                    }
+                    let s = (base - vma.start) as usize;
+                    if !vma.ptes[s..s + nr as usize].iter().all(|&x| l.pte_none(x)) {
+                        return Err(broken("pmd-leaf", format!("{}: PTEs under a huge PMD", at())));
+                    }
+                    let head = l.pte_pfn(e);
+                    if head == self.zero_pfn {
+                        if l.pte_write(e) || !l.pte_special(e) {
+                            return Err(broken("zero-page-pte", format!("{}: the huge zero page must be mapped special and read-only", at())));
+                        }
+                        continue;
+                    }
+                    let ok = head < n as u64 && !self.mem.is_free(head) && self.mem.folio_head(head) == head && self.mem.folio_order(head) == self.pmd_order && self.mem.test(head, PG_ANON);
+                    if !ok {
+                        return Err(broken("pmd-leaf", format!("{}: pfn {head:#x} is not the first page of a PMD-sized anonymous folio", at())));
+                    }
+                    if l.pte_write(e) && !self.mem.test(head, PG_ANON_EXCLUSIVE) {
+                        return Err(broken("writable-cow-not-exclusive", format!("{}: a writable huge PMD whose head pfn {head:#x} is not exclusive", at())));
+                    }
+                    pmd_heads.push(head);
+                    for pu in head as usize..(head + nr) as usize {
+                        owner[pu] = match owner[pu] {
+                            0 => mm.pid,
+                            o if o == mm.pid => o,
+                            _ => MANY,
+                        };
+                        if l.pte_write(e) {
+                            writable[pu] += 1;
+                        }
+                    }
+                    flush(&mut run)?;
+                    run = Some((head, mm.mm_id, 1));
+                    rss[mm_counter(&self.mem, head)] += nr as i64;
+                }
                 for (i, &e) in vma.ptes.iter().enumerate() {
                     if i % 4096 == 0 {
                         self.ticker.tick(4096)?;
@@ -165,6 +212,7 @@ impl State {
             }
         }
         runs.sort_unstable_by_key(|&(head, mm_id, _)| (head, mm_id));
+        pmd_heads.sort_unstable();
         let mut next_run = 0usize;
         // Pins and page-cache references.
         let mut pins = try_filled(n, 0u32, "check()'s pin counts")?;
@@ -227,9 +275,11 @@ impl State {
             if cached[pfn] != self.mem.test(head, PG_FILE) {
                 return Err(broken("page-cache-flag", format!("{}: PG_FILE does not match page-cache membership", what(pfn))));
             }
-            let expect = maps + pin_refs * bias + cache_refs;
+            // A huge PMD maps the folio once and holds one reference.
+            let pmd_maps = (pmd_heads.partition_point(|&h| h <= head) - pmd_heads.partition_point(|&h| h < head)) as i64;
+            let expect = maps + pmd_maps + pin_refs * bias + cache_refs;
             if refs != expect {
-                return Err(broken("refcount", format!("{}: refcount {refs}, expected {expect} = {maps} mapping(s) + {pin_refs} pin(s) + {cache_refs} page-cache reference(s){}", what(pfn), self.where_mapped(l, head))));
+                return Err(broken("refcount", format!("{}: refcount {refs}, expected {expect} = {maps} PTE mapping(s) + {pmd_maps} PMD mapping(s) + {pin_refs} pin(s) + {cache_refs} page-cache reference(s){}", what(pfn), self.where_mapped(l, head))));
             }
             if refs <= 0 {
                 return Err(broken("refcount", format!("{}: an allocated folio with refcount {refs}", what(pfn))));
@@ -238,11 +288,11 @@ impl State {
                 let Some(lf) = self.mem.large_folio(head) else {
                     return Err(broken("large-folio-record", format!("{} has no large-folio record", what(pfn))));
                 };
-                if lf.large_mapcount as i64 + 1 != maps {
-                    return Err(broken("large-mapcount", format!("{}: large mapcount {}, page tables map it {maps} time(s){}", what(pfn), lf.large_mapcount + 1, self.where_mapped(l, head))));
+                if lf.large_mapcount as i64 + 1 != maps + pmd_maps {
+                    return Err(broken("large-mapcount", format!("{}: large mapcount {}, page tables map it {} time(s){}", what(pfn), lf.large_mapcount + 1, maps + pmd_maps, self.where_mapped(l, head))));
                 }
-                if lf.entire_mapcount != -1 {
-                    return Err(broken("entire-mapcount", format!("{}: entire mapcount {} without PMD mappings", what(pfn), lf.entire_mapcount + 1)));
+                if lf.entire_mapcount as i64 + 1 != pmd_maps {
+                    return Err(broken("entire-mapcount", format!("{}: entire mapcount {}, {pmd_maps} huge PMD mapping(s){}", what(pfn), lf.entire_mapcount + 1, self.where_mapped(l, head))));
                 }
                 if lf.nr_pages_mapped != mapped_pages {
                     return Err(broken("nr-pages-mapped", format!("{}: nr_pages_mapped {}, {mapped_pages} page(s) are mapped", what(pfn), lf.nr_pages_mapped)));
@@ -270,7 +320,7 @@ impl State {
                 }
                 next_run = end;
                 if p.mm_id {
-                    let total = maps - 1;
+                    let total = maps + pmd_maps - 1;
                     for s in 0..2 {
                         let id = lf.mm_id[s];
                         let c = lf.mm_id_mapcount[s];

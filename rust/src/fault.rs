@@ -65,10 +65,17 @@ impl State {
     pub fn access<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, vpn: u64, access: Access) -> Result<()> {
         let write = access == Access::Write;
         let (v, i) = self.locate(k, vpn);
+        if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+            return Ok(());
+        }
         self.op.pte_reads += 1;
         let pte = self.mms[k].vmas[v].ptes[i];
         if l.pte_none(pte) {
             self.fault_none(l, p, k, v, vpn, write)?;
+            // The fault may have mapped a huge PMD (huge_memory.rs).
+            if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+                return Ok(());
+            }
         } else if write && !l.pte_write(pte) {
             self.do_wp_page(l, p, k, v, i, false)?;
         }
@@ -114,6 +121,18 @@ impl State {
     /// tried first, as `__handle_mm_fault()` calls `create_huge_pmd()` before the PTE path,
     /// which itself only considers orders below PMD_ORDER.
     fn do_anonymous_page<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        // alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps
+        // it from the PMD order).
+        let vma = &self.mms[k].vmas[v];
+        let allowed = if vma.uffd_wp { 0 } else { crate::policy::thp_vma_suitable_orders(vma, vpn, self.thp_vma_allowable_orders(k, v)) };
+        let pmd_bit = 1u32 << self.pmd_order;
+        // __handle_mm_fault(): where the policy allows the PMD order, create_huge_pmd() first
+        // (read faults too: the huge zero page); `pmd=True` mappings always try it. An
+        // explicit size list with the PMD size keeps the model's PTE-mapped PMD-sized folio.
+        let pmd_by_policy = vma.mthp == 0 && allowed & pmd_bit != 0;
+        if (vma.thp_pmd || pmd_by_policy) && self.do_huge_pmd_anonymous_page(l, p, k, v, vpn, write)? {
+            return Ok(());
+        }
         let vma = &self.mms[k].vmas[v];
         let i = (vpn - vma.start) as usize;
         if !write {
@@ -121,11 +140,8 @@ impl State {
             self.set_pte(l, p, k, v, i, pte);
             return Ok(());
         }
-        // alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps
-        // it from the PMD order).
-        let allowed = if vma.uffd_wp { 0 } else { crate::policy::thp_vma_suitable_orders(vma, vpn, self.thp_vma_allowable_orders(k, v)) };
         let pmd_order = self.pmd_order;
-        if allowed & (1 << pmd_order) != 0 && self.pmd_order_fault(l, p, k, v, vpn)? {
+        if !pmd_by_policy && allowed & pmd_bit != 0 && self.pmd_order_fault(l, p, k, v, vpn)? {
             return Ok(());
         }
         // alloc_anon_folio(): the highest order whose aligned range is all none; every lower
@@ -164,11 +180,10 @@ impl State {
         Ok(())
     }
 
-    /// The PMD-order fault, `create_huge_pmd()` → `do_huge_pmd_anonymous_page()`, for a write
-    /// whose PMD-aligned range the policy allows. Stand-in until PMD mappings are modelled: when
-    /// the range is all none (for "the PMD is none") a PMD-sized folio is allocated and mapped
-    /// with PTEs. Returns false for the kernel's VM_FAULT_FALLBACK (range in use, or no
-    /// PMD-order memory), after which the PTE path runs.
+    /// A write fault of a mapping whose explicit size list (`mmap(mthp=[..., "2M"])`) has the
+    /// PMD size: the model's PTE-mapped PMD-sized folio, the state a PMD fault followed by a
+    /// split leaves. Returns false (as VM_FAULT_FALLBACK) when the range is in use or there is
+    /// no PMD-order memory, after which the PTE path runs.
     fn pmd_order_fault<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64) -> Result<bool> {
         let order = self.pmd_order;
         let n = 1u64 << order;
@@ -346,9 +361,17 @@ impl State {
         for vpn in a..b {
             self.ticker.tick(1)?;
             let (v, i) = self.locate(k, vpn);
+            if let Some(pfn) = self.gup_huge_pmd(l, p, k, v, vpn, write, longterm)? {
+                pfns.push(pfn);
+                continue;
+            }
             self.op.pte_reads += 1;
             if l.pte_none(self.mms[k].vmas[v].ptes[i]) {
                 self.fault_none(l, p, k, v, vpn, write)?;
+                if let Some(pfn) = self.gup_huge_pmd(l, p, k, v, vpn, write, longterm)? {
+                    pfns.push(pfn);
+                    continue;
+                }
             }
             let pte = self.ptep_get(l, p, k, v, i);
             if write && !l.pte_write(pte) {
@@ -398,6 +421,7 @@ impl State {
             }
         }
         self.op.pte_writes += writes;
+        self.clear_soft_dirty_pmds(l, k);
         self.op.tlb_flush_ranges += 1;
         Ok(())
     }

@@ -308,6 +308,7 @@ impl State {
             dst.anon_vma = if src_anon_vma != 0 && !wipe { self.new_anon_vma() } else { 0 };
             // vma_needs_copy(): uffd-wp in the child, or anonymous pages in the parent.
             if !wipe && (dst.uffd_wp || src_anon_vma != 0) {
+                self.copy_huge_pmds(l, p, k, vi, ctx.dst_mm_id, ctx.has_pinned, &mut dst, &mut rss);
                 self.copy_page_range(l, p, &ctx, k, vi, &mut dst.ptes, &mut rss)?;
             }
             self.mms[c].vmas.push(dst);
@@ -327,7 +328,10 @@ impl State {
         while a < len {
             let to_pmd = ptrs - ((ctx.start as usize + a) & (ptrs - 1));
             let e = len.min(a + to_pmd);
-            self.copy_pte_range(l, p, ctx, k, vi, dst, a, e, rss)?;
+            // A huge PMD copy_huge_pmds() copied has no page table to walk.
+            if !self.mms[k].vmas[vi].pmds.contains_key(&(ctx.start + a as u64)) {
+                self.copy_pte_range(l, p, ctx, k, vi, dst, a, e, rss)?;
+            }
             self.ticker.tick((e - a) as u64)?;
             a = e;
         }

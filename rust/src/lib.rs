@@ -12,6 +12,7 @@ pub mod error;
 pub mod fault;
 pub mod filemap;
 pub mod fork;
+pub mod huge_memory;
 pub mod kernel;
 pub mod memory;
 pub mod mm;

@@ -1,6 +1,8 @@
 //! Address spaces: `mm_struct`s with their VMAs, each VMA's PTEs as one array, rss counters,
 //! and the page-cache objects (files and shmem) that file-backed VMAs map.
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
 use crate::arch::{Caps, PteLayout};
 use crate::memory::{PG_ANON, PG_SWAPBACKED};
@@ -102,6 +104,13 @@ pub struct Vma {
     /// VM_HUGEPAGE / VM_NOHUGEPAGE (MADV_HUGEPAGE / MADV_NOHUGEPAGE; never both).
     pub hugepage: bool,
     pub nohugepage: bool,
+    /// `pmd=True`: anonymous faults map a PMD THP where a whole aligned PMD range lies in
+    /// the VMA and its page table is empty (THP `enabled=always` for this mapping).
+    pub thp_pmd: bool,
+    /// Huge PMD leaves: the first vpn of a PMD-aligned range → the PMD entry, encoded as a
+    /// PTE of the layout (pfn of the folio's first page, or the zero pfn for the huge zero
+    /// page; write, dirty, young, soft-dirty, uffd-wp bits). The PTEs of such a range are none.
+    pub pmds: BTreeMap<u64, u64>,
 }
 
 impl Vma {
@@ -136,6 +145,8 @@ impl Vma {
         let mut v = self.clone_without_ptes();
         v.start = at;
         v.ptes = tail;
+        // A PMD leaf never straddles `at`: the caller split it first (vma_adjust_trans_huge()).
+        v.pmds = self.pmds.split_off(&at);
         if v.file.is_some() {
             v.pgoff = self.pgoff + k as u64;
         }
@@ -160,6 +171,8 @@ impl Vma {
             mthp: self.mthp,
             hugepage: self.hugepage,
             nohugepage: self.nohugepage,
+            thp_pmd: self.thp_pmd,
+            pmds: BTreeMap::new(),
         }
     }
 
@@ -179,6 +192,7 @@ impl Vma {
             && self.mthp == next.mthp
             && self.hugepage == next.hugepage
             && self.nohugepage == next.nohugepage
+            && self.thp_pmd == next.thp_pmd
             && (self.anon_vma == 0 || next.anon_vma == 0 || self.anon_vma == next.anon_vma)
     }
 }
@@ -209,6 +223,7 @@ impl Mm {
         for v in &self.vmas {
             let mut c = v.clone_without_ptes();
             c.ptes = v.ptes.try_clone(t, &mut copies)?;
+            c.pmds = v.pmds.clone();
             vmas.push(c);
         }
         Ok(Mm { vmas, ..*self })
@@ -292,6 +307,7 @@ impl Mm {
                         if prev.anon_vma == 0 {
                             prev.anon_vma = next.anon_vma;
                         }
+                        prev.pmds.append(&mut next.pmds);
                     }
                     Err(ptes) => {
                         next.ptes = ptes;

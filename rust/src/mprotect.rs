@@ -35,6 +35,8 @@ pub fn pte_modify<L: PteLayout>(l: &L, old: u64, prot: Prot, page_prot_write: bo
 impl State {
     /// `mprotect()` of `[a, b)` (vpns, entirely mapped).
     pub fn mprotect<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, prot: Prot) -> Result<()> {
+        self.split_huge_pmd_at(l, p, k, a);
+        self.split_huge_pmd_at(l, p, k, b);
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
@@ -67,7 +69,7 @@ impl State {
     }
 
     /// `can_change_pte_writable()`.
-    fn can_change_pte_writable<L: PteLayout>(&self, l: &L, vma: &Vma, pte: u64, page: Option<u64>) -> bool {
+    pub(crate) fn can_change_pte_writable<L: PteLayout>(&self, l: &L, vma: &Vma, pte: u64, page: Option<u64>) -> bool {
         if !vma.prot.write || l.pte_protnone(pte) {
             return false;
         }
@@ -100,6 +102,11 @@ impl State {
         let mut s = from;
         while s < len {
             let e = len.min(s + ptrs - ((start as usize + s) & (ptrs - 1)));
+            if self.change_huge_pmd_range(l, p, k, v, s, e, uffd) {
+                self.ticker.tick((e - s) as u64)?;
+                s = e;
+                continue;
+            }
             let mut changed = false;
             let mut i = s;
             while i < e {

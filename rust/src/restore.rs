@@ -68,6 +68,10 @@ pub struct VmaSpec<'a> {
     /// VM_HUGEPAGE / VM_NOHUGEPAGE (MADV_HUGEPAGE / MADV_NOHUGEPAGE).
     pub hugepage: bool,
     pub nohugepage: bool,
+    /// `mmap(pmd=True)`: faults map PMD THPs.
+    pub thp_pmd: bool,
+    /// Huge PMDs: (first vpn of the PMD range, PMD entry in the layout's PTE encoding).
+    pub pmds: Vec<(u64, u64)>,
 }
 
 /// One process (pid = its position + 1).
@@ -326,6 +330,8 @@ impl Simulation {
                 ptes: crate::ptes::PteTable::empty(),
                 hugepage: s.hugepage,
                 nohugepage: s.nohugepage,
+                thp_pmd: s.thp_pmd,
+                pmds: Default::default(),
                 prot: s.prot,
                 shared: s.shared,
                 file: s.file,
@@ -347,8 +353,15 @@ impl Simulation {
         if m.thp_disable == crate::policy::ThpDisable::ExceptAdvised && !self.profile.thp_disable_except_advised {
             return Err(bad(format!("processes[{k}]: PR_THP_DISABLE_EXCEPT_ADVISED exists from kernel 6.18")));
         }
+        self.st.mms[k].vmas = vmas;
+        // Huge PMDs, each checked as a PMD fault would leave it (huge_memory.rs).
+        for (pos, &i) in order.iter().enumerate() {
+            for &(base, e) in &m.vmas[i].pmds {
+                let pfn = with_layout!(&self.layout, l => l.pte_pfn(e));
+                with_layout!(&self.layout, l => self.st.place_huge_pmd(l, k, pos, base, pfn, e)).map_err(|e| bad(format!("{}: pmds: {}", at(i), e.message)))?;
+            }
+        }
         let mm: &mut Mm = &mut self.st.mms[k];
-        mm.vmas = vmas;
         mm.exited = m.exited;
         mm.thp_disable = m.thp_disable;
         mm.has_pinned = m.has_pinned;
@@ -408,7 +421,22 @@ impl Simulation {
             let mm_id = st.mms[mi].mm_id;
             let mut rss = [0i64; 3];
             for vi in 0..st.mms[mi].vmas.len() {
-                let mut any_anon = false;
+                let mut any_anon = !st.mms[mi].vmas[vi].pmds.is_empty();
+                let pmd_heads: Vec<u64> = st.mms[mi].vmas[vi].pmds.values().map(|&e| with_layout!(&self.layout, l => l.pte_pfn(e))).collect();
+                for head in pmd_heads.into_iter().filter(|&h| h != zero) {
+                    st.mem.refcount[head as usize] += 1;
+                    rss[mm_counter(&st.mem, head)] += st.ptrs_per_pte as i64;
+                    let lf = st.mem.lf(head);
+                    lf.entire_mapcount += 1;
+                    lf.large_mapcount += 1;
+                    if assign_slots {
+                        let slot = (0..2).find(|&s| lf.mm_id[s] == mm_id).or_else(|| (0..2).find(|&s| lf.mm_id[s] == MM_ID_DUMMY));
+                        if let Some(s) = slot {
+                            lf.mm_id[s] = mm_id;
+                            lf.mm_id_mapcount[s] += 1;
+                        }
+                    }
+                }
                 for i in 0..st.mms[mi].vmas[vi].ptes.len() {
                     if i % 4096 == 0 {
                         st.ticker.tick(4096)?;
@@ -453,10 +481,15 @@ impl Simulation {
                 return Err(bad(format!("folios[{i}] (pfn {head:#x}) is neither mapped, in a page cache nor pinned: the kernel would have freed it")));
             }
             let anon = st.mem.test(head, PG_ANON);
+            // Huge PMD mappings of the folio (the entire mapcount).
+            let entire = st.mem.large_folio(head).map_or(0, |lf| lf.entire_mapcount + 1);
             for p in head..head + nr {
+                // Inferred: an anonymous page mapped once; under one huge PMD, the head only,
+                // as a PMD fault leaves it.
+                let ptes = st.mem.mapcount[p as usize];
                 let excl = match exclusive {
                     Some(x) => x[p as usize],
-                    None => anon && st.mem.mapcount[p as usize] == 1,
+                    None => anon && ((ptes == 1 && entire == 0) || (ptes == 0 && entire == 1 && p == head)),
                 };
                 if excl {
                     st.mem.set(p, PG_ANON_EXCLUSIVE);
@@ -471,7 +504,8 @@ impl Simulation {
                 continue;
             }
             let lf = *st.mem.large_folio(head).expect("a placed large folio has a record");
-            let partial = given(f.partially_mapped).unwrap_or(anon && lf.nr_pages_mapped > 0 && (lf.nr_pages_mapped as u64) < nr);
+            // A folio a huge PMD maps is entirely mapped (ENTIRELY_MAPPED), never partially.
+            let partial = given(f.partially_mapped).unwrap_or(anon && lf.entire_mapcount < 0 && lf.nr_pages_mapped > 0 && (lf.nr_pages_mapped as u64) < nr);
             if partial && !anon {
                 return Err(bad(format!("folios[{i}]: only anonymous folios are queued for deferred split (partially_mapped)")));
             }
@@ -598,6 +632,8 @@ mod tests {
             mthp: Some(vec![]),
             hugepage: false,
             nohugepage: false,
+            thp_pmd: false,
+            pmds: vec![],
         }
     }
 

@@ -42,6 +42,10 @@ pub trait FolioCounts {
     /// `folio->_pincount`.
     fn pincount_mut(&mut self, head: u64) -> &mut i32;
     fn pincount_of(&self, head: u64) -> i32;
+    /// `folio->_entire_mapcount` (−1 = no PMD mapping); user arrays hold no PMD mappings.
+    fn entire_mapcount_of(&self, _head: u64) -> i32 {
+        -1
+    }
     /// `folio->_mm_id[2]` and `folio->_mm_id_mapcount[2]` (−1 = none), v6.15+.
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
     /// The folio's last reference went: it returns to the allocator.
@@ -135,6 +139,9 @@ impl FolioCounts for Memory {
     }
     fn pincount_of(&self, head: u64) -> i32 {
         self.large_folio(head).map_or(0, |lf| lf.pincount)
+    }
+    fn entire_mapcount_of(&self, head: u64) -> i32 {
+        self.large_folio(head).map_or(-1, |lf| lf.entire_mapcount)
     }
     #[inline]
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]) {
@@ -339,7 +346,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
     }
 
     /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
-    fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
+    pub(crate) fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
         let new = {
@@ -374,7 +381,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
 
     /// `folio_sub_return_large_mapcount()`: the shared bit clears lazily, when one slot turns
     /// out to hold every remaining mapping.
-    fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
+    pub(crate) fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
         let new = {
@@ -524,7 +531,8 @@ impl<M: FolioCounts> Rmap<'_, M> {
         if last > 0 {
             let m = self.mem.nr_pages_mapped_mut(head);
             *m -= last;
-            partially_mapped = *m != 0;
+            // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
+            partially_mapped = *m != 0 && self.mem.entire_mapcount_of(head) < 0;
         }
         if partially_mapped
             && self.mem.test(head, PG_ANON)

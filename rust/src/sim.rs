@@ -386,7 +386,8 @@ impl Simulation {
     /// `mmap()`: returns the start address. `file` maps a file object from byte `offset`;
     /// a shared anonymous mapping gets its own shmem object. `mthp`, when given, lists the
     /// anonymous folio sizes in bytes the mapping may use in place of the THP policy's sysfs
-    /// controls (a model shortcut); `None` follows the policy.
+    /// controls (a model shortcut); `None` follows the policy. `pmd` lets faults map PMD
+    /// THPs (huge_memory.rs) whatever the policy says.
     #[allow(clippy::too_many_arguments)]
     pub fn mmap(
         &mut self,
@@ -399,6 +400,7 @@ impl Simulation {
         mthp: Option<&[u64]>,
         uffd_wp: bool,
         uffd_event_fork: bool,
+        pmd: bool,
     ) -> Result<u64> {
         let k = self.mm_index(pid)?;
         let ps = self.page_size();
@@ -485,6 +487,8 @@ impl Simulation {
             mthp: orders,
             hugepage: false,
             nohugepage: false,
+            thp_pmd: pmd,
+            pmds: Default::default(),
         };
         let pos = self.st.mms[k].vmas.partition_point(|v| v.start < start);
         {
@@ -598,6 +602,8 @@ impl Simulation {
                 // unfolded (the kernel may leave it folded across the two VMAs).
                 let (layout, profile) = (&self.layout, &self.profile);
                 with_layout!(layout, l => {
+                    self.st.split_huge_pmd_at(l, profile, k, a);
+                    self.st.split_huge_pmd_at(l, profile, k, b);
                     self.st.unfold_at_split(l, profile, k, a);
                     self.st.unfold_at_split(l, profile, k, b);
                 });
@@ -850,6 +856,9 @@ impl State {
     pub fn token_at<L: PteLayout>(&self, l: &L, k: usize, vpn: u64) -> u32 {
         let mm = &self.mms[k];
         let Some(v) = mm.find_vma(vpn) else { return 0 };
+        if let Some(page) = self.huge_pmd_page(l, k, v, vpn) {
+            return page.map(|pg| self.mem.token[pg as usize]).unwrap_or(0);
+        }
         let vma = &mm.vmas[v];
         let pte = vma.ptes[(vpn - vma.start) as usize];
         if l.pte_none(pte) {
@@ -868,6 +877,9 @@ impl State {
             let Some(v) = mm.find_vma(at) else { break };
             let vma = &mm.vmas[v];
             max_order = max_order.max(self.vma_max_order(k, v));
+            if vma.thp_pmd {
+                max_order = max_order.max(self.pmd_order);
+            }
             if let Some(f) = vma.file {
                 let file = &self.files[f as usize];
                 let order = if file.kind == ShmemKind::Fixed { file.folio_order } else { self.pmd_order };

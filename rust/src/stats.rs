@@ -2,7 +2,7 @@
 //! count kernel work (one atomic per `folio_ref_add`, one rmap call per `folio_*_rmap_*`).
 
 /// Counter names, in the order [`Stats::values`] returns them.
-pub const COUNTER_NAMES: [&str; 18] = [
+pub const COUNTER_NAMES: [&str; 21] = [
     "refcount_atomics",
     "mapcount_updates",
     "rmap_calls",
@@ -21,6 +21,9 @@ pub const COUNTER_NAMES: [&str; 18] = [
     "fork_eagain_retries",
     "pins",
     "deferred_splits",
+    "pmd_copies",
+    "pmd_zaps",
+    "pmd_splits",
 ];
 
 /// Counters of one operation or of a whole run.
@@ -47,13 +50,18 @@ pub struct Stats {
     pub fork_eagain_retries: u64,
     pub pins: u64,
     pub deferred_splits: u64,
+    /// Huge PMDs copied at fork (`copy_huge_pmd`), zapped whole (`zap_huge_pmd`) and split
+    /// into PTEs (`__split_huge_pmd`).
+    pub pmd_copies: u64,
+    pub pmd_zaps: u64,
+    pub pmd_splits: u64,
     pub batch_histogram: Vec<u64>,
     /// Folios allocated per order.
     pub alloc_by_order: Vec<u64>,
 }
 
 impl Stats {
-    pub fn values(&self) -> [u64; 18] {
+    pub fn values(&self) -> [u64; 21] {
         [
             self.refcount_atomics,
             self.mapcount_updates,
@@ -73,10 +81,13 @@ impl Stats {
             self.fork_eagain_retries,
             self.pins,
             self.deferred_splits,
+            self.pmd_copies,
+            self.pmd_zaps,
+            self.pmd_splits,
         ]
     }
 
-    fn fields_mut(&mut self) -> [&mut u64; 18] {
+    fn fields_mut(&mut self) -> [&mut u64; 21] {
         [
             &mut self.refcount_atomics,
             &mut self.mapcount_updates,
@@ -96,6 +107,9 @@ impl Stats {
             &mut self.fork_eagain_retries,
             &mut self.pins,
             &mut self.deferred_splits,
+            &mut self.pmd_copies,
+            &mut self.pmd_zaps,
+            &mut self.pmd_splits,
         ]
     }
 

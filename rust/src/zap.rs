@@ -156,7 +156,9 @@ impl State {
         while s < b {
             let to_pmd = ptrs - ((start as usize + s) & (ptrs - 1));
             let e = b.min(s + to_pmd);
-            self.zap_pte_range(l, p, k, v, s, e, fullmm, gather);
+            if !self.zap_huge_pmd_range(l, p, k, v, s, e, gather) {
+                self.zap_pte_range(l, p, k, v, s, e, fullmm, gather);
+            }
             self.ticker.tick((e - s) as u64)?;
             s = e;
         }
@@ -185,6 +187,8 @@ impl State {
     /// `munmap()` of `[a, b)` (vpns): VMAs split at the ends, zapped and removed.
     pub fn munmap<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64) -> Result<()> {
         let mut gather = new_gather()?;
+        self.split_huge_pmd_at(l, p, k, a);
+        self.split_huge_pmd_at(l, p, k, b);
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         let r = self.mms[k].isolate(a, b);

@@ -352,7 +352,7 @@ impl PySimulation {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = None, addr = None, uffd_wp = false, uffd_event_fork = false))]
+    #[pyo3(signature = (pid, length, prot = "rw", shared = false, file = None, offset = 0, mthp = None, addr = None, uffd_wp = false, uffd_event_fork = false, pmd = false))]
     fn mmap(
         &self,
         py: Python<'_>,
@@ -366,9 +366,10 @@ impl PySimulation {
         addr: Option<u64>,
         uffd_wp: bool,
         uffd_event_fork: bool,
+        pmd: bool,
     ) -> PyResult<u64> {
         let prot = prot_arg(prot)?;
-        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), mthp.as_deref(), uffd_wp, uffd_event_fork))
+        self.run(py, |s| s.mmap(pid, addr, length, prot, shared, file.map(|f| (f, offset)), mthp.as_deref(), uffd_wp, uffd_event_fork, pmd))
     }
 
     #[pyo3(signature = (pid, addr, length, write = false))]
@@ -474,6 +475,11 @@ impl PySimulation {
         self.run(py, |s| s.st.kpagecount(pfn))
     }
 
+    /// /proc/kpageflags of a page: the KPF_* bits the model knows.
+    fn kpageflags(&self, py: Python<'_>, pfn: u64) -> PyResult<u64> {
+        self.run(py, |s| s.st.kpageflags(pfn))
+    }
+
     /// Rescans every page table and compares with the stored counters.
     fn check(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |s| s.check())
@@ -516,9 +522,28 @@ impl PySimulation {
             }
             d.set_item("hugepage", v.hugepage)?;
             d.set_item("nohugepage", v.nohugepage)?;
+            d.set_item("pmd", v.thp_pmd)?;
             out.append(d)?;
         }
         Ok(out)
+    }
+
+    /// Huge PMDs of the VMA holding `addr`: (address, PMD entry) pairs in address order.
+    fn pmds(&self, py: Python<'_>, pid: u32, addr: u64) -> PyResult<Vec<(u64, u64)>> {
+        let s = self.lock(py)?;
+        let (k, v) = s.vma_index(pid, addr)?;
+        let shift = s.st.page_shift;
+        Ok(s.st.mms[k].vmas[v].pmds.iter().map(|(&b, &e)| (b << shift, e)).collect())
+    }
+
+    /// smaps' AnonHugePages of every VMA of a process, in bytes, in VMA order.
+    fn anon_huge_pages(&self, py: Python<'_>, pid: u32) -> PyResult<Vec<u64>> {
+        let s = self.lock(py)?;
+        s.mm(pid)?;
+        let k = pid as usize - 1;
+        let ps = s.page_size();
+        let n = s.st.mms[k].vmas.len();
+        Ok((0..n).map(|v| with_layout!(&s.layout, l => s.st.anon_huge_pages(l, k, v)) * ps).collect())
     }
 
     /// The PTE array of the VMA holding `addr`: a read-only view of the simulation's page
@@ -653,6 +678,9 @@ impl PySimulation {
         let mut mms: Vec<i64> = crate::alloc::try_with_capacity(st.mms.len() * 9, "the process table")?;
         let mut vmas: Vec<i64> = crate::alloc::try_with_capacity(nr_vmas * 18, "the VMA table")?;
         let mut ptes: Vec<u64> = crate::alloc::try_with_capacity(nr_ptes, "a copy of every page table")?;
+        let mut vma_pmd: Vec<i64> = Vec::new();
+        let mut pmd_keys: Vec<i64> = Vec::new();
+        let mut pmds: Vec<u64> = Vec::new();
         for mm in &st.mms {
             mms.extend([
                 mm.pid as i64,
@@ -687,6 +715,11 @@ impl PySimulation {
                     v.nohugepage as i64,
                 ]);
                 ptes.extend_from_slice(&v.ptes);
+                vma_pmd.push(v.thp_pmd as i64);
+                for (&b, &e) in &v.pmds {
+                    pmd_keys.extend([mm.pid as i64, b as i64]);
+                    pmds.push(e);
+                }
             }
         }
         d.set_item("mms", table(py, mms, 9)?)?;
@@ -695,6 +728,9 @@ impl PySimulation {
         let enabled = crate::policy::ThpEnabled::NAMES.iter().position(|n| *n == thp.enabled.name()).unwrap_or(0);
         d.set_item("thp", vec![enabled as i64, thp.orders_always as i64, thp.orders_madvise as i64, thp.orders_inherit as i64])?;
         d.set_item("ptes", ptes.into_pyarray(py))?;
+        d.set_item("vma_pmd", vma_pmd.into_pyarray(py))?;
+        d.set_item("pmd_keys", table(py, pmd_keys, 2)?)?;
+        d.set_item("pmds", pmds.into_pyarray(py))?;
         // Kind: 0 a file or fixed-order shmem object, 1 shared anonymous memory, 2 + i a tmpfs
         // file mounted with huge=FILE_HUGE[i].
         let kind = |f: &crate::mm::File| match f.kind {
@@ -784,6 +820,9 @@ struct VmaArg<'py> {
     mthp: Option<Vec<u64>>,
     hugepage: bool,
     nohugepage: bool,
+    pmd: bool,
+    /// (address, PMD entry) pairs.
+    pmds: Vec<(u64, u64)>,
 }
 
 #[derive(FromPyObject)]
@@ -874,7 +913,7 @@ impl PySimulation {
         for (k, p) in processes.iter().enumerate() {
             let mut vmas = Vec::with_capacity(p.vmas.len());
             for (i, v) in p.vmas.iter().enumerate() {
-                if v.start % page != 0 || v.offset % page != 0 {
+                if v.start % page != 0 || v.offset % page != 0 || v.pmds.iter().any(|&(a, _)| a % page != 0) {
                     return Err(Error::value(format!("processes[{k}][\"vmas\"][{i}]: start {:#x} and offset {:#x} must be multiples of the {page}-byte page", v.start, v.offset)).into());
                 }
                 vmas.push(VmaSpec {
@@ -893,6 +932,8 @@ impl PySimulation {
                     mthp: v.mthp.clone(),
                     hugepage: v.hugepage,
                     nohugepage: v.nohugepage,
+                    thp_pmd: v.pmd,
+                    pmds: v.pmds.iter().map(|&(a, e)| (a >> shift, e)).collect(),
                 });
             }
             if p.next_mmap.is_some_and(|a| a % page != 0) {

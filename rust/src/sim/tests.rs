@@ -27,7 +27,7 @@ fn fork_of_written_mthp_region_then_cow() {
         let mut s = sim(kernel);
         let p = s.spawn();
         let len = 1 << 20;
-        let a = s.mmap(p, None, len, rw(), false, None, Some(&[64 << 10]), false, false).unwrap();
+        let a = s.mmap(p, None, len, rw(), false, None, Some(&[64 << 10]), false, false, false).unwrap();
         s.touch(p, a, len, true).unwrap();
         check(&s);
         let c = s.fork(p).unwrap();
@@ -66,7 +66,7 @@ fn batched_and_per_pte_give_the_same_state() {
         let mut s = Simulation::new(layout, profile, 64 << 20, 7).unwrap();
         let p = s.spawn();
         let len = 4 << 20;
-        let a = s.mmap(p, None, len, rw(), false, None, Some(&[16 << 10, 64 << 10, 2 << 20]), false, false).unwrap();
+        let a = s.mmap(p, None, len, rw(), false, None, Some(&[16 << 10, 64 << 10, 2 << 20]), false, false, false).unwrap();
         s.touch(p, a, len / 2, true).unwrap();
         s.touch(p, a + len / 2, len / 4, false).unwrap();
         let c = s.fork(p).unwrap();
@@ -101,7 +101,7 @@ fn pinned_page_is_copied_for_the_child() {
     for kernel in ["6.8", "6.18"] {
         let mut s = sim(kernel);
         let p = s.spawn();
-        let a = s.mmap(p, None, 64 << 10, rw(), false, None, Some(&[64 << 10]), false, false).unwrap();
+        let a = s.mmap(p, None, 64 << 10, rw(), false, None, Some(&[64 << 10]), false, false, false).unwrap();
         s.touch(p, a, 64 << 10, true).unwrap();
         let pin = s.pin(p, a + 4096, 4096, true, true).unwrap();
         let c = s.fork(p).unwrap();
@@ -124,7 +124,7 @@ fn errors_leave_state_unchanged() {
     let layout = Layout::by_name("x86-64", None).unwrap();
     let mut s = Simulation::new(layout, KernelProfile::parse("6.18").unwrap(), 1 << 20, 7).unwrap();
     let p = s.spawn();
-    let a = s.mmap(p, None, 2 << 20, rw(), false, None, Some(&[]), false, false).unwrap();
+    let a = s.mmap(p, None, 2 << 20, rw(), false, None, Some(&[]), false, false, false).unwrap();
     let before = s.st.mem.clone();
     let e = s.touch(p, a, 2 << 20, true).unwrap_err();
     assert_eq!(e.kind, crate::error::ErrorKind::OutOfMemory);
@@ -141,7 +141,7 @@ fn check_names_each_broken_rule() {
     let base = || {
         let mut s = sim("6.18");
         let p = s.spawn();
-        let a = s.mmap(p, None, 64 << 10, rw(), false, None, Some(&[16 << 10]), false, false).unwrap();
+        let a = s.mmap(p, None, 64 << 10, rw(), false, None, Some(&[16 << 10]), false, false, false).unwrap();
         s.touch(p, a, 64 << 10, true).unwrap();
         let c = s.fork(p).unwrap();
         s.write(c, a).unwrap();

@@ -25,6 +25,10 @@ def where_mapped(st: State, l, pfn: int) -> str:
     """Where ``pfn`` is mapped (pid and address), for messages."""
     for mm in st.mms:
         for vma in mm.vmas:
+            for base, e in vma.pmds.items():
+                head = l.pte_pfn(e)
+                if head <= pfn < head + st.ptrs_per_pte:
+                    return f"; mapped by pid {mm.pid} at {(base + pfn - head) << st.page_shift:#x} (huge PMD)"
             for i, e in enumerate(vma.ptes):
                 if not l.pte_none(e) and l.pte_pfn(e) == pfn:
                     return f"; mapped by pid {mm.pid} at {(vma.start + i) << st.page_shift:#x}"
@@ -39,6 +43,7 @@ class _Scan:
         self.owner = [0] * n
         self.writable = [0] * n
         self.per_mm: dict[tuple[int, int], int] = {}
+        self.entire: dict[int, int] = {}  # huge PMD mappings per folio head
 
 
 def check(st: State, l, p: KernelProfile) -> None:
@@ -123,6 +128,8 @@ def check_mm(st: State, l, p: KernelProfile, mm, scan: _Scan) -> None:
         if vi > 0 and mm.vmas[vi - 1].end() > vma.start:
             raise broken("vma-order", f"pid {mm.pid}: VMAs overlap at {vma.start << st.page_shift:#x}")
         check_contpte(st, l, p, mm.pid, vma)
+        for base, e in sorted(vma.pmds.items()):
+            check_pmd(st, l, mm, vma, base, e, scan, rss)
         for i, e in enumerate(vma.ptes):
             if l.pte_none(e):
                 continue
@@ -160,6 +167,41 @@ def check_mm(st: State, l, p: KernelProfile, mm, scan: _Scan) -> None:
                          f"page tables map {rss[c]} such pages")
 
 
+def check_pmd(st: State, l, mm, vma, base: int, e: int, scan: _Scan, rss: list[int]) -> None:
+    """One huge PMD: aligned, inside a private anonymous VMA over none PTEs, mapping a PMD-sized
+    anonymous folio's first page (or the huge zero page, special and read-only)."""
+    at = f"pid {mm.pid} address {base << st.page_shift:#x} (PMD {e:#x})"
+    nr = st.ptrs_per_pte
+    if base % nr or base < vma.start or base + nr > vma.end() or not vma.is_anon():
+        raise broken("pmd-leaf", f"{at}: a huge PMD must be aligned, inside its mapping, in a "
+                     "private anonymous mapping")
+    s = base - vma.start
+    if not all(l.pte_none(x) for x in vma.ptes[s:s + nr]):
+        raise broken("pmd-leaf", f"{at}: PTEs under a huge PMD")
+    head = l.pte_pfn(e)
+    if head == st.zero_pfn:
+        if l.pte_write(e) or not l.pte_special(e):
+            raise broken("zero-page-pte", f"{at}: the huge zero page must be mapped special and read-only")
+        return
+    ok = (head < st.mem.nr_pages() and not st.mem.is_free(head) and st.mem.folio_head(head) == head
+          and st.mem.folio_order(head) == st.pmd_order and st.mem.test(head, PG_ANON))
+    if not ok:
+        raise broken("pmd-leaf", f"{at}: pfn {head:#x} is not the first page of a PMD-sized anonymous folio")
+    if l.pte_write(e) and not st.mem.test(head, PG_ANON_EXCLUSIVE):
+        raise broken("writable-cow-not-exclusive",
+                     f"{at}: a writable huge PMD whose head pfn {head:#x} is not exclusive")
+    scan.entire[head] = scan.entire.get(head, 0) + 1
+    for pu in range(head, head + nr):
+        if scan.owner[pu] == 0:
+            scan.owner[pu] = mm.pid
+        elif scan.owner[pu] != mm.pid:
+            scan.owner[pu] = MANY
+        if l.pte_write(e):
+            scan.writable[pu] += 1
+    scan.per_mm[(head, mm.mm_id)] = scan.per_mm.get((head, mm.mm_id), 0) + 1
+    rss[mm_counter(st.mem, head)] += nr
+
+
 def check_folio(st: State, l, p: KernelProfile, head: int, scan: _Scan, pins: list[int],
                 cached: list[bool]) -> None:
     """One allocated folio: mapcounts, exclusivity, refcount, page-cache flag, large-folio record."""
@@ -188,29 +230,30 @@ def check_folio(st: State, l, p: KernelProfile, head: int, scan: _Scan, pins: li
     cache_refs = nr if cached[head] else 0
     if cached[head] != st.mem.test(head, PG_FILE):
         raise broken("page-cache-flag", f"{what(head)}: PG_FILE does not match page-cache membership")
-    expect = maps + pin_refs * bias + cache_refs
+    pmd_maps = scan.entire.get(head, 0)  # a huge PMD maps the folio once, with one reference
+    expect = maps + pmd_maps + pin_refs * bias + cache_refs
     if refs != expect:
-        raise broken("refcount", f"{what(head)}: refcount {refs}, expected {expect} = {maps} "
-                     f"mapping(s) + {pin_refs} pin(s) + {cache_refs} page-cache reference(s)"
-                     f"{where_mapped(st, l, head)}")
+        raise broken("refcount", f"{what(head)}: refcount {refs}, expected {expect} = {maps} PTE "
+                     f"mapping(s) + {pmd_maps} PMD mapping(s) + {pin_refs} pin(s) + {cache_refs} "
+                     f"page-cache reference(s){where_mapped(st, l, head)}")
     if refs <= 0:
         raise broken("refcount", f"{what(head)}: an allocated folio with refcount {refs}")
     if order > 0:
-        check_large_folio(st, l, p, head, what(head), maps, mapped_pages, pin_refs, scan)
+        check_large_folio(st, l, p, head, what(head), maps, pmd_maps, mapped_pages, pin_refs, scan)
 
 
 def check_large_folio(st: State, l, p: KernelProfile, head: int, what: str, maps: int,
-                      mapped_pages: int, pin_refs: int, scan: _Scan) -> None:
+                      pmd_maps: int, mapped_pages: int, pin_refs: int, scan: _Scan) -> None:
     """A large folio's record: large/entire mapcount, nr_pages_mapped, pincount, MM-ID slots."""
     lf = st.mem.large.get(head)
     if lf is None:
         raise broken("large-folio-record", f"{what} has no large-folio record")
-    if lf.large_mapcount + 1 != maps:
+    if lf.large_mapcount + 1 != maps + pmd_maps:
         raise broken("large-mapcount", f"{what}: large mapcount {lf.large_mapcount + 1}, page "
-                     f"tables map it {maps} time(s){where_mapped(st, l, head)}")
-    if lf.entire_mapcount != -1:
-        raise broken("entire-mapcount",
-                     f"{what}: entire mapcount {lf.entire_mapcount + 1} without PMD mappings")
+                     f"tables map it {maps + pmd_maps} time(s){where_mapped(st, l, head)}")
+    if lf.entire_mapcount + 1 != pmd_maps:
+        raise broken("entire-mapcount", f"{what}: entire mapcount {lf.entire_mapcount + 1}, "
+                     f"{pmd_maps} huge PMD mapping(s){where_mapped(st, l, head)}")
     if lf.nr_pages_mapped != mapped_pages:
         raise broken("nr-pages-mapped",
                      f"{what}: nr_pages_mapped {lf.nr_pages_mapped}, {mapped_pages} page(s) are mapped")
@@ -218,7 +261,7 @@ def check_large_folio(st: State, l, p: KernelProfile, head: int, what: str, maps
         raise broken("pincount", f"{what}: pincount {lf.pincount}, {pin_refs} pin(s)")
     if not p.mm_id:
         return
-    total = maps - 1
+    total = maps + pmd_maps - 1
     for s in (0, 1):
         mm_id, c = lf.mm_id[s], lf.mm_id_mapcount[s]
         if mm_id == MM_ID_DUMMY:

@@ -7,7 +7,7 @@ from .errors import fault, out_of_memory
 from .kernel import MM_ID, REFCOUNT_ONE, KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_FILE, PG_MAYBE_SHARED, PG_SWAPBACKED
 from .mm import MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES, NOT_CACHED, Pin, mm_counter, user_pte
-from . import contpte, filemap, policy
+from . import contpte, filemap, huge_memory, policy
 from .state import State
 
 READ, WRITE = "read", "write"
@@ -37,10 +37,14 @@ def access(st: State, l, p: KernelProfile, k: int, vpn: int, acc: str) -> None:
     """handle_mm_fault() as needed, then the MMU's accessed/dirty update; a write stores a token."""
     write = acc == WRITE
     v, i = st.locate(k, vpn)
+    if huge_memory.huge_pmd_access(st, l, p, k, v, vpn, write):
+        return
     st.op.pte_reads += 1
     pte = st.mms[k].vmas[v].ptes[i]
     if l.pte_none(pte):
         fault_none(st, l, p, k, v, vpn, write)
+        if huge_memory.huge_pmd_access(st, l, p, k, v, vpn, write):  # the fault mapped a PMD
+            return
     elif write and not l.pte_write(pte):
         do_wp_page(st, l, p, k, v, i, unshare=False)
     ptes = st.mms[k].vmas[v].ptes
@@ -77,15 +81,23 @@ def do_anonymous_page(st: State, l, p: KernelProfile, k: int, v: int, vpn: int, 
     none, falling back to smaller orders. The PMD order comes first (__handle_mm_fault() calls
     create_huge_pmd() before the PTE path, which considers only orders below PMD_ORDER)."""
     vma = st.mms[k].vmas[v]
+    # alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps it
+    # from the PMD order).
+    allowed = 0 if vma.uffd_wp else policy.thp_vma_suitable_orders(vma, vpn, policy.thp_vma_allowable_orders(st, k, v))
+    pmd_bit = 1 << st.pmd_order
+    # __handle_mm_fault(): create_huge_pmd() first where the policy allows the PMD order (read
+    # faults too: the huge zero page); pmd=True mappings always try it. An explicit size list
+    # with the PMD size keeps the model's PTE-mapped PMD-sized folio.
+    pmd_by_policy = vma.mthp == 0 and bool(allowed & pmd_bit)
+    if (vma.thp_pmd or pmd_by_policy) and huge_memory.do_huge_pmd_anonymous_page(st, l, p, k, v, vpn, write):
+        return
+    vma = st.mms[k].vmas[v]
     i = vpn - vma.start
     if not write:
         zero = l.pfn_pte_template(st.zero_pfn, vma.prot.exec, False)
         contpte.set_pte(st, l, p, vma, i, l.pte_mkspecial(l.pte_mkyoung(zero)))
         return
-    # alloc_anon_folio(): a userfaultfd-armed VMA gets single pages (the model also keeps it
-    # from the PMD order).
-    allowed = 0 if vma.uffd_wp else policy.thp_vma_suitable_orders(vma, vpn, policy.thp_vma_allowable_orders(st, k, v))
-    if allowed & (1 << st.pmd_order) and pmd_order_fault(st, l, p, k, v, vpn):
+    if not pmd_by_policy and allowed & pmd_bit and pmd_order_fault(st, l, p, k, v, vpn):
         return
     # alloc_anon_folio(): the highest order whose aligned range is all none.
     candidates: list[int] = []
@@ -264,9 +276,17 @@ def pin_user_pages(st: State, l, p: KernelProfile, k: int, a: int, b: int, write
     pfns = []
     for vpn in range(a, b):
         v, i = st.locate(k, vpn)
+        pfn = huge_memory.gup_huge_pmd(st, l, p, k, v, vpn, write, longterm)
+        if pfn is not None:
+            pfns.append(pfn)
+            continue
         st.op.pte_reads += 1
         if l.pte_none(st.mms[k].vmas[v].ptes[i]):
             fault_none(st, l, p, k, v, vpn, write)
+            pfn = huge_memory.gup_huge_pmd(st, l, p, k, v, vpn, write, longterm)
+            if pfn is not None:
+                pfns.append(pfn)
+                continue
         pte = contpte.ptep_get(st, l, p, st.mms[k].vmas[v], i)
         if write and not l.pte_write(pte):
             do_wp_page(st, l, p, k, v, i, unshare=False)
@@ -301,4 +321,5 @@ def clear_soft_dirty(st: State, l, k: int) -> None:
                 vma.ptes[j] = l.pte_clear_soft_dirty(l.pte_wrprotect(e))
                 writes += 1
     st.op.pte_writes += writes
+    huge_memory.clear_soft_dirty_pmds(st, l, k)
     st.op.tlb_flush_ranges += 1

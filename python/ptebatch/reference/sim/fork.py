@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..._flags import FpbFlags
-from . import contpte
+from . import contpte, huge_memory
 from .batching import folio_pte_batch, fork_flags
 from .errors import out_of_memory
 from .kernel import KernelProfile
@@ -61,6 +61,7 @@ def fork(st: State, l, p: KernelProfile, k: int) -> int:
         dst.anon_vma = st.new_anon_vma() if src.anon_vma != 0 and not src.wipeonfork else 0
         # vma_needs_copy(): uffd-wp in the child, or anonymous pages in the parent.
         if not src.wipeonfork and (dst.uffd_wp or src.anon_vma != 0):
+            huge_memory.copy_huge_pmds(st, l, p, k, vi, pid, st.mms[k].has_pinned, dst, rss)
             copy_page_range(st, l, p, ctx, dst.ptes, rss)
         st.mms[c].vmas.append(dst)
     st.mms[c].rss = rss
@@ -75,7 +76,8 @@ def copy_page_range(st: State, l, p: KernelProfile, ctx: CopyCtx, dst: list[int]
     a = 0
     while a < len(dst):
         e = min(len(dst), a + ptrs - ((ctx.start + a) & (ptrs - 1)))
-        copy_pte_range(st, l, p, ctx, dst, a, e, rss)
+        if ctx.start + a not in st.mms[ctx.k].vmas[ctx.vi].pmds:  # a copied huge PMD has no table
+            copy_pte_range(st, l, p, ctx, dst, a, e, rss)
         a = e
 
 

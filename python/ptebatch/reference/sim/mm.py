@@ -77,6 +77,9 @@ class Vma:
     mthp: int
     hugepage: bool = False  # VM_HUGEPAGE (MADV_HUGEPAGE)
     nohugepage: bool = False  # VM_NOHUGEPAGE (MADV_NOHUGEPAGE)
+    thp_pmd: bool = False  # pmd=True: faults map PMD THPs where they can
+    #: huge PMDs: first vpn of the PMD range → PMD entry (a PTE value); their PTEs stay none
+    pmds: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def end(self) -> int:
         return self.start + len(self.ptes)
@@ -97,7 +100,7 @@ class Vma:
         return layout.has_soft_dirty and not self.vm_softdirty
 
     def clone_without_ptes(self) -> Vma:
-        return dataclasses.replace(self, ptes=[])
+        return dataclasses.replace(self, ptes=[], pmds={})
 
     def split_off(self, at: int) -> Vma:
         """__split_vma() — mm/vma.c: this VMA keeps [start, at), the returned one is [at, end)."""
@@ -106,6 +109,9 @@ class Vma:
         tail.start = at
         tail.ptes = self.ptes[k:]
         del self.ptes[k:]
+        # A huge PMD never straddles ``at``: the caller split it (vma_adjust_trans_huge()).
+        tail.pmds = {b: e for b, e in self.pmds.items() if b >= at}
+        self.pmds = {b: e for b, e in self.pmds.items() if b < at}
         if tail.file is not None:
             tail.pgoff = self.pgoff + k
         return tail
@@ -126,6 +132,7 @@ class Vma:
             and self.mthp == nxt.mthp
             and self.hugepage == nxt.hugepage
             and self.nohugepage == nxt.nohugepage
+            and self.thp_pmd == nxt.thp_pmd
             and (self.anon_vma == 0 or nxt.anon_vma == 0 or self.anon_vma == nxt.anon_vma)
         )
 
@@ -184,6 +191,7 @@ class Mm:
                 if prev.anon_vma == 0:
                     prev.anon_vma = nxt.anon_vma
                 prev.ptes.extend(nxt.ptes)
+                prev.pmds.update(nxt.pmds)
 
 
 #: How a shmem object chooses its folio sizes (ShmemKind): "fixed" (not shmem, or filled with

@@ -4,7 +4,7 @@ are read into one value (modify_prot_start_ptes())."""
 
 from __future__ import annotations
 
-from . import contpte
+from . import contpte, huge_memory
 from .batching import folio_pte_batch, fpb_flags
 from .kernel import KernelProfile
 from .memory import PG_ANON, PG_ANON_EXCLUSIVE
@@ -31,6 +31,8 @@ def pte_modify(l, old: int, prot: Prot, page_prot_write: bool) -> int:
 def mprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, prot: Prot) -> None:
     """mprotect_fixup() — mm/mprotect.c: split and merge the VMAs of [a, b) first, then
     change_protection() the range"""
+    huge_memory.split_huge_pmd_at(st, l, p, k, a)
+    huge_memory.split_huge_pmd_at(st, l, p, k, b)
     contpte.unfold_at_split(st, l, p, k, a)
     contpte.unfold_at_split(st, l, p, k, b)
     r = st.mms[k].isolate(a, b)
@@ -78,7 +80,8 @@ def change_protection(st: State, l, p: KernelProfile, vma: Vma, lo: int, hi: int
     s = lo
     while s < hi:
         e = min(hi, s + ptrs - ((vma.start + s) & (ptrs - 1)))
-        change_pte_range(st, l, p, vma, s, e, uffd)
+        if not huge_memory.change_huge_pmd_range(st, l, p, vma, s, e, uffd):
+            change_pte_range(st, l, p, vma, s, e, uffd)
         s = e
 
 

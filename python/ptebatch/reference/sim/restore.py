@@ -55,6 +55,29 @@ def place_folio(st: State, head: int, order: int, file: tuple[int, int] | None, 
         st.mem.set(head, PG_DIRTY)
 
 
+def place_huge_pmd(st: State, l, k: int, v: int, base: int, e: int) -> None:
+    """Places a huge PMD ``e`` (the layout's PTE encoding) at the PMD-aligned ``base`` of VMA
+    ``v``, checked as a PMD fault would leave it (huge_memory.rs ``place_huge_pmd``)."""
+    pfn = l.pte_pfn(e)
+    vma = st.mms[k].vmas[v]
+    n = st.ptrs_per_pte
+    if base % n or base < vma.start or base + n > vma.end():
+        raise value_error(f"a huge PMD at {base << st.page_shift:#x} must be PMD-aligned and lie "
+                          "whole in a mapping")
+    if not vma.is_anon():
+        raise value_error("huge PMDs are modelled in private anonymous mappings only")
+    s = base - vma.start
+    if base in vma.pmds or not all(l.pte_none(x) for x in vma.ptes[s:s + n]):
+        raise value_error(f"the PMD range at {base << st.page_shift:#x} is already mapped")
+    if pfn != st.zero_pfn:
+        ok = (pfn < st.mem.nr_pages() and not st.mem.is_free(pfn) and st.mem.folio_head(pfn) == pfn
+              and st.mem.folio_order(pfn) == st.pmd_order and st.mem.test(pfn, PG_ANON))
+        if not ok:
+            raise value_error(f"pfn {pfn:#x} is not the first page of a placed PMD-sized "
+                              "anonymous folio")
+    vma.pmds[base] = e
+
+
 def _place_folios(st: State, f: dict[str, Any]) -> None:
     n = len(f["pfn"])
     for name in ("order", "kind", "file", "index", "dirty", "partially_mapped", "maybe_shared",
@@ -195,7 +218,7 @@ def _place_mm(st: State, l, p: KernelProfile, k: int, m: dict[str, Any], spawn) 
         if s["hugepage"] and s["nohugepage"]:
             raise value_error(f"{at}: hugepage and nohugepage exclude each other")
         vma = Vma(start=start, ptes=[], prot=prot, shared=s["shared"], file=fid, pgoff=pgoff,
-                  hugepage=s["hugepage"], nohugepage=s["nohugepage"],
+                  hugepage=s["hugepage"], nohugepage=s["nohugepage"], thp_pmd=s["pmd"],
                   vm_softdirty=s["vm_softdirty"], uffd_wp=s["uffd_wp"], uffd_event_fork=s["uffd_event_fork"],
                   dontfork=s["dontfork"], wipeonfork=s["wipeonfork"], anon_vma=s["anon_vma"], mthp=mthp)
         ptes = [int(e) for e in s["ptes"]]
@@ -211,6 +234,15 @@ def _place_mm(st: State, l, p: KernelProfile, k: int, m: dict[str, Any], spawn) 
     if m["thp_disable"] == 3 and not p.thp_disable_except_advised:
         raise value_error(f"processes[{k}]: PR_THP_DISABLE_EXCEPT_ADVISED exists from kernel 6.18")
     mm.vmas = vmas
+    # Huge PMDs, each checked as a PMD fault would leave it.
+    for pos, i in enumerate(order):
+        for addr, e in specs[i]["pmds"]:
+            if addr % page:
+                raise value_error(f'processes[{k}]["vmas"][{i}]: pmds address {addr:#x} is not page-aligned')
+            try:
+                place_huge_pmd(st, l, k, pos, addr >> shift, int(e))
+            except ValueError as err:
+                raise value_error(f'processes[{k}]["vmas"][{i}]: pmds: {err}') from None
     mm.exited, mm.has_pinned = m["exited"], m["has_pinned"]
     mm.thp_disable = m["thp_disable"]
     if m["next_mmap"] is None:
@@ -257,7 +289,22 @@ def rebuild_accounting(st: State, l, p: KernelProfile, f: dict[str, Any], exclus
     for mm in st.mms:
         rss = [0, 0, 0]
         for vma in mm.vmas:
-            any_anon = False
+            any_anon = bool(vma.pmds)
+            for e in vma.pmds.values():
+                head = l.pte_pfn(e)
+                if head == st.zero_pfn:
+                    continue
+                st.mem.refcount[head] += 1
+                rss[mm_counter(st.mem, head)] += st.ptrs_per_pte
+                lf = st.mem.lf(head)
+                lf.entire_mapcount += 1
+                lf.large_mapcount += 1
+                if assign_slots:
+                    slot = next((s for s in (0, 1) if lf.mm_id[s] == mm.mm_id),
+                                next((s for s in (0, 1) if lf.mm_id[s] == MM_ID_DUMMY), None))
+                    if slot is not None:
+                        lf.mm_id[slot] = mm.mm_id
+                        lf.mm_id_mapcount[slot] += 1
             for e in vma.ptes:
                 if l.pte_none(e) or l.pte_pfn(e) == st.zero_pfn:
                     continue
@@ -296,8 +343,13 @@ def rebuild_accounting(st: State, l, p: KernelProfile, f: dict[str, Any], exclus
             raise value_error(f"folios[{i}] (pfn {head:#x}) is neither mapped, in a page cache nor pinned: "
                               "the kernel would have freed it")
         anon = mem.test(head, PG_ANON)
+        lf0 = mem.large.get(head)
+        entire = lf0.entire_mapcount + 1 if lf0 is not None else 0  # huge PMD mappings
         for pg in range(head, head + nr):
-            excl = bool(exclusive[pg]) if exclusive is not None else anon and mem.mapcount[pg] == 1
+            # Inferred: an anonymous page mapped once; under one huge PMD, the head only.
+            ptes = mem.mapcount[pg]
+            excl = (bool(exclusive[pg]) if exclusive is not None
+                    else anon and ((ptes == 1 and entire == 0) or (ptes == 0 and entire == 1 and pg == head)))
             if excl:
                 mem.set(pg, PG_ANON_EXCLUSIVE)
         if o == 0:
@@ -309,7 +361,8 @@ def rebuild_accounting(st: State, l, p: KernelProfile, f: dict[str, Any], exclus
         lf = mem.large[head]
         partial = given("partially_mapped", i)
         if partial is None:
-            partial = anon and 0 < lf.nr_pages_mapped < nr
+            # A folio a huge PMD maps is entirely mapped (ENTIRELY_MAPPED), never partially.
+            partial = anon and lf.entire_mapcount < 0 and 0 < lf.nr_pages_mapped < nr
         if partial and not anon:
             raise value_error(f"folios[{i}]: only anonymous folios are queued for deferred split (partially_mapped)")
         if partial:

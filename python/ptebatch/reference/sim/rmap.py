@@ -157,7 +157,8 @@ class Rmap:
         partially_mapped = False
         if last > 0:
             lf.nr_pages_mapped -= last
-            partially_mapped = lf.nr_pages_mapped != 0
+            # While a PMD maps the folio (ENTIRELY_MAPPED) no page is unmapped.
+            partially_mapped = lf.nr_pages_mapped != 0 and lf.entire_mapcount < 0
         if (partially_mapped and self.mem.test(head, PG_ANON)
                 and not self.mem.test(head, PG_PARTIALLY_MAPPED)):
             self.mem.set(head, PG_PARTIALLY_MAPPED)  # deferred_split_folio(folio, true)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import layouts
 from . import check as check_mod
-from . import contpte, fault, fork, mprotect, policy, procfs, restore, zap
+from . import contpte, fault, fork, huge_memory, mprotect, policy, procfs, restore, zap
 from .errors import value_error
 from .kernel import KernelProfile
 from .memory import (
@@ -348,24 +348,27 @@ class Simulation:
 
     def mmap(self, pid: int, length: int, prot: str = "rw", shared: bool = False,
              file: int | None = None, offset: int = 0, mthp: Sequence[int] | None = None,
-             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False) -> int:
+             addr: int | None = None, uffd_wp: bool = False, uffd_event_fork: bool = False,
+             pmd: bool = False) -> int:
         """mmap(): returns the start address. ``file`` maps a file object from byte ``offset``; a
         shared anonymous mapping gets its own shmem object; ``mthp``, when given, lists the
         anonymous folio sizes in bytes the mapping may use in place of the THP policy's sysfs
-        controls (a model shortcut); None follows the policy."""
+        controls (a model shortcut); None follows the policy. ``pmd`` lets faults map PMD THPs
+        whatever the policy says."""
         pid, length, prot, shared = _u32(pid), _u64(length), _str(prot), _bool(shared)
         file = None if file is None else _u32(file)
         offset = _u64(offset)
         sizes = None if mthp is None else _u64_list(mthp)
         addr = None if addr is None else _u64(addr)
-        uffd_wp, uffd_event_fork = _bool(uffd_wp), _bool(uffd_event_fork)
+        uffd_wp, uffd_event_fork, pmd = _bool(uffd_wp), _bool(uffd_event_fork), _bool(pmd)
         prot_ = _prot(prot)
         return self._mmap(pid, addr, length, prot_, shared,
-                          None if file is None else (file, offset), sizes, uffd_wp, uffd_event_fork)
+                          None if file is None else (file, offset), sizes, uffd_wp, uffd_event_fork,
+                          pmd)
 
     def _mmap(self, pid: int, addr: int | None, length: int, prot: Prot, shared: bool,
               file: tuple[int, int] | None, mthp: list[int] | None, uffd_wp: bool,
-              uffd_event_fork: bool) -> int:
+              uffd_event_fork: bool, pmd: bool = False) -> int:
         """do_mmap() — mm/mmap.c, as the model has it"""
         st, l = self.st, self.layout
         k = self._mm_index(pid)
@@ -413,7 +416,7 @@ class Simulation:
             file_id, pgoff = None, 0
         vma = Vma(start=start, ptes=[l.none_value] * nr, prot=prot, shared=shared, file=file_id,
                   pgoff=pgoff, vm_softdirty=True, uffd_wp=uffd_wp, uffd_event_fork=uffd_event_fork,
-                  dontfork=False, wipeonfork=False, anon_vma=0, mthp=orders)
+                  dontfork=False, wipeonfork=False, anon_vma=0, mthp=orders, thp_pmd=pmd)
         pos = sum(1 for v in mm.vmas if v.start < start)
         mm.vmas.insert(pos, vma)
         mm.merge_around(range(pos, pos + 1))
@@ -499,6 +502,8 @@ class Simulation:
         self._begin()
         # The model keeps contpte blocks inside one VMA: a block a split would cut is unfolded
         # (the kernel may leave it folded across the two VMAs).
+        huge_memory.split_huge_pmd_at(self.st, self.layout, self.profile, k, a)
+        huge_memory.split_huge_pmd_at(self.st, self.layout, self.profile, k, b)
         contpte.unfold_at_split(self.st, self.layout, self.profile, k, a)
         contpte.unfold_at_split(self.st, self.layout, self.profile, k, b)
         r = mm.isolate(a, b)
@@ -651,6 +656,10 @@ class Simulation:
         """/proc/kpagecount of ``pfn``."""
         return procfs.kpagecount(self.st, _u64(pfn))
 
+    def kpageflags(self, pfn: int) -> int:
+        """/proc/kpageflags of ``pfn``: the KPF_* bits the model knows."""
+        return procfs.kpageflags(self.st, _u64(pfn))
+
     def check(self) -> None:
         """Raises InvariantError ("rule: ...", ``.rule``) for the first broken invariant."""
         check_mod.check(self.st, self.layout, self.profile)
@@ -707,8 +716,23 @@ class Simulation:
                  "vm_softdirty": v.vm_softdirty, "uffd_wp": v.uffd_wp, "dontfork": v.dontfork,
                  "wipeonfork": v.wipeonfork, "anon_vma": v.anon_vma,
                  "mthp": [1 << (o + shift) for o in range(32) if v.mthp & (1 << o)] if v.mthp else None,
-                 "hugepage": v.hugepage, "nohugepage": v.nohugepage}
+                 "hugepage": v.hugepage, "nohugepage": v.nohugepage,
+                 "pmd": v.thp_pmd}
                 for v in mm.vmas]
+
+    def pmds(self, pid: int, addr: int) -> list[tuple[int, int]]:
+        """Huge PMDs of the VMA holding ``addr``: (address, PMD entry) pairs in address order."""
+        pid, addr = _u32(pid), _u64(addr)
+        k = self._mm_index(pid)
+        v = self.st.mms[k].find_vma(addr >> self.st.page_shift)
+        if v is None:
+            raise value_error(f"no mapping at {addr:#x} in process {pid}")
+        return [(b << self.st.page_shift, e) for b, e in sorted(self.st.mms[k].vmas[v].pmds.items())]
+
+    def anon_huge_pages(self, pid: int) -> list[int]:
+        """smaps' AnonHugePages of every VMA of a process, in bytes."""
+        mm = self._mm(_u32(pid))
+        return [procfs.anon_huge_pages(self.st, self.layout, v) * self.page_size for v in mm.vmas]
 
     def ptes(self, pid: int, addr: int) -> list[int]:
         """A copy of the PTE list of the VMA holding ``addr``."""
@@ -774,9 +798,13 @@ def canonical_state(st: State) -> dict:
     large = [[h, lf.large_mapcount, lf.entire_mapcount, lf.nr_pages_mapped, lf.pincount,
               lf.mm_id[0], lf.mm_id[1], lf.mm_id_mapcount[0], lf.mm_id_mapcount[1]]
              for h, lf in sorted(mem.large.items())]
-    vmas, ptes = [], []
+    vmas, ptes, vma_pmd, pmd_keys, pmds = [], [], [], [], []
     for mm in st.mms:
         for v in mm.vmas:
+            vma_pmd.append(int(v.thp_pmd))
+            for b in sorted(v.pmds):
+                pmd_keys.append([mm.pid, b])
+                pmds.append(v.pmds[b])
             vmas.append([mm.pid, v.start, len(v.ptes), int(v.prot.read), int(v.prot.write),
                          int(v.prot.exec), int(v.shared), -1 if v.file is None else v.file,
                          v.pgoff, int(v.vm_softdirty), int(v.uffd_wp), int(v.uffd_event_fork),
@@ -801,6 +829,9 @@ def canonical_state(st: State) -> dict:
                 st.thp.orders_inherit],
         "vmas": vmas,
         "ptes": ptes,
+        "vma_pmd": vma_pmd,
+        "pmd_keys": pmd_keys,
+        "pmds": pmds,
         "files": [[f.nr_pages, f.folio_order, int(f.shmem),
                    0 if f.kind == "fixed" else 1 if f.kind == "anon"
                    else 2 + ["never", "always", "within_size", "advise"].index(f.huge)] for f in st.files],

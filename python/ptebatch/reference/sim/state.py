@@ -61,6 +61,11 @@ class State:
         if v is None:
             return 0
         vma = mm.vmas[v]
+        from .huge_memory import huge_pmd_page
+
+        mapped, page = huge_pmd_page(self, l, vma, vpn)
+        if mapped:
+            return 0 if page is None else self.mem.token[page]
         pte = vma.ptes[vpn - vma.start]
         if l.pte_none(pte):
             return 0
@@ -79,6 +84,8 @@ class State:
                 break
             vma = mm.vmas[v]
             max_order = max(max_order, vma_max_order(self, k, v))
+            if vma.thp_pmd:
+                max_order = max(max_order, self.pmd_order)
             if vma.file is not None:
                 f = self.files[vma.file]
                 max_order = max(max_order, f.folio_order if f.kind == FIXED else self.pmd_order)

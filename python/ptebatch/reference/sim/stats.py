@@ -23,6 +23,9 @@ COUNTER_NAMES = (
     "fork_eagain_retries",
     "pins",
     "deferred_splits",
+    "pmd_copies",
+    "pmd_zaps",
+    "pmd_splits",
 )
 
 
@@ -53,6 +56,9 @@ class Stats:
     fork_eagain_retries: int = 0
     pins: int = 0
     deferred_splits: int = 0
+    pmd_copies: int = 0  # huge PMDs copied at fork (copy_huge_pmd)
+    pmd_zaps: int = 0  # huge PMDs zapped whole (zap_huge_pmd)
+    pmd_splits: int = 0  # huge PMDs split into PTEs (__split_huge_pmd)
     batch_histogram: list[int] = dataclasses.field(default_factory=list)  # [n]: runs of n PTEs
     alloc_by_order: list[int] = dataclasses.field(default_factory=list)  # [order]: folios
 

@@ -4,7 +4,7 @@ when the mmu_gather finishes."""
 
 from __future__ import annotations
 
-from . import contpte
+from . import contpte, huge_memory
 from .batching import folio_pte_batch, fpb_flags
 from .kernel import KernelProfile
 from .memory import PG_ANON, PG_DIRTY
@@ -23,7 +23,8 @@ def zap_vma_range(st: State, l, p: KernelProfile, k: int, v: int, a: int, b: int
     s = a
     while s < b:
         e = min(b, s + ptrs - ((start + s) & (ptrs - 1)))
-        zap_pte_range(st, l, p, k, v, s, e, fullmm, gather)
+        if not huge_memory.zap_huge_pmd_range(st, l, p, k, v, s, e, gather):
+            zap_pte_range(st, l, p, k, v, s, e, fullmm, gather)
         s = e
 
 
@@ -106,6 +107,8 @@ def tlb_finish(st: State, p: KernelProfile, gather: Gather) -> None:
 
 def munmap(st: State, l, p: KernelProfile, k: int, a: int, b: int) -> None:
     """do_vmi_munmap() — mm/vma.c: VMAs split at the ends, zapped and removed"""
+    huge_memory.split_huge_pmd_at(st, l, p, k, a)
+    huge_memory.split_huge_pmd_at(st, l, p, k, b)
     contpte.unfold_at_split(st, l, p, k, a)
     contpte.unfold_at_split(st, l, p, k, b)
     r = st.mms[k].isolate(a, b)
