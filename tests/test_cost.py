@@ -190,7 +190,7 @@ def test_predict_text_marks_what_it_cannot_predict(capsys, tmp_path):
     fork = next(line for line in lines if " fork " in line)
     assert all(float(x) > 0 for x in fork.split()[-2:])
     assert "- = not predicted: mprotect: mprotect is not calibrated" in out
-    assert "columns:" in out and "PMD mappings are not modelled yet" in out
+    assert "columns:" in out and "no term for PMD mappings" in out
 
 
 def test_predict_demo_and_snapshot(capsys, tmp_path):

@@ -427,9 +427,8 @@ def replay_cmd(args: argparse.Namespace) -> int:
           f"captured {snap.header['capture_time']}); inferred: {', '.join(snap.inferred) or 'nothing'}")
     thp_kb = int(snap.arrays["vma_anon_huge_kb"].clip(min=0).sum())
     if thp_kb:
-        print(f"note: {thp_kb} kB of the capture were PMD-mapped THPs; the model does not map folios by "
-              "PMD yet, so it replays them as PTE-mapped 2M folios, which overstates the fork work of "
-              "a kernel that would copy one PMD (6.8 most of all)")
+        print(f"note: {thp_kb} kB of the capture were PMD-mapped THPs, replayed as huge PMDs: fork copies "
+              "each as one PMD (counted in pmd_copies, not in the PTE columns below)")
     print(f"{'kernel':>7} {'pid':>8} {'PTEs copied':>11} {'batches':>8} {'refcount ops':>12} {'rmap calls':>10}")
     for k, pid, copied, nb, refs, rmaps in rows:
         print(f"{k:>7} {pid:>8} {copied:>11} {nb:>8} {refs:>12} {rmaps:>10}")

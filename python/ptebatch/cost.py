@@ -262,7 +262,7 @@ def cases(cal: dict, estimator: str = "min", kernel: str | None = None) -> tuple
     out: list[Case] = []
     skipped = sorted({m["folio_size"] for m in cal["measurements"] if m["mapping"] != "pte"})
     if skipped:
-        notes.append(f"left out {', '.join(skipped)}: PMD mappings are not modelled yet")
+        notes.append(f"left out {', '.join(skipped)}: the cost model has no term for PMD mappings yet")
     ops = {op for _, fitted in MODELS.values() for op in fitted}
     for m in cal["measurements"]:
         if m["mapping"] != "pte" or m["operation"] not in ops:
@@ -617,8 +617,8 @@ columns:
   <kernel>         predicted time of the step in that kernel, in ms: the kernel's counters (from
                    the simulation) times the per-unit costs fitted to the calibration (the
                    calibrated kernel's costs applied to every kernel's counts); fitted for fork,
-                   munmap, exit and first-touch faults of PTE-mapped memory only; PMD mappings
-                   are not modelled yet; see docs/cost-model.md for the fit and its error"""
+                   munmap, exit and first-touch faults of PTE-mapped memory only; the cost of a PMD
+                   mapping (pmd_copies, pmd_zaps) has no term yet; see docs/cost-model.md for the fit and its error"""
 
 
 # -- the `ptebatch predict` command ------------------------------------------------------------
