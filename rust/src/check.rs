@@ -13,6 +13,15 @@ use crate::sim::State;
 /// `owner[pfn]` of a page mapped by more than one mm.
 const MANY: u32 = u32::MAX;
 
+/// The owner of a page once `pid` maps it too: `pid`, or [`MANY`].
+fn owned_by(owner: u32, pid: u32) -> u32 {
+    match owner {
+        0 => pid,
+        o if o == pid => o,
+        _ => MANY,
+    }
+}
+
 fn broken(rule: &'static str, msg: String) -> Error {
     let mut e = Error::invariant(format!("{rule}: {msg}"));
     e.rule = Some(rule);
@@ -141,11 +150,7 @@ impl State {
                     }
                     pmd_heads.push(head);
                     for pu in head as usize..(head + nr) as usize {
-                        owner[pu] = match owner[pu] {
-                            0 => mm.pid,
-                            o if o == mm.pid => o,
-                            _ => MANY,
-                        };
+                        owner[pu] = owned_by(owner[pu], mm.pid);
                         if l.pte_write(e) {
                             writable[pu] += 1;
                         }
@@ -180,11 +185,7 @@ impl State {
                     }
                     let pu = pfn as usize;
                     count[pu] += 1;
-                    owner[pu] = match owner[pu] {
-                        0 => mm.pid,
-                        o if o == mm.pid => o,
-                        _ => MANY,
-                    };
+                    owner[pu] = owned_by(owner[pu], mm.pid);
                     if l.pte_write(e) {
                         writable[pu] += 1;
                         if vma.is_cow() && !(anon && self.mem.test(pfn, PG_ANON_EXCLUSIVE)) {
