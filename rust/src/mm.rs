@@ -202,13 +202,13 @@ pub struct Mm {
 }
 
 impl Mm {
-    /// A copy, or a host out-of-memory error (or a stop from `t`).
-    pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Mm> {
+    /// A copy, or a host out-of-memory error (or a stop from `t`); `copies` records the
+    /// page-table stores copied ([`crate::ptes::StoreCopies`]).
+    pub fn try_clone(&self, t: &crate::watch::Ticker, copies: &mut crate::ptes::StoreCopies) -> Result<Mm> {
         let mut vmas = crate::alloc::try_with_capacity(self.vmas.len(), "the VMAs")?;
-        let mut copies = Vec::new();
         for v in &self.vmas {
             let mut c = v.clone_without_ptes();
-            c.ptes = v.ptes.try_clone(t, &mut copies)?;
+            c.ptes = v.ptes.try_clone(t, copies)?;
             vmas.push(c);
         }
         Ok(Mm { vmas, ..*self })

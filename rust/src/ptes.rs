@@ -9,9 +9,10 @@
 //! [`crate::mm::Mm::merge_would_move_exported`]), as Python refuses to resize an exported
 //! `bytearray`.
 
+use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crate::error::Result;
 
@@ -52,8 +53,6 @@ pub struct PteStore {
     len: usize,
     /// Numpy views of this store (shared with the copies a step runs on).
     pub exports: Exports,
-    /// The store this one is a copy of, for a step run on a copy of the state.
-    origin: Option<Weak<PteStore>>,
 }
 
 // SAFETY: the store is a plain heap array. Mutable access goes through `PteTable`, whose
@@ -62,10 +61,10 @@ unsafe impl Send for PteStore {}
 unsafe impl Sync for PteStore {}
 
 impl PteStore {
-    fn from_vec(v: Vec<u64>, exports: Exports, origin: Option<Weak<PteStore>>) -> Arc<PteStore> {
+    fn from_vec(v: Vec<u64>, exports: Exports) -> Arc<PteStore> {
         let len = v.len();
         let ptr = NonNull::new(Box::into_raw(v.into_boxed_slice()) as *mut u64).expect("Box pointers are not null");
-        Arc::new(PteStore { ptr, len, exports, origin })
+        Arc::new(PteStore { ptr, len, exports })
     }
 
     /// The first entry's address and the number of entries, for a numpy view.
@@ -100,6 +99,63 @@ impl std::fmt::Debug for PteStore {
     }
 }
 
+/// The stores a copy of the state made for a step copied, keyed by the original's address:
+/// (original, copy). Tables sharing a store share its copy, and after the step every original
+/// that numpy still views gets its copy's contents back ([`StoreCopies::adopt`]), even where no
+/// VMA of the copy uses the copy any more (an unmap or exit on the copy dropped it).
+/// Not part of the state: an ordinary clone starts with none.
+#[derive(Default)]
+pub struct StoreCopies {
+    map: HashMap<usize, (Arc<PteStore>, Arc<PteStore>)>,
+    /// Copies share their original's view count (a step's copy), or start at none (a
+    /// detached copy: `Simulation.clone()`).
+    share: bool,
+}
+
+impl StoreCopies {
+    /// For a step's copy of the state (`share`: the copies count the originals' views), or
+    /// for a detached copy.
+    pub fn new(share: bool) -> StoreCopies {
+        StoreCopies { map: HashMap::new(), share }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Writes each copy back into its original where numpy views the original, and returns
+    /// the map from such a copy (by address) to the original, which its tables should use
+    /// again ([`PteTable::repoint`]).
+    /// Callers make sure no `PteTable` of the originals is borrowed.
+    pub fn adopt(self) -> HashMap<usize, Arc<PteStore>> {
+        let mut back = HashMap::new();
+        for (orig, copy) in self.map.into_values() {
+            if orig.exported() && orig.len == copy.len {
+                orig.overwrite_from(&copy);
+                back.insert(Arc::as_ptr(&copy) as usize, orig);
+            }
+        }
+        back
+    }
+}
+
+impl Clone for StoreCopies {
+    /// None: the copies belong to the one state a step ran on.
+    fn clone(&self) -> StoreCopies {
+        StoreCopies::default()
+    }
+}
+
+impl std::fmt::Debug for StoreCopies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreCopies({} stores)", self.map.len())
+    }
+}
+
 /// One VMA's PTEs: entries `[off, off + len)` of a store. Reads and writes as a `[u64]`.
 pub struct PteTable {
     store: Arc<PteStore>,
@@ -111,12 +167,12 @@ impl PteTable {
     /// A new table of `n` entries, all `none`; fallible, as every user-sized allocation.
     pub fn filled(n: usize, none: u64, what: &str) -> Result<PteTable> {
         let v = crate::alloc::try_filled(n, none, what)?;
-        Ok(PteTable { store: PteStore::from_vec(v, Default::default(), None), off: 0, len: n })
+        Ok(PteTable { store: PteStore::from_vec(v, Default::default()), off: 0, len: n })
     }
 
     /// An empty table.
     pub fn empty() -> PteTable {
-        PteTable { store: PteStore::from_vec(Vec::new(), Default::default(), None), off: 0, len: 0 }
+        PteTable { store: PteStore::from_vec(Vec::new(), Default::default()), off: 0, len: 0 }
     }
 
     pub fn store(&self) -> &Arc<PteStore> {
@@ -157,46 +213,38 @@ impl PteTable {
         };
         v.extend_from_slice(self);
         v.extend_from_slice(&next);
-        self.store = PteStore::from_vec(v, Default::default(), None);
+        self.store = PteStore::from_vec(v, Default::default());
         self.off = 0;
         self.len += next.len;
         Ok(())
     }
 
     /// A copy in a store of its own (or a host out-of-memory error, or a stop from `t`).
-    /// `copies` maps each original store to its copy, so that tables sharing a store share
-    /// its copy too; a copy remembers its original and shares its view count.
-    pub fn try_clone(&self, t: &crate::watch::Ticker, copies: &mut Vec<(Arc<PteStore>, Arc<PteStore>)>) -> Result<PteTable> {
-        let store = match copies.iter().find(|(o, _)| Arc::ptr_eq(o, &self.store)) {
+    /// `copies` records each original store and its copy (found in O(1)), so that tables
+    /// sharing a store share its copy too.
+    pub fn try_clone(&self, t: &crate::watch::Ticker, copies: &mut StoreCopies) -> Result<PteTable> {
+        let key = Arc::as_ptr(&self.store) as usize;
+        let store = match copies.map.get(&key) {
             Some((_, c)) => c.clone(),
             None => {
                 // SAFETY: a live array of `len` entries, only read here.
                 let all = unsafe { std::slice::from_raw_parts(self.store.ptr.as_ptr(), self.store.len) };
                 let v = crate::alloc::try_copy(all, "a page table", t)?;
-                let c = PteStore::from_vec(v, self.store.exports.share(), Some(Arc::downgrade(&self.store)));
-                copies.push((self.store.clone(), c.clone()));
+                let exports = if copies.share { self.store.exports.share() } else { Exports::default() };
+                let c = PteStore::from_vec(v, exports);
+                copies.map.insert(key, (self.store.clone(), c.clone()));
                 c
             }
         };
         Ok(PteTable { store, off: self.off, len: self.len })
     }
 
-    /// After a step ran on a copy of the state: if this table's store is a copy of a store
-    /// that numpy still views, write the copy back into that store and use it again, so the
-    /// views see the step's result. `done` collects the stores already written back.
-    pub fn adopt_exported_origin(&mut self, done: &mut Vec<(*const PteStore, Arc<PteStore>)>) {
-        let key = Arc::as_ptr(&self.store);
-        if let Some((_, orig)) = done.iter().find(|(k, _)| *k == key) {
+    /// After [`StoreCopies::adopt`]: a table on a copy that was written back into its viewed
+    /// original uses the original again (same window), so the views see the step's result.
+    pub fn repoint(&mut self, back: &HashMap<usize, Arc<PteStore>>) {
+        if let Some(orig) = back.get(&(Arc::as_ptr(&self.store) as usize)) {
             self.store = orig.clone();
-            return;
         }
-        let Some(orig) = self.store.origin.as_ref().and_then(Weak::upgrade) else { return };
-        if !orig.exported() || orig.len != self.store.len {
-            return;
-        }
-        orig.overwrite_from(&self.store);
-        done.push((key, orig.clone()));
-        self.store = orig;
     }
 }
 
@@ -220,7 +268,7 @@ impl std::ops::DerefMut for PteTable {
 impl Clone for PteTable {
     /// A copy in a new store of its own.
     fn clone(&self) -> PteTable {
-        PteTable { store: PteStore::from_vec(self.to_vec(), Default::default(), None), off: 0, len: self.len }
+        PteTable { store: PteStore::from_vec(self.to_vec(), Default::default()), off: 0, len: self.len }
     }
 }
 
@@ -239,7 +287,7 @@ impl PartialEq for PteTable {
 impl From<Vec<u64>> for PteTable {
     fn from(v: Vec<u64>) -> PteTable {
         let len = v.len();
-        PteTable { store: PteStore::from_vec(v, Default::default(), None), off: 0, len }
+        PteTable { store: PteStore::from_vec(v, Default::default()), off: 0, len }
     }
 }
 
@@ -281,21 +329,45 @@ mod tests {
         let b = a.split_off(2);
         a.store().exports.add();
         let t = crate::watch::Ticker::default();
-        let mut copies = Vec::new();
+        let mut copies = StoreCopies::new(true);
         let mut ca = a.try_clone(&t, &mut copies).unwrap();
         let mut cb = b.try_clone(&t, &mut copies).unwrap();
+        assert_eq!(copies.len(), 1);
         assert!(ca.continues_into(&cb));
         ca[0] = 10;
         cb[1] = 40;
         let (viewed, _) = a.store().as_raw();
-        let mut done = Vec::new();
-        ca.adopt_exported_origin(&mut done);
-        cb.adopt_exported_origin(&mut done);
+        let back = copies.adopt();
+        ca.repoint(&back);
+        cb.repoint(&back);
         assert_eq!(ca.store().as_raw().0, viewed);
         assert_eq!(cb.store().as_raw().0, viewed);
         drop((a, b));
         assert_eq!(&*ca, &[10, 2]);
         assert_eq!(&*cb, &[3, 40]);
         ca.store().exports.release();
+    }
+
+    #[test]
+    fn a_dropped_copy_is_still_written_back() {
+        let a = PteTable::from(vec![1, 2, 3]);
+        a.store().exports.add();
+        let mut copies = StoreCopies::new(true);
+        let mut ca = a.try_clone(&crate::watch::Ticker::default(), &mut copies).unwrap();
+        ca.fill(0);
+        drop(ca);
+        assert!(copies.adopt().len() == 1);
+        assert_eq!(&*a, &[0, 0, 0]);
+        a.store().exports.release();
+    }
+
+    #[test]
+    fn a_detached_copy_counts_no_views() {
+        let a = PteTable::from(vec![1]);
+        a.store().exports.add();
+        let mut copies = StoreCopies::new(false);
+        let ca = a.try_clone(&crate::watch::Ticker::default(), &mut copies).unwrap();
+        assert!(!ca.store().exported());
+        a.store().exports.release();
     }
 }

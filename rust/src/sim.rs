@@ -54,6 +54,9 @@ pub struct State {
     pub shmem_policy: ShmemPolicy,
     /// Asks the watch, if any, whether a long step may go on (not part of the state).
     pub ticker: Ticker,
+    /// On a step's copy of the state: the page-table stores copied, for
+    /// [`State::adopt_exported`] (not part of the state; empty otherwise).
+    pub copies: crate::ptes::StoreCopies,
 }
 
 /// A simulation: a layout, a kernel profile and the state.
@@ -117,6 +120,7 @@ impl Simulation {
                 fault_around_pages: (65536 >> g.page_shift).max(1),
                 shmem_policy: ShmemPolicy::new(pmd_order),
                 ticker: Ticker::default(),
+                copies: Default::default(),
             },
         })
     }
@@ -784,8 +788,6 @@ impl Simulation {
 }
 
 impl State {
-    /// A copy of the state, or a host out-of-memory error where the host cannot hold it (or
-    /// a stop from the ticker, when armed).
     /// Bytes of page-table storage (each store once, however many VMAs share it).
     pub fn page_table_bytes(&self) -> usize {
         let mut seen: Vec<(*const u64, usize)> = self.mms.iter().flat_map(|mm| &mm.vmas).map(|v| v.ptes.store().as_raw()).collect();
@@ -796,21 +798,35 @@ impl State {
 
     /// Before this state (a copy a step ran on) replaces `old`: storage that numpy views of
     /// `old` hold gets this state's contents and is used again, so that views stay live.
+    /// Every viewed store is written back, also one the step dropped (an unmap or exit).
     pub fn adopt_exported(&mut self, old: &mut State) {
         self.mem.adopt_exported(&mut old.mem);
-        for mm in &mut self.mms {
-            let mut done = Vec::new();
-            for v in &mut mm.vmas {
-                v.ptes.adopt_exported_origin(&mut done);
+        let back = std::mem::take(&mut self.copies).adopt();
+        if !back.is_empty() {
+            for v in self.mms.iter_mut().flat_map(|mm| &mut mm.vmas) {
+                v.ptes.repoint(&back);
             }
         }
     }
 
+    /// A copy of the state for a step to run on, which shares the views' counts with this
+    /// state so that [`State::adopt_exported`] can hand the views the result; or a host
+    /// out-of-memory error where the host cannot hold it (or a stop from the ticker, when armed).
     pub fn try_clone(&self) -> Result<State> {
+        self.copy(true)
+    }
+
+    /// An independent copy (`Simulation.clone()`): views of either never bind the other.
+    pub fn try_clone_detached(&self) -> Result<State> {
+        self.copy(false)
+    }
+
+    fn copy(&self, share: bool) -> Result<State> {
         let t = &self.ticker;
+        let mut copies = crate::ptes::StoreCopies::new(share);
         let mut mms = crate::alloc::try_with_capacity(self.mms.len(), "the processes")?;
         for mm in &self.mms {
-            mms.push(mm.try_clone(t)?);
+            mms.push(mm.try_clone(t, &mut copies)?);
         }
         let mut files = crate::alloc::try_with_capacity(self.files.len(), "the files")?;
         for f in &self.files {
@@ -821,7 +837,7 @@ impl State {
             pins.push(Pin { pfns: crate::alloc::try_copy(&p.pfns, "a pin", t)?, ..*p });
         }
         Ok(State {
-            mem: self.mem.try_clone(t)?,
+            mem: self.mem.try_clone(t, share)?,
             mms,
             files,
             pins,
@@ -837,6 +853,7 @@ impl State {
             fault_around_pages: self.fault_around_pages,
             shmem_policy: self.shmem_policy,
             ticker: self.ticker.clone(),
+            copies: if share { copies } else { Default::default() },
         })
     }
 
