@@ -266,14 +266,15 @@ impl Simulation {
         Ok((a, b))
     }
 
-    /// `BufferError` if changing the VMAs of `[a, b)` of process `k` might have to move
-    /// PTEs a numpy view holds (see [`Mm::merge_would_move_exported`]).
-    fn refuse_moving_views(&self, k: usize, a: u64, b: u64) -> Result<()> {
-        match self.st.mms[k].merge_would_move_exported(a, b) {
+    /// `BufferError` if applying `change` to the VMAs of `[a, b)` of process `k` would merge
+    /// one with a neighbour in other storage, moving PTEs a numpy view holds (see
+    /// [`Mm::merge_would_move_exported`]).
+    fn refuse_moving_views(&self, k: usize, a: u64, b: u64, change: impl Fn(&mut Vma)) -> Result<()> {
+        match self.st.mms[k].merge_would_move_exported(a, b, change) {
             None => Ok(()),
             Some((s, e)) => Err(Error::buffer(format!(
                 "the PTEs of process {}'s mapping {:#x}-{:#x} are viewed by a numpy array, and this \
-                 change might merge that mapping with a neighbour mapped separately, which moves \
+                 change would merge that mapping with a neighbour mapped separately, which moves \
                  them; release the view (del it) first",
                 self.st.mms[k].pid,
                 s << self.st.page_shift,
@@ -596,7 +597,16 @@ impl Simulation {
                         at = v.end();
                     }
                 }
-                self.refuse_moving_views(k, a, b)?;
+                let apply = |v: &mut Vma| match advice {
+                    "dontfork" => v.dontfork = true,
+                    "dofork" => v.dontfork = false,
+                    "wipeonfork" => v.wipeonfork = true,
+                    "keeponfork" => v.wipeonfork = false,
+                    // hugepage_madvise() (mm/huge_memory.c): each flag clears the other.
+                    "hugepage" => (v.hugepage, v.nohugepage) = (true, false),
+                    _ => (v.hugepage, v.nohugepage) = (false, true),
+                };
+                self.refuse_moving_views(k, a, b, apply)?;
                 self.begin();
                 // The model keeps contpte blocks inside one VMA: a block a split would cut is
                 // unfolded (the kernel may leave it folded across the two VMAs).
@@ -608,15 +618,7 @@ impl Simulation {
                 let mm = &mut self.st.mms[k];
                 let r = mm.isolate(a, b);
                 for v in &mut mm.vmas[r.clone()] {
-                    match advice {
-                        "dontfork" => v.dontfork = true,
-                        "dofork" => v.dontfork = false,
-                        "wipeonfork" => v.wipeonfork = true,
-                        "keeponfork" => v.wipeonfork = false,
-                        // hugepage_madvise() (mm/huge_memory.c): each flag clears the other.
-                        "hugepage" => (v.hugepage, v.nohugepage) = (true, false),
-                        _ => (v.hugepage, v.nohugepage) = (false, true),
-                    }
+                    apply(v);
                 }
                 mm.merge_around(r);
                 self.end();
@@ -676,7 +678,7 @@ impl Simulation {
     pub fn mprotect(&mut self, pid: u32, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.mapped_range(k, addr, len)?;
-        self.refuse_moving_views(k, a, b)?;
+        self.refuse_moving_views(k, a, b, |v| v.prot = prot)?;
         self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.mprotect(l, p, k, a, b, prot)))
     }
 
