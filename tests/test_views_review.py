@@ -142,6 +142,27 @@ def test_unmapped_page_tables_are_freed() -> None:
     assert grown < 1 << 20, f"{grown >> 20} MiB of page tables for 20 mapped pages"
 
 
+def test_shrunk_page_tables_keep_entries_and_pieces_that_continue() -> None:
+    """The store of a mostly unmapped mapping is replaced by one of the mapped windows: the
+    entries stay, and pieces split by mprotect still share storage, so merging them back with
+    a view is no move (no BufferError) and the view sees the merged VMA."""
+    sim = _sim()
+    p = sim.spawn()
+    v = p.mmap(4096 * PAGE)
+    p.touch(v.start, 8 * PAGE, write=True)
+    p.mprotect(v.start, 4 * PAGE, "r")
+    before = p.ptes(v.start)[:4].copy(), p.ptes(v.start + 4 * PAGE)[:4].copy()
+    base = sim._b.state_bytes()
+    p.munmap(v.start + 8 * PAGE, v.length - 8 * PAGE)
+    assert base - sim._b.state_bytes() >= (4096 - 8) * 8, "the unmapped entries are freed"
+    t = p.ptes(v.start)
+    assert np.array_equal(t, before[0]) and np.array_equal(p.ptes(v.start + 4 * PAGE), before[1])
+    p.mprotect(v.start, 4 * PAGE, "rw")
+    assert len(p.vmas()) == 1
+    assert np.shares_memory(t, p.ptes(v.start))
+    del t
+
+
 # Findings 6 (adjacent mmaps that merge copy both stores) and 7 (a step on a copy of n stores
 # cost O(n^2)) are timings: benches/test_bench_views_scaling.py measures them. What finding
 # 7's fix must keep right, at a size a test affords, is below.

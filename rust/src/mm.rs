@@ -310,6 +310,42 @@ impl Mm {
         None
     }
 
+    /// After an unmap of `[from, to)`: a store of the VMAs next to it that is no longer mostly
+    /// mapped, and that no numpy view holds, is replaced by stores of just the mapped windows
+    /// (one per run of VMAs that continue one another), as the kernel frees page tables an
+    /// unmap emptied (mm/mmap.c `free_pgtables`, v6.18).
+    pub fn shrink_stores(&mut self, from: u64, to: u64) {
+        /// Stores smaller than a page-table page, or at least a quarter mapped, stay.
+        const MIN_SAVING: usize = 512;
+        let near = self.vmas.iter().filter(|v| v.end() == from || v.start == to);
+        let stores: Vec<_> = near.map(|v| v.ptes.store().clone()).collect();
+        for (i, s) in stores.iter().enumerate() {
+            let (_, len) = s.as_raw();
+            let same = |v: &Vma| std::sync::Arc::ptr_eq(v.ptes.store(), s);
+            if s.exported() || len < MIN_SAVING || stores[..i].iter().any(|t| std::sync::Arc::ptr_eq(t, s)) {
+                continue;
+            }
+            let mapped: usize = self.vmas.iter().filter(|v| same(v)).map(|v| v.ptes.len()).sum();
+            if mapped * 4 > len || len - mapped < MIN_SAVING {
+                continue;
+            }
+            let mut k = 0;
+            while k < self.vmas.len() {
+                if !same(&self.vmas[k]) {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k + 1;
+                while j < self.vmas.len() && self.vmas[j - 1].end() == self.vmas[j].start && self.vmas[j - 1].ptes.continues_into(&self.vmas[j].ptes) {
+                    j += 1;
+                }
+                let mut run: Vec<&mut PteTable> = self.vmas[k..j].iter_mut().map(|v| &mut v.ptes).collect();
+                PteTable::rehome(&mut run);
+                k = j;
+            }
+        }
+    }
+
     /// Merges neighbours that `Vma::can_merge` allows, around `range`.
     pub fn merge_around(&mut self, range: std::ops::Range<usize>) {
         let lo = range.start.saturating_sub(1);

@@ -239,6 +239,25 @@ impl PteTable {
         Ok(PteTable { store, off: self.off, len: self.len })
     }
 
+    /// Copies the windows of `tables` (consecutive ones of one store, in order) into a new
+    /// store that holds just them, so the old store, mostly unmapped, can be freed. `false`
+    /// (nothing changed) where the host cannot hold the copy.
+    pub fn rehome(tables: &mut [&mut PteTable]) -> bool {
+        let n = tables.iter().map(|t| t.len).sum();
+        let Ok(mut v) = crate::alloc::try_with_capacity(n, "a page table") else { return false };
+        for t in tables.iter() {
+            v.extend_from_slice(t);
+        }
+        let store = PteStore::from_vec(v, Default::default());
+        let mut off = 0;
+        for t in tables.iter_mut() {
+            t.store = store.clone();
+            t.off = off;
+            off += t.len;
+        }
+        true
+    }
+
     /// After [`StoreCopies::adopt`]: a table on a copy that was written back into its viewed
     /// original uses the original again (same window), so the views see the step's result.
     pub fn repoint(&mut self, back: &HashMap<usize, Arc<PteStore>>) {

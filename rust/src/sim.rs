@@ -564,7 +564,9 @@ impl Simulation {
     pub fn munmap(&mut self, pid: u32, addr: u64, len: u64) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.vrange(addr, len)?;
-        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.munmap(l, p, k, a, b)))
+        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.munmap(l, p, k, a, b)))?;
+        self.st.mms[k].shrink_stores(a, b);
+        Ok(())
     }
 
     /// `exit()`: tears the address space down (pins stay until unpinned).
