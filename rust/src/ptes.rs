@@ -3,8 +3,8 @@
 //! A VMA's PTEs are a window (`off`, `len`) into a fixed-size [`PteStore`] that VMAs split
 //! from one mapping share, much as the kernel's VMAs share page-table pages: splitting a VMA
 //! moves no entry, and merging two VMAs cut from the same store only widens the window. A
-//! store never grows, shrinks or moves once made, so a numpy view of it (which holds the
-//! store alive) never dangles. The one operation that would have to move entries — merging
+//! store never moves or shrinks once made (it only fills room past its windows while no
+//! view holds it), so a numpy view of it (which holds the store alive) never dangles. The one operation that would have to move entries — merging
 //! VMAs of two different stores — is refused while either store is viewed (see
 //! [`crate::mm::Mm::merge_would_move_exported`]), as Python refuses to resize an exported
 //! `bytearray`.
@@ -47,10 +47,16 @@ impl Clone for Exports {
     }
 }
 
-/// A fixed-size array of PTEs, shared by the VMAs cut from it and by numpy views.
+/// A fixed-size array of PTEs, shared by the VMAs cut from it and by numpy views. Windows lie
+/// in the first `len` entries; a store made by a join has room for as many again past them
+/// (`cap`), which later joins onto the table ending at `len` fill in place while no view
+/// holds the store, so growing a mapping by adjacent mmaps stays linear (as `Vec` was).
 pub struct PteStore {
     ptr: NonNull<u64>,
-    len: usize,
+    /// Entries written (every window lies below); only a join in place raises it.
+    len: AtomicUsize,
+    /// Entries allocated.
+    cap: usize,
     /// Numpy views of this store (shared with the copies a step runs on).
     pub exports: Exports,
 }
@@ -62,14 +68,19 @@ unsafe impl Sync for PteStore {}
 
 impl PteStore {
     fn from_vec(v: Vec<u64>, exports: Exports) -> Arc<PteStore> {
-        let len = v.len();
-        let ptr = NonNull::new(Box::into_raw(v.into_boxed_slice()) as *mut u64).expect("Box pointers are not null");
-        Arc::new(PteStore { ptr, len, exports })
+        let mut v = std::mem::ManuallyDrop::new(v);
+        let (len, cap) = (v.len(), v.capacity());
+        let ptr = NonNull::new(v.as_mut_ptr()).expect("Vec pointers are not null");
+        Arc::new(PteStore { ptr, len: AtomicUsize::new(len), cap, exports })
     }
 
-    /// The first entry's address and the number of entries, for a numpy view.
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// The first entry's address and the number of entries in use.
     pub fn as_raw(&self) -> (*const u64, usize) {
-        (self.ptr.as_ptr(), self.len)
+        (self.ptr.as_ptr(), self.len())
     }
 
     pub fn exported(&self) -> bool {
@@ -79,23 +90,23 @@ impl PteStore {
     /// Copies `src` (the copy of this store a step ran on) over this store's entries.
     /// Callers make sure no `PteTable` of this store is borrowed.
     fn overwrite_from(&self, src: &PteStore) {
-        debug_assert_eq!(self.len, src.len);
-        // SAFETY: both are live arrays of `len` entries; `self` is not borrowed by anyone
-        // (the state that owned its windows is being replaced), and numpy views only read.
-        unsafe { std::ptr::copy_nonoverlapping(src.ptr.as_ptr(), self.ptr.as_ptr(), self.len) }
+        debug_assert_eq!(self.len(), src.len());
+        // SAFETY: both hold `len` written entries; `self` is not borrowed by anyone (the
+        // state that owned its windows is being replaced), and numpy views only read.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr.as_ptr(), self.ptr.as_ptr(), self.len()) }
     }
 }
 
 impl Drop for PteStore {
     fn drop(&mut self) {
-        // SAFETY: made by `Box::into_raw` of a boxed slice of `len` entries in `from_vec`.
-        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len))) }
+        // SAFETY: the buffer of a `Vec<u64>` of capacity `cap` (`from_vec`); u64 needs no drop.
+        unsafe { drop(Vec::from_raw_parts(self.ptr.as_ptr(), 0, self.cap)) }
     }
 }
 
 impl std::fmt::Debug for PteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PteStore({} entries, {} views)", self.len, self.exports.0.load(Ordering::Relaxed))
+        write!(f, "PteStore({} entries, {} views)", self.len(), self.exports.0.load(Ordering::Relaxed))
     }
 }
 
@@ -134,7 +145,7 @@ impl StoreCopies {
     pub fn adopt(self) -> HashMap<usize, Arc<PteStore>> {
         let mut back = HashMap::new();
         for (orig, copy) in self.map.into_values() {
-            if orig.exported() && orig.len == copy.len {
+            if orig.exported() && orig.len() == copy.len() {
                 orig.overwrite_from(&copy);
                 back.insert(Arc::as_ptr(&copy) as usize, orig);
             }
@@ -200,16 +211,32 @@ impl PteTable {
     }
 
     /// Joins `next` (which follows this table in the address space) onto this one: by
-    /// widening the window when it continues it in the same store, else by copying both into
-    /// a new store. `Err` (nothing changed) when the host cannot hold the copy.
+    /// widening the window when it continues it in the same store; by copying `next` into
+    /// the room past this window when it ends the store's written entries and no view holds
+    /// the store; else by copying both into a new store with as much room again. `Err`
+    /// (nothing changed) when the host cannot hold the copy.
     pub fn join(&mut self, next: PteTable) -> std::result::Result<(), PteTable> {
         if self.continues_into(&next) {
             self.len += next.len;
             return Ok(());
         }
-        let mut v = match crate::alloc::try_with_capacity(self.len + next.len, "the page table of a merged VMA") {
+        let end = self.off + self.len;
+        if !self.store.exported() && end == self.store.len() && self.store.cap - end >= next.len {
+            // SAFETY: `[end, end + next.len)` is allocated and past every window of the
+            // store (all lie below `len`), so no table or view reads it; `next` is another store.
+            unsafe { std::ptr::copy_nonoverlapping(next.as_ptr(), self.store.ptr.as_ptr().add(end), next.len) };
+            self.store.len.store(end + next.len, Ordering::Release);
+            self.len += next.len;
+            return Ok(());
+        }
+        let n = self.len + next.len;
+        let what = "the page table of a merged VMA";
+        let mut v = match crate::alloc::try_with_capacity(n.saturating_mul(2), what) {
             Ok(v) => v,
-            Err(_) => return Err(next),
+            Err(_) => match crate::alloc::try_with_capacity(n, what) {
+                Ok(v) => v,
+                Err(_) => return Err(next),
+            },
         };
         v.extend_from_slice(self);
         v.extend_from_slice(&next);
@@ -227,8 +254,8 @@ impl PteTable {
         let store = match copies.map.get(&key) {
             Some((_, c)) => c.clone(),
             None => {
-                // SAFETY: a live array of `len` entries, only read here.
-                let all = unsafe { std::slice::from_raw_parts(self.store.ptr.as_ptr(), self.store.len) };
+                // SAFETY: `len` written entries, only read here.
+                let all = unsafe { std::slice::from_raw_parts(self.store.ptr.as_ptr(), self.store.len()) };
                 let v = crate::alloc::try_copy(all, "a page table", t)?;
                 let exports = if copies.share { self.store.exports.share() } else { Exports::default() };
                 let c = PteStore::from_vec(v, exports);
@@ -388,5 +415,26 @@ mod tests {
         let ca = a.try_clone(&crate::watch::Ticker::default(), &mut copies).unwrap();
         assert!(!ca.store().exported());
         a.store().exports.release();
+    }
+
+    #[test]
+    fn joins_onto_the_end_fill_the_room_in_place_unless_viewed() {
+        let mut a = PteTable::from(vec![1]);
+        a.join(PteTable::from(vec![2])).unwrap();
+        let store = a.store().as_raw().0;
+        for k in 3..=4 {
+            a.join(PteTable::from(vec![k])).unwrap();
+        }
+        assert_eq!(a.store().as_raw(), (store, 4), "two joins filled the room of the first");
+        a.join(PteTable::from(vec![5])).unwrap();
+        assert_ne!(a.store().as_raw().0, store, "no room left: a new store");
+        let mut b = a.split_off(2);
+        assert!(PteTable::rehome(&mut [&mut a]));
+        b.store().exports.add();
+        let viewed = b.store().as_raw();
+        b.join(PteTable::from(vec![6])).unwrap();
+        assert_ne!(b.store().as_raw().0, viewed.0, "a viewed store is never written past its end");
+        assert_eq!((&*a, &*b), (&[1, 2][..], &[3, 4, 5, 6][..]));
+        assert_eq!(viewed.1, 5);
     }
 }
