@@ -9,6 +9,8 @@ import gc
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ptebatch as pb
 
@@ -104,6 +106,50 @@ def test_clone_has_views_of_its_own() -> None:
     p.mmap("64KiB", addr=a.end)
     assert len(p.vmas()) == 1, "a view of the clone does not bind the original"
     del u
+
+
+_CHANGES = [("mprotect", x) for x in ("r", "rw", "none")] + [
+    ("madvise", x) for x in ("dontfork", "dofork", "wipeonfork", "keeponfork", "hugepage", "nohugepage")
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prots=st.lists(st.sampled_from(["r", "rw"]), min_size=3, max_size=3),
+    viewed=st.integers(0, 2),
+    ops=st.lists(
+        st.tuples(st.sampled_from(_CHANGES), st.integers(0, 11), st.integers(1, 12)), min_size=1, max_size=6
+    ),
+)
+def test_refused_exactly_when_a_viewed_mapping_would_merge_across_storage(prots, viewed, ops) -> None:
+    """Three adjacent 4-page mmaps (separate storage), one viewed; each mprotect / madvise is
+    refused with BufferError exactly when, without the view (a clone), a VMA would come to
+    span the viewed mapping and pages outside it; otherwise the result is the clone's."""
+    sim = _sim("4MiB")
+    p = sim.spawn()
+    base = p.mmap(12 * PAGE)
+    p.munmap(base.start, base.length)
+    for i, prot in enumerate(prots):
+        p.mmap(4 * PAGE, addr=base.start + 4 * i * PAGE, prot=prot)
+    vv = next(v for v in p.vmas() if v["start"] <= base.start + 4 * viewed * PAGE < v["end"])
+    lo, hi = vv["start"], vv["end"]
+    t = p.ptes(lo)
+    for (call, arg), first, n in ops:
+        n = min(n, 12 - first)
+        other = sim.clone()
+        q = other.process(p.pid)
+        addr = base.start + first * PAGE
+        getattr(q, call)(addr, n * PAGE, arg)
+        spans = any(v["start"] < hi and v["end"] > lo and (v["start"] < lo or v["end"] > hi) for v in q.vmas())
+        try:
+            getattr(p, call)(addr, n * PAGE, arg)
+        except BufferError as e:
+            assert spans, f"{call}({first}, {n}, {arg}) refused though nothing viewed would move: {e}"
+            continue
+        assert not spans, f"{call}({first}, {n}, {arg}) merged across storage"
+        assert p.vmas() == q.vmas()
+        assert np.shares_memory(t, p.ptes(lo))
+    del t
 
 
 # ---- 6. the reference backend ------------------------------------------------------------
