@@ -318,7 +318,8 @@ impl Mm {
         /// Stores smaller than a page-table page, or at least a quarter mapped, stay.
         const MIN_SAVING: usize = 512;
         let near = self.vmas.iter().filter(|v| v.end() == from || v.start == to);
-        let stores: Vec<_> = near.map(|v| v.ptes.store().clone()).collect();
+        // Only a store the neighbour itself fills less than a quarter of is worth the scan.
+        let stores: Vec<_> = near.filter(|v| v.ptes.len() * 4 <= v.ptes.store().as_raw().1).map(|v| v.ptes.store().clone()).collect();
         for (i, s) in stores.iter().enumerate() {
             let (_, len) = s.as_raw();
             let same = |v: &Vma| std::sync::Arc::ptr_eq(v.ptes.store(), s);

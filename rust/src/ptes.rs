@@ -130,12 +130,9 @@ impl StoreCopies {
         StoreCopies { map: HashMap::new(), share }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// Writes each copy back into its original where numpy views the original, and returns
