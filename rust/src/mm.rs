@@ -313,7 +313,7 @@ impl Mm {
     /// After an unmap of `[from, to)`: a store of the VMAs next to it that is no longer mostly
     /// mapped, and that no numpy view holds, is replaced by stores of just the mapped windows
     /// (one per run of VMAs that continue one another), as the kernel frees page tables an
-    /// unmap emptied (mm/mmap.c `free_pgtables`, v6.18).
+    /// unmap emptied (mm/memory.c `free_pgtables()`, v6.18).
     pub fn shrink_stores(&mut self, from: u64, to: u64) {
         /// Stores smaller than a page-table page, or at least a quarter mapped, stay.
         const MIN_SAVING: usize = 512;
