@@ -264,6 +264,10 @@ class Drift:
                     if "mprotect-ad-merge" in dev:
                         self._note(v, sel & v.large(), b["dirty"] | b["young"] | b["soft_dirty"] | b["write"])
                     self._note_blocks(v, sel)
+            if self.mprotect_batched:
+                # A huge PMD the change split has its PTEs only afterwards.
+                for v in after:
+                    self._note_blocks(v, v.in_range(*op[1:]))
         elif kind == "clear-soft-dirty":
             # Every PTE of the mm is write-protected and loses soft-dirty on both sides.
             self.ptes.clear(pid, b["write"] | b["soft_dirty"])

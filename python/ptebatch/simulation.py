@@ -336,8 +336,10 @@ class Pin:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
+    """A copy of `a` over immutable bytes, so that, as with the Rust backend's views,
+    ``flags.writeable = True`` raises too."""
+    a = np.ascontiguousarray(a)
+    return np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)
 
 
 class MemoryArrays:

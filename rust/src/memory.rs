@@ -155,8 +155,9 @@ impl Memory {
         Ok(m)
     }
 
-    /// A copy, or a host out-of-memory error (or a stop from `t`).
-    pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Memory> {
+    /// A copy, or a host out-of-memory error (or a stop from `t`). `share`: the copy counts
+    /// this memory's views (a step's copy, see `State::adopt_exported`); else it has none.
+    pub fn try_clone(&self, t: &crate::watch::Ticker, share: bool) -> Result<Memory> {
         use crate::alloc::try_copy;
         Ok(Memory {
             order: try_copy(&self.order, "the page-order array", t)?,
@@ -172,7 +173,7 @@ impl Memory {
             max_order: self.max_order,
             fallback: self.fallback.clone(),
             rng: self.rng.clone(),
-            exports: self.exports.share(),
+            exports: if share { self.exports.share() } else { Default::default() },
         })
     }
 

@@ -216,13 +216,13 @@ pub struct Mm {
 }
 
 impl Mm {
-    /// A copy, or a host out-of-memory error (or a stop from `t`).
-    pub fn try_clone(&self, t: &crate::watch::Ticker) -> Result<Mm> {
+    /// A copy, or a host out-of-memory error (or a stop from `t`); `copies` records the
+    /// page-table stores copied ([`crate::ptes::StoreCopies`]).
+    pub fn try_clone(&self, t: &crate::watch::Ticker, copies: &mut crate::ptes::StoreCopies) -> Result<Mm> {
         let mut vmas = crate::alloc::try_with_capacity(self.vmas.len(), "the VMAs")?;
-        let mut copies = Vec::new();
         for v in &self.vmas {
             let mut c = v.clone_without_ptes();
-            c.ptes = v.ptes.try_clone(t, &mut copies)?;
+            c.ptes = v.ptes.try_clone(t, copies)?;
             c.pmds = v.pmds.clone();
             vmas.push(c);
         }
@@ -266,17 +266,56 @@ impl Mm {
         a..b.max(a)
     }
 
-    /// Whether changing the VMAs of `[from, to)` might merge two VMAs whose page tables lie
+    /// Whether applying `change` to the VMAs of `[from, to)` (after splitting them at both
+    /// ends, as `isolate` does) would let `merge_around` merge two VMAs whose page tables lie
     /// in different stores while numpy views one of them: such a merge would move viewed
     /// entries, so the operation is refused first (`BufferError`). Only neighbours made by
-    /// separate mmaps have different stores. Returns the viewed range, in vpns.
-    pub fn merge_would_move_exported(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+    /// separate mmaps have different stores. Returns the viewed VMA's range, in vpns.
+    pub fn merge_would_move_exported(&self, from: u64, to: u64, change: impl Fn(&mut Vma)) -> Option<(u64, u64)> {
+        struct Piece<'a> {
+            /// The attributes after the change, `start` and `pgoff` the piece's own; no entries.
+            attrs: Vma,
+            end: u64,
+            /// Where the piece's entries lie: store and offset.
+            store: *const crate::ptes::PteStore,
+            off: usize,
+            whole: &'a Vma,
+        }
         let lo = self.vmas.partition_point(|v| v.end() < from);
-        let hi = self.vmas.partition_point(|v| v.start <= to);
-        for k in lo + 1..hi.min(self.vmas.len()) {
-            let (a, b) = (&self.vmas[k - 1], &self.vmas[k]);
-            if a.end() == b.start && !a.ptes.continues_into(&b.ptes) {
-                for v in [a, b] {
+        let hi = self.vmas.partition_point(|v| v.start <= to).min(self.vmas.len());
+        let mut pieces = Vec::new();
+        for v in &self.vmas[lo..hi] {
+            let mut cuts = vec![v.start];
+            cuts.extend([from, to].into_iter().filter(|&c| c > v.start && c < v.end()));
+            cuts.push(v.end());
+            for w in cuts.windows(2) {
+                let (s, e) = (w[0], w[1]);
+                let mut attrs = v.clone_without_ptes();
+                attrs.start = s;
+                if attrs.file.is_some() {
+                    attrs.pgoff = v.pgoff + (s - v.start);
+                }
+                if s >= from && e <= to {
+                    change(&mut attrs);
+                }
+                let off = v.ptes.offset() + (s - v.start) as usize;
+                pieces.push(Piece { attrs, end: e, store: std::sync::Arc::as_ptr(v.ptes.store()), off, whole: v });
+            }
+        }
+        for w in pieces.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let moves = a.store != b.store || a.off + (a.end - a.attrs.start) as usize != b.off;
+            if !moves {
+                continue;
+            }
+            // `a` as an empty VMA at its end, so that `can_merge` checks contiguity.
+            let mut at_end = a.attrs.clone_without_ptes();
+            at_end.start = a.end;
+            if at_end.file.is_some() {
+                at_end.pgoff += a.end - a.attrs.start;
+            }
+            if at_end.can_merge(&b.attrs) {
+                for v in [a.whole, b.whole] {
                     if v.ptes.store().exported() {
                         return Some((v.start, v.end()));
                     }
@@ -284,6 +323,43 @@ impl Mm {
             }
         }
         None
+    }
+
+    /// After an unmap of `[from, to)`: a store of the VMAs next to it that is no longer mostly
+    /// mapped, and that no numpy view holds, is replaced by stores of just the mapped windows
+    /// (one per run of VMAs that continue one another), as the kernel frees page tables an
+    /// unmap emptied (mm/memory.c `free_pgtables()`, v6.18).
+    pub fn shrink_stores(&mut self, from: u64, to: u64) {
+        /// Stores smaller than a page-table page, or at least a quarter mapped, stay.
+        const MIN_SAVING: usize = 512;
+        let near = self.vmas.iter().filter(|v| v.end() == from || v.start == to);
+        // Only a store the neighbour itself fills less than a quarter of is worth the scan.
+        let stores: Vec<_> = near.filter(|v| v.ptes.len() * 4 <= v.ptes.store().as_raw().1).map(|v| v.ptes.store().clone()).collect();
+        for (i, s) in stores.iter().enumerate() {
+            let (_, len) = s.as_raw();
+            let same = |v: &Vma| std::sync::Arc::ptr_eq(v.ptes.store(), s);
+            if s.exported() || len < MIN_SAVING || stores[..i].iter().any(|t| std::sync::Arc::ptr_eq(t, s)) {
+                continue;
+            }
+            let mapped: usize = self.vmas.iter().filter(|v| same(v)).map(|v| v.ptes.len()).sum();
+            if mapped * 4 > len || len - mapped < MIN_SAVING {
+                continue;
+            }
+            let mut k = 0;
+            while k < self.vmas.len() {
+                if !same(&self.vmas[k]) {
+                    k += 1;
+                    continue;
+                }
+                let mut j = k + 1;
+                while j < self.vmas.len() && self.vmas[j - 1].end() == self.vmas[j].start && self.vmas[j - 1].ptes.continues_into(&self.vmas[j].ptes) {
+                    j += 1;
+                }
+                let mut run: Vec<&mut PteTable> = self.vmas[k..j].iter_mut().map(|v| &mut v.ptes).collect();
+                PteTable::rehome(&mut run);
+                k = j;
+            }
+        }
     }
 
     /// Merges neighbours that `Vma::can_merge` allows, around `range`.

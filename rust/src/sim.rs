@@ -54,6 +54,9 @@ pub struct State {
     pub shmem_policy: ShmemPolicy,
     /// Asks the watch, if any, whether a long step may go on (not part of the state).
     pub ticker: Ticker,
+    /// On a step's copy of the state: the page-table stores copied, for
+    /// [`State::adopt_exported`] (not part of the state; empty otherwise).
+    pub copies: crate::ptes::StoreCopies,
 }
 
 /// A simulation: a layout, a kernel profile and the state.
@@ -117,6 +120,7 @@ impl Simulation {
                 fault_around_pages: (65536 >> g.page_shift).max(1),
                 shmem_policy: ShmemPolicy::new(pmd_order),
                 ticker: Ticker::default(),
+                copies: Default::default(),
             },
         })
     }
@@ -262,14 +266,15 @@ impl Simulation {
         Ok((a, b))
     }
 
-    /// `BufferError` if changing the VMAs of `[a, b)` of process `k` might have to move
-    /// PTEs a numpy view holds (see [`Mm::merge_would_move_exported`]).
-    fn refuse_moving_views(&self, k: usize, a: u64, b: u64) -> Result<()> {
-        match self.st.mms[k].merge_would_move_exported(a, b) {
+    /// `BufferError` if applying `change` to the VMAs of `[a, b)` of process `k` would merge
+    /// one with a neighbour in other storage, moving PTEs a numpy view holds (see
+    /// [`Mm::merge_would_move_exported`]).
+    fn refuse_moving_views(&self, k: usize, a: u64, b: u64, change: impl Fn(&mut Vma)) -> Result<()> {
+        match self.st.mms[k].merge_would_move_exported(a, b, change) {
             None => Ok(()),
             Some((s, e)) => Err(Error::buffer(format!(
                 "the PTEs of process {}'s mapping {:#x}-{:#x} are viewed by a numpy array, and this \
-                 change might merge that mapping with a neighbour mapped separately, which moves \
+                 change would merge that mapping with a neighbour mapped separately, which moves \
                  them; release the view (del it) first",
                 self.st.mms[k].pid,
                 s << self.st.page_shift,
@@ -563,7 +568,9 @@ impl Simulation {
     pub fn munmap(&mut self, pid: u32, addr: u64, len: u64) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.vrange(addr, len)?;
-        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.munmap(l, p, k, a, b)))
+        self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.munmap(l, p, k, a, b)))?;
+        self.st.mms[k].shrink_stores(a, b);
+        Ok(())
     }
 
     /// `exit()`: tears the address space down (pins stay until unpinned).
@@ -596,7 +603,16 @@ impl Simulation {
                         at = v.end();
                     }
                 }
-                self.refuse_moving_views(k, a, b)?;
+                let apply = |v: &mut Vma| match advice {
+                    "dontfork" => v.dontfork = true,
+                    "dofork" => v.dontfork = false,
+                    "wipeonfork" => v.wipeonfork = true,
+                    "keeponfork" => v.wipeonfork = false,
+                    // hugepage_madvise() (mm/huge_memory.c): each flag clears the other.
+                    "hugepage" => (v.hugepage, v.nohugepage) = (true, false),
+                    _ => (v.hugepage, v.nohugepage) = (false, true),
+                };
+                self.refuse_moving_views(k, a, b, apply)?;
                 self.begin();
                 // The model keeps contpte blocks inside one VMA: a block a split would cut is
                 // unfolded (the kernel may leave it folded across the two VMAs).
@@ -610,15 +626,7 @@ impl Simulation {
                 let mm = &mut self.st.mms[k];
                 let r = mm.isolate(a, b);
                 for v in &mut mm.vmas[r.clone()] {
-                    match advice {
-                        "dontfork" => v.dontfork = true,
-                        "dofork" => v.dontfork = false,
-                        "wipeonfork" => v.wipeonfork = true,
-                        "keeponfork" => v.wipeonfork = false,
-                        // hugepage_madvise() (mm/huge_memory.c): each flag clears the other.
-                        "hugepage" => (v.hugepage, v.nohugepage) = (true, false),
-                        _ => (v.hugepage, v.nohugepage) = (false, true),
-                    }
+                    apply(v);
                 }
                 mm.merge_around(r);
                 self.end();
@@ -678,7 +686,7 @@ impl Simulation {
     pub fn mprotect(&mut self, pid: u32, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let k = self.mm_index(pid)?;
         let (a, b) = self.mapped_range(k, addr, len)?;
-        self.refuse_moving_views(k, a, b)?;
+        self.refuse_moving_views(k, a, b, |v| v.prot = prot)?;
         self.guarded(0, b - a, |layout, p, st| with_layout!(layout, l => st.mprotect(l, p, k, a, b, prot)))
     }
 
@@ -790,8 +798,6 @@ impl Simulation {
 }
 
 impl State {
-    /// A copy of the state, or a host out-of-memory error where the host cannot hold it (or
-    /// a stop from the ticker, when armed).
     /// Bytes of page-table storage (each store once, however many VMAs share it).
     pub fn page_table_bytes(&self) -> usize {
         let mut seen: Vec<(*const u64, usize)> = self.mms.iter().flat_map(|mm| &mm.vmas).map(|v| v.ptes.store().as_raw()).collect();
@@ -802,21 +808,35 @@ impl State {
 
     /// Before this state (a copy a step ran on) replaces `old`: storage that numpy views of
     /// `old` hold gets this state's contents and is used again, so that views stay live.
+    /// Every viewed store is written back, also one the step dropped (an unmap or exit).
     pub fn adopt_exported(&mut self, old: &mut State) {
         self.mem.adopt_exported(&mut old.mem);
-        for mm in &mut self.mms {
-            let mut done = Vec::new();
-            for v in &mut mm.vmas {
-                v.ptes.adopt_exported_origin(&mut done);
+        let back = std::mem::take(&mut self.copies).adopt();
+        if !back.is_empty() {
+            for v in self.mms.iter_mut().flat_map(|mm| &mut mm.vmas) {
+                v.ptes.repoint(&back);
             }
         }
     }
 
+    /// A copy of the state for a step to run on, which shares the views' counts with this
+    /// state so that [`State::adopt_exported`] can hand the views the result; or a host
+    /// out-of-memory error where the host cannot hold it (or a stop from the ticker, when armed).
     pub fn try_clone(&self) -> Result<State> {
+        self.copy(true)
+    }
+
+    /// An independent copy (`Simulation.clone()`): views of either never bind the other.
+    pub fn try_clone_detached(&self) -> Result<State> {
+        self.copy(false)
+    }
+
+    fn copy(&self, share: bool) -> Result<State> {
         let t = &self.ticker;
+        let mut copies = crate::ptes::StoreCopies::new(share);
         let mut mms = crate::alloc::try_with_capacity(self.mms.len(), "the processes")?;
         for mm in &self.mms {
-            mms.push(mm.try_clone(t)?);
+            mms.push(mm.try_clone(t, &mut copies)?);
         }
         let mut files = crate::alloc::try_with_capacity(self.files.len(), "the files")?;
         for f in &self.files {
@@ -827,7 +847,7 @@ impl State {
             pins.push(Pin { pfns: crate::alloc::try_copy(&p.pfns, "a pin", t)?, ..*p });
         }
         Ok(State {
-            mem: self.mem.try_clone(t)?,
+            mem: self.mem.try_clone(t, share)?,
             mms,
             files,
             pins,
@@ -843,6 +863,7 @@ impl State {
             fault_around_pages: self.fault_around_pages,
             shmem_policy: self.shmem_policy,
             ticker: self.ticker.clone(),
+            copies: if share { copies } else { Default::default() },
         })
     }
 

@@ -52,6 +52,8 @@ class _Large:
     nr_pages_mapped = property(lambda s: s._m.nr_pages_mapped[s._h],
                                lambda s, v: s._m.nr_pages_mapped.__setitem__(s._h, v))
     pincount = property(lambda s: s._m.pincount[s._h], lambda s, v: s._m.pincount.__setitem__(s._h, v))
+    #: User arrays hold no PMD mappings (as FolioArrays' entire_mapcount_of in rust/src/rmap.rs).
+    entire_mapcount = -1
 
 
 class ArrayMemory:

@@ -277,7 +277,7 @@ impl PySimulation {
     /// An independent copy (an A/B experiment's other arm).
     fn clone(&self, py: Python<'_>) -> PyResult<PySimulation> {
         let copy = self.run(py, |s| {
-            Ok(Simulation { layout: s.layout.clone(), profile: s.profile, st: s.st.try_clone()? })
+            Ok(Simulation { layout: s.layout.clone(), profile: s.profile, st: s.st.try_clone_detached()? })
         })?;
         Ok(PySimulation::wrap(copy, self.arch.clone(), self.kernel.clone(), self.batching))
     }
