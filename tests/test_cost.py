@@ -135,7 +135,7 @@ def test_fit_recovers_coefficients_from_a_synthetic_calibration(shipped):
 def test_fit_of_the_shipped_calibration(shipped):
     model = cost.fit()
     assert model.calibration["kernel"] == "6.18" and model.calibration["arch"] == "x86-64"
-    assert any("2M-pmd" in n and "not modelled" in n for n in model.notes)
+    assert any("2M-pmd" in n and "no term for PMD mappings" in n for n in model.notes)
     assert all("2M-pmd" not in c for f in model.ops.values() for c in f.fitted_on)
     # With a batching kernel, refcount atomics and rmap calls are one per batch: folded in.
     assert {"refcount_atomics", "rmap_calls"} <= set(model.ops["fork"].aliases)
