@@ -826,6 +826,25 @@ class Simulation:
         else:
             self._b.fault_around_bytes = n
 
+    @property
+    def step_copy_limit(self) -> int:
+        """The largest state, in host bytes, whose long steps (about a million pages or PTEs and
+        more) run on a copy of the state, so that Ctrl-C or an exception from the
+        :meth:`set_progress` callback abandons them whole. 64 MiB by default, a state of about
+        8 GiB of simulated memory. A larger state runs its steps in place, so that no step needs
+        twice the host memory; a stop asked meanwhile is raised when the step has finished (its
+        changes stay). ``0`` runs every step in place; a step that may run out of simulated
+        memory half-way runs on a copy whatever the limit. The reference backend ignores it."""
+        if isinstance(self._b, _Serialised):
+            return 0
+        return int(self._b.step_copy_limit)
+
+    @step_copy_limit.setter
+    def step_copy_limit(self, value: int | str) -> None:
+        n = parse_size(value, "step_copy_limit")
+        if not isinstance(self._b, _Serialised):
+            self._b.step_copy_limit = n
+
     def set_shmem_policy(self, enabled: str | None = None, sizes: dict[int | str, str] | None = None) -> None:
         """Sets the sysfs shmem THP controls: ``enabled`` is the top-level
         ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` (always, within_size, advise,

@@ -28,6 +28,12 @@ pub const MAX_VMA_PAGES: u64 = 1 << 31;
 /// second or so) finish, and a stop asked meanwhile takes effect when they end.
 pub const INTERRUPTIBLE_WORK: u64 = 1 << 20;
 
+/// The largest state (host bytes) that a long step copies only to be interruptible: beyond
+/// it, the copy would double the host memory of exactly the steps that need the most, so the
+/// step runs in place and a stop asked meanwhile takes effect when it ends. 64 MiB is a state
+/// of about 8 GiB of simulated memory, whose longest steps take a fraction of a second.
+pub const DEFAULT_STEP_COPY_LIMIT: u64 = 64 << 20;
+
 /// The simulated system.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -65,6 +71,8 @@ pub struct Simulation {
     pub layout: Layout,
     pub profile: KernelProfile,
     pub st: State,
+    /// See [`DEFAULT_STEP_COPY_LIMIT`] and [`Simulation::set_step_copy_limit`].
+    pub step_copy_limit: u64,
 }
 
 /// What one access does: read, write, or GUP's unshare of a R/O longterm pin.
@@ -103,6 +111,7 @@ impl Simulation {
         Ok(Simulation {
             layout,
             profile,
+            step_copy_limit: DEFAULT_STEP_COPY_LIMIT,
             st: State {
                 mem,
                 mms: Vec::new(),
@@ -145,6 +154,13 @@ impl Simulation {
         self.st.ticker.set_watch(watch);
     }
 
+    /// Long steps of a state of at most `bytes` run on a copy, so that a stop abandons them
+    /// whole; larger states run them in place (see [`DEFAULT_STEP_COPY_LIMIT`]). A step that
+    /// may run out of simulated memory half-way is copied whatever the limit.
+    pub fn set_step_copy_limit(&mut self, bytes: u64) {
+        self.step_copy_limit = bytes;
+    }
+
     fn begin(&mut self) {
         self.st.op = Stats::default();
     }
@@ -156,9 +172,10 @@ impl Simulation {
 
     /// Runs `f`, a step of `work` pages or PTEs, on the state. The step runs on a copy that
     /// replaces the state only when `f` succeeds if it may fail half-way: when free memory is
-    /// below `worst_case` pages, or when it is long enough to be interrupted by the watch.
-    /// Where the host cannot hold the copy, a step that needs it only to be interruptible runs
-    /// on the state, uninterruptibly.
+    /// below `worst_case` pages, or when it is long enough to be interrupted by the watch and
+    /// the state is within the step copy limit. Otherwise (and where the host cannot hold a
+    /// copy made only to be interruptible) it runs on the state, uninterruptibly: nothing
+    /// else can fail once a step has checked its arguments.
     fn guarded<T>(
         &mut self,
         worst_case: u64,
@@ -167,7 +184,8 @@ impl Simulation {
     ) -> Result<T> {
         self.begin();
         let short_of_memory = self.st.mem.free_pages < worst_case;
-        let interruptible = work >= INTERRUPTIBLE_WORK && self.st.ticker.watched();
+        let interruptible =
+            work >= INTERRUPTIBLE_WORK && self.st.ticker.watched() && self.st.host_bytes() <= self.step_copy_limit;
         let trial = if short_of_memory || interruptible {
             // The copy may be stopped too: nothing has changed yet.
             self.st.ticker.start(work, interruptible);
@@ -523,7 +541,7 @@ impl Simulation {
         let (a, b) = self.mapped_range(k, addr, len)?;
         let access = if write { Access::Write } else { Access::Read };
         with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
-        let worst = self.st.worst_case_pages(k, a, b);
+        let worst = with_layout!(&self.layout, l => self.st.worst_case_pages(l, k, a, b));
         self.guarded(worst, b - a, |layout, p, st| {
             with_layout!(layout, l => {
                 for vpn in a..b {
@@ -715,7 +733,7 @@ impl Simulation {
         let (a, b) = self.mapped_range(k, addr, len)?;
         let access = if write { Access::Write } else { Access::Read };
         with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
-        let worst = self.st.worst_case_pages(k, a, b);
+        let worst = with_layout!(&self.layout, l => self.st.worst_case_pages(l, k, a, b));
         self.guarded(worst, b - a, |layout, p, st| with_layout!(layout, l => st.pin(l, p, k, a, b, write, longterm)))
     }
 
@@ -822,6 +840,16 @@ impl State {
     /// A copy of the state for a step to run on, which shares the views' counts with this
     /// state so that [`State::adopt_exported`] can hand the views the result; or a host
     /// out-of-memory error where the host cannot hold it (or a stop from the ticker, when armed).
+    /// About the host memory the state takes (what a copy of it costs): the per-page arrays
+    /// and every mapping's PTEs, page cache and pins (not the large-folio records).
+    pub fn host_bytes(&self) -> u64 {
+        let ptes: u64 = self.mms.iter().flat_map(|m| &m.vmas).map(|v| v.ptes.len() as u64 * 8).sum();
+        let files: u64 = self.files.iter().map(|f| std::mem::size_of_val(&f.cache[..]) as u64).sum();
+        let pins: u64 = self.pins.iter().map(|p| p.pfns.len() as u64 * 8).sum();
+        // order, flags, mapcount, refcount, token and the large-folio index: 16 bytes a page.
+        self.mem.nr_pages() * 16 + ptes + files + pins
+    }
+
     pub fn try_clone(&self) -> Result<State> {
         self.copy(true)
     }
@@ -888,16 +916,20 @@ impl State {
         self.vm_normal_page(l, pte).map(|p| self.mem.token[p as usize]).unwrap_or(0)
     }
 
-    /// An upper bound on the pages faults over `[a, b)` can allocate: two per page (a private
-    /// file page costs its page-cache page and the copy) plus one largest folio at either end.
-    fn worst_case_pages(&self, k: usize, a: u64, b: u64) -> u64 {
+    /// An upper bound on the pages faults over `[a, b)` can allocate, read from the page
+    /// tables: one per entry that is not a present writable PTE (a new folio's pages, a page
+    /// cache page, a COW copy, a THP replacing the huge zero page), two per such entry of a
+    /// private file mapping (its page-cache page and the copy), plus, per mapping, one
+    /// largest folio at either end (a folio may reach beyond the range, and a page-cache folio
+    /// beyond the mapping). Entries under a huge PMD are none, so they count too.
+    fn worst_case_pages<L: PteLayout>(&self, l: &L, k: usize, a: u64, b: u64) -> u64 {
         let mm = &self.mms[k];
-        let mut max_order = 0;
+        let mut worst = 0u64;
         let mut at = a;
         while at < b {
             let Some(v) = mm.find_vma(at) else { break };
             let vma = &mm.vmas[v];
-            max_order = max_order.max(self.vma_max_order(k, v));
+            let mut max_order = self.vma_max_order(k, v);
             if vma.thp_pmd {
                 max_order = max_order.max(self.pmd_order);
             }
@@ -906,9 +938,14 @@ impl State {
                 let order = if file.kind == ShmemKind::Fixed { file.folio_order } else { self.pmd_order };
                 max_order = max_order.max(order);
             }
+            let end = vma.end().min(b);
+            let per_entry = if vma.file.is_some() && !vma.shared { 2 } else { 1 };
+            let ptes = &vma.ptes[(at - vma.start) as usize..(end - vma.start) as usize];
+            let settled = ptes.iter().filter(|&&e| l.pte_present(e) && l.pte_write(e)).count() as u64;
+            worst += per_entry * (ptes.len() as u64 - settled) + 2 * (1u64 << max_order);
             at = vma.end();
         }
-        2 * (b - a) + 2 * (1u64 << max_order)
+        worst
     }
 
     /// `vm_normal_page()`: the page a present PTE maps, or `None` for special PTEs and the

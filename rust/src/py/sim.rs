@@ -277,7 +277,7 @@ impl PySimulation {
     /// An independent copy (an A/B experiment's other arm).
     fn clone(&self, py: Python<'_>) -> PyResult<PySimulation> {
         let copy = self.run(py, |s| {
-            Ok(Simulation { layout: s.layout.clone(), profile: s.profile, st: s.st.try_clone_detached()? })
+            Ok(Simulation { layout: s.layout.clone(), profile: s.profile, st: s.st.try_clone_detached()?, step_copy_limit: s.step_copy_limit })
         })?;
         Ok(PySimulation::wrap(copy, self.arch.clone(), self.kernel.clone(), self.batching))
     }
@@ -325,6 +325,20 @@ impl PySimulation {
     #[setter]
     fn set_fault_around_bytes(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         self.run(py, |s| s.set_fault_around_bytes(bytes))
+    }
+
+    /// The largest state (host bytes) whose long steps run on a copy, so that Ctrl-C or the
+    /// progress callback abandons them whole (64 MiB by default).
+    #[getter]
+    fn get_step_copy_limit(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.lock(py)?.step_copy_limit)
+    }
+    #[setter]
+    fn set_step_copy_limit(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        self.run(py, |s| {
+            s.set_step_copy_limit(bytes);
+            Ok(())
+        })
     }
 
     /// Sets the sysfs shmem controls; `sizes` maps folio sizes in bytes to their
