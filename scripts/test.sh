@@ -18,6 +18,7 @@ fi
 cargo test --quiet
 PTEBATCH_AGREE_EXAMPLES=25 PTEBATCH_SIM_EXAMPLES=40 .venv/bin/pytest -q tests
 PTEBATCH_BENCH_PTES=65536 PTEBATCH_BENCH_FORK_BYTES=$((4 << 20)) PTEBATCH_BENCH_FORK_REF_BYTES=$((1 << 20)) \
+    PTEBATCH_BENCH_SCALE_BYTES=$((64 << 20)) \
     .venv/bin/pytest -q benches --benchmark-disable
 # The documentation site builds without a warning (API reference from the docstrings).
 bash scripts/docs.sh >>.venv/setup.log 2>&1 || { tail -n 40 .venv/setup.log >&2; echo "test.sh: the docs do not build" >&2; exit 1; }
