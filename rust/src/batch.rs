@@ -369,6 +369,38 @@ fn scan_runs<L: PteLayout>(
     flags: FpbFlags,
     table: Table<'_>,
     contpte: bool,
+    i: usize,
+    stop: usize,
+    expected: u64,
+    end: Option<u64>,
+) -> Run {
+    // One copy of the loop per set of ignored bits, so that the comparison has no branches.
+    match (flags.respect_dirty, flags.respect_soft_dirty, flags.respect_write) {
+        (false, false, false) => scan_runs_as::<L, false, false, false>(l, table, contpte, i, stop, expected, end),
+        (false, false, true) => scan_runs_as::<L, false, false, true>(l, table, contpte, i, stop, expected, end),
+        (false, true, false) => scan_runs_as::<L, false, true, false>(l, table, contpte, i, stop, expected, end),
+        (false, true, true) => scan_runs_as::<L, false, true, true>(l, table, contpte, i, stop, expected, end),
+        (true, false, false) => scan_runs_as::<L, true, false, false>(l, table, contpte, i, stop, expected, end),
+        (true, false, true) => scan_runs_as::<L, true, false, true>(l, table, contpte, i, stop, expected, end),
+        (true, true, false) => scan_runs_as::<L, true, true, false>(l, table, contpte, i, stop, expected, end),
+        (true, true, true) => scan_runs_as::<L, true, true, true>(l, table, contpte, i, stop, expected, end),
+    }
+}
+
+/// [`normalise`] with the flags as constants.
+#[inline(always)]
+fn normalise_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const WRITE: bool>(l: &L, v: u64) -> u64 {
+    let flags = FpbFlags { respect_dirty: DIRTY, respect_soft_dirty: SOFT_DIRTY, respect_write: WRITE, ..Default::default() };
+    normalise(l, flags, v)
+}
+
+/// [`scan_runs`] for one set of respected bits.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn scan_runs_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const WRITE: bool>(
+    l: &L,
+    table: Table<'_>,
+    contpte: bool,
     mut i: usize,
     stop: usize,
     mut expected: u64,
@@ -391,7 +423,7 @@ fn scan_runs<L: PteLayout>(
         let (mut cw, mut cy, mut cd) = (false, false, false);
         let mut e = expected;
         for &cur in chunk {
-            same &= normalise(l, flags, cur) == e;
+            same &= normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) == e;
             cont |= contpte && l.pte_valid_cont(cur);
             cw |= l.pte_write(cur);
             cy |= l.pte_young(cur);

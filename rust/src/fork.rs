@@ -10,7 +10,7 @@ use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
-use crate::memory::PG_ANON;
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE};
 use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES};
 use crate::pgtable;
 use crate::rmap::{FolioCounts, Rmap};
@@ -76,7 +76,16 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
 ) -> std::result::Result<(), Again> {
     let cont = pgtable::cont_ptes(l, p);
     let none = l.geometry().none_value;
+    // Without contpte and MMF_HAS_PINNED, no entry needs more than the per-PTE loop below
+    // or a batch.
+    let one_by_one = cont.is_none() && !ctx.has_pinned;
     while i < e {
+        if one_by_one && prealloc.is_none() {
+            i = copy_ptes_one_by_one(l, p, ctx, env, i, e);
+            if i >= e {
+                break;
+            }
+        }
         let pte = pgtable::ptep_get(l, cont, env.src, ctx.start, i);
         env.stats.pte_reads += 1;
         if l.pte_none(pte) {
@@ -93,6 +102,103 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
         i += nr;
     }
     Ok(())
+}
+
+/// What [`copy_ptes_one_by_one`] counts, added to [`Stats`] once at the end.
+#[derive(Default)]
+struct Tally {
+    reads: u64,
+    /// Entries of a page: one `folio_ref_add()` and one rmap call each.
+    pages: u64,
+    /// Entries without a page (special, zero page).
+    no_page: u64,
+    wrprotects: u64,
+}
+
+/// The loop of [`copy_pte_range`] over entries `[i, e)` for what it does one PTE at a time
+/// without contpte and without MMF_HAS_PINNED: none entries, entries without a page, and
+/// pages of small folios (or of any folio where the kernel does not batch). Each entry has
+/// the effects [`copy_present_ptes`] gives it (`folio_ref_add()`,
+/// `folio_try_dup_anon_rmap_pte()`, which cannot fail here, or `folio_dup_file_rmap_pte()`,
+/// then `__copy_present_ptes()`), with the counters added per run instead of per entry.
+/// Returns the first entry it leaves to the caller: a large folio to batch.
+#[inline(never)]
+fn copy_ptes_one_by_one<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, mut i: usize, e: usize) -> usize {
+    let none = l.geometry().none_value;
+    let batching = p.fpb.is_some() && p.fork_batched;
+    let mut n = Tally::default();
+    let mut rss = [0i64; 3];
+    let (src, dst) = (&mut env.src[..e], &mut env.dst[..e]);
+    while i < e {
+        let pte = src[i];
+        if l.pte_none(pte) {
+            n.reads += 1;
+            dst[i] = none;
+            i += 1;
+            continue;
+        }
+        if let Some(page) = vm_normal_page(l, pte, ctx.zero_pfn) {
+            let head = env.mem.folio_head(page);
+            let order = env.mem.folio_order(head);
+            if order > 0 && batching && e - i != 1 {
+                break;
+            }
+            *env.mem.refcount_mut(head) += 1;
+            let counter = mm_counter(&*env.mem, head);
+            if counter == MM_ANONPAGES {
+                env.mem.clear(page, PG_ANON_EXCLUSIVE);
+            }
+            *env.mem.mapcount_mut(page) += 1;
+            if order > 0 {
+                Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }.add_large_mapcount(head, 1, ctx.dst_mm_id);
+            }
+            rss[counter] += 1;
+            n.pages += 1;
+        } else {
+            n.no_page += 1;
+        }
+        n.reads += 1;
+        let mut t = pte;
+        if ctx.is_cow && l.pte_write(t) {
+            src[i] = l.pte_wrprotect(src[i]);
+            n.wrprotects += 1;
+            t = l.pte_wrprotect(t);
+        }
+        dst[i] = child_pte(l, ctx, t);
+        i += 1;
+    }
+    let st = &mut *env.stats;
+    st.pte_reads += n.reads;
+    st.refcount_atomics += n.pages;
+    st.rmap_calls += n.pages;
+    st.mapcount_updates += n.pages;
+    let singles = n.pages + n.no_page;
+    st.pte_writes += singles + n.wrprotects;
+    if singles > 0 {
+        st.batches += singles;
+        if st.batch_histogram.len() < 2 {
+            st.batch_histogram.resize(2, 0);
+        }
+        st.batch_histogram[1] += singles;
+    }
+    for (r, d) in env.rss.iter_mut().zip(rss) {
+        *r += d;
+    }
+    i
+}
+
+/// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's
+/// write-protect): old, clean if shared, without uffd-wp unless the child VMA keeps it.
+#[inline(always)]
+fn child_pte<L: PteLayout>(l: &L, ctx: &CopyCtx, mut t: u64) -> u64 {
+    if ctx.shared {
+        t = l.pte_mkclean(t);
+    }
+    t = l.pte_mkold(t);
+    if !ctx.dst_uffd_wp {
+        t = l.clear_uffd_wp_bit(t);
+    }
+    t
 }
 
 /// `copy_present_ptes()`: a run of PTEs of one large folio at once where the kernel
@@ -205,14 +311,7 @@ fn copy_ptes_tail<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &
         pgtable::wrprotect_ptes(l, pgtable::cont_ptes(l, p), env.src, ctx.start, i, nr, env.stats);
         t = l.pte_wrprotect(t);
     }
-    if ctx.shared {
-        t = l.pte_mkclean(t);
-    }
-    t = l.pte_mkold(t);
-    if !ctx.dst_uffd_wp {
-        t = l.clear_uffd_wp_bit(t);
-    }
-    child_set_ptes(l, p, ctx, env, i, t, nr);
+    child_set_ptes(l, p, ctx, env, i, child_pte(l, ctx, t), nr);
 }
 
 /// `set_ptes()` into the child's table (not yet part of the child mm).

@@ -177,16 +177,31 @@ pub fn check_run(len: usize, i: usize, nr: usize) -> Result<()> {
 /// same order and ends inside memory, so that the loops stay inside the arrays. `what` names
 /// the table in messages.
 pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64, mem: &M, what: &str) -> Result<()> {
-    // The folio checked last: the rest of a run of one folio costs a range test.
+    // The folio checked last: the rest of a run of one folio costs a range test, done for
+    // CHUNK entries at once without branches; a chunk that leaves the folio is walked entry
+    // by entry.
+    const CHUNK: usize = 8;
     let (mut lo, mut hi) = (0u64, 0u64);
-    for (i, &v) in t.iter().enumerate() {
-        let pfn = l.pte_pfn(v);
-        if pfn.wrapping_sub(lo) < hi.wrapping_sub(lo) && l.pte_present(v) && !l.pte_special(v) {
+    let in_folio = |v: u64, lo: u64, hi: u64| {
+        (l.pte_pfn(v).wrapping_sub(lo) < hi.wrapping_sub(lo)) & l.pte_present(v) & !l.pte_special(v)
+    };
+    let mut i = 0;
+    while i < t.len() {
+        let end = (i + CHUNK).min(t.len());
+        let chunk = &t[i..end];
+        if chunk.len() == CHUNK && chunk.iter().fold(true, |ok, &v| ok & in_folio(v, lo, hi)) {
+            i = end;
             continue;
         }
-        if let Some((head, nr)) = check_entry(l, i, v, zero_pfn, mem, what)? {
-            (lo, hi) = (head, head + nr);
+        for (j, &v) in chunk.iter().enumerate() {
+            if in_folio(v, lo, hi) {
+                continue;
+            }
+            if let Some((head, nr)) = check_entry(l, i + j, v, zero_pfn, mem, what)? {
+                (lo, hi) = (head, head + nr);
+            }
         }
+        i = end;
     }
     Ok(())
 }
