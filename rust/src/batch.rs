@@ -417,20 +417,20 @@ fn scan_runs_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const W
                 break;
             }
         }
-        let chunk = &table.ptes[i..i + RUN];
-        let mut same = true;
+        let chunk: &[u64; RUN] = table.ptes[i..i + RUN].try_into().expect("RUN entries");
+        // Differences OR-ed together rather than compared one by one: no branch per entry.
+        let mut diff = 0u64;
         let mut cont = false;
         let (mut cw, mut cy, mut cd) = (false, false, false);
-        let mut e = expected;
-        for &cur in chunk {
-            same &= normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) == e;
-            cont |= contpte && l.pte_valid_cont(cur);
+        for (k, &cur) in chunk.iter().enumerate() {
+            diff |= normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) ^ expected.wrapping_add(step.wrapping_mul(k as u64));
+            cont |= contpte & l.pte_valid_cont(cur);
             cw |= l.pte_write(cur);
             cy |= l.pte_young(cur);
             cd |= l.pte_dirty(cur);
-            e = e.wrapping_add(step);
         }
-        if !same || cont {
+        let e = expected.wrapping_add(step.wrapping_mul(RUN as u64));
+        if diff != 0 || cont {
             break;
         }
         w |= cw;

@@ -357,7 +357,11 @@ impl State {
         // The child's page tables first, so that running out of host memory changes nothing.
         let mut tables = Vec::new();
         for v in self.mms[k].vmas.iter().filter(|v| !v.dontfork) {
-            tables.push(crate::ptes::PteTable::filled(v.ptes.len(), none, "a page table")?);
+            // THP-backed where the host allows: a fault per 4 KiB of a fresh table costs more
+            // than the copy into it.
+            let mut t = crate::alloc::try_with_capacity_huge::<u64>(v.ptes.len(), "a page table")?;
+            t.resize(v.ptes.len(), none);
+            tables.push(crate::ptes::PteTable::from(t));
         }
         let mut tables = tables.into_iter();
         self.mms.push(Mm {

@@ -63,8 +63,10 @@ pub fn set_ptes<L: PteLayout>(
         None => match l.linear_advance(pte, nr as u64) {
             // The common case: each entry is the last plus a constant (vectorises).
             Some(step) => {
-                for (k, e) in t[i..i + nr].iter_mut().enumerate() {
-                    *e = pte.wrapping_add(step.wrapping_mul(k as u64));
+                let mut v = pte;
+                for e in &mut t[i..i + nr] {
+                    *e = v;
+                    v = v.wrapping_add(step);
                 }
             }
             None => {
@@ -189,7 +191,7 @@ pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64
     while i < t.len() {
         let end = (i + CHUNK).min(t.len());
         let chunk = &t[i..end];
-        if chunk.len() == CHUNK && chunk.iter().fold(true, |ok, &v| ok & in_folio(v, lo, hi)) {
+        if chunk.len() == CHUNK && chunk.iter().all(|&v| in_folio(v, lo, hi)) {
             i = end;
             continue;
         }
