@@ -210,7 +210,7 @@ pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64
 
 /// One entry of [`check_table`]: the folio it maps, if any.
 #[inline(never)]
-fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64, zero_pfn: u64, mem: &M, what: &str) -> Result<Option<(u64, u64)>> {
+pub(crate) fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64, zero_pfn: u64, mem: &M, what: &str) -> Result<Option<(u64, u64)>> {
     if l.pte_none(v) || (l.pte_present(v) && l.pte_special(v)) {
         return Ok(None);
     }
