@@ -360,8 +360,9 @@ struct Run {
 /// Accepts whole runs of `RUN` entries at once while that cannot differ from stepping one by
 /// one: every entry matches, none is a contpte entry (whose read and hint differ), the PFN
 /// advance is linear, and no PFN in the run reaches the folio end `end` (for the forms that
-/// test it per entry). Stops before the first run that does not qualify; the caller's
-/// single-step loop takes it from there, so the result is the kernel loop's exactly.
+/// test it per entry). Without contpte it then takes the entries after the last whole run
+/// one by one up to the first that stops the batch; the caller's single-step loop takes it
+/// from where this stops, so the result is the kernel loop's exactly.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn scan_runs<L: PteLayout>(
@@ -438,6 +439,22 @@ fn scan_runs_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const W
         d |= cd;
         expected = e;
         i += RUN;
+    }
+    if !contpte {
+        // The rest one at a time, as the caller's loop takes them (a hint of 1): it stops at
+        // the same entry, which it tests again. A matching entry's pfn is the expected one,
+        // which reaches the folio end before passing it, so `>=` serves every form.
+        while i < stop {
+            let cur = table.ptes[i];
+            if normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) != expected || end.is_some_and(|end| l.pte_pfn(cur) >= end) {
+                break;
+            }
+            w |= l.pte_write(cur);
+            y |= l.pte_young(cur);
+            d |= l.pte_dirty(cur);
+            expected = l.pte_advance_pfn(expected, 1);
+            i += 1;
+        }
     }
     Run { i, expected, any_writable: w, any_young: y, any_dirty: d }
 }
