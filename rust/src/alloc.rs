@@ -12,12 +12,37 @@ use crate::error::{Error, Result};
 /// so do we (`MADV_HUGEPAGE`; a no-op where THP is off or on other systems).
 pub(crate) fn try_with_capacity_huge<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let v: Vec<T> = try_with_capacity(n, what)?;
+    advise_huge(v.as_ptr(), n);
+    Ok(v)
+}
+
+/// `n` zeros, THP-backed as [`try_with_capacity_huge`]; the zeroing is the kernel's where
+/// the allocator maps fresh memory (no pass over the buffer), or a host out-of-memory error.
+pub(crate) fn try_zeroed_huge(n: usize, what: &str) -> Result<Vec<u64>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    ensure_host_room(n as u128 * 8, what)?;
+    let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| Error::host_memory::<u64>(what, n))?;
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut u64;
+    if ptr.is_null() {
+        return Err(Error::host_memory::<u64>(what, n));
+    }
+    advise_huge(ptr, n);
+    // SAFETY: `ptr` comes from the global allocator with the layout of `n` u64s, all
+    // initialised (zero is a valid u64).
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
+/// MADV_HUGEPAGE on the 2 MiB-aligned part of a buffer of `n` `T`s at `ptr`.
+fn advise_huge<T>(ptr: *const T, n: usize) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let bytes = n.saturating_mul(std::mem::size_of::<T>());
         if bytes >= 2 * HUGE {
-            let start = v.as_ptr() as usize;
+            let start = ptr as usize;
             let aligned = (start + HUGE - 1) & !(HUGE - 1);
             let end = (start + bytes) & !(HUGE - 1);
             if end > aligned {
@@ -29,7 +54,8 @@ pub(crate) fn try_with_capacity_huge<T>(n: usize, what: &str) -> Result<Vec<T>> 
             }
         }
     }
-    Ok(v)
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, n);
 }
 
 /// Requests from which [`ensure_host_room`] asks the kernel how much memory is left.

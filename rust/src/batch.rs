@@ -360,13 +360,46 @@ struct Run {
 /// Accepts whole runs of `RUN` entries at once while that cannot differ from stepping one by
 /// one: every entry matches, none is a contpte entry (whose read and hint differ), the PFN
 /// advance is linear, and no PFN in the run reaches the folio end `end` (for the forms that
-/// test it per entry). Stops before the first run that does not qualify; the caller's
-/// single-step loop takes it from there, so the result is the kernel loop's exactly.
+/// test it per entry). Without contpte it then takes the entries after the last whole run
+/// one by one up to the first that stops the batch; the caller's single-step loop takes it
+/// from where this stops, so the result is the kernel loop's exactly.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn scan_runs<L: PteLayout>(
     l: &L,
     flags: FpbFlags,
+    table: Table<'_>,
+    contpte: bool,
+    i: usize,
+    stop: usize,
+    expected: u64,
+    end: Option<u64>,
+) -> Run {
+    // One copy of the loop per set of ignored bits, so that the comparison has no branches.
+    match (flags.respect_dirty, flags.respect_soft_dirty, flags.respect_write) {
+        (false, false, false) => scan_runs_as::<L, false, false, false>(l, table, contpte, i, stop, expected, end),
+        (false, false, true) => scan_runs_as::<L, false, false, true>(l, table, contpte, i, stop, expected, end),
+        (false, true, false) => scan_runs_as::<L, false, true, false>(l, table, contpte, i, stop, expected, end),
+        (false, true, true) => scan_runs_as::<L, false, true, true>(l, table, contpte, i, stop, expected, end),
+        (true, false, false) => scan_runs_as::<L, true, false, false>(l, table, contpte, i, stop, expected, end),
+        (true, false, true) => scan_runs_as::<L, true, false, true>(l, table, contpte, i, stop, expected, end),
+        (true, true, false) => scan_runs_as::<L, true, true, false>(l, table, contpte, i, stop, expected, end),
+        (true, true, true) => scan_runs_as::<L, true, true, true>(l, table, contpte, i, stop, expected, end),
+    }
+}
+
+/// [`normalise`] with the flags as constants.
+#[inline(always)]
+fn normalise_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const WRITE: bool>(l: &L, v: u64) -> u64 {
+    let flags = FpbFlags { respect_dirty: DIRTY, respect_soft_dirty: SOFT_DIRTY, respect_write: WRITE, ..Default::default() };
+    normalise(l, flags, v)
+}
+
+/// [`scan_runs`] for one set of respected bits.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn scan_runs_as<L: PteLayout, const DIRTY: bool, const SOFT_DIRTY: bool, const WRITE: bool>(
+    l: &L,
     table: Table<'_>,
     contpte: bool,
     mut i: usize,
@@ -385,20 +418,20 @@ fn scan_runs<L: PteLayout>(
                 break;
             }
         }
-        let chunk = &table.ptes[i..i + RUN];
-        let mut same = true;
+        let chunk: &[u64; RUN] = table.ptes[i..i + RUN].try_into().expect("RUN entries");
+        // Differences OR-ed together rather than compared one by one: no branch per entry.
+        let mut diff = 0u64;
         let mut cont = false;
         let (mut cw, mut cy, mut cd) = (false, false, false);
-        let mut e = expected;
-        for &cur in chunk {
-            same &= normalise(l, flags, cur) == e;
-            cont |= contpte && l.pte_valid_cont(cur);
+        for (k, &cur) in chunk.iter().enumerate() {
+            diff |= normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) ^ expected.wrapping_add(step.wrapping_mul(k as u64));
+            cont |= contpte & l.pte_valid_cont(cur);
             cw |= l.pte_write(cur);
             cy |= l.pte_young(cur);
             cd |= l.pte_dirty(cur);
-            e = e.wrapping_add(step);
         }
-        if !same || cont {
+        let e = expected.wrapping_add(step.wrapping_mul(RUN as u64));
+        if diff != 0 || cont {
             break;
         }
         w |= cw;
@@ -406,6 +439,22 @@ fn scan_runs<L: PteLayout>(
         d |= cd;
         expected = e;
         i += RUN;
+    }
+    if !contpte {
+        // The rest one at a time, as the caller's loop takes them (a hint of 1): it stops at
+        // the same entry, which it tests again. A matching entry's pfn is the expected one,
+        // which reaches the folio end before passing it, so `>=` serves every form.
+        while i < stop {
+            let cur = table.ptes[i];
+            if normalise_as::<L, DIRTY, SOFT_DIRTY, WRITE>(l, cur) != expected || end.is_some_and(|end| l.pte_pfn(cur) >= end) {
+                break;
+            }
+            w |= l.pte_write(cur);
+            y |= l.pte_young(cur);
+            d |= l.pte_dirty(cur);
+            expected = l.pte_advance_pfn(expected, 1);
+            i += 1;
+        }
     }
     Run { i, expected, any_writable: w, any_young: y, any_dirty: d }
 }

@@ -10,7 +10,7 @@ use crate::arch::PteLayout;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
-use crate::memory::PG_ANON;
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE};
 use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES};
 use crate::pgtable;
 use crate::rmap::{FolioCounts, Rmap};
@@ -59,6 +59,25 @@ pub struct CopyEnv<'a, M: FolioCounts> {
     pub stats: &'a mut Stats,
     /// The child's rss counters (file, anon, shmem).
     pub rss: &'a mut [i64; 3],
+    /// The batches [`plan_batches`] found for this copy, taken in order instead of calling
+    /// `folio_pte_batch()` again; `None` to find them as the copy goes.
+    pub plan: Option<&'a mut Plan>,
+}
+
+/// The batches of a copy found ahead of it: each one's length and the template
+/// `copy_present_ptes()` makes from the batch, in table order.
+#[derive(Default)]
+pub struct Plan {
+    batches: Vec<(u64, u64)>,
+    next: usize,
+}
+
+impl Plan {
+    fn pop(&mut self) -> Option<(usize, u64)> {
+        let &(nr, tpl) = self.batches.get(self.next)?;
+        self.next += 1;
+        Some((nr as usize, tpl))
+    }
 }
 
 /// `copy_pte_range()` over entries `[i, e)` of one page table. A page that needs
@@ -76,7 +95,16 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
 ) -> std::result::Result<(), Again> {
     let cont = pgtable::cont_ptes(l, p);
     let none = l.geometry().none_value;
+    // Without contpte and MMF_HAS_PINNED, no entry needs more than the per-PTE loop below
+    // or a batch.
+    let one_by_one = cont.is_none() && !ctx.has_pinned;
     while i < e {
+        if one_by_one && prealloc.is_none() {
+            i = copy_ptes_one_by_one(l, p, ctx, env, i, e);
+            if i >= e {
+                break;
+            }
+        }
         let pte = pgtable::ptep_get(l, cont, env.src, ctx.start, i);
         env.stats.pte_reads += 1;
         if l.pte_none(pte) {
@@ -93,6 +121,103 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
         i += nr;
     }
     Ok(())
+}
+
+/// What [`copy_ptes_one_by_one`] counts, added to [`Stats`] once at the end.
+#[derive(Default)]
+struct Tally {
+    reads: u64,
+    /// Entries of a page: one `folio_ref_add()` and one rmap call each.
+    pages: u64,
+    /// Entries without a page (special, zero page).
+    no_page: u64,
+    wrprotects: u64,
+}
+
+/// The loop of [`copy_pte_range`] over entries `[i, e)` for what it does one PTE at a time
+/// without contpte and without MMF_HAS_PINNED: none entries, entries without a page, and
+/// pages of small folios (or of any folio where the kernel does not batch). Each entry has
+/// the effects [`copy_present_ptes`] gives it (`folio_ref_add()`,
+/// `folio_try_dup_anon_rmap_pte()`, which cannot fail here, or `folio_dup_file_rmap_pte()`,
+/// then `__copy_present_ptes()`), with the counters added per run instead of per entry.
+/// Returns the first entry it leaves to the caller: a large folio to batch.
+#[inline(never)]
+fn copy_ptes_one_by_one<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, mut i: usize, e: usize) -> usize {
+    let none = l.geometry().none_value;
+    let batching = p.fpb.is_some() && p.fork_batched;
+    let mut n = Tally::default();
+    let mut rss = [0i64; 3];
+    let (src, dst) = (&mut env.src[..e], &mut env.dst[..e]);
+    while i < e {
+        let pte = src[i];
+        if l.pte_none(pte) {
+            n.reads += 1;
+            dst[i] = none;
+            i += 1;
+            continue;
+        }
+        if let Some(page) = vm_normal_page(l, pte, ctx.zero_pfn) {
+            let head = env.mem.folio_head(page);
+            let order = env.mem.folio_order(head);
+            if order > 0 && batching && e - i != 1 {
+                break;
+            }
+            *env.mem.refcount_mut(head) += 1;
+            let counter = mm_counter(&*env.mem, head);
+            if counter == MM_ANONPAGES {
+                env.mem.clear(page, PG_ANON_EXCLUSIVE);
+            }
+            *env.mem.mapcount_mut(page) += 1;
+            if order > 0 {
+                Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }.add_large_mapcount(head, 1, ctx.dst_mm_id);
+            }
+            rss[counter] += 1;
+            n.pages += 1;
+        } else {
+            n.no_page += 1;
+        }
+        n.reads += 1;
+        let mut t = pte;
+        if ctx.is_cow && l.pte_write(t) {
+            src[i] = l.pte_wrprotect(src[i]);
+            n.wrprotects += 1;
+            t = l.pte_wrprotect(t);
+        }
+        dst[i] = child_pte(l, ctx, t);
+        i += 1;
+    }
+    let st = &mut *env.stats;
+    st.pte_reads += n.reads;
+    st.refcount_atomics += n.pages;
+    st.rmap_calls += n.pages;
+    st.mapcount_updates += n.pages;
+    let singles = n.pages + n.no_page;
+    st.pte_writes += singles + n.wrprotects;
+    if singles > 0 {
+        st.batches += singles;
+        if st.batch_histogram.len() < 2 {
+            st.batch_histogram.resize(2, 0);
+        }
+        st.batch_histogram[1] += singles;
+    }
+    for (r, d) in env.rss.iter_mut().zip(rss) {
+        *r += d;
+    }
+    i
+}
+
+/// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's
+/// write-protect): old, clean if shared, without uffd-wp unless the child VMA keeps it.
+#[inline(always)]
+fn child_pte<L: PteLayout>(l: &L, ctx: &CopyCtx, mut t: u64) -> u64 {
+    if ctx.shared {
+        t = l.pte_mkclean(t);
+    }
+    t = l.pte_mkold(t);
+    if !ctx.dst_uffd_wp {
+        t = l.clear_uffd_wp_bit(t);
+    }
+    t
 }
 
 /// `copy_present_ptes()`: a run of PTEs of one large folio at once where the kernel
@@ -119,12 +244,13 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
     let anon = env.mem.test(head, PG_ANON);
     let file_counter = mm_counter(&*env.mem, head);
     if let (None, true, true, Some(form)) = (&prealloc, order > 0, max_nr != 1, p.fpb.filter(|_| p.fork_batched)) {
-        let table = Table { ptes: env.src, first_vpn: ctx.start };
-        let folio = Folio { pfn: head, nr_pages: 1 << order };
-        let b = folio_pte_batch_unchecked(l, form, table, i, max_nr, folio, ctx.flags);
+        let (nr, tpl) = match env.plan.as_deref_mut().and_then(Plan::pop) {
+            Some(planned) => planned,
+            None => batch_template(l, form, ctx, env.src, i, max_nr, Folio { pfn: head, nr_pages: 1 << order }),
+        };
         env.stats.folio_pte_batch_calls += 1;
-        env.stats.pte_reads += b.nr as u64;
-        let nr = b.nr as u64;
+        env.stats.pte_reads += nr as u64;
+        let nr = nr as u64;
         let mut r = Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p };
         r.ref_add(head, nr as i32);
         if anon {
@@ -137,13 +263,9 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
             r.dup_file_ptes(head, page, nr, ctx.dst_mm_id);
             env.rss[file_counter] += nr as i64;
         }
-        let mut tpl = b.pte;
-        if b.any_writable == Some(true) {
-            tpl = l.pte_mkwrite(tpl);
-        }
-        env.stats.batch(b.nr);
-        copy_ptes_tail(l, p, ctx, env, i, tpl, b.nr);
-        return Ok(b.nr);
+        env.stats.batch(nr as usize);
+        copy_ptes_tail(l, p, ctx, env, i, tpl, nr as usize);
+        return Ok(nr as usize);
     }
     let mut r = Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p };
     r.ref_add(head, 1);
@@ -160,6 +282,18 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
     env.stats.batch(1);
     copy_ptes_tail(l, p, ctx, env, i, pte, 1);
     Ok(1)
+}
+
+/// `folio_pte_batch()` from entry `i` of `src` as `copy_present_ptes()` calls it: the
+/// batch's length and the template for the child (writable if any entry was, v6.12+).
+#[inline]
+fn batch_template<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], i: usize, max_nr: usize, folio: Folio) -> (usize, u64) {
+    let b = folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags);
+    let mut tpl = b.pte;
+    if b.any_writable == Some(true) {
+        tpl = l.pte_mkwrite(tpl);
+    }
+    (b.nr, tpl)
 }
 
 /// `copy_present_page()`: the child gets its own copy of a page the parent may have
@@ -205,14 +339,7 @@ fn copy_ptes_tail<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &
         pgtable::wrprotect_ptes(l, pgtable::cont_ptes(l, p), env.src, ctx.start, i, nr, env.stats);
         t = l.pte_wrprotect(t);
     }
-    if ctx.shared {
-        t = l.pte_mkclean(t);
-    }
-    t = l.pte_mkold(t);
-    if !ctx.dst_uffd_wp {
-        t = l.clear_uffd_wp_bit(t);
-    }
-    child_set_ptes(l, p, ctx, env, i, t, nr);
+    child_set_ptes(l, p, ctx, env, i, child_pte(l, ctx, t), nr);
 }
 
 /// `set_ptes()` into the child's table (not yet part of the child mm).
@@ -222,28 +349,94 @@ fn child_set_ptes<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &
     pgtable::set_ptes(l, pgtable::cont_ptes(l, p), env.dst, ctx.start, i, pte, nr, |pfn| pgtable::folio_of(mem, pfn), env.stats);
 }
 
+/// The page tables of a table of `len` entries whose entry 0 maps virtual page `start`:
+/// `[a, e)` cut at PMD boundaries.
+fn page_tables<L: PteLayout>(l: &L, start: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let ptrs = l.geometry().ptrs_per_pte as usize;
+    let mut a = 0usize;
+    std::iter::from_fn(move || {
+        (a < len).then(|| {
+            let e = len.min(a + ptrs - ((start as usize + a) & (ptrs - 1)));
+            let r = (a, e);
+            a = e;
+            r
+        })
+    })
+}
+
+/// Checks `src` as [`pgtable::check_table`] does (the same error for the same first bad
+/// entry) and finds, in the same pass, the batches the copy will take, so that the copy
+/// neither checks nor scans them again. Only without contpte, where the copy changes
+/// nothing the later batches read. An entry inside a batch needs no check: it is present,
+/// not special and maps a page of the folio whose first entry was checked. Gives up
+/// (`Ok(false)`, the check unfinished) when the plan would hold more than `limit` batches.
+fn plan_batches<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, src: &[u64], mem: &M, plan: &mut Plan, limit: usize) -> Result<bool> {
+    let form = p.fpb.filter(|_| p.fork_batched);
+    // The folio checked last, as in check_table().
+    let (mut lo, mut hi) = (0u64, 0u64);
+    for (a, e) in page_tables(l, ctx.start, src.len()) {
+        let mut i = a;
+        while i < e {
+            let v = src[i];
+            let pfn = l.pte_pfn(v);
+            let folio = if pfn.wrapping_sub(lo) < hi.wrapping_sub(lo) && l.pte_present(v) && !l.pte_special(v) {
+                Some((lo, hi - lo))
+            } else {
+                let f = pgtable::check_entry(l, i, v, ctx.zero_pfn, mem, "src")?;
+                if let Some((head, nr)) = f {
+                    (lo, hi) = (head, head + nr);
+                }
+                f
+            };
+            match (folio, form) {
+                (Some((head, nr_pages)), Some(form)) if nr_pages > 1 && e - i != 1 => {
+                    if plan.batches.len() == limit || plan.batches.try_reserve(1).is_err() {
+                        return Ok(false);
+                    }
+                    let (nr, tpl) = batch_template(l, form, ctx, src, i, e - i, Folio { pfn: head, nr_pages });
+                    plan.batches.push((nr as u64, tpl));
+                    i += nr;
+                }
+                _ => i += 1,
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// `copy_page_range()` of one VMA over arrays a user owns: `src` (the parent's table,
 /// write-protected where the copy is COW) and `dst` (the child's: every entry written, none
 /// where the parent's is none, as in a new page table) cut into page tables at PMD
-/// boundaries, one [`copy_pte_range`] each. The
-/// caller has checked `src` ([`pgtable::check_table`]) and the lengths.
+/// boundaries, one [`copy_pte_range`] each. `src` is checked first
+/// ([`pgtable::check_table`]): a bad entry changes nothing. The caller has checked the
+/// lengths.
 pub fn copy_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>) -> Result<()> {
     if ctx.has_pinned {
         return Err(Error::value("the array form of copy_pte_range() models a parent without MMF_HAS_PINNED"));
     }
-    let len = env.src.len();
-    let ptrs = l.geometry().ptrs_per_pte as usize;
-    let mut a = 0usize;
-    while a < len {
-        let e = len.min(a + ptrs - ((ctx.start as usize + a) & (ptrs - 1)));
+    let mut plan = Plan::default();
+    // At most 2 bytes of plan per entry; past that the batches are found as the copy goes.
+    let limit = env.src.len() / 8 + 16;
+    let planned = pgtable::cont_ptes(l, p).is_none() && plan_batches(l, p, ctx, env.src, &*env.mem, &mut plan, limit)?;
+    if !planned {
+        pgtable::check_table(l, env.src, ctx.zero_pfn, &*env.mem, "src")?;
+    }
+    let mut env = CopyEnv {
+        src: &mut *env.src,
+        dst: &mut *env.dst,
+        mem: &mut *env.mem,
+        stats: &mut *env.stats,
+        rss: &mut *env.rss,
+        plan: planned.then_some(&mut plan),
+    };
+    for (a, e) in page_tables(l, ctx.start, env.src.len()) {
         if pgtable::cont_ptes(l, p).is_some() {
             // A single-entry set_ptes() reads what it overwrites (contpte unfold): empty first.
             env.dst[a..e].fill(l.geometry().none_value);
         }
         // Without MMF_HAS_PINNED no page needs copying, so there is no -EAGAIN.
-        copy_pte_range(l, p, ctx, env, a, e, &mut None)
+        copy_pte_range(l, p, ctx, &mut env, a, e, &mut None)
             .map_err(|Again(i)| Error::value(format!("entry {i} needs copy_present_page(), which the array form has not")))?;
-        a = e;
     }
     Ok(())
 }
@@ -258,7 +451,16 @@ impl State {
         // The child's page tables first, so that running out of host memory changes nothing.
         let mut tables = Vec::new();
         for v in self.mms[k].vmas.iter().filter(|v| !v.dontfork) {
-            tables.push(crate::ptes::PteTable::filled(v.ptes.len(), none, "a page table")?);
+            // THP-backed where the host allows: a fault per 4 KiB of a fresh table costs more
+            // than the copy into it. A none of 0 is the kernel's zeroing, not a pass of ours.
+            let t = if none == 0 {
+                crate::alloc::try_zeroed_huge(v.ptes.len(), "a page table")?
+            } else {
+                let mut t = crate::alloc::try_with_capacity_huge::<u64>(v.ptes.len(), "a page table")?;
+                t.resize(v.ptes.len(), none);
+                t
+            };
+            tables.push(crate::ptes::PteTable::from(t));
         }
         let mut tables = tables.into_iter();
         self.mms.push(Mm {
@@ -346,7 +548,7 @@ impl State {
         let mut i = a;
         loop {
             let State { mem, mms, op, .. } = self;
-            let mut env = CopyEnv { src: &mut mms[k].vmas[vi].ptes[..], dst: &mut *dst, mem, stats: op, rss: &mut *rss };
+            let mut env = CopyEnv { src: &mut mms[k].vmas[vi].ptes[..], dst: &mut *dst, mem, stats: op, rss: &mut *rss, plan: None };
             match copy_pte_range(l, p, ctx, &mut env, i, e, &mut prealloc) {
                 Ok(()) => break,
                 Err(Again(at)) => i = at,

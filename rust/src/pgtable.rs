@@ -63,8 +63,10 @@ pub fn set_ptes<L: PteLayout>(
         None => match l.linear_advance(pte, nr as u64) {
             // The common case: each entry is the last plus a constant (vectorises).
             Some(step) => {
-                for (k, e) in t[i..i + nr].iter_mut().enumerate() {
-                    *e = pte.wrapping_add(step.wrapping_mul(k as u64));
+                let mut v = pte;
+                for e in &mut t[i..i + nr] {
+                    *e = v;
+                    v = v.wrapping_add(step);
                 }
             }
             None => {
@@ -177,23 +179,38 @@ pub fn check_run(len: usize, i: usize, nr: usize) -> Result<()> {
 /// same order and ends inside memory, so that the loops stay inside the arrays. `what` names
 /// the table in messages.
 pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64, mem: &M, what: &str) -> Result<()> {
-    // The folio checked last: the rest of a run of one folio costs a range test.
+    // The folio checked last: the rest of a run of one folio costs a range test, done for
+    // CHUNK entries at once without branches; a chunk that leaves the folio is walked entry
+    // by entry.
+    const CHUNK: usize = 8;
     let (mut lo, mut hi) = (0u64, 0u64);
-    for (i, &v) in t.iter().enumerate() {
-        let pfn = l.pte_pfn(v);
-        if pfn.wrapping_sub(lo) < hi.wrapping_sub(lo) && l.pte_present(v) && !l.pte_special(v) {
+    let in_folio = |v: u64, lo: u64, hi: u64| {
+        (l.pte_pfn(v).wrapping_sub(lo) < hi.wrapping_sub(lo)) & l.pte_present(v) & !l.pte_special(v)
+    };
+    let mut i = 0;
+    while i < t.len() {
+        let end = (i + CHUNK).min(t.len());
+        let chunk = &t[i..end];
+        if chunk.len() == CHUNK && chunk.iter().all(|&v| in_folio(v, lo, hi)) {
+            i = end;
             continue;
         }
-        if let Some((head, nr)) = check_entry(l, i, v, zero_pfn, mem, what)? {
-            (lo, hi) = (head, head + nr);
+        for (j, &v) in chunk.iter().enumerate() {
+            if in_folio(v, lo, hi) {
+                continue;
+            }
+            if let Some((head, nr)) = check_entry(l, i + j, v, zero_pfn, mem, what)? {
+                (lo, hi) = (head, head + nr);
+            }
         }
+        i = end;
     }
     Ok(())
 }
 
 /// One entry of [`check_table`]: the folio it maps, if any.
 #[inline(never)]
-fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64, zero_pfn: u64, mem: &M, what: &str) -> Result<Option<(u64, u64)>> {
+pub(crate) fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64, zero_pfn: u64, mem: &M, what: &str) -> Result<Option<(u64, u64)>> {
     if l.pte_none(v) || (l.pte_present(v) && l.pte_special(v)) {
         return Ok(None);
     }

@@ -561,8 +561,8 @@ pub fn copy_pte_range<'py>(
     let mut st = Stats::default();
     let mut rss = [0i64; 3];
     py.detach(|| -> crate::Result<()> {
-        with_layout!(&layout, l => check_table(l, src, zero_pfn, &mem, "src"))?;
-        let mut env = CopyEnv { src, dst, mem: &mut mem, stats: &mut st, rss: &mut rss };
+        // copy_pte_range_arrays() checks src before it writes anything.
+        let mut env = CopyEnv { src, dst, mem: &mut mem, stats: &mut st, rss: &mut rss, plan: None };
         with_layout!(&layout, l => copy_pte_range_arrays(l, &p, &ctx, &mut env))
     })?;
     result_dict(py, &st, rss)
