@@ -93,6 +93,7 @@ impl State {
     /// and dirty for a write, as the MMU sets them; each written page gets a new token.
     /// Exactly what [`State::access_one`] does for such a page; returns how many.
     fn access_mapped_run<L: PteLayout>(&mut self, l: &L, k: usize, v: usize, vpn: u64, end: u64, write: bool) -> u64 {
+        #[inline(always)]
         fn bump(next: &mut u32) -> u32 {
             let t = *next;
             *next = next.wrapping_add(1).max(1);
@@ -157,7 +158,8 @@ impl State {
     /// new token.
     fn access_one<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
         let i = (vpn - self.mms[k].vmas[v].start) as usize;
-        if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+        let no_pmds = |st: &State| st.mms[k].vmas[v].pmds.is_empty();
+        if !no_pmds(self) && self.huge_pmd_access(l, p, k, v, vpn, write)? {
             return Ok(());
         }
         self.op.pte_reads += 1;
@@ -165,7 +167,7 @@ impl State {
         if l.pte_none(pte) {
             self.fault_none(l, p, k, v, vpn, write)?;
             // The fault may have mapped a huge PMD (huge_memory.rs).
-            if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+            if !no_pmds(self) && self.huge_pmd_access(l, p, k, v, vpn, write)? {
                 return Ok(());
             }
         } else if write && !l.pte_write(pte) {

@@ -448,14 +448,7 @@ impl Memory {
     fn init_folio(&mut self, pfn: u64, order: u32) {
         let n = 1u64 << order;
         self.free_pages -= n;
-        for p in pfn..pfn + n {
-            let i = p as usize;
-            self.order[i] = order as u8;
-            self.flags[i] = 0;
-            self.mapcount[i] = 0;
-            self.refcount[i] = 0;
-            self.token[i] = 0;
-        }
+        self.fill_pages(pfn, n, order as u8);
         if order > 0 {
             let idx = match self.large_free.pop() {
                 Some(i) => {
@@ -469,6 +462,26 @@ impl Memory {
             };
             self.large_idx[pfn as usize / 2] = idx;
         }
+    }
+
+    /// Pages `[pfn, pfn + n)` get order `order` and nothing else: no flags, counts or token.
+    #[inline]
+    fn fill_pages(&mut self, pfn: u64, n: u64, order: u8) {
+        let (i, n) = (pfn as usize, n as usize);
+        if n == 1 {
+            // One page (most folios): plain stores, no memset calls.
+            self.order[i] = order;
+            self.flags[i] = 0;
+            self.mapcount[i] = 0;
+            self.refcount[i] = 0;
+            self.token[i] = 0;
+            return;
+        }
+        self.order[i..i + n].fill(order);
+        self.flags[i..i + n].fill(0);
+        self.mapcount[i..i + n].fill(0);
+        self.refcount[i..i + n].fill(0);
+        self.token[i..i + n].fill(0);
     }
 
     /// Allocates the block of `2^order` pages at `pfn` (naturally aligned) if it is free,
@@ -500,14 +513,7 @@ impl Memory {
         if order > 0 {
             self.large_free.push(self.large_idx[head as usize / 2]);
         }
-        for p in head..head + n {
-            let i = p as usize;
-            self.order[i] = FREE;
-            self.flags[i] = 0;
-            self.mapcount[i] = 0;
-            self.refcount[i] = 0;
-            self.token[i] = 0;
-        }
+        self.fill_pages(head, n, FREE);
         self.free_pages += n;
         let (mut pfn, mut o) = (head, order);
         while o < self.max_order {
