@@ -72,8 +72,11 @@ impl State {
             let (v, _) = self.locate(k, vpn);
             // Faults change no VMA; the check only guards the index against that changing.
             while vpn < b && self.mms[k].vmas[v].contains(vpn) {
-                let end = self.mms[k].vmas[v].end().min(b);
-                let n = self.access_mapped_run(l, k, v, vpn, end, write);
+                let vma = &self.mms[k].vmas[v];
+                let end = vma.end().min(b);
+                // A none PTE outside huge PMDs (every page of a first touch) faults at once.
+                let none = vma.pmds.is_empty() && l.pte_none(vma.ptes[(vpn - vma.start) as usize]);
+                let n = if none { 0 } else { self.access_mapped_run(l, k, v, vpn, end, write) };
                 if n > 0 {
                     self.ticker.tick(n)?;
                     vpn += n;
