@@ -176,7 +176,7 @@ impl FreeAreas {
         w < l.words[0] && self.bits[l.off[0] + w] & (1 << (b % 64)) != 0
     }
 
-    #[inline]
+    #[inline(always)]
     fn insert(&mut self, o: u32, b: u64) {
         let o = o as usize;
         if self.nonempty & (1 << o) == 0 || b < self.lowest[o] {
@@ -198,7 +198,7 @@ impl FreeAreas {
     }
 
     /// Removes block `b` of order `o`; false if it was not free. The summary bits stay.
-    #[inline]
+    #[inline(always)]
     fn remove(&mut self, o: u32, b: u64) -> bool {
         if !self.contains(o, b) {
             return false;
@@ -465,7 +465,7 @@ impl Memory {
     }
 
     /// Pages `[pfn, pfn + n)` get order `order` and nothing else: no flags, counts or token.
-    #[inline]
+    #[inline(always)]
     fn fill_pages(&mut self, pfn: u64, n: u64, order: u8) {
         let (i, n) = (pfn as usize, n as usize);
         if n == 1 {
