@@ -64,7 +64,7 @@ impl State {
     /// Accesses of process `k` to every page of `[a, b)`, in order, faulting as needed; a write
     /// stores a new token in each page. What a fault mapped (a whole folio, a fault-around
     /// window, a huge PMD) takes no fault of its own: the run of pages the MMU can access
-    /// as they are goes at the cost of reading their entries ([`State::access_mapped_run`]).
+    /// as they are goes at the cost of reading their entries (`access_mapped_run`).
     pub fn access_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, access: Access) -> Result<()> {
         let write = access == Access::Write;
         let mut vpn = a;
