@@ -61,11 +61,108 @@ impl State {
         Ok(())
     }
 
-    /// One access of process `k` to `vpn`, faulting as needed; a write stores a new token.
-    pub fn access<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, vpn: u64, access: Access) -> Result<()> {
+    /// Accesses of process `k` to every page of `[a, b)`, in order, faulting as needed; a write
+    /// stores a new token in each page. What a fault mapped (a whole folio, a fault-around
+    /// window, a huge PMD) takes no fault of its own: the run of pages the MMU can access
+    /// as they are goes at the cost of reading their entries (`access_mapped_run`).
+    pub fn access_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, a: u64, b: u64, access: Access) -> Result<()> {
         let write = access == Access::Write;
-        let (v, i) = self.locate(k, vpn);
-        if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+        let mut vpn = a;
+        while vpn < b {
+            let (v, _) = self.locate(k, vpn);
+            // Faults change no VMA; the check only guards the index against that changing.
+            while vpn < b && self.mms[k].vmas[v].contains(vpn) {
+                let vma = &self.mms[k].vmas[v];
+                let end = vma.end().min(b);
+                // A none PTE outside huge PMDs (every page of a first touch) faults at once.
+                let none = vma.pmds.is_empty() && l.pte_none(vma.ptes[(vpn - vma.start) as usize]);
+                let n = if none { 0 } else { self.access_mapped_run(l, k, v, vpn, end, write) };
+                if n > 0 {
+                    self.ticker.tick(n)?;
+                    vpn += n;
+                    continue;
+                }
+                self.ticker.tick(1)?;
+                self.access_one(l, p, k, v, vpn, write)?;
+                vpn += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The run of pages from `vpn` (below `end`, in VMA `v`) that an access takes without a
+    /// fault, taken: present PTEs (writable for a write) outside huge PMDs, or the pages of
+    /// a huge PMD that allows the access. Each entry is read (`pte_reads`) and gets young,
+    /// and dirty for a write, as the MMU sets them; each written page gets a new token.
+    /// Exactly what [`State::access_one`] does for such a page; returns how many.
+    fn access_mapped_run<L: PteLayout>(&mut self, l: &L, k: usize, v: usize, vpn: u64, end: u64, write: bool) -> u64 {
+        #[inline(always)]
+        fn bump(next: &mut u32) -> u32 {
+            let t = *next;
+            *next = next.wrapping_add(1).max(1);
+            t
+        }
+        let State { mms, mem, op, next_token, zero_pfn, ptrs_per_pte, .. } = self;
+        let vma = &mut mms[k].vmas[v];
+        let mut end = end;
+        if !vma.pmds.is_empty() {
+            // At most the rest of the PMD range of `vpn`, mapped by a huge PMD or by PTEs.
+            let base = vpn & !(*ptrs_per_pte - 1);
+            end = end.min(base + *ptrs_per_pte);
+            if let Some(e) = vma.pmds.get_mut(&base) {
+                if write && !l.pte_write(*e) {
+                    return 0;
+                }
+                if !l.pte_young(*e) {
+                    *e = l.pte_mkyoung(*e);
+                }
+                if write && !l.pte_dirty(*e) {
+                    *e = l.pte_mkdirty(*e);
+                }
+                if write {
+                    let first = (l.pte_pfn(*e) + (vpn - base)) as usize;
+                    for t in &mut mem.token[first..first + (end - vpn) as usize] {
+                        *t = bump(next_token);
+                    }
+                }
+                op.pte_reads += end - vpn;
+                return end - vpn;
+            }
+        }
+        let i = (vpn - vma.start) as usize;
+        let mut n = 0;
+        for e in &mut vma.ptes[i..i + (end - vpn) as usize] {
+            let mut pte = *e;
+            if l.pte_none(pte) || (write && !l.pte_write(pte)) {
+                break;
+            }
+            if !l.pte_young(pte) {
+                pte = l.pte_mkyoung(pte);
+            }
+            if write {
+                if !l.pte_dirty(pte) {
+                    pte = l.pte_mkdirty(pte);
+                }
+                // vm_normal_page(): a writable entry maps a normal page.
+                let pfn = l.pte_pfn(pte);
+                if l.pte_special(pte) || pfn == *zero_pfn {
+                    break;
+                }
+                mem.token[pfn as usize] = bump(next_token);
+            }
+            *e = pte;
+            n += 1;
+        }
+        op.pte_reads += n;
+        n
+    }
+
+    /// One access of process `k` to `vpn` in VMA `v`, faulting as needed; a write stores a
+    /// new token.
+    fn access_one<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, write: bool) -> Result<()> {
+        let i = (vpn - self.mms[k].vmas[v].start) as usize;
+        let no_pmds = |st: &State| st.mms[k].vmas[v].pmds.is_empty();
+        if !no_pmds(self) && self.huge_pmd_access(l, p, k, v, vpn, write)? {
             return Ok(());
         }
         self.op.pte_reads += 1;
@@ -73,7 +170,7 @@ impl State {
         if l.pte_none(pte) {
             self.fault_none(l, p, k, v, vpn, write)?;
             // The fault may have mapped a huge PMD (huge_memory.rs).
-            if self.huge_pmd_access(l, p, k, v, vpn, write)? {
+            if !no_pmds(self) && self.huge_pmd_access(l, p, k, v, vpn, write)? {
                 return Ok(());
             }
         } else if write && !l.pte_write(pte) {
@@ -146,24 +243,23 @@ impl State {
         }
         // alloc_anon_folio(): the highest order whose aligned range is all none; every lower
         // order's range then is too.
-        let mut candidates: Vec<u32> = Vec::new();
+        // Candidate orders as a mask, tried from the highest.
+        let mut candidates = allowed & ((1u32 << pmd_order) - 1) & !1;
         let vma = &self.mms[k].vmas[v];
-        for o in (1..pmd_order).rev() {
-            if allowed & (1 << o) == 0 {
-                continue;
+        while candidates != 0 {
+            let o = 31 - candidates.leading_zeros();
+            let n = 1u64 << o;
+            let s = ((vpn & !(n - 1)) - vma.start) as usize;
+            self.op.pte_reads += n;
+            if vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e)) {
+                break;
             }
-            if candidates.is_empty() {
-                let n = 1u64 << o;
-                let s = ((vpn & !(n - 1)) - vma.start) as usize;
-                self.op.pte_reads += n;
-                if !vma.ptes[s..s + n as usize].iter().all(|&e| l.pte_none(e)) {
-                    continue;
-                }
-            }
-            candidates.push(o);
+            candidates &= !(1 << o);
         }
         let mut chosen = None;
-        for o in candidates {
+        while candidates != 0 {
+            let o = 31 - candidates.leading_zeros();
+            candidates &= !(1 << o);
             if self.mem.fragmented(o) {
                 continue;
             }

@@ -12,9 +12,7 @@
 //! depend on it.
 //!
 //! 16 bytes per page (14 in the per-page arrays, 2 in the record index) plus one 32-byte
-//! record per large folio.
-
-use std::collections::BTreeSet;
+//! record per large folio; the buddy allocator's free areas add about 0.26 byte per page.
 
 use crate::error::{Error, Result};
 
@@ -86,6 +84,193 @@ impl SplitMix64 {
     }
 }
 
+/// Most levels a free area has: 2^32 blocks need six.
+const MAX_LEVELS: usize = 6;
+
+/// Where one order's levels lie in [`FreeAreas::bits`].
+#[derive(Clone, Copy, Debug)]
+struct Levels {
+    /// First word of each level (level 0, one bit per block, first; the last is one word).
+    off: [usize; MAX_LEVELS],
+    /// Words of each level.
+    words: [usize; MAX_LEVELS],
+    n: usize,
+}
+
+/// The buddy allocator's free blocks, as the kernel's `free_area[order]` lists hold them, but
+/// kept as one bitmap per order (bit `pfn >> order`) with summary levels above it, and the
+/// lowest free block of each order at hand. A summary bit (bit `j` of level `i + 1`) is set
+/// whenever word `j` of level `i` has a set bit, and may stay set after that word empties
+/// until a search finds it empty and clears it; so taking a block or freeing one writes one
+/// word (and a few more the first time under a summary bit), and finding the next lowest
+/// climbs only as far as the next set bit. About two bits per page, all orders together.
+#[derive(Clone, Debug)]
+struct FreeAreas {
+    /// Every level of every order.
+    bits: Vec<u64>,
+    levels: Vec<Levels>,
+    /// Free blocks per order (`free_area.nr_free`).
+    nr_free: Vec<u64>,
+    /// The lowest free block per order (meaningless while the order has none).
+    lowest: Vec<u64>,
+    /// Bit `o` is set when order `o` has a free block.
+    nonempty: u64,
+}
+
+impl FreeAreas {
+    /// No free block, for the orders up to `max_order` of `nr_pages` pages.
+    fn new(nr_pages: u64, max_order: u32) -> Result<FreeAreas> {
+        let mut levels = Vec::with_capacity(max_order as usize + 1);
+        let mut total = 0usize;
+        for o in 0..=max_order {
+            let mut l = Levels { off: [0; MAX_LEVELS], words: [0; MAX_LEVELS], n: 0 };
+            let mut words = (((nr_pages - 1) >> o) + 1).div_ceil(64) as usize;
+            loop {
+                (l.off[l.n], l.words[l.n]) = (total, words);
+                l.n += 1;
+                total += words;
+                if words == 1 {
+                    break;
+                }
+                words = words.div_ceil(64);
+            }
+            levels.push(l);
+        }
+        let orders = max_order as usize + 1;
+        Ok(FreeAreas {
+            bits: crate::alloc::try_filled(total, 0u64, "the buddy allocator's free bitmaps")?,
+            levels,
+            nr_free: vec![0; orders],
+            lowest: vec![0; orders],
+            nonempty: 0,
+        })
+    }
+
+    fn try_clone(&self, t: &crate::watch::Ticker) -> Result<FreeAreas> {
+        Ok(FreeAreas {
+            bits: crate::alloc::try_copy(&self.bits, "the buddy allocator's free bitmaps", t)?,
+            levels: self.levels.clone(),
+            nr_free: self.nr_free.clone(),
+            lowest: self.lowest.clone(),
+            nonempty: self.nonempty,
+        })
+    }
+
+    /// The smallest order from `order` up with a free block.
+    #[inline]
+    fn lowest_order_from(&self, order: u32) -> Option<u32> {
+        let m = self.nonempty.checked_shr(order).unwrap_or(0);
+        (m != 0).then(|| order + m.trailing_zeros())
+    }
+
+    /// The lowest free block of order `o`.
+    #[inline]
+    fn first(&self, o: u32) -> Option<u64> {
+        (self.nonempty & (1 << o) != 0).then(|| self.lowest[o as usize])
+    }
+
+    #[inline]
+    fn contains(&self, o: u32, b: u64) -> bool {
+        let l = &self.levels[o as usize];
+        let w = (b / 64) as usize;
+        w < l.words[0] && self.bits[l.off[0] + w] & (1 << (b % 64)) != 0
+    }
+
+    #[inline(always)]
+    fn insert(&mut self, o: u32, b: u64) {
+        let o = o as usize;
+        if self.nonempty & (1 << o) == 0 || b < self.lowest[o] {
+            self.lowest[o] = b;
+        }
+        self.nr_free[o] += 1;
+        self.nonempty |= 1 << o;
+        // Up to the first level where the bit is set already (so are the ones above it).
+        let l = &self.levels[o];
+        let mut i = b as usize;
+        for &base in &l.off[..l.n] {
+            let (w, bit) = (&mut self.bits[base + i / 64], 1u64 << (i % 64));
+            if *w & bit != 0 {
+                break;
+            }
+            *w |= bit;
+            i /= 64;
+        }
+    }
+
+    /// Removes block `b` of order `o`; false if it was not free. The summary bits stay.
+    #[inline(always)]
+    fn remove(&mut self, o: u32, b: u64) -> bool {
+        if !self.contains(o, b) {
+            return false;
+        }
+        let o = o as usize;
+        let l = &self.levels[o];
+        self.bits[l.off[0] + (b / 64) as usize] &= !(1 << (b % 64));
+        self.nr_free[o] -= 1;
+        if self.nr_free[o] == 0 {
+            self.nonempty &= !(1 << o);
+        } else if self.lowest[o] == b {
+            self.lowest[o] = self.next_from(o, b + 1);
+        }
+        true
+    }
+
+    /// The lowest free block of order `o` from `b` on (there is one): up the levels to the
+    /// first word with a set bit at or after the position, then down its lowest bits,
+    /// clearing the summary bits found to stand over empty words.
+    fn next_from(&mut self, o: usize, b: u64) -> u64 {
+        let FreeAreas { bits, levels, .. } = self;
+        let l = &levels[o];
+        let (mut i, mut lv) = (b as usize, 0);
+        loop {
+            // Climb from bit `i` of level `lv` to a set bit at or after it.
+            loop {
+                assert!(lv < l.n && i / 64 < l.words[lv], "a free block is left past the lowest");
+                let w = bits[l.off[lv] + i / 64] & (!0u64 << (i % 64));
+                if w != 0 {
+                    i = i / 64 * 64 + w.trailing_zeros() as usize;
+                    break;
+                }
+                // The next word of this level is the next bit of the one above.
+                (i, lv) = (i / 64 + 1, lv + 1);
+            }
+            // Down the lowest set bits; a summary bit over an empty word is cleared and the
+            // climb goes on after it.
+            loop {
+                if lv == 0 {
+                    return i as u64;
+                }
+                let below = bits[l.off[lv - 1] + i];
+                if below == 0 {
+                    bits[l.off[lv] + i / 64] &= !(1 << (i % 64));
+                    i += 1;
+                    break;
+                }
+                (i, lv) = (i * 64 + below.trailing_zeros() as usize, lv - 1);
+            }
+        }
+    }
+
+    /// The free blocks of order `o`, ascending.
+    fn iter(&self, o: u32) -> impl Iterator<Item = u64> + '_ {
+        let l = &self.levels[o as usize];
+        self.bits[l.off[0]..l.off[0] + l.words[0]].iter().enumerate().flat_map(|(j, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let b = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    j as u64 * 64 + b
+                })
+            })
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.bits.len() * 8
+    }
+}
+
 /// Physical memory of `nr_pages` pages.
 #[derive(Clone, Debug)]
 pub struct Memory {
@@ -98,8 +283,8 @@ pub struct Memory {
     large: Vec<LargeFolio>,
     large_idx: Vec<u32>,
     large_free: Vec<u32>,
-    /// Free blocks per order, by first pfn (buddy allocator).
-    free_lists: Vec<BTreeSet<u64>>,
+    /// Free blocks per order (buddy allocator).
+    free: FreeAreas,
     pub free_pages: u64,
     pub max_order: u32,
     /// Probability, per order, that an allocation of that order fails as if memory were
@@ -135,7 +320,7 @@ impl Memory {
             large: Vec::new(),
             large_idx: try_filled(n.div_ceil(2), 0, "the large-folio index")?,
             large_free: Vec::new(),
-            free_lists: vec![BTreeSet::new(); max_order as usize + 1],
+            free: FreeAreas::new(nr_pages, max_order)?,
             free_pages: 0,
             max_order,
             fallback: vec![0.0; max_order as usize + 1],
@@ -148,7 +333,7 @@ impl Memory {
             while o > 0 && (pfn & ((1 << o) - 1) != 0 || pfn + (1 << o) > nr_pages) {
                 o -= 1;
             }
-            m.free_lists[o as usize].insert(pfn);
+            m.free.insert(o, pfn >> o);
             m.free_pages += 1 << o;
             pfn += 1 << o;
         }
@@ -168,7 +353,7 @@ impl Memory {
             large: try_copy(&self.large, "the large-folio records", t)?,
             large_idx: try_copy(&self.large_idx, "the large-folio index", t)?,
             large_free: try_copy(&self.large_free, "the free large-folio records", t)?,
-            free_lists: self.free_lists.clone(),
+            free: self.free.try_clone(t)?,
             free_pages: self.free_pages,
             max_order: self.max_order,
             fallback: self.fallback.clone(),
@@ -232,7 +417,7 @@ impl Memory {
 
     /// Whether an allocation of `order` can succeed at all (ignoring simulated fragmentation).
     pub fn can_alloc(&self, order: u32) -> bool {
-        (order..=self.max_order).any(|o| !self.free_lists[o as usize].is_empty())
+        self.free.lowest_order_from(order).is_some()
     }
 
     /// Draws the simulated-fragmentation coin for an allocation of `order`: true means
@@ -247,10 +432,11 @@ impl Memory {
     /// of the smallest sufficient order, split as the buddy allocator does. Returns its first
     /// pfn with refcount 1, or `None` when no block is free.
     pub fn alloc(&mut self, order: u32) -> Option<u64> {
-        let from = (order..=self.max_order).find(|&o| !self.free_lists[o as usize].is_empty())?;
-        let pfn = self.free_lists[from as usize].pop_first()?;
+        let from = self.free.lowest_order_from(order)?;
+        let pfn = self.free.first(from)? << from;
+        self.free.remove(from, pfn >> from);
         for o in (order..from).rev() {
-            self.free_lists[o as usize].insert(pfn + (1 << o));
+            self.free.insert(o, (pfn >> o) + 1);
         }
         self.init_folio(pfn, order);
         self.refcount[pfn as usize] = 1;
@@ -262,14 +448,7 @@ impl Memory {
     fn init_folio(&mut self, pfn: u64, order: u32) {
         let n = 1u64 << order;
         self.free_pages -= n;
-        for p in pfn..pfn + n {
-            let i = p as usize;
-            self.order[i] = order as u8;
-            self.flags[i] = 0;
-            self.mapcount[i] = 0;
-            self.refcount[i] = 0;
-            self.token[i] = 0;
-        }
+        self.fill_pages(pfn, n, order as u8);
         if order > 0 {
             let idx = match self.large_free.pop() {
                 Some(i) => {
@@ -285,22 +464,42 @@ impl Memory {
         }
     }
 
+    /// Pages `[pfn, pfn + n)` get order `order` and nothing else: no flags, counts or token.
+    #[inline(always)]
+    fn fill_pages(&mut self, pfn: u64, n: u64, order: u8) {
+        let (i, n) = (pfn as usize, n as usize);
+        if n == 1 {
+            // One page (most folios): plain stores, no memset calls.
+            self.order[i] = order;
+            self.flags[i] = 0;
+            self.mapcount[i] = 0;
+            self.refcount[i] = 0;
+            self.token[i] = 0;
+            return;
+        }
+        self.order[i..i + n].fill(order);
+        self.flags[i..i + n].fill(0);
+        self.mapcount[i..i + n].fill(0);
+        self.refcount[i..i + n].fill(0);
+        self.token[i..i + n].fill(0);
+    }
+
     /// Allocates the block of `2^order` pages at `pfn` (naturally aligned) if it is free,
     /// splitting the free block that holds it; for rebuilding captured memory.
     pub fn alloc_at(&mut self, pfn: u64, order: u32) -> bool {
-        let Some(from) = (order..=self.max_order).find(|&o| self.free_lists[o as usize].contains(&(pfn & !((1u64 << o) - 1)))) else {
+        let Some(from) = (order..=self.max_order).find(|&o| self.free.contains(o, pfn >> o)) else {
             return false;
         };
         let mut block = pfn & !((1u64 << from) - 1);
-        self.free_lists[from as usize].remove(&block);
+        self.free.remove(from, block >> from);
         for o in (order..from).rev() {
             // Keep the half holding pfn, free the other.
             let half = 1u64 << o;
             if pfn >= block + half {
-                self.free_lists[o as usize].insert(block);
+                self.free.insert(o, block >> o);
                 block += half;
             } else {
-                self.free_lists[o as usize].insert(block + half);
+                self.free.insert(o, (block >> o) + 1);
             }
         }
         self.init_folio(pfn, order);
@@ -314,35 +513,24 @@ impl Memory {
         if order > 0 {
             self.large_free.push(self.large_idx[head as usize / 2]);
         }
-        for p in head..head + n {
-            let i = p as usize;
-            self.order[i] = FREE;
-            self.flags[i] = 0;
-            self.mapcount[i] = 0;
-            self.refcount[i] = 0;
-            self.token[i] = 0;
-        }
+        self.fill_pages(head, n, FREE);
         self.free_pages += n;
         let (mut pfn, mut o) = (head, order);
         while o < self.max_order {
             let buddy = pfn ^ (1 << o);
-            if buddy + (1 << o) > self.nr_pages() || !self.free_lists[o as usize].remove(&buddy) {
+            if buddy + (1 << o) > self.nr_pages() || !self.free.remove(o, buddy >> o) {
                 break;
             }
             pfn = pfn.min(buddy);
             o += 1;
         }
-        self.free_lists[o as usize].insert(pfn);
+        self.free.insert(o, pfn >> o);
     }
 
     /// Free blocks as (first pfn, order), in ascending pfn order; for state comparison.
     pub fn free_blocks(&self) -> Vec<(u64, u32)> {
-        let mut v: Vec<(u64, u32)> = self
-            .free_lists
-            .iter()
-            .enumerate()
-            .flat_map(|(o, s)| s.iter().map(move |&p| (p, o as u32)))
-            .collect();
+        let mut v: Vec<(u64, u32)> =
+            (0..=self.max_order).flat_map(|o| self.free.iter(o).map(move |b| (b << o, o))).collect();
         v.sort_unstable();
         v
     }
@@ -388,9 +576,12 @@ impl Memory {
         self.large_folio_iter().count()
     }
 
-    /// Bytes of memory state: the per-page arrays and the large-folio records.
+    /// Bytes of memory state: the per-page arrays, the large-folio records and the free areas.
     pub fn state_bytes(&self) -> usize {
-        self.order.len() * 14 + self.large_idx.len() * 4 + self.large.capacity() * std::mem::size_of::<LargeFolio>()
+        self.order.len() * 14
+            + self.large_idx.len() * 4
+            + self.large.capacity() * std::mem::size_of::<LargeFolio>()
+            + self.free.bytes()
     }
 
     /// `folio_mapcount()`: mappings of all pages of the folio.
@@ -440,6 +631,128 @@ mod tests {
         assert_eq!(m.alloc(0), Some(4));
         assert_eq!(m.alloc(0), None);
         assert!(!m.can_alloc(0));
+    }
+
+    /// The allocator as the reference keeps it (python/ptebatch/reference/sim/memory.py):
+    /// a sorted set of free blocks per order.
+    struct Model {
+        free: Vec<std::collections::BTreeSet<u64>>,
+        nr_pages: u64,
+    }
+
+    impl Model {
+        fn new(nr_pages: u64, max_order: u32) -> Model {
+            let mut m = Model { free: vec![Default::default(); max_order as usize + 1], nr_pages };
+            let mut pfn = 0;
+            while pfn < nr_pages {
+                let mut o = max_order;
+                while o > 0 && (pfn & ((1 << o) - 1) != 0 || pfn + (1 << o) > nr_pages) {
+                    o -= 1;
+                }
+                m.free[o as usize].insert(pfn);
+                pfn += 1 << o;
+            }
+            m
+        }
+
+        fn alloc(&mut self, order: u32) -> Option<u64> {
+            let from = (order as usize..self.free.len()).find(|&o| !self.free[o].is_empty())?;
+            let pfn = self.free[from].pop_first()?;
+            for o in (order as usize..from).rev() {
+                self.free[o].insert(pfn + (1 << o));
+            }
+            Some(pfn)
+        }
+
+        fn alloc_at(&mut self, pfn: u64, order: u32) -> bool {
+            let Some(from) = (order as usize..self.free.len()).find(|&o| self.free[o].contains(&(pfn & !((1 << o) - 1)))) else {
+                return false;
+            };
+            let mut block = pfn & !((1 << from) - 1);
+            self.free[from].remove(&block);
+            for o in (order as usize..from).rev() {
+                if pfn >= block + (1 << o) {
+                    self.free[o].insert(block);
+                    block += 1 << o;
+                } else {
+                    self.free[o].insert(block + (1 << o));
+                }
+            }
+            true
+        }
+
+        fn free(&mut self, head: u64, order: u32) {
+            let (mut pfn, mut o) = (head, order as usize);
+            while o + 1 < self.free.len() {
+                let buddy = pfn ^ (1 << o);
+                if buddy + (1 << o) > self.nr_pages || !self.free[o].remove(&buddy) {
+                    break;
+                }
+                pfn = pfn.min(buddy);
+                o += 1;
+            }
+            self.free[o].insert(pfn);
+        }
+
+        fn blocks(&self) -> Vec<(u64, u32)> {
+            let mut v: Vec<(u64, u32)> =
+                self.free.iter().enumerate().flat_map(|(o, s)| s.iter().map(move |&p| (p, o as u32))).collect();
+            v.sort_unstable();
+            v
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The bitmaps choose, split and merge as sorted sets do, through summary levels
+        /// (up to 2^14 blocks: three levels at order 0) and stale summary bits.
+        #[test]
+        fn free_areas_agree_with_sorted_sets(
+            nr_pages in 1u64..20_000,
+            max_order in 0u32..11,
+            ops in proptest::collection::vec((0u8..4, 0u32..11, 0u64..20_000), 1..400),
+        ) {
+            let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
+            let mut model = Model::new(nr_pages, max_order);
+            let mut live: Vec<(u64, u32)> = Vec::new();
+            for (op, order, x) in ops {
+                let order = order % (max_order + 1);
+                match op {
+                    0 | 1 => {
+                        let got = m.alloc(order);
+                        proptest::prop_assert_eq!(got, model.alloc(order));
+                        live.extend(got.map(|h| (h, order)));
+                    }
+                    2 => {
+                        let pfn = (x % nr_pages) & !((1 << order) - 1);
+                        let got = m.alloc_at(pfn, order);
+                        proptest::prop_assert_eq!(got, model.alloc_at(pfn, order));
+                        if got {
+                            live.push((pfn, order));
+                        }
+                    }
+                    _ => {
+                        if !live.is_empty() {
+                            let (h, o) = live.swap_remove(x as usize % live.len());
+                            m.free(h);
+                            model.free(h, o);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(m.free_blocks(), model.blocks());
+                for o in 0..=max_order {
+                    proptest::prop_assert_eq!(m.can_alloc(o), model.free[o as usize..].iter().any(|s| !s.is_empty()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn free_areas_take_about_a_quarter_byte_per_page() {
+        let pages = 1u64 << 24;
+        let m = FreeAreas::new(pages, 10).unwrap();
+        assert!(m.bytes() as u64 * 4 <= pages + pages / 32, "{} bytes", m.bytes());
     }
 
     #[test]

@@ -177,10 +177,8 @@ pub fn vma_thp_disabled(vma: &Vma, disable: ThpDisable) -> bool {
 /// naturally aligned range around `vpn` does not lie inside the VMA.
 pub fn thp_vma_suitable_orders(vma: &Vma, vpn: u64, orders: u32) -> u32 {
     let mut out = orders;
-    for o in (0..32).rev() {
-        if out & (1 << o) == 0 {
-            continue;
-        }
+    while out != 0 {
+        let o = 31 - out.leading_zeros();
         let n = 1u64 << o;
         let base = vpn & !(n - 1);
         if base >= vma.start && base + n <= vma.end() {

@@ -543,13 +543,7 @@ impl Simulation {
         with_layout!(&self.layout, l => self.st.check_access(l, k, a, b, access))?;
         let worst = with_layout!(&self.layout, l => self.st.worst_case_pages(l, k, a, b));
         self.guarded(worst, b - a, |layout, p, st| {
-            with_layout!(layout, l => {
-                for vpn in a..b {
-                    st.ticker.tick(1)?;
-                    st.access(l, p, k, vpn, access)?;
-                }
-                Ok(())
-            })
+            with_layout!(layout, l => st.access_range(l, p, k, a, b, access))
         })
     }
 
