@@ -8,7 +8,7 @@
 use crate::arch::PteLayout;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelProfile, LargeCowReuse};
-use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_MAYBE_SHARED};
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_MAYBE_SHARED, PG_SWAPBACKED};
 use crate::mm::{mm_counter, user_pte, Pin, MM_ANONPAGES};
 use crate::sim::{Access, State};
 
@@ -70,13 +70,30 @@ impl State {
         let mut vpn = a;
         while vpn < b {
             let (v, _) = self.locate(k, vpn);
+            // A private anonymous VMA whose faults can only map single pages (the THP policy
+            // allows no larger order anywhere in it, no huge PMD, no uffd-wp, no contpte).
+            let small_only = {
+                let vma = &self.mms[k].vmas[v];
+                vma.is_anon()
+                    && !vma.uffd_wp
+                    && !vma.thp_pmd
+                    && vma.pmds.is_empty()
+                    && self.thp_vma_allowable_orders(k, v) & !1 == 0
+                    && crate::pgtable::cont_ptes(l, p).is_none()
+            };
             // Faults change no VMA; the check only guards the index against that changing.
             while vpn < b && self.mms[k].vmas[v].contains(vpn) {
                 let vma = &self.mms[k].vmas[v];
                 let end = vma.end().min(b);
                 // A none PTE outside huge PMDs (every page of a first touch) faults at once.
                 let none = vma.pmds.is_empty() && l.pte_none(vma.ptes[(vpn - vma.start) as usize]);
-                let n = if none { 0 } else { self.access_mapped_run(l, k, v, vpn, end, write) };
+                let n = if !none {
+                    self.access_mapped_run(l, k, v, vpn, end, write)
+                } else if write && small_only {
+                    self.do_anonymous_small_run(l, k, v, vpn, end)
+                } else {
+                    0
+                };
                 if n > 0 {
                     self.ticker.tick(n)?;
                     vpn += n;
@@ -88,6 +105,64 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Write faults on the run of none PTEs from `vpn` (below `end`) of a VMA where
+    /// `do_anonymous_page()` can only map single pages: each page what [`State::access_one`]
+    /// gives it (a fault, a new exclusive anonymous page, its PTE young, dirty and writable,
+    /// a new token), with the pages taken from the allocator as a run of single allocations
+    /// ([`Memory::alloc_order0_run`]). Returns how many; 0 when memory is out, for the
+    /// single-page path to report.
+    ///
+    /// [`Memory::alloc_order0_run`]: crate::memory::Memory::alloc_order0_run
+    fn do_anonymous_small_run<L: PteLayout>(&mut self, l: &L, k: usize, v: usize, vpn: u64, end: u64) -> u64 {
+        let (start, prot) = (self.mms[k].vmas[v].start, self.mms[k].vmas[v].prot);
+        let i = (vpn - start) as usize;
+        // No run is longer than the largest free block.
+        let cap = (end - vpn).min(1u64 << self.mem.max_order) as usize;
+        let want = self.mms[k].vmas[v].ptes[i..i + cap].iter().take_while(|&&e| l.pte_none(e)).count() as u64;
+        let Some((first, n)) = self.mem.alloc_order0_run(want) else { return 0 };
+        self.ensure_anon_vma(k, v);
+        // folio_add_new_anon_rmap() of each page: anonymous, exclusive, mapped once.
+        let (a, e) = (first as usize, (first + n) as usize);
+        for f in &mut self.mem.flags[a..e] {
+            *f |= PG_ANON | PG_SWAPBACKED | PG_ANON_EXCLUSIVE;
+        }
+        self.mem.mapcount[a..e].fill(1);
+        for t in a..e {
+            let tok = self.new_token();
+            self.mem.token[t] = tok;
+        }
+        // set_ptes() of each page: young and dirty (a write), writable as the VMA is.
+        let template = user_pte(l, first, prot, prot.write, prot.write);
+        let ptes = &mut self.mms[k].vmas[v].ptes[i..i + n as usize];
+        match l.linear_advance(template, n) {
+            Some(step) => {
+                let mut pte = template;
+                for e in ptes {
+                    *e = pte;
+                    pte = pte.wrapping_add(step);
+                }
+            }
+            None => {
+                for (j, e) in ptes.iter_mut().enumerate() {
+                    *e = l.pte_advance_pfn(template, j as u64);
+                }
+            }
+        }
+        self.mms[k].rss[MM_ANONPAGES] += n as i64;
+        let op = &mut self.op;
+        op.pte_reads += n;
+        op.faults += n;
+        op.folios_allocated += n;
+        if op.alloc_by_order.is_empty() {
+            op.alloc_by_order.resize(1, 0);
+        }
+        op.alloc_by_order[0] += n;
+        op.rmap_calls += n;
+        op.mapcount_updates += n;
+        op.pte_writes += n;
+        n
     }
 
     /// The run of pages from `vpn` (below `end`, in VMA `v`) that an access takes without a

@@ -443,6 +443,37 @@ impl Memory {
         Some(pfn)
     }
 
+    /// Up to `max` order-0 pages that as many [`Memory::alloc`]`(0)` calls in a row would
+    /// return, taken at once: `(first pfn, n)`, the pages consecutive, each with refcount 1.
+    /// While no block below order `f` is free, order-0 allocations split the lowest block of
+    /// order `f` and take its pages in address order, leaving the rest of it free in its
+    /// aligned buddy blocks; a lone free page ends the run at one.
+    pub fn alloc_order0_run(&mut self, max: u64) -> Option<(u64, u64)> {
+        let from = self.free.lowest_order_from(0)?;
+        let block = self.free.first(from)? << from;
+        let n = max.clamp(1, 1 << from);
+        self.free.remove(from, block >> from);
+        // The rest of the block, [block + n, block + 2^from), in the aligned blocks the
+        // splits of n single allocations leave (the largest that fit, from the left).
+        let (mut at, end) = (block + n, block + (1u64 << from));
+        while at < end {
+            let mut o = at.trailing_zeros().min(from);
+            while at + (1u64 << o) > end {
+                o -= 1;
+            }
+            self.free.insert(o, at >> o);
+            at += 1 << o;
+        }
+        self.free_pages -= n;
+        let (i, e) = (block as usize, (block + n) as usize);
+        self.order[i..e].fill(0);
+        self.flags[i..e].fill(0);
+        self.mapcount[i..e].fill(0);
+        self.refcount[i..e].fill(1);
+        self.token[i..e].fill(0);
+        Some((block, n))
+    }
+
     /// Takes a free block as a new folio: pages cleared, refcount 0, a fresh large-folio
     /// record for order > 0.
     fn init_folio(&mut self, pfn: u64, order: u32) {
@@ -744,6 +775,51 @@ mod tests {
                 for o in 0..=max_order {
                     proptest::prop_assert_eq!(m.can_alloc(o), model.free[o as usize..].iter().any(|s| !s.is_empty()));
                 }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A run of order-0 pages taken at once leaves memory exactly as the same number of
+        /// single order-0 allocations, from any mix of earlier allocations and frees.
+        #[test]
+        fn order0_runs_are_single_allocations_in_a_row(
+            nr_pages in 1u64..5_000,
+            max_order in 0u32..10,
+            ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
+            runs in proptest::collection::vec(1u64..700, 1..8),
+        ) {
+            let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
+            let mut live: Vec<u64> = Vec::new();
+            for (op, order, x) in ops {
+                match op {
+                    0 | 1 => live.extend(m.alloc(order % (max_order + 1))),
+                    _ => {
+                        if !live.is_empty() {
+                            m.free(live.swap_remove(x as usize % live.len()));
+                        }
+                    }
+                }
+            }
+            let mut one = m.clone();
+            for max in runs {
+                let Some((first, n)) = m.alloc_order0_run(max) else {
+                    proptest::prop_assert_eq!(one.alloc(0), None);
+                    break;
+                };
+                proptest::prop_assert!(n >= 1 && n <= max);
+                for k in 0..n {
+                    proptest::prop_assert_eq!(one.alloc(0), Some(first + k));
+                }
+                proptest::prop_assert_eq!(m.free_blocks(), one.free_blocks());
+                proptest::prop_assert_eq!(m.free_pages, one.free_pages);
+                proptest::prop_assert_eq!(&m.order, &one.order);
+                proptest::prop_assert_eq!(&m.flags, &one.flags);
+                proptest::prop_assert_eq!(&m.mapcount, &one.mapcount);
+                proptest::prop_assert_eq!(&m.refcount, &one.refcount);
+                proptest::prop_assert_eq!(&m.token, &one.token);
             }
         }
     }
