@@ -100,6 +100,17 @@ struct Cursors {
     run: usize,
 }
 
+/// PTEs of one VMA mapping pages counted as anon and as shmem, and all of them.
+#[derive(Default)]
+struct RssCount {
+    anon: i64,
+    shmem: i64,
+    pages: i64,
+}
+
+/// PTEs (or pages) the scans take at once where they can.
+const BLOCK: usize = 8;
+
 /// No run of large-folio mappings yet.
 const NO_RUN: u64 = u64::MAX;
 
@@ -377,65 +388,183 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
         Ok(rss)
     }
 
-    /// The PTEs of `vma` that map pages of the share. The loop takes the common case (an
-    /// allocated page, no rule broken, a count in the scratch) and leaves the rest to
-    /// [`Ctx::map_pte`].
+    /// The PTEs of `vma` that map pages of the share. Blocks of [`BLOCK`] entries that map
+    /// consecutive pfns, all small folios or all one large folio, are taken at once; other
+    /// entries one by one ([`Ctx::scan_pte`]).
     #[allow(clippy::too_many_arguments)]
     #[inline(never)]
     fn scan_ptes(&self, sc: &mut Share, t: Option<&Ticker>, mm: &Mm, vma: &Vma, cur: u16, rss: &mut [i64; 3], run: &mut (u64, u32)) -> Result<()> {
-        let (l, mem, n) = (self.l, self.mem, self.n as usize);
-        let (order, flags) = (&mem.order[..n], &mem.flags[..n]);
-        let (lo, span) = (sc.lo, sc.hi - sc.lo);
+        let l = self.l;
+        let (lo, hi, end) = (sc.lo, sc.hi, sc.lo + sc.page.len() as u64);
         let (anon_vma, cow, runs) = (vma.is_anon(), vma.is_cow(), self.p.mm_id);
-        // PTEs mapping pages counted as anon and as shmem, and all of them.
-        let (mut anon_pages, mut shmem_pages, mut pages) = (0i64, 0i64, 0i64);
+        let mut rc = RssCount::default();
         for (c, chunk) in vma.ptes.chunks(CHUNK).enumerate() {
             sc.pace(t, chunk.len() as u64)?;
-            for (j, &e) in chunk.iter().enumerate() {
-                if l.pte_none(e) {
+            let mut j = 0;
+            while j < chunk.len() {
+                let Some(blk) = chunk.get(j..j + BLOCK) else {
+                    self.scan_pte(sc, mm, vma, c * CHUNK + j, chunk[j], cur, rss, run, &mut rc)?;
+                    j += 1;
                     continue;
-                }
-                let pfn = l.pte_pfn(e);
-                let off = pfn.wrapping_sub(lo);
-                if off >= span {
-                    continue;
-                }
-                let pu = pfn as usize;
-                let o = if pu < n { order[pu] } else { FREE };
-                if o == FREE {
-                    self.map_pte(sc, mm, vma, c * CHUNK + j, e, cur, rss, run)?;
-                    continue;
-                }
-                // As `Memory::folio_head()`.
-                let head = pfn & !((1u64 << (o & 63)) - 1);
-                let hf = flags[head as usize];
-                let anon = hf & PG_ANON != 0;
-                let write = l.pte_write(e);
-                let s = sc.page[off as usize];
-                let odd = anon_vma && !anon || write && cow && !(anon && flags[pu] & PG_ANON_EXCLUSIVE != 0) || s & COUNT == COUNT;
-                if odd {
-                    self.map_pte(sc, mm, vma, c * CHUNK + j, e, cur, rss, run)?;
-                    continue;
-                }
-                let tag = s & TAG;
-                let shared = if tag != 0 && tag != cur { SHARED } else { 0 };
-                sc.page[off as usize] = ((s & !TAG) | cur | shared | if write { WRITABLE } else { 0 }) + 1;
-                if runs && o > 0 {
-                    if head == run.0 {
-                        run.1 += 1;
-                    } else {
-                        self.end_run(sc, mm.mm_id, run.0, run.1);
-                        *run = (head, 1);
+                };
+                let e0 = blk[0];
+                let (pfn, write) = (l.pte_pfn(e0), l.pte_write(e0));
+                // A run: present entries of consecutive pfns, one write bit. Mostly they differ
+                // in the pfn alone, which one comparison of each whole entry tells.
+                let linear = || {
+                    let Some(d) = l.linear_advance(e0, BLOCK as u64) else {
+                        return false;
+                    };
+                    let mut odd = 0u64;
+                    for (k, &e) in blk.iter().enumerate() {
+                        odd |= (e ^ e0.wrapping_add(d.wrapping_mul(k as u64))) | l.pte_none(e) as u64;
                     }
+                    odd == 0 && l.pte_pfn(blk[BLOCK - 1]) == pfn.wrapping_add(BLOCK as u64 - 1)
+                };
+                let by_pfn = || {
+                    let mut odd = 0u64;
+                    for (k, &e) in blk.iter().enumerate() {
+                        odd |= (l.pte_pfn(e) ^ pfn.wrapping_add(k as u64)) | l.pte_none(e) as u64 | (l.pte_write(e) ^ write) as u64;
+                    }
+                    odd == 0
+                };
+                let uniform = linear() || by_pfn();
+                if uniform && (pfn.wrapping_add(BLOCK as u64) <= lo || pfn >= hi) {
+                    // None of the pages is the share's.
+                    j += BLOCK;
+                    continue;
                 }
-                pages += 1;
-                anon_pages += anon as i64;
-                shmem_pages += (!anon && hf & PG_SWAPBACKED != 0) as i64;
+                if uniform && pfn >= lo && pfn + BLOCK as u64 <= end && self.map_block(sc, mm.mm_id, pfn, write, anon_vma, cow, runs, cur, run, &mut rc) {
+                    j += BLOCK;
+                    continue;
+                }
+                for (k, &e) in blk.iter().enumerate() {
+                    self.scan_pte(sc, mm, vma, c * CHUNK + j + k, e, cur, rss, run, &mut rc)?;
+                }
+                j += BLOCK;
             }
         }
-        rss[MM_ANONPAGES] += anon_pages;
-        rss[MM_SHMEMPAGES] += shmem_pages;
-        rss[MM_FILEPAGES] += pages - anon_pages - shmem_pages;
+        rss[MM_ANONPAGES] += rc.anon;
+        rss[MM_SHMEMPAGES] += rc.shmem;
+        rss[MM_FILEPAGES] += rc.pages - rc.anon - rc.shmem;
+        Ok(())
+    }
+
+    /// [`BLOCK`] PTEs mapping pfns `[pfn, pfn + BLOCK)` of the share, writable or not: counted
+    /// if they are all small folios or all one large folio and break no rule; else false,
+    /// with nothing counted.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn map_block(&self, sc: &mut Share, mm_id: u32, pfn: u64, write: bool, anon_vma: bool, cow: bool, runs: bool, cur: u16, run: &mut (u64, u32), rc: &mut RssCount) -> bool {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        let mem = self.mem;
+        let p = pfn as usize;
+        let word = |a: &[u8]| u64::from_le_bytes(a[p..p + BLOCK].try_into().unwrap());
+        let (orders, fl) = (word(&mem.order), word(&mem.flags));
+        let o = orders & 0xff;
+        let (anon, shmem);
+        let mut head = NO_RUN;
+        if orders == 0 {
+            // Small folios: each page its own folio's first page.
+            let anon_bits = (fl >> 1) & ONES;
+            if anon_vma && anon_bits != ONES {
+                return false;
+            }
+            let exclusive = ONES * (PG_ANON | PG_ANON_EXCLUSIVE) as u64;
+            if write && cow && fl & exclusive != exclusive {
+                return false;
+            }
+            let shmem_bits = (fl >> 2) & ONES & !anon_bits;
+            // Bytes of 0 or 1 summed by a multiplication (no popcount in the baseline x86-64).
+            anon = (anon_bits.wrapping_mul(ONES) >> 56) as i64;
+            shmem = (shmem_bits.wrapping_mul(ONES) >> 56) as i64;
+        } else if orders == o * ONES && o < 32 && (pfn ^ (pfn + BLOCK as u64 - 1)) >> o == 0 {
+            // One large folio.
+            head = pfn & !((1u64 << o) - 1);
+            let hf = mem.flags[head as usize];
+            let is_anon = hf & PG_ANON != 0;
+            if anon_vma && !is_anon {
+                return false;
+            }
+            let exclusive = ONES * PG_ANON_EXCLUSIVE as u64;
+            if write && cow && !(is_anon && fl & exclusive == exclusive) {
+                return false;
+            }
+            anon = if is_anon { BLOCK as i64 } else { 0 };
+            shmem = if !is_anon && hf & PG_SWAPBACKED != 0 { BLOCK as i64 } else { 0 };
+        } else {
+            return false;
+        }
+        let at = (pfn - sc.lo) as usize;
+        let pages: &mut [u16; BLOCK] = (&mut sc.page[at..at + BLOCK]).try_into().unwrap();
+        let w = if write { WRITABLE } else { 0 };
+        let (mut new, mut full) = ([0u16; BLOCK], false);
+        for (v, &s) in new.iter_mut().zip(pages.iter()) {
+            let tag = s & TAG;
+            let shared = ((tag != 0) & (tag != cur)) as u16 * SHARED;
+            full |= s & COUNT == COUNT;
+            *v = ((s & !TAG) | cur | shared | w).wrapping_add(1);
+        }
+        if full {
+            return false;
+        }
+        *pages = new;
+        if runs && head != NO_RUN {
+            if head == run.0 {
+                run.1 += BLOCK as u32;
+            } else {
+                self.end_run(sc, mm_id, run.0, run.1);
+                *run = (head, BLOCK as u32);
+            }
+        }
+        rc.pages += BLOCK as i64;
+        rc.anon += anon;
+        rc.shmem += shmem;
+        true
+    }
+
+    /// One PTE, entry `i` of `vma`: the common case here, the rest in [`Ctx::map_pte`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn scan_pte(&self, sc: &mut Share, mm: &Mm, vma: &Vma, i: usize, e: u64, cur: u16, rss: &mut [i64; 3], run: &mut (u64, u32), rc: &mut RssCount) -> Result<()> {
+        let (l, mem, n) = (self.l, self.mem, self.n as usize);
+        if l.pte_none(e) {
+            return Ok(());
+        }
+        let pfn = l.pte_pfn(e);
+        let off = pfn.wrapping_sub(sc.lo);
+        if off >= sc.hi - sc.lo {
+            return Ok(());
+        }
+        let pu = pfn as usize;
+        let o = if pu < n { mem.order[pu] } else { FREE };
+        if o == FREE {
+            return self.map_pte(sc, mm, vma, i, e, cur, rss, run);
+        }
+        // As `Memory::folio_head()`.
+        let head = pfn & !((1u64 << (o & 63)) - 1);
+        let hf = mem.flags[head as usize];
+        let anon = hf & PG_ANON != 0;
+        let write = l.pte_write(e);
+        let s = sc.page[off as usize];
+        let odd = vma.is_anon() && !anon || write && vma.is_cow() && !(anon && mem.flags[pu] & PG_ANON_EXCLUSIVE != 0) || s & COUNT == COUNT;
+        if odd {
+            return self.map_pte(sc, mm, vma, i, e, cur, rss, run);
+        }
+        let tag = s & TAG;
+        let shared = if tag != 0 && tag != cur { SHARED } else { 0 };
+        sc.page[off as usize] = ((s & !TAG) | cur | shared | if write { WRITABLE } else { 0 }) + 1;
+        if self.p.mm_id && o > 0 {
+            if head == run.0 {
+                run.1 += 1;
+            } else {
+                self.end_run(sc, mm.mm_id, run.0, run.1);
+                *run = (head, 1);
+            }
+        }
+        rc.pages += 1;
+        rc.anon += anon as i64;
+        rc.shmem += (!anon && hf & PG_SWAPBACKED != 0) as i64;
         Ok(())
     }
 
@@ -534,6 +663,19 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
             let stop = end.min(pfn + CHUNK as u64);
             while pfn < stop {
                 let i = pfn as usize;
+                if pfn + BLOCK as u64 <= end {
+                    let orders = u64::from_le_bytes(order[i..i + BLOCK].try_into().unwrap());
+                    let zero = |a: &[i32]| a[i..i + BLOCK].iter().all(|&x| x == 0);
+                    if orders == u64::MAX && zero(refcount) && zero(mapcount) {
+                        free += BLOCK as u64;
+                        pfn += BLOCK as u64;
+                        continue;
+                    }
+                    if orders == 0 && self.small_block_ok(sc, pfn, pins, &at) {
+                        pfn += BLOCK as u64;
+                        continue;
+                    }
+                }
                 let o = order[i];
                 if o == FREE && refcount[i] == 0 && mapcount[i] == 0 {
                     free += 1;
@@ -565,20 +707,39 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
         Ok(free)
     }
 
-    /// The allocated folio at `head`, every rule in order; returns its pages.
+    /// Whether the [`BLOCK`] pages from `pfn`, small folios all, break no rule and hold no pin.
+    #[inline(always)]
+    fn small_block_ok(&self, sc: &Share, pfn: u64, pins: &[u32], at: &Cursors) -> bool {
+        let mem = self.mem;
+        let (i, k) = (pfn as usize, (pfn - sc.lo) as usize);
+        let pages: &[u16; BLOCK] = sc.page[k..k + BLOCK].try_into().unwrap();
+        let flags: &[u8; BLOCK] = mem.flags[i..i + BLOCK].try_into().unwrap();
+        let mapcount: &[i32; BLOCK] = mem.mapcount[i..i + BLOCK].try_into().unwrap();
+        let refcount: &[i32; BLOCK] = mem.refcount[i..i + BLOCK].try_into().unwrap();
+        let mut ok = true;
+        for j in 0..BLOCK {
+            let (s, f) = (pages[j], flags[j]);
+            let count = (s & COUNT) as i32;
+            let cached = s & CACHED != 0;
+            ok &= (count != COUNT as i32)
+                & (mapcount[j] == count)
+                & ((s & SHARED == 0) | ((f & PG_ANON_EXCLUSIVE == 0) & ((s & WRITABLE == 0) | (f & PG_ANON == 0))))
+                & (cached == (f & PG_FILE != 0))
+                & (refcount[j] == count + cached as i32)
+                & (refcount[j] > 0);
+        }
+        ok && !matches!(pins.get(at.pin), Some(&x) if (x as u64) < pfn + BLOCK as u64)
+    }
+
+    /// The per-page rules of the folio at `head`, page by page: the first broken, or the
+    /// folio's PTE mappings and mapped pages.
+    #[cold]
     #[inline(never)]
-    fn check_folio(&self, sc: &Share, head: u64, pins: &[u32], at: &mut Cursors) -> Result<u64> {
-        let (p, mem, lo) = (self.p, self.mem, sc.lo);
-        let end = lo + sc.page.len() as u64;
-        let i = head as usize;
-        let (mut pin_at, mut pmd_at, mut run_at) = (at.pin, at.pmd, at.run);
+    fn check_pages(&self, sc: &Share, head: u64, nr: u64) -> Result<(i64, i32)> {
+        let (mem, lo) = (self.mem, sc.lo);
         let order = mem.folio_order(head);
         let what = |pg: u64| format!("pfn {pg:#x} (folio {head:#x}, order {order})");
-        let nr = 1u64.checked_shl(order).filter(|&nr| head + nr <= end);
-        let Some(nr) = nr else {
-            return Err(broken("folio-order", format!("{}: the folio does not fit in memory", what(head))));
-        };
-        let anon = mem.flags[i] & PG_ANON != 0;
+        let anon = mem.flags[head as usize] & PG_ANON != 0;
         let (mut maps, mut mapped_pages) = (0i64, 0i32);
         for pg in head..head + nr {
             let j = pg as usize;
@@ -597,6 +758,36 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
             }
             maps += count as i64;
             mapped_pages += (count > 0) as i32;
+        }
+        Ok((maps, mapped_pages))
+    }
+
+    /// The allocated folio at `head`, every rule in order; returns its pages.
+    #[inline(never)]
+    fn check_folio(&self, sc: &Share, head: u64, pins: &[u32], at: &mut Cursors) -> Result<u64> {
+        let (p, mem, lo) = (self.p, self.mem, sc.lo);
+        let end = lo + sc.page.len() as u64;
+        let i = head as usize;
+        let (mut pin_at, mut pmd_at, mut run_at) = (at.pin, at.pmd, at.run);
+        let order = mem.folio_order(head);
+        let what = |pg: u64| format!("pfn {pg:#x} (folio {head:#x}, order {order})");
+        let nr = 1u64.checked_shl(order).filter(|&nr| head + nr <= end);
+        let Some(nr) = nr else {
+            return Err(broken("folio-order", format!("{}: the folio does not fit in memory", what(head))));
+        };
+        let anon = mem.flags[i] & PG_ANON != 0;
+        // The per-page rules at once; page by page only where one is broken.
+        let (k, len) = ((head - lo) as usize, nr as usize);
+        let (mut maps, mut mapped_pages, mut odd) = (0i64, 0i32, false);
+        let pages = sc.page[k..k + len].iter().zip(&mem.mapcount[i..i + len]).zip(&mem.flags[i..i + len]);
+        for ((&s, &mapcount), &f) in pages {
+            let count = s & COUNT;
+            odd |= (count == COUNT) | (mapcount != count as i32) | ((s & SHARED != 0) & ((f & PG_ANON_EXCLUSIVE != 0) | ((s & WRITABLE != 0) & anon)));
+            maps += count as i64;
+            mapped_pages += (count != 0) as i32;
+        }
+        if odd {
+            (maps, mapped_pages) = self.check_pages(sc, head, nr)?;
         }
         let mut pin_refs = 0i64;
         while pin_at < pins.len() && (pins[pin_at] as u64) < head + nr {
