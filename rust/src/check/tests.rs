@@ -507,3 +507,28 @@ fn sharing_is_seen_across_many_processes() {
         assert_eq!((&one, &two), (&r, &r));
     }
 }
+
+/// Told to stop, `check()` on two threads stops and says so; told nothing, it finishes.
+#[test]
+fn the_watch_stops_check_on_two_threads() {
+    struct Stop;
+    impl crate::watch::Watch for Stop {
+        fn keep_going(&self, _done: u64, _total: u64) -> bool {
+            false
+        }
+    }
+    let layout = Layout::by_name("x86-64", None).unwrap();
+    let mut s = Simulation::new(layout, KernelProfile::parse("6.18").unwrap(), 256 << 20, 7).unwrap();
+    let p = s.spawn();
+    let len = 96 << 20;
+    let a = s.mmap(p, None, len, rw(), false, None, None, false, false, false).unwrap();
+    s.touch(p, a, len, true).unwrap();
+    s.fork(p).unwrap();
+    s.st.ticker.set_watch(Some(std::sync::Arc::new(Stop)));
+    s.st.ticker.start(1 << 30, true);
+    let r = with_layout!(&s.layout, l => s.st.check_threads(l, &s.profile, 0));
+    assert_eq!(r.unwrap_err().kind, ErrorKind::Interrupted);
+    s.st.ticker.set_watch(None);
+    s.st.ticker.start(1 << 30, true);
+    with_layout!(&s.layout, l => s.st.check_threads(l, &s.profile, 0)).unwrap();
+}
