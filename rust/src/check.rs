@@ -492,9 +492,63 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
             }
             anon = if is_anon { BLOCK as i64 } else { 0 };
             shmem = if !is_anon && hf & PG_SWAPBACKED != 0 { BLOCK as i64 } else { 0 };
+        } else if orders == o * ONES && (1..3).contains(&o) && pfn % BLOCK as u64 == 0 {
+            // Whole folios of two or four pages: their first pages' flags.
+            let nr = 1usize << o;
+            let (mut a, mut sh, mut bad) = (0i64, 0i64, false);
+            for j in (0..BLOCK).step_by(nr) {
+                let hf = (fl >> (8 * j)) as u8;
+                let is_anon = hf & PG_ANON != 0;
+                bad |= anon_vma && !is_anon || write && cow && !is_anon;
+                a += if is_anon { nr as i64 } else { 0 };
+                sh += if !is_anon && hf & PG_SWAPBACKED != 0 { nr as i64 } else { 0 };
+            }
+            let exclusive = ONES * PG_ANON_EXCLUSIVE as u64;
+            if bad || write && cow && fl & exclusive != exclusive {
+                return false;
+            }
+            if !self.map_pages(sc, pfn, cur, write) {
+                return false;
+            }
+            if runs {
+                for j in (0..BLOCK).step_by(nr) {
+                    let head = pfn + j as u64;
+                    if head == run.0 {
+                        run.1 += nr as u32;
+                    } else {
+                        self.end_run(sc, mm_id, run.0, run.1);
+                        *run = (head, nr as u32);
+                    }
+                }
+            }
+            rc.pages += BLOCK as i64;
+            rc.anon += a;
+            rc.shmem += sh;
+            return true;
         } else {
             return false;
         }
+        if !self.map_pages(sc, pfn, cur, write) {
+            return false;
+        }
+        if runs && head != NO_RUN {
+            if head == run.0 {
+                run.1 += BLOCK as u32;
+            } else {
+                self.end_run(sc, mm_id, run.0, run.1);
+                *run = (head, BLOCK as u32);
+            }
+        }
+        rc.pages += BLOCK as i64;
+        rc.anon += anon;
+        rc.shmem += shmem;
+        true
+    }
+
+    /// Counts one PTE mapping of each of the [`BLOCK`] pages from `pfn` by the mm tagged `cur`;
+    /// false, with nothing counted, if a count would overflow the scratch.
+    #[inline(always)]
+    fn map_pages(&self, sc: &mut Share, pfn: u64, cur: u16, write: bool) -> bool {
         let at = (pfn - sc.lo) as usize;
         let pages: &mut [u16; BLOCK] = (&mut sc.page[at..at + BLOCK]).try_into().unwrap();
         let w = if write { WRITABLE } else { 0 };
@@ -509,17 +563,6 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
             return false;
         }
         *pages = new;
-        if runs && head != NO_RUN {
-            if head == run.0 {
-                run.1 += BLOCK as u32;
-            } else {
-                self.end_run(sc, mm_id, run.0, run.1);
-                *run = (head, BLOCK as u32);
-            }
-        }
-        rc.pages += BLOCK as i64;
-        rc.anon += anon;
-        rc.shmem += shmem;
         true
     }
 
