@@ -308,7 +308,7 @@ impl<'a, L: PteLayout> Ctx<'a, L> {
                 if lf.mm_id[s] == id {
                     let at = (head + s as u64).wrapping_sub(sc.lo) as usize;
                     match sc.page.get_mut(at) {
-                        Some(v) if count as i64 >= lf.mm_id_mapcount[s] as i64 + 1 => *v |= SLOT_OK,
+                        Some(v) if count as i64 > lf.mm_id_mapcount[s] as i64 => *v |= SLOT_OK,
                         _ => keep = true,
                     }
                 }

@@ -408,13 +408,13 @@ fn damage(s: &mut Simulation, kind: u8, x: u64, y: u64, up: bool) {
             let lf = st.mem.lf(large[x as usize % large.len()]);
             let s = (y / 8 % 2) as usize;
             match y % 8 {
-                0 => lf.large_mapcount += d as i32,
-                1 => lf.entire_mapcount += d as i32,
-                2 => lf.nr_pages_mapped += d as i32,
-                3 => lf.pincount += d as i32,
+                0 => lf.large_mapcount += d,
+                1 => lf.entire_mapcount += d,
+                2 => lf.nr_pages_mapped += d,
+                3 => lf.pincount += d,
                 4 => lf.mm_id[s] = (lf.mm_id[s] as i64 + d as i64).max(0) as u32,
                 5 => lf.mm_id = [lf.mm_id[1], lf.mm_id[0]],
-                _ => lf.mm_id_mapcount[s] += d as i32,
+                _ => lf.mm_id_mapcount[s] += d,
             }
         }
         5 if !st.mms.is_empty() => {
