@@ -332,6 +332,24 @@ pub(crate) fn folio_put_refs<M: FolioCounts>(mem: &mut M, head: u64, nr: i32) ->
     freed
 }
 
+/// `times` calls of [`folio_put_refs`] on one folio, in closed form: the count reaches zero
+/// (and the folio is freed) at most once, after which the later calls take it below zero, as
+/// they would one at a time. Returns whether the folio was freed.
+#[inline]
+pub(crate) fn folio_put_refs_times<M: FolioCounts>(mem: &mut M, head: u64, nr: i32, times: u32) -> bool {
+    let r = mem.refcount_mut(head);
+    let r0 = *r as i64;
+    let (nr, times) = (nr as i64, times as i64);
+    if nr > 0 && r0 > 0 && r0 % nr == 0 && r0 / nr <= times {
+        mem.free_folio(head);
+        *mem.refcount_mut(head) = (-(times - r0 / nr) * nr) as i32;
+        true
+    } else {
+        *r = (r0 - times * nr) as i32;
+        false
+    }
+}
+
 /// `folio_sub_return_large_mapcount()` (include/linux/rmap.h) on the counts alone (callers
 /// count the update): the shared bit clears lazily, when one slot turns out to hold every
 /// remaining mapping. `track`: the kernel has MM-ID slots (v6.15+).
@@ -394,6 +412,38 @@ pub(crate) fn folio_remove_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: 
         partially_mapped = *m != 0 && mem.entire_mapcount_of(head) < 0;
     }
     if partially_mapped && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
+        // deferred_split_folio(folio, true)
+        mem.set(head, PG_PARTIALLY_MAPPED);
+        return true;
+    }
+    false
+}
+
+/// `n` calls of `__folio_remove_rmap(.., RMAP_LEVEL_PTE)` with one page each on the large
+/// folio at `head` (a zap one PTE at a time, v6.8), after the caller lowered the pages'
+/// mapcounts, `last` of which reached zero. Each call lowers the large mapcount by one (one
+/// slot update each with MM-ID slots, v6.15+) and, for a page that lost its last mapping,
+/// `_nr_pages_mapped`, checking what is left: the folio is queued for deferred split when
+/// some check sees pages still mapped. Returns whether it was queued.
+#[inline(always)]
+pub(crate) fn folio_remove_ptes_one_by_one<M: FolioCounts>(mem: &mut M, track: bool, head: u64, n: u64, last: i32, mm_id: u32) -> bool {
+    if track {
+        for _ in 0..n {
+            sub_large_mapcount(mem, true, head, 1, mm_id);
+        }
+    } else {
+        sub_large_mapcount(mem, false, head, n as i32, mm_id);
+    }
+    if last == 0 {
+        return false;
+    }
+    let m = mem.nr_pages_mapped_mut(head);
+    let before = *m;
+    *m -= last;
+    // The checks see before − 1, before − 2, …: one of them is not zero unless the only one is.
+    let some_left = last >= 2 || before != 1;
+    // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
+    if some_left && mem.entire_mapcount_of(head) < 0 && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
         // deferred_split_folio(folio, true)
         mem.set(head, PG_PARTIALLY_MAPPED);
         return true;
