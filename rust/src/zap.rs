@@ -686,19 +686,20 @@ mod tests {
             .map(|i| l.mk_pte(2 * i, PteBits { present: true, write: true, dirty: true, young: true, ..Default::default() }).unwrap())
             .collect();
         let mut arrays = Arrays::small(2 * n);
-        let mut counts = arrays.counts();
         let (mut st, mut rss) = (Stats::default(), [0i64; 3]);
         let mut gather = new_gather().unwrap();
         let room = gather.runs.capacity();
         let ctx = ZapCtx { start: 0, fullmm: false, mm_id: 1, zero_pfn: u64::MAX };
-        let mut env = ZapEnv { ptes: &mut ptes, mem: &mut counts, stats: &mut st, rss: &mut rss, gather: &mut gather };
-        zap_pte_range_arrays(&l, &p, &ctx, &mut env);
+        {
+            let mut counts = arrays.counts();
+            let mut env = ZapEnv { ptes: &mut ptes, mem: &mut counts, stats: &mut st, rss: &mut rss, gather: &mut gather };
+            zap_pte_range_arrays(&l, &p, &ctx, &mut env);
+        }
         assert_eq!(gather.runs.capacity(), room);
         assert_eq!((st.refcount_atomics, st.folios_freed, st.rmap_calls), (n as u64, n as u64, n as u64));
         assert_eq!((st.pte_reads, st.pte_writes, st.batches, st.tlb_flush_pages), (n as u64, n as u64, n as u64, n as u64));
         assert_eq!(rss, [0, -(n as i64), 0]);
         assert!(ptes.iter().all(|&v| l.pte_none(v)));
-        drop(counts);
         assert!((0..n).all(|i| arrays.order[2 * i] == FREE && arrays.order[2 * i + 1] == 0));
     }
 
