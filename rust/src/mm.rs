@@ -15,10 +15,17 @@ pub const MM_SHMEMPAGES: usize = 2;
 pub const RSS_NAMES: [&str; 3] = ["file", "anon", "shmem"];
 
 /// `mm_counter(folio)`: the rss counter a folio's pages are counted in.
+#[inline]
 pub fn mm_counter<M: crate::rmap::FolioCounts>(mem: &M, head: u64) -> usize {
-    if mem.test(head, PG_ANON) {
+    mm_counter_of(mem.flags_of(head))
+}
+
+/// [`mm_counter`] from the flags of the folio's first page.
+#[inline]
+pub fn mm_counter_of(flags: u8) -> usize {
+    if flags & PG_ANON != 0 {
         MM_ANONPAGES
-    } else if mem.test(head, PG_SWAPBACKED) {
+    } else if flags & PG_SWAPBACKED != 0 {
         MM_SHMEMPAGES
     } else {
         MM_FILEPAGES

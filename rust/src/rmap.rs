@@ -319,6 +319,138 @@ impl FolioCounts for FolioArrays<'_> {
     }
 }
 
+/// `folio_put_refs()` on the counts alone: frees the folio when its count reaches zero and
+/// says so. Callers count one refcount atomic per call.
+#[inline(always)]
+pub(crate) fn folio_put_refs<M: FolioCounts>(mem: &mut M, head: u64, nr: i32) -> bool {
+    let r = mem.refcount_mut(head);
+    *r -= nr;
+    let freed = *r == 0;
+    if freed {
+        mem.free_folio(head);
+    }
+    freed
+}
+
+/// `times` calls of [`folio_put_refs`] on one folio, in closed form: the count reaches zero
+/// (and the folio is freed) at most once, after which the later calls take it below zero, as
+/// they would one at a time. Returns whether the folio was freed.
+#[inline]
+pub(crate) fn folio_put_refs_times<M: FolioCounts>(mem: &mut M, head: u64, nr: i32, times: u32) -> bool {
+    let r = mem.refcount_mut(head);
+    let r0 = *r as i64;
+    let (nr, times) = (nr as i64, times as i64);
+    if nr > 0 && r0 > 0 && r0 % nr == 0 && r0 / nr <= times {
+        mem.free_folio(head);
+        *mem.refcount_mut(head) = (-(times - r0 / nr) * nr) as i32;
+        true
+    } else {
+        *r = (r0 - times * nr) as i32;
+        false
+    }
+}
+
+/// `folio_sub_return_large_mapcount()` (include/linux/rmap.h) on the counts alone (callers
+/// count the update): the shared bit clears lazily, when one slot turns out to hold every
+/// remaining mapping. `track`: the kernel has MM-ID slots (v6.15+).
+#[inline(always)]
+pub(crate) fn sub_large_mapcount<M: FolioCounts>(mem: &mut M, track: bool, head: u64, diff: i32, mm_id: u32) {
+    let new = {
+        let c = mem.large_mapcount_mut(head);
+        *c -= diff;
+        *c
+    };
+    if !track {
+        return;
+    }
+    let (ids, counts) = mem.mm_id_slots(head);
+    for s in 0..2 {
+        if ids[s] == mm_id {
+            counts[s] -= diff;
+            if counts[s] >= 0 {
+                return;
+            }
+            // Some of this mm's mappings were added while it had no slot.
+            counts[s] = -1;
+            ids[s] = MM_ID_DUMMY;
+            break;
+        }
+    }
+    if counts[0] == new || counts[1] == new {
+        mem.clear(head, PG_MAYBE_SHARED);
+    }
+}
+
+/// `__folio_remove_rmap(.., RMAP_LEVEL_PTE)` (mm/rmap.c) of pages `[page, page + nr)` of the
+/// folio of `order` at `head`, on the counts alone: returns whether the folio was queued for
+/// deferred split (an anonymous folio some of whose pages lost their last mapping while
+/// others stay mapped). Callers count one rmap call and `nr` mapcount updates, plus one for
+/// the large mapcount of a large folio ([`Rmap::remove_ptes`]; the zap loop counts in bulk).
+#[inline(always)]
+pub(crate) fn folio_remove_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: u64, order: u32, page: u64, nr: u64, mm_id: u32) -> bool {
+    let last = if nr == 1 {
+        let m = mem.mapcount_mut(page);
+        *m -= 1;
+        (*m == 0) as i32
+    } else {
+        let mut last = 0;
+        for m in mem.mapcounts_mut(page, nr) {
+            *m -= 1;
+            last += (*m == 0) as i32;
+        }
+        last
+    };
+    if order == 0 {
+        return false;
+    }
+    sub_large_mapcount(mem, track, head, nr as i32, mm_id);
+    let mut partially_mapped = false;
+    if last > 0 {
+        let m = mem.nr_pages_mapped_mut(head);
+        *m -= last;
+        // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
+        partially_mapped = *m != 0 && mem.entire_mapcount_of(head) < 0;
+    }
+    if partially_mapped && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
+        // deferred_split_folio(folio, true)
+        mem.set(head, PG_PARTIALLY_MAPPED);
+        return true;
+    }
+    false
+}
+
+/// `n` calls of `__folio_remove_rmap(.., RMAP_LEVEL_PTE)` with one page each on the large
+/// folio at `head` (a zap one PTE at a time, v6.8), after the caller lowered the pages'
+/// mapcounts, `last` of which reached zero. Each call lowers the large mapcount by one (one
+/// slot update each with MM-ID slots, v6.15+) and, for a page that lost its last mapping,
+/// `_nr_pages_mapped`, checking what is left: the folio is queued for deferred split when
+/// some check sees pages still mapped. Returns whether it was queued.
+#[inline(always)]
+pub(crate) fn folio_remove_ptes_one_by_one<M: FolioCounts>(mem: &mut M, track: bool, head: u64, n: u64, last: i32, mm_id: u32) -> bool {
+    if track {
+        for _ in 0..n {
+            sub_large_mapcount(mem, true, head, 1, mm_id);
+        }
+    } else {
+        sub_large_mapcount(mem, false, head, n as i32, mm_id);
+    }
+    if last == 0 {
+        return false;
+    }
+    let m = mem.nr_pages_mapped_mut(head);
+    let before = *m;
+    *m -= last;
+    // The checks see before − 1, before − 2, …: one of them is not zero unless the only one is.
+    let some_left = last >= 2 || before != 1;
+    // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
+    if some_left && mem.entire_mapcount_of(head) < 0 && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
+        // deferred_split_folio(folio, true)
+        mem.set(head, PG_PARTIALLY_MAPPED);
+        return true;
+    }
+    false
+}
+
 /// The rmap context: memory, counters and the kernel's rules.
 pub struct Rmap<'a, M: FolioCounts = Memory> {
     pub mem: &'a mut M,
@@ -335,14 +467,10 @@ impl<M: FolioCounts> Rmap<'_, M> {
     }
 
     /// `folio_ref_sub()` / `folio_put_refs()`: frees the folio when the count reaches zero.
+    #[inline]
     pub fn put_refs(&mut self, head: u64, nr: i32) {
         self.stats.refcount_atomics += 1;
-        let r = self.mem.refcount_mut(head);
-        *r -= nr;
-        if *r == 0 {
-            self.mem.free_folio(head);
-            self.stats.folios_freed += 1;
-        }
+        self.stats.folios_freed += folio_put_refs(self.mem, head, nr) as u64;
     }
 
     /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
@@ -379,35 +507,11 @@ impl<M: FolioCounts> Rmap<'_, M> {
         }
     }
 
-    /// `folio_sub_return_large_mapcount()`: the shared bit clears lazily, when one slot turns
-    /// out to hold every remaining mapping.
+    /// `folio_sub_return_large_mapcount()`; see [`sub_large_mapcount`].
+    #[inline]
     pub(crate) fn sub_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
-        let track = self.profile.mm_id;
-        let new = {
-            let c = self.mem.large_mapcount_mut(head);
-            *c -= diff;
-            *c
-        };
-        if !track {
-            return;
-        }
-        let (ids, counts) = self.mem.mm_id_slots(head);
-        for s in 0..2 {
-            if ids[s] == mm_id {
-                counts[s] -= diff;
-                if counts[s] >= 0 {
-                    return;
-                }
-                // Some of this mm's mappings were added while it had no slot.
-                counts[s] = -1;
-                ids[s] = MM_ID_DUMMY;
-                break;
-            }
-        }
-        if counts[0] == new || counts[1] == new {
-            self.mem.clear(head, PG_MAYBE_SHARED);
-        }
+        sub_large_mapcount(self.mem, self.profile.mm_id, head, diff, mm_id);
     }
 
     /// `folio_add_new_anon_rmap(folio, vma, addr, RMAP_EXCLUSIVE)` for a folio mapped by PTEs
@@ -513,35 +617,14 @@ impl<M: FolioCounts> Rmap<'_, M> {
         }
     }
 
-    /// `folio_remove_rmap_ptes()` → `__folio_remove_rmap()`: queues an anonymous folio for
-    /// deferred split when some of its pages lost their last mapping while others stay mapped.
+    /// `folio_remove_rmap_ptes()` → `__folio_remove_rmap()`: one rmap call, a mapcount update
+    /// per page and one of the large mapcount; see [`folio_remove_ptes`].
+    #[inline]
     pub fn remove_ptes(&mut self, head: u64, page: u64, nr: u64, mm_id: u32) {
+        let order = self.mem.folio_order(head);
         self.stats.rmap_calls += 1;
-        let mut last = 0;
-        for m in self.mem.mapcounts_mut(page, nr) {
-            *m -= 1;
-            last += (*m == 0) as i32;
-        }
-        self.stats.mapcount_updates += nr;
-        if self.mem.folio_order(head) == 0 {
-            return;
-        }
-        self.sub_large_mapcount(head, nr as i32, mm_id);
-        let mut partially_mapped = false;
-        if last > 0 {
-            let m = self.mem.nr_pages_mapped_mut(head);
-            *m -= last;
-            // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
-            partially_mapped = *m != 0 && self.mem.entire_mapcount_of(head) < 0;
-        }
-        if partially_mapped
-            && self.mem.test(head, PG_ANON)
-            && !self.mem.test(head, PG_PARTIALLY_MAPPED)
-        {
-            // deferred_split_folio(folio, true)
-            self.mem.set(head, PG_PARTIALLY_MAPPED);
-            self.stats.deferred_splits += 1;
-        }
+        self.stats.mapcount_updates += nr + (order > 0) as u64;
+        self.stats.deferred_splits += folio_remove_ptes(self.mem, self.profile.mm_id, head, order, page, nr, mm_id) as u64;
     }
 
     /// `try_grab_folio(folio, 1, FOLL_PIN)` (mm/gup.c).

@@ -12,27 +12,100 @@ use crate::error::Result;
 use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_DIRTY};
-use crate::mm::mm_counter;
+use crate::mm::mm_counter_of;
 use crate::pgtable;
-use crate::rmap::{FolioCounts, Rmap};
+use crate::rmap::{folio_put_refs, folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
-/// Page references an mmu_gather holds until the TLB is flushed: (folio, count).
+/// Page references an mmu_gather holds until the TLB is flushed.
 ///
 /// Like the kernel's batch of pages (`__tlb_remove_folio_pages()` forcing a flush when the
-/// batch is full), it is bounded: every [`GATHER_MAX`] entries the references are dropped
+/// batch is full), it is bounded: when it holds [`GATHER_MAX`] runs the references are dropped
 /// early. The end state is the same as dropping them all at the end (freeing merges buddies
 /// into the same blocks whatever the order, and a page still mapped is never freed), so only
-/// the host memory an unmap of a huge range needs changes.
-pub type Gather = Vec<(u64, u32)>;
+/// the host memory an unmap of a huge range needs changes: never more than the room reserved
+/// by [`new_gather`].
+///
+/// References are queued as runs, each standing for the sequence of `folio_put_refs()` calls
+/// it replaces, in order: the folios at `head, head + 1, …` (consecutive small folios), or
+/// one folio `count` times (a large folio zapped one PTE at a time, as v6.8 does).
+#[derive(Debug)]
+pub struct Gather {
+    runs: Vec<GatherRun>,
+}
 
-/// Entries an mmu_gather holds before its references are dropped (16 bytes each).
+#[derive(Clone, Copy, Debug)]
+struct GatherRun {
+    head: u64,
+    /// References dropped by each call.
+    nr: u32,
+    /// Calls, with [`SAME_FOLIO`] set when they all drop references of `head`.
+    count: u32,
+}
+
+const SAME_FOLIO: u32 = 1 << 31;
+
+/// Runs an mmu_gather holds before its references are dropped (16 bytes each).
 pub const GATHER_MAX: usize = 1 << 16;
 
 /// An empty gather with its whole room reserved up front, so that no zap allocates.
 pub fn new_gather() -> crate::error::Result<Gather> {
-    crate::alloc::try_with_capacity(GATHER_MAX, "an mmu_gather")
+    Ok(Gather { runs: crate::alloc::try_with_capacity(GATHER_MAX, "an mmu_gather")? })
+}
+
+impl Gather {
+    /// Runs held (callers finish the gather when this reaches [`GATHER_MAX`]).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Queues `folio_put_refs(head, nr)`.
+    #[inline]
+    pub fn push(&mut self, (head, nr): (u64, u32)) {
+        self.push_run(head, nr, 1);
+    }
+
+    /// Queues `folio_put_refs(head + k, nr)` for `k` in `0..count`.
+    #[inline]
+    fn push_run(&mut self, head: u64, nr: u32, count: u32) {
+        if let Some(last) = self.runs.last_mut() {
+            let n = last.count & !SAME_FOLIO;
+            if last.nr == nr && n < SAME_FOLIO / 2 && count < SAME_FOLIO / 2 {
+                if last.count & SAME_FOLIO == 0 && head == last.head + n as u64 {
+                    last.count += count;
+                    return;
+                }
+                if count == 1 && head == last.head && (n == 1 || last.count & SAME_FOLIO != 0) {
+                    last.count = (n + 1) | SAME_FOLIO;
+                    return;
+                }
+            }
+        }
+        self.runs.push(GatherRun { head, nr, count });
+    }
+
+    /// Queues `folio_put_refs(head, nr)` `count` times (at least once).
+    #[inline]
+    fn push_same(&mut self, head: u64, nr: u32, count: u32) {
+        if count == 1 {
+            return self.push_run(head, nr, 1);
+        }
+        if let Some(last) = self.runs.last_mut() {
+            let n = last.count & !SAME_FOLIO;
+            if last.nr == nr && head == last.head && (n == 1 || last.count & SAME_FOLIO != 0) && n < SAME_FOLIO / 2 && count < SAME_FOLIO / 2 {
+                last.count = (n + count) | SAME_FOLIO;
+                return;
+            }
+        }
+        self.runs.push(GatherRun { head, nr, count: count | SAME_FOLIO });
+    }
 }
 
 /// What one zap needs to know besides the table.
@@ -58,77 +131,344 @@ pub struct ZapEnv<'a, M: FolioCounts> {
     pub gather: &'a mut Gather,
 }
 
+/// The counters one [`zap_pte_range`] adds up as it goes, kept out of [`Stats`] so that the
+/// loop works in registers; added to the step's counters once per page table.
+#[derive(Default)]
+struct Tally {
+    pte_reads: u64,
+    pte_writes: u64,
+    tlb_flush_pages: u64,
+    folio_pte_batch_calls: u64,
+    /// Runs of one PTE (batches of length 1); longer ones go to [`Stats::batch`] at once.
+    singles: u64,
+    rmap_calls: u64,
+    mapcount_updates: u64,
+    deferred_splits: u64,
+    /// PTEs of small folios zapped on the fast path: each one PTE written, one page flushed,
+    /// a batch of one, one rmap call and one mapcount update.
+    small: u64,
+    rss: [i64; 3],
+    /// Some entry was cleared: the table's range is flushed.
+    cleared: bool,
+}
+
+impl Tally {
+    fn add_to(&self, st: &mut Stats, rss: &mut [i64; 3]) {
+        st.pte_reads += self.pte_reads;
+        st.pte_writes += self.pte_writes + self.small;
+        st.tlb_flush_pages += self.tlb_flush_pages + self.small;
+        st.folio_pte_batch_calls += self.folio_pte_batch_calls;
+        st.rmap_calls += self.rmap_calls + self.small;
+        st.mapcount_updates += self.mapcount_updates + self.small;
+        st.deferred_splits += self.deferred_splits;
+        let singles = self.singles + self.small;
+        if singles > 0 {
+            st.batches += singles;
+            if st.batch_histogram.len() < 2 {
+                st.batch_histogram.resize(2, 0);
+            }
+            st.batch_histogram[1] += singles;
+        }
+        for (total, d) in rss.iter_mut().zip(self.rss) {
+            *total += d;
+        }
+        if self.cleared {
+            st.tlb_flush_ranges += 1;
+        }
+    }
+}
+
+/// References to consecutive small folios, queued in the gather as one run when it ends.
+#[derive(Default)]
+struct SmallRun {
+    head: u64,
+    count: u32,
+}
+
+impl SmallRun {
+    #[inline(always)]
+    fn add<M: FolioCounts>(&mut self, p: &KernelProfile, env: &mut ZapEnv<'_, M>, page: u64) {
+        if self.count != 0 && page == self.head + self.count as u64 && self.count < u32::MAX / 4 {
+            self.count += 1;
+        } else {
+            self.queue(p, env);
+            *self = SmallRun { head: page, count: 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn queue<M: FolioCounts>(&mut self, p: &KernelProfile, env: &mut ZapEnv<'_, M>) {
+        if self.count != 0 {
+            gather_push(p, env, self.head, 1, self.count);
+            self.count = 0;
+        }
+    }
+}
+
+/// Queues references in the gather, finishing it first when it is full.
+#[inline(always)]
+fn gather_push<M: FolioCounts>(p: &KernelProfile, env: &mut ZapEnv<'_, M>, head: u64, nr: u32, count: u32) {
+    if env.gather.len() == GATHER_MAX {
+        tlb_finish(&mut Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }, env.gather);
+    }
+    env.gather.push_run(head, nr, count);
+}
+
+/// Queues `count` times `folio_put_refs(head, nr)`, finishing the gather first when it is full.
+#[inline(always)]
+fn gather_push_same<M: FolioCounts>(p: &KernelProfile, env: &mut ZapEnv<'_, M>, head: u64, nr: u32, count: u32) {
+    if env.gather.len() == GATHER_MAX {
+        tlb_finish(&mut Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p }, env.gather);
+    }
+    env.gather.push_same(head, nr, count);
+}
+
 /// `zap_pte_range()` over entries `[i, e)` of one page table: each run of one folio
 /// (`zap_present_ptes()`, batched by `folio_pte_batch()` where the kernel does) is cleared,
 /// its rmap removed and its references queued in the gather.
 pub fn zap_pte_range<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, mut i: usize, e: usize) {
     let cont = pgtable::cont_ptes(l, p);
-    let mut cleared = false;
+    let form = p.fpb.filter(|_| p.zap_batched);
+    // Only arm64 contpte blocks cut by a partial unmap need repainting before a clear.
+    let repaint = cont.is_some() && !ctx.fullmm;
+    let mut t = Tally::default();
+    let mut run = SmallRun::default();
+    // Each path counts the reads of the entries it takes, this one's included.
     while i < e {
         let pte = env.ptes[i];
-        env.stats.pte_reads += 1;
         if l.pte_none(pte) {
+            t.pte_reads += 1;
             i += 1;
             continue;
         }
-        cleared = true;
-        let page = (!l.pte_special(pte)).then(|| l.pte_pfn(pte)).filter(|&pfn| pfn != ctx.zero_pfn);
-        let Some(page) = page else {
+        t.cleared = true;
+        let page = l.pte_pfn(pte);
+        if l.pte_special(pte) || page == ctx.zero_pfn {
             // No page (the zero page): clear the one entry.
-            pgtable::clear_full_ptes(l, cont, env.ptes, ctx.start, i, 1, ctx.fullmm, env.stats);
-            env.stats.tlb_flush_pages += 1;
+            t.pte_reads += 1;
+            clear_ptes(l, cont, ctx, env, &mut t, i, 1);
+            t.tlb_flush_pages += 1;
             i += 1;
             continue;
-        };
+        }
         let head = env.mem.folio_head(page);
         let order = env.mem.folio_order(head);
+        if order == 0 && !repaint {
+            i = zap_small_folios(l, p, ctx, env, &mut t, &mut run, i, e);
+            continue;
+        }
+        if form.is_none() && !repaint {
+            i = zap_folio_pte_by_pte(l, p, ctx, env, &mut t, &mut run, i, e, head, order);
+            continue;
+        }
+        t.pte_reads += 1;
         let mut nr = 1usize;
-        if let (true, true, Some(form)) = (order > 0, e - i != 1, p.fpb.filter(|_| p.zap_batched)) {
+        if let (true, true, Some(form)) = (order > 0, e - i != 1, form) {
             // Dirty, soft-dirty, write and young never end a zap batch.
             let table = Table { ptes: env.ptes, first_vpn: ctx.start };
             let folio = Folio { pfn: head, nr_pages: 1 << order };
             nr = folio_pte_batch_unchecked(l, form, table, i, e - i, folio, FpbFlags::default()).nr;
-            env.stats.folio_pte_batch_calls += 1;
-            env.stats.pte_reads += nr as u64;
+            t.folio_pte_batch_calls += 1;
+            t.pte_reads += nr as u64;
         }
-        env.stats.batch(nr);
-        zap_present_folio_ptes(l, p, ctx, env, i, nr, head, page);
+        if nr == 1 {
+            t.singles += 1;
+        } else {
+            env.stats.batch(nr);
+        }
+        run.queue(p, env);
+        zap_present_folio_ptes(l, p, cont, ctx, env, &mut t, i, nr, head, order, page);
         i += nr;
     }
-    if cleared {
-        env.stats.tlb_flush_ranges += 1;
+    run.queue(p, env);
+    t.add_to(env.stats, env.rss);
+}
+
+/// The fast path of [`zap_pte_range`]: from entry `i`, every entry that is none or maps a
+/// small folio, as `zap_present_folio_ptes()` zaps one (one PTE cleared, a file folio
+/// dirtied by a dirty PTE, one mapcount down, no large counts, the reference queued).
+/// Returns the first entry it leaves to the general path. Not for arm64 contpte blocks a
+/// partial unmap cuts, which need repainting.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn zap_small_folios<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, t: &mut Tally, run: &mut SmallRun, mut i: usize, e: usize) -> usize {
+    let none = l.geometry().none_value;
+    let (mut reads, mut small, mut rss) = (0u64, 0u64, [0i64; 3]);
+    let mut r = std::mem::take(run);
+    while i < e {
+        let pte = env.ptes[i];
+        if l.pte_none(pte) {
+            reads += 1;
+            i += 1;
+            continue;
+        }
+        let page = l.pte_pfn(pte);
+        if l.pte_special(pte) || page == ctx.zero_pfn || env.mem.order_of(page) != 0 {
+            break;
+        }
+        let flags = env.mem.flags_of(page);
+        if flags & PG_ANON == 0 && l.pte_dirty(pte) {
+            env.mem.set(page, PG_DIRTY);
+        }
+        env.ptes[i] = none;
+        rss[mm_counter_of(flags)] -= 1;
+        *env.mem.mapcount_mut(page) -= 1;
+        r.add(p, env, page);
+        small += 1;
+        i += 1;
+    }
+    *run = r;
+    t.pte_reads += reads + small;
+    t.small += small;
+    t.cleared |= small > 0;
+    for (a, b) in t.rss.iter_mut().zip(rss) {
+        *a += b;
+    }
+    i
+}
+
+/// `clear_full_ptes()` of `[i, i + nr)`: only arm64 contpte blocks cut by a partial unmap
+/// need repainting first ([`pgtable::clear_full_ptes`]); otherwise the run is just cleared.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn clear_ptes<L: PteLayout, M: FolioCounts>(l: &L, cont: Option<usize>, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, t: &mut Tally, i: usize, nr: usize) {
+    if cont.is_some() && !ctx.fullmm {
+        pgtable::clear_full_ptes(l, cont, env.ptes, ctx.start, i, nr, false, env.stats);
+    } else {
+        fill_none(l, &mut env.ptes[i..i + nr]);
+        t.pte_writes += nr as u64;
+    }
+}
+
+/// The path of [`zap_pte_range`] for a large folio where the kernel zaps one PTE at a time
+/// (v6.8, or batching off): from entry `i`, which maps a page of the folio of `order` at
+/// `head`, each following entry that maps a page of the same folio is zapped alone, as
+/// `zap_present_ptes()` does with a batch of one (one rmap call, its page's mapcount and the
+/// large mapcount, the partially-mapped check, one reference). Returns the first entry it
+/// leaves to the general path. Not for arm64 contpte blocks a partial unmap cuts.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn zap_folio_pte_by_pte<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    ctx: &ZapCtx,
+    env: &mut ZapEnv<'_, M>,
+    t: &mut Tally,
+    run: &mut SmallRun,
+    mut i: usize,
+    e: usize,
+    head: u64,
+    order: u32,
+) -> usize {
+    run.queue(p, env);
+    let none = l.geometry().none_value;
+    let end = head + (1u64 << order);
+    debug_assert!(order > 0);
+    let flags = env.mem.flags_of(head);
+    let anon = flags & PG_ANON != 0;
+    let (mut n, mut last, mut dirty) = (0u64, 0i32, false);
+    while i < e {
+        let pte = env.ptes[i];
+        let page = l.pte_pfn(pte);
+        if l.pte_none(pte) || l.pte_special(pte) || page < head || page >= end || page == ctx.zero_pfn {
+            break;
+        }
+        dirty |= !anon && l.pte_dirty(pte);
+        env.ptes[i] = none;
+        let m = env.mem.mapcount_mut(page);
+        *m -= 1;
+        last += (*m == 0) as i32;
+        n += 1;
+        i += 1;
+    }
+    if dirty {
+        env.mem.set(head, PG_DIRTY);
+    }
+    let deferred = folio_remove_ptes_one_by_one(&mut *env.mem, p.mm_id, head, n, last, ctx.mm_id) as u64;
+    t.pte_reads += n;
+    t.singles += n;
+    t.pte_writes += n;
+    t.tlb_flush_pages += n;
+    t.rss[mm_counter_of(flags)] -= n as i64;
+    t.rmap_calls += n;
+    t.mapcount_updates += 2 * n;
+    t.deferred_splits += deferred;
+    t.cleared |= n > 0;
+    gather_push_same(p, env, head, 1, n as u32);
+    i
+}
+
+/// The entries become none (a run of one without a call to `memset`).
+#[inline(always)]
+fn fill_none<L: PteLayout>(l: &L, run: &mut [u64]) {
+    let none = l.geometry().none_value;
+    match run {
+        [v] => *v = none,
+        _ => run.fill(none),
     }
 }
 
 /// `zap_present_folio_ptes()`: file folios take the dirty bit of the cleared run
 /// (`get_and_clear_full_ptes()`); anonymous ones do not need it (`clear_full_ptes()`).
 #[allow(clippy::too_many_arguments)]
-#[inline]
-fn zap_present_folio_ptes<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, i: usize, nr: usize, head: u64, page: u64) {
-    let cont = pgtable::cont_ptes(l, p);
-    if env.mem.test(head, PG_ANON) {
-        pgtable::clear_full_ptes(l, cont, env.ptes, ctx.start, i, nr, ctx.fullmm, env.stats);
+#[inline(always)]
+fn zap_present_folio_ptes<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    cont: Option<usize>,
+    ctx: &ZapCtx,
+    env: &mut ZapEnv<'_, M>,
+    t: &mut Tally,
+    i: usize,
+    nr: usize,
+    head: u64,
+    order: u32,
+    page: u64,
+) {
+    let flags = env.mem.flags_of(head);
+    if flags & PG_ANON != 0 {
+        clear_ptes(l, cont, ctx, env, t, i, nr);
     } else {
-        let pte = pgtable::get_and_clear_full_ptes(l, cont, env.ptes, ctx.start, i, nr, ctx.fullmm, env.stats);
-        if l.pte_dirty(pte) {
+        let dirty = if cont.is_some() && !ctx.fullmm {
+            let pte = pgtable::get_and_clear_full_ptes(l, cont, env.ptes, ctx.start, i, nr, false, env.stats);
+            l.pte_dirty(pte)
+        } else {
+            let run = &mut env.ptes[i..i + nr];
+            let dirty = run.iter().any(|&v| l.pte_dirty(v));
+            fill_none(l, run);
+            t.pte_writes += nr as u64;
+            dirty
+        };
+        if dirty {
             env.mem.set(head, PG_DIRTY);
         }
     }
-    env.stats.tlb_flush_pages += nr as u64;
-    env.rss[mm_counter(&*env.mem, head)] -= nr as i64;
-    let mut r = Rmap { mem: &mut *env.mem, stats: &mut *env.stats, profile: p };
-    r.remove_ptes(head, page, nr as u64, ctx.mm_id);
-    if env.gather.len() == GATHER_MAX {
-        tlb_finish(&mut r, env.gather);
-    }
-    env.gather.push((head, nr as u32));
+    t.tlb_flush_pages += nr as u64;
+    t.rss[mm_counter_of(flags)] -= nr as i64;
+    // folio_remove_rmap_ptes()
+    t.rmap_calls += 1;
+    t.mapcount_updates += nr as u64 + (order > 0) as u64;
+    t.deferred_splits += folio_remove_ptes(&mut *env.mem, p.mm_id, head, order, page, nr as u64, ctx.mm_id) as u64;
+    gather_push(p, env, head, nr as u32, 1);
 }
 
-/// `tlb_finish_mmu()`: the TLB is flushed, now the references go.
+/// `tlb_finish_mmu()`: the TLB is flushed, now the references go (one refcount atomic per
+/// `folio_put_refs()`).
 pub fn tlb_finish<M: FolioCounts>(r: &mut Rmap<'_, M>, gather: &mut Gather) {
-    for (head, nr) in gather.drain(..) {
-        r.put_refs(head, nr as i32);
+    let (mut puts, mut freed) = (0u64, 0u64);
+    for g in gather.runs.drain(..) {
+        let n = g.count & !SAME_FOLIO;
+        puts += n as u64;
+        if g.count & SAME_FOLIO != 0 {
+            freed += folio_put_refs_times(&mut *r.mem, g.head, g.nr as i32, n) as u64;
+        } else {
+            for head in g.head..g.head + n as u64 {
+                freed += folio_put_refs(&mut *r.mem, head, g.nr as i32) as u64;
+            }
+        }
     }
+    r.stats.refcount_atomics += puts;
+    r.stats.folios_freed += freed;
 }
 
 /// `unmap_page_range()` of one table over arrays a user owns: cut into page tables at PMD
@@ -227,5 +567,189 @@ impl State {
         }
         self.tlb_finish(l, p, &mut gather);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::{PteBits, X86_64};
+    use crate::memory::{SplitMix64, FREE, PG_SWAPBACKED};
+    use crate::rmap::FolioArrays;
+
+    /// Per-page arrays of `n` pages, all order-0 anonymous folios mapped once, refcount 1.
+    struct Arrays {
+        order: Vec<u8>,
+        flags: Vec<u8>,
+        mapcount: Vec<i32>,
+        refcount: Vec<i32>,
+        large_mapcount: Vec<i32>,
+        nr_pages_mapped: Vec<i32>,
+        pincount: Vec<i32>,
+        mm_id: Vec<u32>,
+        mm_id_mapcount: Vec<i32>,
+    }
+
+    impl Arrays {
+        fn small(n: usize) -> Arrays {
+            Arrays {
+                order: vec![0; n],
+                flags: vec![PG_ANON | PG_SWAPBACKED; n],
+                mapcount: vec![1; n],
+                refcount: vec![1; n],
+                large_mapcount: vec![-1; n],
+                nr_pages_mapped: vec![0; n],
+                pincount: vec![0; n],
+                mm_id: vec![0; 2 * n],
+                mm_id_mapcount: vec![-1; 2 * n],
+            }
+        }
+
+        fn counts(&mut self) -> FolioArrays<'_> {
+            FolioArrays::new(
+                &mut self.order,
+                &mut self.flags,
+                &mut self.mapcount,
+                &mut self.refcount,
+                &mut self.large_mapcount,
+                &mut self.nr_pages_mapped,
+                &mut self.pincount,
+                &mut self.mm_id,
+                &mut self.mm_id_mapcount,
+            )
+            .unwrap()
+        }
+    }
+
+    #[test]
+    fn gather_runs_drop_the_references_one_call_at_a_time() {
+        // Pushes that merge into runs (consecutive folios, one folio again and again) and
+        // pushes that do not, against the same folio_put_refs() calls made one by one.
+        let p = KernelProfile::parse("6.18").unwrap();
+        let mut rng = SplitMix64(3);
+        // (head, nr, times): `times` calls on the same folio queued at once (push_same).
+        let mut pushes = Vec::new();
+        for _ in 0..2000 {
+            let head = rng.next_u64() % 64;
+            let nr = 1 + (rng.next_u64() % 2) as u32;
+            match rng.next_u64() % 4 {
+                0 => pushes.extend((0..1 + rng.next_u64() % 5).map(|k| ((head + k) % 64, nr, 1))),
+                1 => pushes.extend((0..1 + rng.next_u64() % 5).map(|_| (head, nr, 1))),
+                2 => pushes.push((head, nr, 1 + rng.next_u64() as u32 % 4)),
+                _ => pushes.push((head, nr, 1)),
+            }
+        }
+        let (mut a, mut b) = (Arrays::small(64), Arrays::small(64));
+        // Each folio's count reaches zero exactly, half-way through its calls (it is freed,
+        // and the later calls take it below zero), or is never reached (odd heads, 1 more).
+        let calls: Vec<(u64, u32)> = pushes.iter().flat_map(|&(h, nr, times)| (0..times).map(move |_| (h, nr))).collect();
+        for h in 0..64u64 {
+            let mine: Vec<i32> = calls.iter().filter(|c| c.0 == h).map(|c| c.1 as i32).collect();
+            let count = mine[..mine.len() / 2].iter().sum::<i32>() + (h % 2) as i32 * 1000;
+            a.refcount[h as usize] = count;
+            b.refcount[h as usize] = count;
+        }
+        let (mut sa, mut sb) = (Stats::default(), Stats::default());
+        let mut gather = new_gather().unwrap();
+        {
+            let mut ca = a.counts();
+            let mut r = Rmap { mem: &mut ca, stats: &mut sa, profile: &p };
+            for &(head, nr, times) in &pushes {
+                gather.push_same(head, nr, times);
+            }
+            assert!(gather.len() < pushes.len());
+            tlb_finish(&mut r, &mut gather);
+            assert!(gather.is_empty());
+        }
+        {
+            let mut cb = b.counts();
+            let mut r = Rmap { mem: &mut cb, stats: &mut sb, profile: &p };
+            for &(head, nr, times) in &pushes {
+                for _ in 0..times {
+                    r.put_refs(head, nr as i32);
+                }
+            }
+        }
+        assert_eq!(sa, sb);
+        assert!(sa.folios_freed > 0, "some folio went to zero and was freed");
+        assert_eq!((a.refcount, a.order, a.flags), (b.refcount, b.order, b.flags));
+    }
+
+    #[test]
+    fn a_zap_of_more_folios_than_the_gather_holds_allocates_nothing() {
+        // Every other page mapped: no two references merge, so the gather fills up and is
+        // finished early, several times, within the room reserved up front.
+        let l = X86_64;
+        let p = KernelProfile::parse("6.18").unwrap();
+        let n = 3 * GATHER_MAX + 5;
+        let mut ptes: Vec<u64> = (0..n as u64)
+            .map(|i| l.mk_pte(2 * i, PteBits { present: true, write: true, dirty: true, young: true, ..Default::default() }).unwrap())
+            .collect();
+        let mut arrays = Arrays::small(2 * n);
+        let (mut st, mut rss) = (Stats::default(), [0i64; 3]);
+        let mut gather = new_gather().unwrap();
+        let room = gather.runs.capacity();
+        let ctx = ZapCtx { start: 0, fullmm: false, mm_id: 1, zero_pfn: u64::MAX };
+        {
+            let mut counts = arrays.counts();
+            let mut env = ZapEnv { ptes: &mut ptes, mem: &mut counts, stats: &mut st, rss: &mut rss, gather: &mut gather };
+            zap_pte_range_arrays(&l, &p, &ctx, &mut env);
+        }
+        assert_eq!(gather.runs.capacity(), room);
+        assert_eq!((st.refcount_atomics, st.folios_freed, st.rmap_calls), (n as u64, n as u64, n as u64));
+        assert_eq!((st.pte_reads, st.pte_writes, st.batches, st.tlb_flush_pages), (n as u64, n as u64, n as u64, n as u64));
+        assert_eq!(rss, [0, -(n as i64), 0]);
+        assert!(ptes.iter().all(|&v| l.pte_none(v)));
+        assert!((0..n).all(|i| arrays.order[2 * i] == FREE && arrays.order[2 * i + 1] == 0));
+    }
+
+    #[test]
+    fn one_pte_at_a_time_in_bulk_equals_one_call_per_pte() {
+        // folio_remove_ptes_one_by_one() against folio_remove_ptes() with one page per call,
+        // on folios of order 3 in random (also inconsistent) states, with and without MM-ID slots.
+        use crate::memory::{MM_ID_DUMMY, PG_PARTIALLY_MAPPED};
+        use crate::rmap::{folio_remove_ptes, folio_remove_ptes_one_by_one};
+        let mut rng = SplitMix64(11);
+        let mut any_split = 0;
+        for case in 0..4000 {
+            let track = case % 2 == 0;
+            let mut a = Arrays::small(8);
+            a.order.fill(3);
+            for m in &mut a.mapcount {
+                *m = (rng.next_u64() % 4) as i32;
+            }
+            let mapped = a.mapcount.iter().filter(|&&m| m > 0).count() as i32;
+            a.nr_pages_mapped[0] = mapped + (rng.next_u64() % 3) as i32 - 1;
+            a.large_mapcount[0] = a.mapcount.iter().sum::<i32>() - 1;
+            a.flags[0] = [PG_ANON, PG_ANON | PG_PARTIALLY_MAPPED, 0][(rng.next_u64() % 3) as usize];
+            a.mm_id[..2].copy_from_slice(&[[1, 2], [1, MM_ID_DUMMY], [2, 1], [MM_ID_DUMMY, 2]][(rng.next_u64() % 4) as usize]);
+            a.mm_id_mapcount[..2].copy_from_slice(&[(rng.next_u64() % 6) as i32 - 1, (rng.next_u64() % 6) as i32 - 1]);
+            let pages: Vec<u64> = (0..1 + rng.next_u64() % 8).map(|_| rng.next_u64() % 8).collect();
+            let mut b = Arrays { order: a.order.clone(), flags: a.flags.clone(), mapcount: a.mapcount.clone(), refcount: a.refcount.clone(),
+                large_mapcount: a.large_mapcount.clone(), nr_pages_mapped: a.nr_pages_mapped.clone(), pincount: a.pincount.clone(),
+                mm_id: a.mm_id.clone(), mm_id_mapcount: a.mm_id_mapcount.clone() };
+            let mut split_a = 0;
+            {
+                let mut ca = a.counts();
+                for &page in &pages {
+                    split_a += folio_remove_ptes(&mut ca, track, 0, 3, page, 1, 1) as u32;
+                }
+            }
+            let split_b = {
+                let mut cb = b.counts();
+                let mut last = 0;
+                for &page in &pages {
+                    let m = cb.mapcount_mut(page);
+                    *m -= 1;
+                    last += (*m == 0) as i32;
+                }
+                folio_remove_ptes_one_by_one(&mut cb, track, 0, pages.len() as u64, last, 1) as u32
+            };
+            assert_eq!(split_a, split_b, "case {case}");
+            any_split += split_a;
+            assert_eq!((&a.flags, &a.mapcount, &a.large_mapcount, &a.nr_pages_mapped), (&b.flags, &b.mapcount, &b.large_mapcount, &b.nr_pages_mapped), "case {case}");
+            assert_eq!((&a.mm_id, &a.mm_id_mapcount), (&b.mm_id, &b.mm_id_mapcount), "case {case}");
+        }
+        assert!(any_split > 0);
     }
 }
