@@ -558,6 +558,33 @@ impl Memory {
         self.free.insert(o, pfn >> o);
     }
 
+    /// [`Memory::free`] of each of the `n` order-0 folios from `first`: the pages go back
+    /// as the largest aligned blocks the run holds, each merged with free buddies as a freed
+    /// block is. The free blocks end as one free at a time leaves them: with every fully free
+    /// aligned block merged (the buddy invariant), they are a function of the free pages.
+    pub fn free_order0_run(&mut self, first: u64, n: u64) {
+        self.fill_pages(first, n, FREE);
+        self.free_pages += n;
+        let (mut at, end) = (first, first + n);
+        while at < end {
+            let mut o = at.trailing_zeros().min(self.max_order);
+            while at + (1u64 << o) > end {
+                o -= 1;
+            }
+            let (mut pfn, mut bo) = (at, o);
+            while bo < self.max_order {
+                let buddy = pfn ^ (1 << bo);
+                if buddy + (1 << bo) > self.nr_pages() || !self.free.remove(bo, buddy >> bo) {
+                    break;
+                }
+                pfn = pfn.min(buddy);
+                bo += 1;
+            }
+            self.free.insert(bo, pfn >> bo);
+            at += 1 << o;
+        }
+    }
+
     /// Free blocks as (first pfn, order), in ascending pfn order; for state comparison.
     pub fn free_blocks(&self) -> Vec<(u64, u32)> {
         let mut v: Vec<(u64, u32)> =
@@ -820,6 +847,56 @@ mod tests {
                 proptest::prop_assert_eq!(&m.mapcount, &one.mapcount);
                 proptest::prop_assert_eq!(&m.refcount, &one.refcount);
                 proptest::prop_assert_eq!(&m.token, &one.token);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Freeing a run of order-0 folios at once leaves memory as freeing them one by one.
+        #[test]
+        fn order0_run_frees_are_single_frees(
+            nr_pages in 1u64..5_000,
+            max_order in 0u32..10,
+            ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
+            run in (0u64..5_000, 1u64..1_500),
+        ) {
+            let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
+            let mut live: Vec<u64> = Vec::new();
+            for (op, order, x) in ops {
+                match op {
+                    0 | 1 => live.extend(m.alloc(order % (max_order + 1))),
+                    _ => {
+                        if !live.is_empty() {
+                            m.free(live.swap_remove(x as usize % live.len()));
+                        }
+                    }
+                }
+            }
+            // Fill memory with order-0 pages, then free some pages and folios again, so that
+            // the run has free neighbours of every order.
+            while let Some(p) = m.alloc(0) {
+                live.push(p);
+            }
+            for k in 0..live.len() / 3 {
+                let i = (run.0 as usize * 7 + k * 13) % live.len();
+                m.free(live.swap_remove(i));
+            }
+            let (a, len) = (run.0 % nr_pages, run.1);
+            let pages: Vec<u64> = (a..(a + len).min(nr_pages)).take_while(|&p| m.order[p as usize] == 0).collect();
+            proptest::prop_assume!(!pages.is_empty());
+            let mut one = m.clone();
+            for &p in &pages {
+                one.free(p);
+            }
+            m.free_order0_run(pages[0], pages.len() as u64);
+            proptest::prop_assert_eq!(m.free_blocks(), one.free_blocks());
+            proptest::prop_assert_eq!(m.free_pages, one.free_pages);
+            proptest::prop_assert_eq!(&m.order, &one.order);
+            proptest::prop_assert_eq!(&m.refcount, &one.refcount);
+            for o in 0..=max_order {
+                proptest::prop_assert_eq!(m.can_alloc(o), one.can_alloc(o));
             }
         }
     }

@@ -50,6 +50,12 @@ pub trait FolioCounts {
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
     /// The folio's last reference went: it returns to the allocator.
     fn free_folio(&mut self, head: u64);
+    /// [`FolioCounts::free_folio`] of each of the `n` order-0 folios from `first`, in order.
+    fn free_order0_run(&mut self, first: u64, n: u64) {
+        for head in first..first + n {
+            self.free_folio(head);
+        }
+    }
     /// The copy of a page's contents `copy_present_page()` makes (the simulation's token).
     fn copy_contents(&mut self, _dst: u64, _src: u64) {}
 
@@ -150,6 +156,9 @@ impl FolioCounts for Memory {
     }
     fn free_folio(&mut self, head: u64) {
         self.free(head);
+    }
+    fn free_order0_run(&mut self, first: u64, n: u64) {
+        Memory::free_order0_run(self, first, n);
     }
     fn copy_contents(&mut self, dst: u64, src: u64) {
         self.token[dst as usize] = self.token[src as usize];

@@ -462,8 +462,32 @@ pub fn tlb_finish<M: FolioCounts>(r: &mut Rmap<'_, M>, gather: &mut Gather) {
         if g.count & SAME_FOLIO != 0 {
             freed += folio_put_refs_times(&mut *r.mem, g.head, g.nr as i32, n) as u64;
         } else {
+            // Consecutive heads: all but maybe the last are order-0 folios. Those freed are
+            // returned as runs; the free blocks depend only on which pages are free, so the
+            // memory ends as one free at a time would leave it.
+            let (mut first, mut len) = (0u64, 0u64);
             for head in g.head..g.head + n as u64 {
-                freed += folio_put_refs(&mut *r.mem, head, g.nr as i32) as u64;
+                let c = r.mem.refcount_mut(head);
+                *c -= g.nr as i32;
+                if *c != 0 {
+                    continue;
+                }
+                freed += 1;
+                if r.mem.order_of(head) == 0 {
+                    if len > 0 && first + len == head {
+                        len += 1;
+                        continue;
+                    }
+                    if len > 0 {
+                        r.mem.free_order0_run(first, len);
+                    }
+                    (first, len) = (head, 1);
+                } else {
+                    r.mem.free_folio(head);
+                }
+            }
+            if len > 0 {
+                r.mem.free_order0_run(first, len);
             }
         }
     }
