@@ -453,17 +453,9 @@ impl Memory {
         let block = self.free.first(from)? << from;
         let n = max.clamp(1, 1 << from);
         self.free.remove(from, block >> from);
-        // The rest of the block, [block + n, block + 2^from), in the aligned blocks the
-        // splits of n single allocations leave (the largest that fit, from the left).
-        let (mut at, end) = (block + n, block + (1u64 << from));
-        while at < end {
-            let mut o = at.trailing_zeros().min(from);
-            while at + (1u64 << o) > end {
-                o -= 1;
-            }
-            self.free.insert(o, at >> o);
-            at += 1 << o;
-        }
+        // The rest of the block goes back as the splits of n single allocations leave it
+        // (its buddies are within the block, taken: nothing merges).
+        self.free_range(block + n, block + (1u64 << from));
         self.free_pages -= n;
         let (i, e) = (block as usize, (block + n) as usize);
         self.order[i..e].fill(0);
@@ -546,7 +538,11 @@ impl Memory {
         }
         self.fill_pages(head, n, FREE);
         self.free_pages += n;
-        let (mut pfn, mut o) = (head, order);
+        self.free_block(head, order);
+    }
+
+    /// Block `pfn` of `order` joins the free areas, merged with its free buddies.
+    fn free_block(&mut self, mut pfn: u64, mut o: u32) {
         while o < self.max_order {
             let buddy = pfn ^ (1 << o);
             if buddy + (1 << o) > self.nr_pages() || !self.free.remove(o, buddy >> o) {
@@ -558,6 +554,19 @@ impl Memory {
         self.free.insert(o, pfn >> o);
     }
 
+    /// Pages `[at, end)` join the free areas as the largest aligned blocks they hold, from
+    /// the left, each merged with its free buddies ([`Memory::free_block`]).
+    fn free_range(&mut self, mut at: u64, end: u64) {
+        while at < end {
+            let mut o = at.trailing_zeros().min(self.max_order);
+            while at + (1u64 << o) > end {
+                o -= 1;
+            }
+            self.free_block(at, o);
+            at += 1 << o;
+        }
+    }
+
     /// [`Memory::free`] of each of the `n` order-0 folios from `first`: the pages go back
     /// as the largest aligned blocks the run holds, each merged with free buddies as a freed
     /// block is. The free blocks end as one free at a time leaves them: with every fully free
@@ -565,24 +574,7 @@ impl Memory {
     pub fn free_order0_run(&mut self, first: u64, n: u64) {
         self.fill_pages(first, n, FREE);
         self.free_pages += n;
-        let (mut at, end) = (first, first + n);
-        while at < end {
-            let mut o = at.trailing_zeros().min(self.max_order);
-            while at + (1u64 << o) > end {
-                o -= 1;
-            }
-            let (mut pfn, mut bo) = (at, o);
-            while bo < self.max_order {
-                let buddy = pfn ^ (1 << bo);
-                if buddy + (1 << bo) > self.nr_pages() || !self.free.remove(bo, buddy >> bo) {
-                    break;
-                }
-                pfn = pfn.min(buddy);
-                bo += 1;
-            }
-            self.free.insert(bo, pfn >> bo);
-            at += 1 << o;
-        }
+        self.free_range(first, first + n);
     }
 
     /// Free blocks as (first pfn, order), in ascending pfn order; for state comparison.
@@ -806,6 +798,23 @@ mod tests {
         }
     }
 
+    /// Memory after `ops`: (0|1, order, _) allocates a folio, (2, _, x) frees a live one.
+    fn mixed_memory(nr_pages: u64, max_order: u32, ops: &[(u8, u32, u64)]) -> (Memory, Vec<u64>) {
+        let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
+        let mut live: Vec<u64> = Vec::new();
+        for &(op, order, x) in ops {
+            match op {
+                0 | 1 => live.extend(m.alloc(order % (max_order + 1))),
+                _ => {
+                    if !live.is_empty() {
+                        m.free(live.swap_remove(x as usize % live.len()));
+                    }
+                }
+            }
+        }
+        (m, live)
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
@@ -818,18 +827,7 @@ mod tests {
             ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
             runs in proptest::collection::vec(1u64..700, 1..8),
         ) {
-            let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
-            let mut live: Vec<u64> = Vec::new();
-            for (op, order, x) in ops {
-                match op {
-                    0 | 1 => live.extend(m.alloc(order % (max_order + 1))),
-                    _ => {
-                        if !live.is_empty() {
-                            m.free(live.swap_remove(x as usize % live.len()));
-                        }
-                    }
-                }
-            }
+            let (mut m, _) = mixed_memory(nr_pages, max_order, &ops);
             let mut one = m.clone();
             for max in runs {
                 let Some((first, n)) = m.alloc_order0_run(max) else {
@@ -862,18 +860,7 @@ mod tests {
             ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
             run in (0u64..5_000, 1u64..1_500),
         ) {
-            let mut m = Memory::new(nr_pages, max_order, 1).unwrap();
-            let mut live: Vec<u64> = Vec::new();
-            for (op, order, x) in ops {
-                match op {
-                    0 | 1 => live.extend(m.alloc(order % (max_order + 1))),
-                    _ => {
-                        if !live.is_empty() {
-                            m.free(live.swap_remove(x as usize % live.len()));
-                        }
-                    }
-                }
-            }
+            let (mut m, mut live) = mixed_memory(nr_pages, max_order, &ops);
             // Fill memory with order-0 pages, then free some pages and folios again, so that
             // the run has free neighbours of every order.
             while let Some(p) = m.alloc(0) {

@@ -14,7 +14,7 @@ use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_DIRTY};
 use crate::mm::mm_counter_of;
 use crate::pgtable;
-use crate::rmap::{folio_put_refs, folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
+use crate::rmap::{folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
