@@ -5,13 +5,14 @@
 //! a folio's first page, as `folio->_refcount`) and a content token for COW-isolation checks.
 //! Fields that the kernel keeps in a large folio's tail pages (`_large_mapcount`,
 //! `_entire_mapcount`, `_nr_pages_mapped`, `_pincount`, the MM-ID slots) live in
-//! [`LargeFolio`] records, found through a side table indexed by `pfn / 2` (a large folio's
-//! first pfn is even), so that every per-page array reads as the kernel's `struct page`
+//! [`LargeFolio`] records, found through a side table indexed by `pfn / 4` (a folio of order 2
+//! or more starts at a multiple of 4; an order-1 folio starting at 2 mod 4 shares its slot
+//! with the one before it, so its record index sits in a small map instead), so that every per-page array reads as the kernel's `struct page`
 //! fields do: a tail page's refcount is 0. The records use the kernel's
 //! "minus one" encoding where the algorithms (include/linux/rmap.h, folio_add_large_mapcount(), v6.15)
 //! depend on it.
 //!
-//! 16 bytes per page (14 in the per-page arrays, 2 in the record index) plus one 32-byte
+//! 15 bytes per page (14 in the per-page arrays, 1 in the record index) plus one 32-byte
 //! record per large folio; the buddy allocator's free areas add about 0.26 byte per page.
 
 use crate::error::{Error, Result};
@@ -279,9 +280,11 @@ pub struct Memory {
     pub mapcount: Vec<i32>,
     pub refcount: Vec<i32>,
     pub token: Vec<u32>,
-    /// Large-folio records; `large_idx[head / 2]` is the index of a large folio's record.
+    /// Large-folio records; `large_idx[head / 4]` is the index of a large folio's record, or
+    /// for an order-1 folio whose head is 2 mod 4, `large_idx_odd[head]`.
     large: Vec<LargeFolio>,
     large_idx: Vec<u32>,
+    large_idx_odd: std::collections::HashMap<u64, u32>,
     large_free: Vec<u32>,
     /// Free blocks per order (buddy allocator).
     free: FreeAreas,
@@ -309,7 +312,7 @@ impl Memory {
         }
         let n = nr_pages as usize;
         // The five per-page arrays together, all written below.
-        crate::alloc::ensure_host_room(nr_pages as u128 * 16, "the page arrays of the simulated memory")?;
+        crate::alloc::ensure_host_room(nr_pages as u128 * 15, "the page arrays of the simulated memory")?;
         use crate::alloc::try_filled;
         let mut m = Memory {
             order: try_filled(n, FREE, "the page-order array")?,
@@ -318,7 +321,8 @@ impl Memory {
             refcount: try_filled(n, 0, "the refcount array")?,
             token: try_filled(n, 0, "the token array")?,
             large: Vec::new(),
-            large_idx: try_filled(n.div_ceil(2), 0, "the large-folio index")?,
+            large_idx: try_filled(n.div_ceil(4), 0, "the large-folio index")?,
+            large_idx_odd: Default::default(),
             large_free: Vec::new(),
             free: FreeAreas::new(nr_pages, max_order)?,
             free_pages: 0,
@@ -352,6 +356,7 @@ impl Memory {
             token: try_copy(&self.token, "the token array", t)?,
             large: try_copy(&self.large, "the large-folio records", t)?,
             large_idx: try_copy(&self.large_idx, "the large-folio index", t)?,
+            large_idx_odd: self.large_idx_odd.clone(),
             large_free: try_copy(&self.large_free, "the free large-folio records", t)?,
             free: self.free.try_clone(t)?,
             free_pages: self.free_pages,
@@ -483,7 +488,7 @@ impl Memory {
                     self.large.len() as u32 - 1
                 }
             };
-            self.large_idx[pfn as usize / 2] = idx;
+            self.set_large_idx(pfn, idx);
         }
     }
 
@@ -534,7 +539,11 @@ impl Memory {
         let order = self.folio_order(head);
         let n = 1u64 << order;
         if order > 0 {
-            self.large_free.push(self.large_idx[head as usize / 2]);
+            let idx = self.large_idx_of(head);
+            if head & 2 != 0 {
+                self.large_idx_odd.remove(&head);
+            }
+            self.large_free.push(idx);
         }
         self.fill_pages(head, n, FREE);
         self.free_pages += n;
@@ -591,13 +600,33 @@ impl Memory {
         if o == FREE || o == 0 || self.folio_head(head) != head {
             return None;
         }
-        self.large.get(self.large_idx[head as usize / 2] as usize)
+        self.large.get(self.large_idx_of(head) as usize)
+    }
+
+    /// The record index of the large folio at `head` (a folio of order 1 or more).
+    #[inline(always)]
+    fn large_idx_of(&self, head: u64) -> u32 {
+        if head & 2 == 0 {
+            self.large_idx[head as usize / 4]
+        } else {
+            // Only an order-1 folio starts at 2 mod 4; init_folio put its index here.
+            self.large_idx_odd.get(&head).copied().unwrap_or(u32::MAX)
+        }
+    }
+
+    #[inline(always)]
+    fn set_large_idx(&mut self, head: u64, idx: u32) {
+        if head & 2 == 0 {
+            self.large_idx[head as usize / 4] = idx;
+        } else {
+            self.large_idx_odd.insert(head, idx);
+        }
     }
 
     /// The record of an allocated large folio; callers only ask for folios they found
     /// allocated with order > 0, which always have one.
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
-        let idx = self.large_idx[head as usize / 2] as usize;
+        let idx = self.large_idx_of(head) as usize;
         &mut self.large[idx]
     }
 
@@ -614,7 +643,7 @@ impl Memory {
                 let (at, o) = (pfn, self.order[pfn as usize]);
                 pfn += if o == FREE { 1 } else { 1 << o };
                 if o != FREE && o > 0 {
-                    return Some((at, &self.large[self.large_idx[at as usize / 2] as usize]));
+                    return Some((at, &self.large[self.large_idx_of(at) as usize]));
                 }
             }
             None
@@ -630,6 +659,7 @@ impl Memory {
     pub fn state_bytes(&self) -> usize {
         self.order.len() * 14
             + self.large_idx.len() * 4
+            + self.large_idx_odd.capacity() * 16
             + self.large.capacity() * std::mem::size_of::<LargeFolio>()
             + self.free.bytes()
     }
@@ -681,6 +711,30 @@ mod tests {
         assert_eq!(m.alloc(0), Some(4));
         assert_eq!(m.alloc(0), None);
         assert!(!m.can_alloc(0));
+    }
+
+    /// Order-1 folios at 0 and 2 mod 4 share one slot of the record index: each keeps its
+    /// own record, through frees and reuse, beside larger folios.
+    #[test]
+    fn order1_records_beside_each_other() {
+        let mut m = Memory::new(64, 4, 1).unwrap();
+        let (a, b) = (m.alloc(1).unwrap(), m.alloc(1).unwrap());
+        assert_eq!((a, b), (0, 2));
+        let c = m.alloc(2).unwrap();
+        m.lf(a).pincount = 1;
+        m.lf(b).pincount = 2;
+        m.lf(c).pincount = 3;
+        assert_eq!([a, b, c].map(|h| m.large_folio(h).unwrap().pincount), [1, 2, 3]);
+        assert_eq!(m.large_folios().iter().map(|(h, lf)| (*h, lf.pincount)).collect::<Vec<_>>(), vec![(0, 1), (2, 2), (4, 3)]);
+        m.free(b);
+        assert!(m.large_folio(b).is_none() && m.large_idx_odd.is_empty());
+        assert_eq!(m.large_folio(a).unwrap().pincount, 1);
+        // The freed record is reused, fresh, by the next large folio.
+        let d = m.alloc(1).unwrap();
+        assert_eq!(d, 2);
+        assert_eq!(m.large_folio(d).unwrap().pincount, 0);
+        assert_eq!(m.large_folio(a).unwrap().pincount, 1);
+        assert_eq!(m.large_folio(c).unwrap().pincount, 3);
     }
 
     /// The allocator as the reference keeps it (python/ptebatch/reference/sim/memory.py):

@@ -840,8 +840,8 @@ impl State {
         let ptes: u64 = self.mms.iter().flat_map(|m| &m.vmas).map(|v| v.ptes.len() as u64 * 8).sum();
         let files: u64 = self.files.iter().map(|f| std::mem::size_of_val(&f.cache[..]) as u64).sum();
         let pins: u64 = self.pins.iter().map(|p| p.pfns.len() as u64 * 8).sum();
-        // order, flags, mapcount, refcount, token and the large-folio index: 16 bytes a page.
-        self.mem.nr_pages() * 16 + ptes + files + pins
+        // order, flags, mapcount, refcount, token and the large-folio index: 15 bytes a page.
+        self.mem.nr_pages() * 15 + ptes + files + pins
     }
 
     pub fn try_clone(&self) -> Result<State> {
