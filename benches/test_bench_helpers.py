@@ -4,7 +4,9 @@ bytes between two arrays larger than the cache.
 Sizes: ``PTEBATCH_BENCH_HELPER_PTES`` entries (default 4 Mi, a CI smoke size; the issue's figure
 is 10**8: ``PTEBATCH_BENCH_HELPER_PTES=100000000``). ``copy_pte_range`` forks a table of 2M
 folios (512 pages each) whose pages are all distinct, so its count arrays have one entry per
-PTE (38 bytes each: about 3.8 GB at 10**8).
+PTE (38 bytes each: about 3.8 GB at 10**8). Its row has two baselines: the copy of as many
+uint64 as PTEs, and (row "13 B/PTE") a copy of the bytes it reads per PTE: the entry, the
+page's mapcount and its flags (it also writes the child's entry).
 
     PTEBATCH_BENCH_HELPER_PTES=100000000 .venv/bin/python -m pytest -q benches/test_bench_helpers.py \
         --benchmark-only -p no:cacheprovider
@@ -46,6 +48,19 @@ def test_numpy_copy(benchmark, copy_arrays):
         for what in ("set_ptes", "wrprotect_ptes", "clear_full_ptes", "get_and_clear_full_ptes"):
             record(benchmark, f"{what} {layout}", "numpy_copy", N)
     record(benchmark, "copy_pte_range 2M", "numpy_copy", N)
+
+
+def test_numpy_copy_fork_bytes(benchmark):
+    """The bytes ``copy_pte_range`` of 2M folios reads per PTE, copied: the parent's entry
+    (8 bytes), the page's mapcount (4) and its flags (1); the second baseline of its row."""
+    arrays = [(np.arange(N, dtype=d), np.empty(N, d)) for d in (np.uint64, np.int32, np.uint8)]
+
+    def copy():
+        for src, dst in arrays:
+            np.copyto(dst, src)
+
+    benchmark.pedantic(copy, rounds=5, iterations=1)
+    record(benchmark, "copy_pte_range 2M, 13 B/PTE", "numpy_copy", N)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -111,3 +126,4 @@ def test_copy_pte_range_2m(benchmark):
     benchmark.pedantic(lambda: H.copy_pte_range(src, dst, counts, layout="x86-64", kernel=KERNEL, dst_mm_id=2),
                        setup=setup, rounds=3, iterations=1)
     record(benchmark, "copy_pte_range 2M", "rust", N)
+    record(benchmark, "copy_pte_range 2M, 13 B/PTE", "rust", N)
