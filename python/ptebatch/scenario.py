@@ -46,11 +46,11 @@ class ScenarioError(ValueError):
 COUNTERS = ("refcount_atomics", "mapcount_updates", "rmap_calls", "pte_reads", "pte_writes",
             "tlb_flush_ranges", "tlb_flush_pages", "folio_pte_batch_calls", "batches", "pages_copied",
             "folios_allocated", "folios_freed", "faults", "cow_copies", "cow_reuses",
-            "fork_eagain_retries", "pins", "deferred_splits")
+            "fork_eagain_retries", "pins", "deferred_splits", "pmd_copies", "pmd_zaps", "pmd_splits")
 
 #: The fields of every result row, in this order (JSON keys, CSV columns).
 ROW_FIELDS = ("scenario", "case", "kernel", "batching", "step", "iteration", "op", "process", "vma",
-              "ptes", *COUNTERS, "batched_ptes", "free_pages")
+              "ptes", *COUNTERS, "batched_ptes", "free_pages", "pages_freed")
 
 OPS = ("touch", "write", "read", "fork", "pin", "unpin", "munmap", "mprotect", "madvise", "exit",
        "check", "repeat")
@@ -767,7 +767,7 @@ class _Run:
                     yield from self.steps(s.body, i)
                 continue
             self.serial += 1
-            before = self.sim.stats
+            before, free = self.sim.stats, self.sim.free_pages
             try:
                 ptes = self.do(s, iteration)
                 self.sim.check()
@@ -779,7 +779,7 @@ class _Run:
                            + (f", iteration {iteration}" if iteration else ""))
                 raise
             after = self.sim.stats
-            yield self.row(s.label, iteration, s.op, s.process or "", s.vma or "", ptes, before, after)
+            yield self.row(s.label, iteration, s.op, s.process or "", s.vma or "", ptes, before, after, free)
 
     def do(self, s: Step, iteration: int) -> int:
         page = self.sim.page_size
@@ -837,7 +837,7 @@ class _Run:
         return np.sort(rng.choice(n, size=k, replace=False))
 
     def row(self, step: str, iteration: int, op: str, process: str, vma: str, ptes: int,
-            before: dict, after: dict) -> dict[str, Any]:
+            before: dict, after: dict, free_before: int) -> dict[str, Any]:
         r: dict[str, Any] = {"scenario": self.sc.name, "case": self.case.label, "kernel": self.kernel,
                              "batching": self.batching, "step": step, "iteration": iteration, "op": op,
                              "process": process, "vma": vma, "ptes": ptes}
@@ -847,6 +847,7 @@ class _Run:
                                                         fillvalue=0)]
         r["batched_ptes"] = sum(i * h for i, h in enumerate(hist))
         r["free_pages"] = self.sim.free_pages
+        r["pages_freed"] = self.sim.free_pages - free_before
         return r
 
 
@@ -882,7 +883,7 @@ def _run_one(sc: Scenario, case: Case, kernel: str, batching: bool) -> tuple[Sim
     total: dict[str, Any] = {k: "" for k in ROW_FIELDS}
     total.update(scenario=sc.name, case=case.label, kernel=kernel, batching=batching, step="total",
                  iteration=0, op="total", free_pages=r.sim.free_pages)
-    for k in ("ptes", *COUNTERS, "batched_ptes"):
+    for k in ("ptes", *COUNTERS, "batched_ptes", "pages_freed"):
         total[k] = sum(row[k] for row in rows)
     return r.sim, rows + [total]
 

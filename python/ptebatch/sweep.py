@@ -232,7 +232,7 @@ def _snapshot_rows(p: Point) -> list[dict[str, Any]]:
     for i, pid in enumerate(sorted(procs), 1):
         proc = procs[pid]
         mapped = sum((m["end"] - m["start"]) // page for m in proc.vmas())
-        before = sim.stats
+        before, free = sim.stats, sim.free_pages
         proc.fork()
         sim.check()
         after = sim.stats
@@ -245,11 +245,12 @@ def _snapshot_rows(p: Point) -> list[dict[str, Any]]:
                                                         before["batch_histogram"], fillvalue=0)]
         row["batched_ptes"] = sum(n * h for n, h in enumerate(hist))
         row["free_pages"] = sim.free_pages
+        row["pages_freed"] = sim.free_pages - free
         rows.append(row)
     total: dict[str, Any] = {k: "" for k in ROW_FIELDS}
     total.update(scenario=p.name, case="", kernel=p.kernel, batching=True, step="total",
                  iteration=0, op="total", free_pages=sim.free_pages)
-    for k in ("ptes", *COUNTERS, "batched_ptes"):
+    for k in ("ptes", *COUNTERS, "batched_ptes", "pages_freed"):
         total[k] = sum(r[k] for r in rows)
     return rows + [total]
 
