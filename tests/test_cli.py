@@ -249,13 +249,43 @@ def test_demo_runs_every_folio_size_of_the_arch(capsys, arch):
     assert code == 0 and "Traceback" not in err, err
     rows = [line.split() for line in out.splitlines()]
     seen = {r[0] for r in rows if len(r) == 8 and r[1] in ("6.8", pb.NEWEST_KERNEL)}
-    assert seen == {pb.format_size(s) for s in folio_sizes(arch)}, out
+    assert seen == {pb.format_size(s) for s in folio_sizes(arch)} | {pb.format_size(pmd) + "-pmd"}, out
     page = pb.layout(arch).page_size
     for r in rows:
-        if len(r) == 8 and r[1] == pb.NEWEST_KERNEL:
+        if len(r) == 8 and r[1] == pb.NEWEST_KERNEL and r[0].endswith("-pmd"):
+            # PMD THPs: no PTE written, no batch; one refcount atomic per PMD.
+            assert int(r[3]) == 0 and float(r[4]) == pytest.approx(page / pmd, rel=1e-3) and float(r[6]) == 0, r
+        elif len(r) == 8 and r[1] == pb.NEWEST_KERNEL:
             size = pb.parse_size(r[0])
             # One batch per folio: the row ran folios of the size it names.
             assert int(r[2]) == region // page and int(r[3]) == region // size, r
+
+
+def test_demo_pmd_row(capsys):
+    """The region mapped by PMD THPs (the THP default), beside the PTE-mapped sizes: one PMD
+    copied per 2M under every kernel, so no batch and a ratio of 1."""
+    rows = fork_study("8M", ["2M"], ["6.8", "7.0"], pmd=True)
+    assert [(r.label, r.kernel, r.pmd_copies, r.batches, r.pte_writes, r.refcount_atomics) for r in rows] == [
+        ("2M", "6.8", 0, 2048, 4096, 2048), ("2M", "7.0", 0, 4, 4096, 4),
+        ("2M-pmd", "6.8", 4, 0, 0, 4), ("2M-pmd", "7.0", 4, 0, 0, 4)]
+    code, out, err = _run(capsys, ["demo", "--region", "8M", "--kernel", "6.8,7.0"])
+    assert code == 0, err
+    table = _table(out)
+    pmd = [l for l in table if l[0] == "2M-pmd"]
+    assert [l[1] for l in pmd] == ["6.8", "7.0"] and all(l[3] == "0" for l in pmd), out
+    after = table[table.index(pmd[1]) + 1]
+    assert after[:3] == ["ratio", "-", "1x"], out
+    # With --size, only the sizes asked for, unless --pmd; --no-pmd leaves it out.
+    code, out, err = _run(capsys, ["demo", "--region", "8M", "--size", "64K"])
+    assert code == 0 and "2M-pmd" not in out, err
+    code, out, err = _run(capsys, ["demo", "--region", "8M", "--size", "64K", "--pmd"])
+    assert code == 0 and "2M-pmd" in out, err
+    code, out, err = _run(capsys, ["demo", "--region", "8M", "--no-pmd"])
+    assert code == 0 and not any(l[0] == "2M-pmd" for l in _table(out)), err
+    code, out, err = _run(capsys, ["demo", "--region", "1M", "--pmd"])
+    assert code == 2 and out == "" and "--pmd" in err and "not a multiple of the 2M PMD size" in err
+    with pytest.raises(ValueError, match="PMD size"):
+        fork_study("1M", ["4K"], ["7.0"], pmd=True)
 
 
 def test_demo_leaves_out_sizes_that_do_not_divide_the_region(capsys):
@@ -532,14 +562,14 @@ def test_defaults_model_the_newest_kernel(capsys, monkeypatch):
     the other cuts are compared with, and has 6.8 and one kernel per folio_pte_batch() form."""
     seen = []
 
-    def study(region, sizes, kernels, arch, progress=None):
-        seen.append((region, sizes, kernels, arch))
+    def study(region, sizes, kernels, arch, progress=None, pmd=False):
+        seen.append((region, sizes, kernels, arch, pmd))
         return []
 
     monkeypatch.setattr(cli, "fork_study", study)
     monkeypatch.setattr(cli, "format_fork_study", lambda rows, kernels, predicted=None: "")
     assert cli.main(["demo"]) == 0 and cli.main(["--debug", "demo", "-q"]) == 0
-    assert seen[0] == seen[1] == (1 << 30, folio_sizes("x86-64"), ["6.8", pb.NEWEST_KERNEL], "x86-64")
+    assert seen[0] == seen[1] == (1 << 30, folio_sizes("x86-64"), ["6.8", pb.NEWEST_KERNEL], "x86-64", True)
     assert cli.COMPARED_KERNELS == ("6.8", pb.NEWEST_KERNEL)
     assert cli.BATCHES_KERNELS[0] == "6.8" and cli.BATCHES_KERNELS[-1] == pb.NEWEST_KERNEL
     forms = {pb.fpb_form(k) for k in pb.KERNEL_VERSIONS}

@@ -82,15 +82,20 @@ def test_nnls_rejects_bad_shapes():
 # -- the simulated counterpart of a calibration ---------------------------------------------------
 
 @pytest.mark.parametrize("kernel", ["6.8", "6.18"])
-@pytest.mark.parametrize("folio", [4096, 64 << 10, 2 << 20])
-def test_features_are_linear_in_the_region(kernel, folio):
+@pytest.mark.parametrize("folio, pmd", [(4096, False), (64 << 10, False), (2 << 20, False), (2 << 20, True)])
+def test_features_are_linear_in_the_region(kernel, folio, pmd):
     """What lets the fit simulate a few PMDs and scale to the calibrated region."""
-    small = cost.simulate_case("x86-64", kernel, folio, 4 << 20)
-    large = cost.simulate_case("x86-64", kernel, folio, 32 << 20)
+    small = cost.simulate_case("x86-64", kernel, folio, 4 << 20, pmd)
+    large = cost.simulate_case("x86-64", kernel, folio, 32 << 20, pmd)
     for model, (features, ops) in cost.MODELS.items():
+        extra = (cost.PMD_TERMS[model][0],) if model in cost.PMD_TERMS else ()
         for op in ops:
-            for f in features:
+            for f in features + extra:
                 assert large[op][f] == 8 * small[op][f], (model, op, f)
+    # A PMD THP is mapped, copied and zapped by its PMD alone; PTE-mapped folios by PTEs.
+    assert (small["fork"]["pmd_copies"] > 0) == pmd and (small["fork"]["pte_writes"] > 0) != pmd
+    assert (small["parent-munmap"]["pmd_zaps"] > 0) == pmd
+    assert small["faults"]["pages_allocated"] == (4 << 20) // 4096
     # Some counters are not (fork's one TLB flush), and the fit leaves them out.
     assert small["fork"]["tlb_flush_ranges"] == large["fork"]["tlb_flush_ranges"] == 1
 
@@ -111,10 +116,11 @@ def _synthetic(cal: dict, coefs: dict[str, dict[str, float]]) -> dict:
 
 
 def test_fit_recovers_coefficients_from_a_synthetic_calibration(shipped):
-    coefs = {"fork": {"pte_writes": 20.0, "batches": 55.0},
-             "munmap": {"pte_writes": 12.0, "batches": 40.0, "folios_freed": 150.0, "pages_freed": 9.0},
-             "exit": {"pte_writes": 15.0, "batches": 0.0},
-             "faults": {"pte_writes": 700.0, "faults": 1500.0}}
+    coefs = {"fork": {"pte_writes": 20.0, "batches": 55.0, "pmd_copies": 900.0},
+             "munmap": {"pte_writes": 12.0, "batches": 40.0, "folios_freed": 150.0, "pages_freed": 9.0,
+                        "pmd_zaps": 700.0},
+             "exit": {"pte_writes": 15.0, "batches": 0.0, "pmd_zaps": 300.0},
+             "faults": {"pte_writes": 100.0, "faults": 1500.0, "pages_allocated": 600.0}}
     syn = _synthetic(shipped, coefs)
     for estimator in cost.ESTIMATORS:
         model = cost.fit(syn, estimator=estimator)
@@ -126,7 +132,9 @@ def test_fit_recovers_coefficients_from_a_synthetic_calibration(shipped):
             assert np.isfinite(model.ops[name].condition)
     # Fitted on half the sizes, the other half is predicted exactly too.
     _, rows = cost.held_out(syn)
-    assert {r.folio_size for r in rows if r.held_out} == set(cost.HELD_OUT_SIZES)
+    assert {r.folio_size for r in rows if r.held_out} == {*cost.HELD_OUT_SIZES, "2M-pmd"}
+    # The parent's munmap of PMD THPs is the one PMD case predicted rather than fitted.
+    assert [r.operation for r in rows if r.held_out and r.folio_size == "2M-pmd"] == ["parent-munmap"]
     for r in rows:
         assert r.predicted_ns_per_pte == pytest.approx(r.measured_ns_per_pte, rel=1e-6)
     assert "target met" in cost.format_held_out(rows) and "missed" not in cost.format_held_out(rows)
@@ -135,8 +143,12 @@ def test_fit_recovers_coefficients_from_a_synthetic_calibration(shipped):
 def test_fit_of_the_shipped_calibration(shipped):
     model = cost.fit()
     assert model.calibration["kernel"] == "6.18" and model.calibration["arch"] == "x86-64"
-    assert any("2M-pmd" in n and "no term for PMD mappings" in n for n in model.notes)
-    assert all("2M-pmd" not in c for f in model.ops.values() for c in f.fitted_on)
+    assert not model.notes
+    # PMD terms rest on the PMD-mapped cases: the parent's munmap of them is predicted only.
+    assert "2M-pmd fork" in model.ops["fork"].fitted_on and "2M-pmd faults" in model.ops["faults"].fitted_on
+    assert "2M-pmd child-munmap" in model.ops["munmap"].fitted_on
+    assert "2M-pmd parent-munmap" not in model.ops["munmap"].fitted_on
+    assert model.ops["fork"].coef_ns["pmd_copies"] > 0 and model.ops["munmap"].coef_ns["pmd_zaps"] > 0
     # With a batching kernel, refcount atomics and rmap calls are one per batch: folded in.
     assert {"refcount_atomics", "rmap_calls"} <= set(model.ops["fork"].aliases)
     for f in model.ops.values():
@@ -159,13 +171,12 @@ def test_predict_scenario_json_matches_the_counters(capsys):
     rows = scenario.run(scenario.load(MATRIX, scenario.parse_set(TINY[1::2])), ["6.8", "6.18"])
     steps = [r for r in rows if r["step"] != "total"]
     assert len(doc["rows"]) == len(steps)
-    free = None
     for p, r in zip(doc["rows"], steps):
         assert (p["kernel"], p["op"], p["ptes"]) == (r["kernel"], r["op"], r["ptes"])
-        freed = 0 if r["step"] == "1" else r["free_pages"] - free
-        free = r["free_pages"]
+        freed = r["pages_freed"]
         name = {"touch": "faults"}.get(r["op"], r["op"])
-        want = sum(c * (freed if f == "pages_freed" else r[f]) for f, c in coef[name].items())
+        feats = dict(r, pages_freed=freed, pages_allocated=max(0, -freed))
+        want = sum(c * feats[f] for f, c in coef[name].items())
         if name == "exit" and r["folios_freed"]:
             z = coef["munmap"]
             want += z["folios_freed"] * r["folios_freed"] + z["pages_freed"] * freed
@@ -190,16 +201,19 @@ def test_predict_text_marks_what_it_cannot_predict(capsys, tmp_path):
     fork = next(line for line in lines if " fork " in line)
     assert all(float(x) > 0 for x in fork.split()[-2:])
     assert "- = not predicted: mprotect: mprotect is not calibrated" in out
-    assert "columns:" in out and "no term for PMD mappings" in out
+    assert "columns:" in out and "or by PMDs" in out
 
 
 def test_predict_demo_and_snapshot(capsys, tmp_path):
     code, out, err = _run(capsys, "predict", "--demo", "--region", "4MiB", "--json")
     assert code == 0, err
     rows = json.loads(out)["rows"]
-    assert {r["step"] for r in rows} == {"4K", "16K", "32K", "64K", "128K", "256K", "512K", "1M", "2M"}
+    assert {r["step"] for r in rows} == {"4K", "16K", "32K", "64K", "128K", "256K", "512K", "1M", "2M", "2M-pmd"}
     assert {r["kernel"] for r in rows} == {"6.8", pb.NEWEST_KERNEL}
     assert all(r["ns"] > 0 and r["ptes"] == 1024 for r in rows)
+    # PMD THPs: one copy_huge_pmd() per 2M, far cheaper than 512 PTEs, the same in both kernels.
+    ns = {(r["step"], r["kernel"]): r["ns"] for r in rows}
+    assert ns[("2M-pmd", "6.8")] == ns[("2M-pmd", pb.NEWEST_KERNEL)] < ns[("2M", pb.NEWEST_KERNEL)] / 5
 
     sim = pb.Simulation("x86-64", "6.18", "64M")
     p = sim.spawn()
@@ -238,7 +252,7 @@ def test_held_out_command(capsys):
     assert code == 0, err
     for op in ("fork", "child-exit", "child-munmap", "parent-munmap", "faults"):
         assert f"== {op} " in out
-    assert "16K*" in out and "2M-pmd" not in out.split("note:")[0]
+    assert "16K*" in out and " 2M-pmd " in out and "2M-pmd*" in out
     assert "seed series" in out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import ptebatch as pb
 from ptebatch import report
 from ptebatch.study import (MAX_REGION, Progress, check_folio_size, check_region, folio_sizes,
-                            fork_study, fork_study_legend, format_fork_study, predicted_legend)
+                            fork_study, pmd_size, fork_study_legend, format_fork_study, predicted_legend)
 from ptebatch.tables import mixed_table, unbacked_pfns
 
 #: 6.8 (per-PTE fork), one kernel per folio_pte_batch() form, and the newest (the reference the
@@ -184,17 +184,25 @@ def demo(args: argparse.Namespace) -> int:
         skipped = [pb.format_size(s) for s in every if region % s]
         if skipped:
             notes.append(f"skipped folio sizes that do not divide the region: {', '.join(skipped)}")
+    pmd = args.pmd
+    if pmd is None:
+        # By default as every folio size: where it divides the region, unless --size chose.
+        pmd = not args.size and region % pmd_size(args.arch) == 0
+    elif pmd and region % pmd_size(args.arch):
+        _bad(args, "--pmd", f"the {pb.format_size(region)} region is not a multiple of the "
+                            f"{pb.format_size(pmd_size(args.arch))} PMD size")
     if args.plot:
         report.check_plot_dir(args.plot)
     print(f"ptebatch {pb.__version__}: fork() of {pb.format_size(region)} of written private anonymous "
-          f"memory on {args.arch}, one folio size at a time (PTE-mapped), under {', '.join(kernels)}")
+          f"memory on {args.arch}, one folio size at a time (PTE-mapped"
+          f"{', then PMD THPs' if pmd else ''}), under {', '.join(kernels)}")
     for note in notes:
         print(f"note: {note}")
     print("the counters are the kernel's work in the fork alone\n")
     sys.stdout.flush()
     t0 = time.perf_counter()
-    with _progress(args, len(sizes) * len(kernels), "fork study") as bar:
-        rows = fork_study(region, sizes, kernels, args.arch, progress=bar)
+    with _progress(args, (len(sizes) + pmd) * len(kernels), "fork study") as bar:
+        rows = fork_study(region, sizes, kernels, args.arch, progress=bar, pmd=pmd)
     predicted, provenance = _fork_predictions(rows, args.arch)
     if provenance is None and predicted is None:
         notes_after = ["no predicted kernel time: the shipped calibration is of another architecture"]
@@ -210,13 +218,13 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\nsim.check() passed after each of the {len(rows)} forks; "
           f"{time.perf_counter() - t0:.2f} s in all")
     if args.measure:
-        _measure_forks(args, region, sizes)
+        _measure_forks(args, region, sizes, pmd)
     if args.plot:
         report.print_plots(report.fork_study_plots(rows, args.plot, region, args.arch))
     return 0
 
 
-def _measure_forks(args: argparse.Namespace, region: int, sizes: list[int]) -> None:
+def _measure_forks(args: argparse.Namespace, region: int, sizes: list[int], pmd_row: bool = False) -> None:
     """``demo --measure``: the running kernel's fork per folio size, timed as ``ptebatch
     calibrate`` times it, beside what the cost model predicts for that kernel's counters."""
     from ptebatch import calibrate, cost
@@ -228,14 +236,17 @@ def _measure_forks(args: argparse.Namespace, region: int, sizes: list[int]) -> N
     pmd = calibrate._pmd_size()
     offered = {s.label: s for s in calibrate.available_sizes()}
     want = [offered.get(pb.format_size(n) + ("-pte" if n == pmd else "")) for n in sizes]
+    if pmd_row:
+        want.append(offered.get(pb.format_size(pmd) + "-pmd"))
     folios = [f for f in want if f is not None]
     if not folios:
         raise pb.CaptureError("the running kernel offers none of these folio sizes")
     with _progress(args, 1, "measuring the running kernel") as bar:
         cal = calibrate.calibrate(region, args.measure, folios, progress=lambda line: bar.update(0, line))
-        rows = fork_study(region, [f.bytes for f in folios], [running], args.arch)
+        rows = fork_study(region, [f.bytes for f in folios if not f.pmd], [running], args.arch,
+                          pmd=any(f.pmd for f in folios))
     model = cost.fit()
-    fork = {r["folio_bytes"]: r for r in cal["measurements"] if r["operation"] == "fork"}
+    fork = {(r["folio_bytes"], r["mapping"] == "pmd"): r for r in cal["measurements"] if r["operation"] == "fork"}
     gib = (1 << 30) / region
     print(f"\nmeasured: fork() on this machine's kernel {os.uname().release} ({running}), median of "
           f"{args.measure}, bare fork subtracted; predicted: the cost model on {running}'s counters")
@@ -246,13 +257,13 @@ def _measure_forks(args: argparse.Namespace, region: int, sizes: list[int]) -> N
 
     base_m = base_p = None
     for r in rows:
-        m = fork.get(r.size)
+        m = fork.get(r.key)
         meas = (m["median_ns"] - m["baseline_ns"]) / 1e6 * gib if m else None
-        ns, _ = cost.predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})
+        ns, _ = cost.predict_row(model, "fork", r.cost_counters)
         pred = ns / 1e6 * gib if ns is not None else None
         base_m = meas if base_m is None else base_m
         base_p = pred if base_p is None else base_p
-        print(f"{pb.format_size(r.size):>6} {cell(meas, base_m, 15)} {cell(pred, base_p, 16)}")
+        print(f"{r.label:>6} {cell(meas, base_m, 15)} {cell(pred, base_p, 16)}")
     unverified = [m["folio_size"] for m in fork.values() if not m.get("folios_verified", True)]
     if unverified:
         print(f"note: the folio sizes of {', '.join(unverified)} could not be verified; those rows are doubtful")
@@ -267,8 +278,7 @@ def _fork_predictions(rows: list, arch: str) -> tuple[dict | None, str | None]:
     cal = model.calibration
     if cal.get("arch") != arch:
         return None, None
-    pred = {(r.size, r.kernel): cost.predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})[0]
-            for r in rows}
+    pred = {(r.key, r.kernel): cost.predict_row(model, "fork", r.cost_counters)[0] for r in rows}
     return pred, f"{cal.get('kernel_release')} on {cal.get('cpu_model')}, {cal.get('date')} (shipped; noisy)"
 
 
@@ -601,6 +611,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--arch", default="x86-64", choices=pb.LAYOUT_NAMES, metavar="LAYOUT",
                    help=f"page table layout of the simulated machine: {', '.join(pb.LAYOUT_NAMES)} "
                         f"(default x86-64)")
+    f.add_argument("--pmd", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fork the region mapped by PMD THPs, the THP default (default: yes "
+                        "when --size is not given and the PMD size divides the region)")
     f.add_argument("--measure", type=_int_in(1, 100), nargs="?", const=3, metavar="REPEAT",
                    help="also time the running kernel's fork per folio size (root; sets the mTHP "
                         "controls and restores them, as 'ptebatch calibrate'), REPEAT times (default 3), "

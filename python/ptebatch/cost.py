@@ -31,14 +31,26 @@ SHIPPED_CALIBRATION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 #: Per model: the counters it is linear in, and the calibrated operations it is fitted to. With
 #: a batching kernel every large folio is one batch, one refcount atomic, one rmap call and one
 #: folio_pte_batch() call, so those counters are collinear: ``batches`` stands for them all.
-#: Per PTE, ``pte_writes`` stands for the reads, the writes and the per-page mapcounts.
+#: Per PTE, ``pte_writes`` stands for the reads, the writes and the per-page mapcounts. A fault's
+#: zeroing is per page allocated, which only a PMD fault (no PTE written) tells apart from the
+#: PTE writes, so the faults model is fitted to PTE- and PMD-mapped cases together.
 MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fork": (("pte_writes", "batches"), ("fork",)),
     # The child's munmap frees nothing, the parent's frees every folio: fitted together, they
     # tell the zap's own cost from the freeing's.
     "munmap": (("pte_writes", "batches", "folios_freed", "pages_freed"), ("child-munmap", "parent-munmap")),
     "exit": (("pte_writes", "batches"), ("child-exit",)),
-    "faults": (("pte_writes", "faults"), ("faults",)),
+    "faults": (("pte_writes", "faults", "pages_allocated"), ("faults",)),
+}
+
+#: The PMD term of a model, fitted in a second stage, with the PTE-mapped costs fixed, on the
+#: PMD-mapped cases of the operations that hold that term and nothing else new: a PMD zap is
+#: costed on the child's munmap (nothing freed), so the parent's munmap of PMD THPs, which
+#: adds the freeing, is predicted, not fitted.
+PMD_TERMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fork": ("pmd_copies", ("fork",)),
+    "munmap": ("pmd_zaps", ("child-munmap",)),
+    "exit": ("pmd_zaps", ("child-exit",)),
 }
 
 #: What each model predicts, in the words of the legend.
@@ -56,8 +68,9 @@ ESTIMATORS = {"min": "ns_per_pte_min", "median": "ns_per_pte"}
 #: The last kernel without PTE batching of fork and zap.
 PER_PTE_KERNEL = "6.8"
 
-#: The held-out check: fit on these folio sizes, predict the others.
-FIT_SIZES = ("4K", "32K", "128K", "512K", "2M-pte")
+#: The held-out check: fit on these folio sizes, predict the others. 2M-pmd, the only PMD-mapped
+#: case, is always fitted: it alone sets the PMD terms.
+FIT_SIZES = ("4K", "32K", "128K", "512K", "2M-pte", "2M-pmd")
 HELD_OUT_SIZES = ("16K", "64K", "256K", "1M")
 
 #: The seed series' published changes (fork and munmap of PTE-mapped THPs, per folio size):
@@ -181,23 +194,27 @@ def calibration_kernel(cal: dict) -> str:
 SIM_PMDS = 4
 
 
-def simulate_case(arch: str, kernel: str, folio_bytes: int, region: int) -> dict[str, dict[str, int]]:
+def simulate_case(arch: str, kernel: str, folio_bytes: int, region: int, pmd: bool = False) -> dict[str, dict[str, int]]:
     """Per calibrated operation, the counters the simulation gives for it: ``region`` bytes of
-    written private anonymous memory in folios of ``folio_bytes`` (PTE-mapped), as the
-    calibration's worker does it."""
+    written private anonymous memory in folios of ``folio_bytes`` (PTE-mapped, or with ``pmd``
+    PMD-mapped THPs), as the calibration's worker does it."""
     out: dict[str, dict[str, int]] = {}
 
     def counters(sim: Simulation, before_free: int) -> dict[str, int]:
         st = sim.last_stats
         c = {k: int(v) for k, v in st.items() if isinstance(v, int)}
         c["pages_freed"] = sim.free_pages - before_free
+        c["pages_allocated"] = max(0, before_free - sim.free_pages)
         return c
 
     memory = 3 * region + (16 << 20)
     for round_ in ("exit", "munmap"):
         sim = Simulation(arch, kernel, -(-memory // folio_bytes) * folio_bytes)
         p = sim.spawn()
-        v = p.mmap(region, mthp=[folio_bytes] if folio_bytes > sim.page_size else [])
+        if pmd:
+            v = p.mmap(region, pmd=True)
+        else:
+            v = p.mmap(region, mthp=[folio_bytes] if folio_bytes > sim.page_size else [])
         free = sim.free_pages
         p.touch(v.start, v.length, write=True)
         out["faults"] = counters(sim, free)
@@ -218,12 +235,12 @@ def simulate_case(arch: str, kernel: str, folio_bytes: int, region: int) -> dict
     return out
 
 
-def _proportional(arch: str, kernel: str, folio_bytes: int, region: int) -> dict[str, dict[str, int]]:
+def _proportional(arch: str, kernel: str, folio_bytes: int, region: int, pmd: bool = False) -> dict[str, dict[str, int]]:
     """``simulate_case`` with only the counters that double when the region does (fork's one
     TLB flush does not), so that scaling them to the calibrated region is exact; every
     feature must be among them."""
-    one = simulate_case(arch, kernel, folio_bytes, region)
-    two = simulate_case(arch, kernel, folio_bytes, 2 * region)
+    one = simulate_case(arch, kernel, folio_bytes, region, pmd)
+    two = simulate_case(arch, kernel, folio_bytes, 2 * region, pmd)
     out = {}
     for op, counters in one.items():
         out[op] = {k: v for k, v in counters.items() if 2 * v == two[op][k]}
@@ -243,11 +260,13 @@ class Case:
     ptes: int
     ns_per_pte: float
     features: dict[str, float]
+    #: "pte" or "pmd": how the calibrated region was mapped.
+    mapping: str = "pte"
 
 
 def cases(cal: dict, estimator: str = "min", kernel: str | None = None) -> tuple[list[Case], list[str]]:
-    """The calibration's PTE-mapped measurements with their simulated counters (under
-    ``kernel``, default the calibrated one), and notes on what was left out."""
+    """The calibration's measurements (PTE- and PMD-mapped) with their simulated counters
+    (under ``kernel``, default the calibrated one), and notes on what was left out."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r}: choose from {', '.join(ESTIMATORS)}")
     arch, kernel = calibration_arch(cal), kernel or calibration_kernel(cal)
@@ -258,25 +277,28 @@ def cases(cal: dict, estimator: str = "min", kernel: str | None = None) -> tuple
     if region % sim_region:
         sim_region = region
     scale = region / sim_region
-    by_size: dict[int, dict[str, dict[str, int]]] = {}
+    by_size: dict[tuple[int, bool], dict[str, dict[str, int]]] = {}
     out: list[Case] = []
-    skipped = sorted({m["folio_size"] for m in cal["measurements"] if m["mapping"] != "pte"})
+    skipped = sorted({f"{m['folio_size']} ({m['mapping']})" for m in cal["measurements"]
+                      if m["mapping"] not in ("pte", "pmd") or m["mapping"] == "pmd" and m["folio_bytes"] != pmd})
     if skipped:
-        notes.append(f"left out {', '.join(skipped)}: the cost model has no term for PMD mappings yet")
+        notes.append(f"left out {', '.join(skipped)}: only PTE mappings and PMD mappings of the PMD size are modelled")
     ops = {op for _, fitted in MODELS.values() for op in fitted}
     for m in cal["measurements"]:
-        if m["mapping"] != "pte" or m["operation"] not in ops:
+        if m["mapping"] not in ("pte", "pmd") or m["operation"] not in ops:
+            continue
+        if m["mapping"] == "pmd" and m["folio_bytes"] != pmd:
             continue
         if m.get("folios_verified") is False:
             notes.append(f"left out {m['folio_size']} {m['operation']}: its folios were not verified")
             continue
-        fb = m["folio_bytes"]
-        if fb not in by_size:
-            by_size[fb] = _proportional(arch, kernel, fb, sim_region)
-        counters = by_size[fb][m["operation"]]
+        key = (m["folio_bytes"], m["mapping"] == "pmd")
+        if key not in by_size:
+            by_size[key] = _proportional(arch, kernel, key[0], sim_region, key[1])
+        counters = by_size[key][m["operation"]]
         ptes = m["ptes"]
         feats = {k: v * scale / ptes for k, v in counters.items()}
-        out.append(Case(m["folio_size"], m["operation"], ptes, float(m[ESTIMATORS[estimator]]), feats))
+        out.append(Case(m["folio_size"], m["operation"], ptes, float(m[ESTIMATORS[estimator]]), feats, m["mapping"]))
     return out, notes
 
 
@@ -333,6 +355,10 @@ def fit_cases(all_cases: Sequence[Case], sizes: Iterable[str] | None = None) -> 
     fits = {}
     for name, (features, ops) in MODELS.items():
         rows = [c for c in all_cases if c.operation in ops and (keep is None or c.folio_size in keep)]
+        pmd_rows: list[Case] = []
+        if name in PMD_TERMS:
+            pmd_rows = [c for c in rows if c.mapping == "pmd" and c.operation in PMD_TERMS[name][1]]
+            rows = [c for c in rows if c.mapping == "pte"]
         if not rows:
             continue
         A, b = _design(rows, features)
@@ -354,20 +380,33 @@ def fit_cases(all_cases: Sequence[Case], sizes: Iterable[str] | None = None) -> 
             r = np.linalg.lstsq(A, col, rcond=None)[0]
             if np.allclose(A @ r, col, rtol=1e-9, atol=1e-9 * np.abs(col).max()):
                 aliases.append(k)
-        fits[name] = OpFit(name, features, {f: float(v) for f, v in zip(features, x)},
-                           sorted({f"{c.folio_size} {c.operation}" for c in rows}), cond, rms, aliases)
+        coef = {f: float(v) for f, v in zip(features, x)}
+        if name in PMD_TERMS:
+            term = PMD_TERMS[name][0]
+            features = (*features, term)
+            coef[term] = 0.0
+            if pmd_rows:
+                # One unknown: least squares of the PMD rows' residuals on the term, kept >= 0.
+                A2, b2 = _design(pmd_rows, features)
+                col = A2[:, -1]
+                resid = b2 - A2[:, :-1] @ x
+                coef[term] = max(0.0, float(col @ resid / (col @ col))) if col.any() else 0.0
+                rows = rows + pmd_rows
+        fits[name] = OpFit(name, features, coef, sorted({f"{c.folio_size} {c.operation}" for c in rows}),
+                           cond, rms, aliases)
     return fits
 
 
 def fit(calibration: str | os.PathLike[str] | dict | None = None, *, estimator: str = "min",
         sizes: Iterable[str] | None = None) -> Model:
     """The model fitted to ``calibration`` (a path, a loaded dict, or None for the shipped
-    file), on the folio sizes ``sizes`` (default: every PTE-mapped one)."""
+    file), on the folio sizes ``sizes`` (default: every calibrated one)."""
     cal = check_calibration(calibration) if isinstance(calibration, dict) else load_calibration(calibration)
     cs, notes = cases(cal, estimator)
-    ops = fit_cases(cs, sizes)
-    if not ops:
+    keep = None if sizes is None else list(sizes)
+    if not any(c.mapping == "pte" and (keep is None or c.folio_size in keep) for c in cs):
         raise CalibrationFileError(f"{cal['_path']}: no PTE-mapped measurement to fit")
+    ops = fit_cases(cs, keep)
     info = {"file": cal["_path"], "kernel_release": cal["kernel_release"], "kernel": calibration_kernel(cal),
             "arch": calibration_arch(cal), "date": cal.get("date"), "cpu_model": cal.get("cpu_model"),
             "region_bytes": cal["region_bytes"]}
@@ -395,7 +434,7 @@ class HeldOutRow:
 
 def held_out(calibration: str | os.PathLike[str] | dict | None = None, *, estimator: str = "min",
              fit_sizes: Sequence[str] = FIT_SIZES) -> tuple[Model, list[HeldOutRow]]:
-    """Fits on ``fit_sizes`` only and predicts every PTE-mapped case of the calibration."""
+    """Fits on ``fit_sizes`` only and predicts every case of the calibration."""
     cal = check_calibration(calibration) if isinstance(calibration, dict) else load_calibration(calibration)
     model = fit(cal, estimator=estimator, sizes=fit_sizes)
     cs, _ = cases(cal, estimator)
@@ -406,7 +445,8 @@ def held_out(calibration: str | os.PathLike[str] | dict | None = None, *, estima
             if c.operation in ops and name in model.ops:
                 pred, pred_old = model.predict(name, c.features), model.predict(name, o.features)
                 assert pred is not None and pred_old is not None
-                rows.append(HeldOutRow(name, c.operation, c.folio_size, c.folio_size not in fit_sizes,
+                held = f"{c.folio_size} {c.operation}" not in model.ops[name].fitted_on
+                rows.append(HeldOutRow(name, c.operation, c.folio_size, held,
                                        c.ns_per_pte, pred, c.ptes, pred_old))
     return model, rows
 
@@ -479,7 +519,11 @@ def predict_row(model: Model, op: str, counters: Mapping[str, float]) -> tuple[f
     if name not in model.ops:
         return None, f"the calibration has no {name} measurement to fit"
     if "pages_freed" not in counters and counters.get("folios_freed", 0):
-        return None, "pages freed unknown (the run's first step)"
+        return None, "pages freed unknown (no pages_freed among the counters)"
+    if name == "faults" and "pages_allocated" not in counters:
+        if "pages_freed" not in counters:
+            return None, "pages allocated unknown (no pages_freed among the counters)"
+        counters = dict(counters, pages_allocated=max(0, -counters["pages_freed"]))
     ns = model.predict(name, counters)
     if name == "exit" and counters.get("folios_freed", 0) and "munmap" in model.ops:
         # The exit model is fitted to exits that free nothing: freeing costs as in munmap.
@@ -503,23 +547,13 @@ class Prediction:
 
 
 def predict_scenario_rows(model: Model, rows: Sequence[Mapping[str, Any]]) -> list[Prediction]:
-    """Predictions for ``scenario.run()`` rows (totals left out). Pages freed per step come
-    from the difference of ``free_pages`` between consecutive rows of a run."""
+    """Predictions for ``scenario.run()`` rows (totals left out), with each step's
+    ``pages_freed`` (the change of free pages over the step; negative when it allocated)."""
     out = []
-    prev_free: dict[tuple, int] = {}
     for r in rows:
-        key = (r["case"], r["kernel"], r["batching"])
         if r["step"] == "total":
-            prev_free.pop(key, None)
             continue
         counters = dict(r)
-        if key in prev_free:
-            counters["pages_freed"] = r["free_pages"] - prev_free[key]
-        elif not r.get("folios_freed"):
-            counters["pages_freed"] = 0
-        else:
-            counters.pop("pages_freed", None)
-        prev_free[key] = r["free_pages"]
         ns, why = predict_row(model, r["op"], counters)
         step = r["step"] + (f" x{r['iteration']}" if r["iteration"] else "")
         where = "/".join(x for x in (r["process"], r["vma"]) if x)
@@ -550,13 +584,17 @@ def predict_snapshot(model: Model, snapshot: Any, kernels: Sequence[str], label:
 
 
 def predict_demo(model: Model, region: int, kernels: Sequence[str], arch: str, progress: Any = None) -> list[Prediction]:
-    """The demo's fork study (``study.fork_study``), one prediction per folio size and kernel."""
+    """The demo's fork study (``study.fork_study``, with its PMD row where the PMD size divides
+    the region), one prediction per folio size and kernel."""
     from .study import fork_study
 
     out = []
-    for r in fork_study(region, None, kernels, arch, progress=progress):
-        ns, why = predict_row(model, "fork", {"pte_writes": r.pte_writes, "batches": r.batches})
-        out.append(Prediction(f"fork study: {format_size(region)} written, one folio size at a time", format_size(r.size),
+    from .study import pmd_size
+
+    pmd = region % pmd_size(arch) == 0
+    for r in fork_study(region, None, kernels, arch, progress=progress, pmd=pmd):
+        ns, why = predict_row(model, "fork", r.cost_counters)
+        out.append(Prediction(f"fork study: {format_size(region)} written, one folio size at a time", r.label,
                               "fork", "", r.kernel, r.ptes, ns, "fork" if ns is not None else None, why))
     return out
 
@@ -617,8 +655,9 @@ columns:
   <kernel>         predicted time of the step in that kernel, in ms: the kernel's counters (from
                    the simulation) times the per-unit costs fitted to the calibration (the
                    calibrated kernel's costs applied to every kernel's counts); fitted for fork,
-                   munmap, exit and first-touch faults of PTE-mapped memory only; the cost of a PMD
-                   mapping (pmd_copies, pmd_zaps) has no term yet; see docs/cost-model.md for the fit and its error"""
+                   munmap, exit and first-touch faults of private anonymous memory mapped by PTEs
+                   or by PMDs (a PMD THP's terms rest on the calibration's one PMD-mapped case);
+                   see docs/cost-model.md for the fit and its error"""
 
 
 # -- the `ptebatch predict` command ------------------------------------------------------------
@@ -708,12 +747,12 @@ def predict_cmd(args: argparse.Namespace) -> int:
     else:
         kernels = kernels or list(COMPARED_KERNELS)
         arch = model.calibration["arch"]
-        from .study import check_region, folio_sizes
+        from .study import check_region, folio_sizes, pmd_size
         try:
             region = check_region(args.region or 1 << 30, arch)
         except ValueError as e:
             args.predict_parser.error(f"argument --region: {e}")
-        forks = sum(1 for s in folio_sizes(arch) if region % s == 0) * len(kernels)
+        forks = (sum(1 for s in folio_sizes(arch) if region % s == 0) + (region % pmd_size(arch) == 0)) * len(kernels)
         with _progress(args, forks, "predict") as bar:
             preds = predict_demo(model, region, kernels, arch, progress=bar)
     notes = list(model.notes)

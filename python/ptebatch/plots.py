@@ -108,8 +108,10 @@ def fork_histograms(rows: Sequence[Any]) -> dict[str, dict[str, list[int]]]:
     """The fork study's histograms (``study.ForkRow.batch_histogram``) as
     ``{folio size: {kernel: histogram}}``, sizes in increasing order."""
     out: dict[str, dict[str, list[int]]] = {}
-    for r in sorted(rows, key=lambda r: r.size):
-        out.setdefault(format_size(r.size), {})[r.kernel] = list(r.batch_histogram)
+    for r in sorted(rows, key=lambda r: r.key):
+        if r.pmd:
+            continue  # one PMD per folio: no PTE batch to show
+        out.setdefault(r.label, {})[r.kernel] = list(r.batch_histogram)
     return out
 
 
@@ -174,12 +176,13 @@ class OpsData:
 
 def fork_ops_data(rows: Sequence[Any]) -> OpsData:
     """The fork study's rows per folio size (categories) and kernel (series)."""
-    sizes = sorted({r.size for r in rows})
+    keys = sorted({r.key for r in rows})
     kernels = list(dict.fromkeys(r.kernel for r in rows))
-    by = {(r.size, r.kernel): r for r in rows}
-    values = {k: {f: [by[(s, k)].per_pte(f) if (s, k) in by else math.nan for s in sizes]
+    by = {(r.key, r.kernel): r for r in rows}
+    labels = {r.key: r.label for r in rows}
+    values = {k: {f: [by[(s, k)].per_pte(f) if (s, k) in by else math.nan for s in keys]
                   for f, _ in OPS_FIELDS} for k in kernels}
-    return OpsData([format_size(s) for s in sizes], values)
+    return OpsData([labels[s] for s in keys], values)
 
 
 def _series(r: Mapping[str, Any]) -> str:

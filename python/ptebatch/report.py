@@ -18,7 +18,8 @@ from . import LAYOUT_NAMES, NEWEST_KERNEL, __version__, plots
 from . import scenario as scen
 from .errors import PtebatchError
 from .simulation import format_size
-from .study import ForkRow, Progress, check_folio_size, check_region, folio_sizes, fork_study
+from .study import (ForkRow, Progress, check_folio_size, check_region, folio_sizes, fork_study, pmd_size,
+                    ratio_cell)
 
 
 # -- running, keeping what the plots need -----------------------------------------------------
@@ -180,24 +181,25 @@ def fork_study_tables(rows: Sequence[ForkRow]) -> list[Table]:
     """The columns of ``study.format_fork_study``, with its ratio rows."""
     kernels = list(dict.fromkeys(r.kernel for r in rows))
     base, new = kernels[0], kernels[-1]
-    by = {(r.size, r.kernel): r for r in rows}
+    by = {(r.key, r.kernel): r for r in rows}
     t = Table(["folio", "kernel", "PTEs", "batches", "refcount/PTE", "rmap/PTE", "PTE writes/PTE", "sim ms"], [])
-    for size in sorted({r.size for r in rows}):
+    for key in sorted({r.key for r in rows}):
         for k in kernels:
-            r = by[(size, k)]
-            t.rows.append([format_size(size), k, str(r.ptes), str(r.batches), f"{r.per_pte('refcount_atomics'):.4f}",
+            r = by[(key, k)]
+            t.rows.append([r.label, k, str(r.ptes), str(r.batches), f"{r.per_pte('refcount_atomics'):.4f}",
                            f"{r.per_pte('rmap_calls'):.4f}", f"{r.per_pte('pte_writes'):.3f}", f"{r.seconds * 1e3:.1f}"])
-        a, b = by[(size, base)], by[(size, new)]
-        t.rows.append(["", "ratio", "", f"{a.batches / b.batches:.0f}x",
-                       f"{a.refcount_atomics / b.refcount_atomics:.0f}x", f"{a.rmap_calls / b.rmap_calls:.0f}x",
-                       f"{a.pte_writes / b.pte_writes:.2f}x", f"{a.seconds / max(b.seconds, 1e-9):.1f}x"])
+        a, b = by[(key, base)], by[(key, new)]
+        t.rows.append(["", "ratio", "", ratio_cell(a.batches, b.batches),
+                       ratio_cell(a.refcount_atomics, b.refcount_atomics), ratio_cell(a.rmap_calls, b.rmap_calls),
+                       ratio_cell(a.pte_writes, b.pte_writes, 2), f"{a.seconds / max(b.seconds, 1e-9):.1f}x"])
     return [t]
 
 
 FORK_LEGEND = """\
 columns (the kernel work of the fork alone):
-  folio           the folio size the region was faulted in with (PTE-mapped)
-  PTEs            page-table entries fork copied
+  folio           the folio size the region was faulted in with (PTE-mapped); "-pmd": PMD
+                  THPs, one PMD per folio, which fork copies whole (copy_huge_pmd())
+  PTEs            page-table entries fork copied (pages, for -pmd)
   batches         PTE batches fork formed (one per folio_pte_batch() run or single PTE)
   refcount/PTE    folio refcount atomic operations per PTE
   rmap/PTE        rmap calls (folio_try_dup_anon_rmap_*) per PTE
@@ -409,7 +411,7 @@ def add_parser(sub: Any, parents: list) -> None:
     r.set_defaults(run=report_cmd, report_parser=r, scenario_parser=r)
 
 
-def _demo_settings(args: argparse.Namespace) -> tuple[int, list[int], str]:
+def _demo_settings(args: argparse.Namespace) -> tuple[int, list[int], str, bool]:
     bad = args.report_parser.error
     opts: dict[str, str] = {}
     for item in args.set:
@@ -431,7 +433,8 @@ def _demo_settings(args: argparse.Namespace) -> tuple[int, list[int], str]:
                 raise ValueError(f"folio size {format_size(s)} does not divide the {format_size(region)} region")
     except ValueError as e:
         bad(f"argument --set: {e}")
-    return region, sizes, arch
+    # The PMD THP row comes with the default sizes, as in the demo.
+    return region, sizes, arch, "size" not in opts and region % pmd_size(arch) == 0
 
 
 def report_cmd(args: argparse.Namespace) -> int:
@@ -440,15 +443,15 @@ def report_cmd(args: argparse.Namespace) -> int:
     if args.demo:
         if args.scenario:
             args.report_parser.error("give a scenario file or --demo, not both")
-        region, sizes, arch = _demo_settings(args)
+        region, sizes, arch, pmd = _demo_settings(args)
         try:
             kernels = _kernels(args) or ["6.8", NEWEST_KERNEL]
         except scen.ScenarioError as e:
             args.report_parser.error(f"argument --kernel: {e}")
         path = args.output or f"fork-study-report.{fmt}"
         check_writable(path)
-        with Progress(len(sizes) * len(kernels), "fork study", enabled=not getattr(args, "quiet", False)) as bar:
-            rows = fork_study(region, sizes, kernels, arch, progress=bar)
+        with Progress((len(sizes) + pmd) * len(kernels), "fork study", enabled=not getattr(args, "quiet", False)) as bar:
+            rows = fork_study(region, sizes, kernels, arch, progress=bar, pmd=pmd)
         out, kept = write_report(lambda d: fork_study_document(rows, region, arch, d), path, fmt)
     else:
         try:

@@ -3,7 +3,9 @@
 For each folio size, a process writes a region of anonymous memory (so every page is an
 exclusive, dirty, PTE-mapped page of a folio of that size) and forks, once per kernel. The
 counters of the fork alone are compared per PTE: batches, refcount atomics, rmap calls, PTE
-writes. ``sim.check()`` runs after every fork.
+writes. With ``pmd=True`` one more row maps the region with PMD THPs (the THP default most
+machines run), which fork copies one PMD at a time (``copy_huge_pmd()``) under every kernel.
+``sim.check()`` runs after every fork.
 """
 
 from __future__ import annotations
@@ -43,10 +45,29 @@ class ForkRow:
     seconds: float
     #: Batches of the fork by length: ``batch_histogram[n]`` batches of ``n`` PTEs.
     batch_histogram: list[int] = field(default_factory=list)
+    #: The region was mapped by PMD THPs (of the PMD size) instead of by PTEs.
+    pmd: bool = False
+    #: PMD mappings the fork copied (``copy_huge_pmd()``).
+    pmd_copies: int = 0
 
     def per_pte(self, field: str) -> float:
-        """Counter ``field`` divided by the PTEs forked."""
+        """Counter ``field`` divided by the pages forked (PTEs, or pages under the PMDs)."""
         return getattr(self, field) / self.ptes
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        """Orders and tells apart the rows of one kernel: a PMD row follows the PTE rows of its size."""
+        return (self.size, self.pmd)
+
+    @property
+    def label(self) -> str:
+        """The folio column: the size, with "-pmd" for a PMD-mapped row."""
+        return format_size(self.size) + ("-pmd" if self.pmd else "")
+
+    @property
+    def cost_counters(self) -> dict[str, int]:
+        """The counters the cost model's fork term reads."""
+        return {"pte_writes": self.pte_writes, "batches": self.batches, "pmd_copies": self.pmd_copies}
 
 
 def pmd_size(arch: str) -> int:
@@ -221,11 +242,12 @@ class Progress:
 
 def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = None,
                kernels: Sequence[str] = ("6.8", NEWEST_KERNEL), arch: str = "x86-64",
-               progress: Progress | None = None) -> list[ForkRow]:
+               progress: Progress | None = None, pmd: bool = False) -> list[ForkRow]:
     """Forks a written region of ``region`` bytes once per folio size and kernel. ``sizes``
-    defaults to every folio size that divides the region; each must divide it. ``progress``
-    counts one per fork, its total being ``len(sizes) * len(kernels)``; it moves during the
-    writes and the fork too."""
+    defaults to every folio size that divides the region; each must divide it. ``pmd``: also
+    the region mapped by PMD THPs (it must be a multiple of the PMD size), after the PTE-mapped
+    rows. ``progress`` counts one per fork, its total being ``(len(sizes) + pmd) *
+    len(kernels)``; it moves during the writes and the fork too."""
     n = check_region(region, arch)
     if sizes:
         sizes_b = [check_folio_size(s, arch) for s in sizes]
@@ -236,23 +258,34 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             raise ValueError(f"folio size {format_size(size)} does not divide the {format_size(n)} region")
     if not kernels:
         raise ValueError("no kernel to fork under")
+    cases = [(size, False) for size in sizes_b]
+    if pmd:
+        if n % pmd_size(arch):
+            raise ValueError(f"the {format_size(n)} region is not a multiple of the "
+                             f"{format_size(pmd_size(arch))} PMD size, so PMD THPs cannot map it")
+        cases.append((pmd_size(arch), True))
     rows: list[ForkRow] = []
-    for size in sizes_b:
+    for size, huge in cases:
         for kernel in kernels:
             step = len(rows)
             if progress:
-                progress.update(step, f"{format_size(size)} folios, {kernel}")
+                progress.update(step, f"{format_size(size)} {'PMD THPs' if huge else 'folios'}, {kernel}")
             # Room for the region, its folios' alignment and the page tables' neighbours.
             memory = n + n // 4 + (64 << 20)
             sim = Simulation(arch, kernel, -(-memory // size) * size)
             p = sim.spawn()
-            mthp = [size] if size > sim.page_size else []
-            v = p.mmap(n, mthp=mthp)
+            if huge:
+                v = p.mmap(n, pmd=True)
+            else:
+                v = p.mmap(n, mthp=[size] if size > sim.page_size else [])
             # Writing the region takes about as long as forking it.
             if progress:
                 sim.set_progress(progress.within(step, 0.5))
             p.touch(v.start, v.length, write=True)
             _check_folios(sim, p, v.start, n, size)
+            if huge and p.vmas()[0].get("anon_huge_pages", 0) != n:
+                raise PtebatchError(f"only {p.vmas()[0].get('anon_huge_pages', 0)} bytes of the region "
+                                    f"were mapped by PMDs; the study cannot label it")
             if progress:
                 sim.set_progress(progress.within(step + 0.5, 0.5))
             t0 = time.perf_counter()
@@ -263,7 +296,7 @@ def fork_study(region: int | str = "1GiB", sizes: Sequence[int | str] | None = N
             sim.check()
             rows.append(ForkRow(size, kernel, n // sim.page_size, st["batches"], st["refcount_atomics"],
                                 st["rmap_calls"], st["pte_writes"], st["folio_pte_batch_calls"], dt,
-                                list(st["batch_histogram"])))
+                                list(st["batch_histogram"]), huge, st["pmd_copies"]))
             if progress:
                 progress.update(len(rows))
     return rows
@@ -288,11 +321,17 @@ def per_pte(x: float) -> str:
     return f"{x:.{max(4, 3 - math.floor(math.log10(x)))}f}"
 
 
+def ratio_cell(a: float, b: float, digits: int = 0) -> str:
+    """``a / b`` as "12x", or "-" where ``b`` is 0 (a PMD row has no batches)."""
+    return f"{a / b:.{digits}f}x" if b else "-"
+
+
 def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
-                      predicted_ns: Mapping[tuple[int, str], float | None] | None = None) -> str:
-    """The study as a table: per size and kernel, operations per PTE, and with two kernels or
-    more the ratio of the first (the baseline) to the last. ``predicted_ns`` (per size and
-    kernel, from the cost model) adds the predicted kernel time per GiB and its ratio to 4K."""
+                      predicted_ns: Mapping[tuple[tuple[int, bool], str], float | None] | None = None) -> str:
+    """The study as a table: per folio (``ForkRow.key``) and kernel, operations per PTE, and with
+    two kernels or more the ratio of the first (the baseline) to the last. ``predicted_ns`` (per
+    row key and kernel, from the cost model) adds the predicted kernel time per GiB and its
+    ratio to 4K."""
     base, new = kernels[0], kernels[-1]
     pred = predicted_ns or {}
     page = min(r.size for r in rows) if rows else 1
@@ -301,31 +340,32 @@ def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
     if predicted_ns is not None:
         head += f" {'kernel ms/GiB*':>14} {'vs 4K*':>7}"
     lines = [head]
-    by = {(r.size, r.kernel): r for r in rows}
+    by = {(r.key, r.kernel): r for r in rows}
 
-    def ms_per_gib(size: int, k: str) -> float | None:
-        ns, r = pred.get((size, k)), by[(size, k)]
+    def ms_per_gib(key: tuple[int, bool], k: str) -> float | None:
+        ns, r = pred.get((key, k)), by[(key, k)]
         return None if ns is None else ns / 1e6 * (1 << 30) / (r.ptes * page)
 
-    for size in sorted({r.size for r in rows}):
+    for key in sorted({r.key for r in rows}):
         for k in kernels:
-            r = by[(size, k)]
-            line = (f"{format_size(size):>6} {k:>6} {r.ptes:>8} {r.batches:>8} "
+            r = by[(key, k)]
+            line = (f"{r.label:>6} {k:>6} {r.ptes:>8} {r.batches:>8} "
                     f"{per_pte(r.per_pte('refcount_atomics')):>12} {per_pte(r.per_pte('rmap_calls')):>9} "
                     f"{per_pte(r.per_pte('pte_writes')):>14} {r.seconds * 1e3:>8.1f}")
             if predicted_ns is not None:
-                t, t4 = ms_per_gib(size, k), ms_per_gib(page, k) if (page, k) in by else None
+                small = (page, False)
+                t, t4 = ms_per_gib(key, k), ms_per_gib(small, k) if (small, k) in by else None
                 line += f" {t:>14.2f}" if t is not None else f" {'-':>14}"
                 line += f" {t / t4:>6.2f}x" if t is not None and t4 else f" {'-':>7}"
             lines.append(line)
         if base == new:
             continue
-        a, b = by[(size, base)], by[(size, new)]
-        line = (f"{'':>6} {'ratio':>6} {'':>8} {a.batches / b.batches:>7.0f}x "
-                f"{a.refcount_atomics / b.refcount_atomics:>11.0f}x {a.rmap_calls / b.rmap_calls:>8.0f}x "
-                f"{a.pte_writes / b.pte_writes:>13.2f}x {a.seconds / max(b.seconds, 1e-9):>7.1f}x")
+        a, b = by[(key, base)], by[(key, new)]
+        line = (f"{'':>6} {'ratio':>6} {'':>8} {ratio_cell(a.batches, b.batches):>8} "
+                f"{ratio_cell(a.refcount_atomics, b.refcount_atomics):>12} {ratio_cell(a.rmap_calls, b.rmap_calls):>9} "
+                f"{ratio_cell(a.pte_writes, b.pte_writes, 2):>14} {a.seconds / max(b.seconds, 1e-9):>7.1f}x")
         if predicted_ns is not None:
-            ta, tb = ms_per_gib(size, base), ms_per_gib(size, new)
+            ta, tb = ms_per_gib(key, base), ms_per_gib(key, new)
             line += f" {ta / tb:>13.2f}x" if ta is not None and tb else f" {'-':>14}"
         lines.append(line)
     return "\n".join(lines)
@@ -338,9 +378,10 @@ def fork_study_legend(kernels: Sequence[str]) -> str:
              if base != new else "")
     return (
         "columns:\n"
-        "  folio           size of every folio of the region; all are mapped by PTEs, one per page\n"
+        "  folio           size of every folio of the region, mapped by PTEs, one per page; \"-pmd\":\n"
+        "                  PMD THPs, one PMD per folio, copied by copy_huge_pmd() (no PTE, no batch)\n"
         "  kernel          the kernel version whose fork() is modelled\n"
-        "  PTEs            PTEs the fork copies: one per page of the region\n"
+        "  PTEs            PTEs the fork copies: one per page of the region (pages, for -pmd)\n"
         "  batches         runs of PTEs copy_present_ptes() handles at once: one per PTE without\n"
         "                  PTE batching (6.8), one per folio with it\n"
         "  refcount/PTE    atomic updates of a folio's reference count (folio_ref_add) per PTE\n"
