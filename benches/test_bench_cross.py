@@ -97,7 +97,10 @@ def _state(op: str, size: str, nbytes: int, backend: str):
     child's exit, the parent's munmap), and the call that does it."""
     sim = pb.Simulation(LAYOUT, KERNEL, nbytes + nbytes // 4 + (8 << 20), backend=backend)
     p = sim.spawn()
-    v = p.mmap(nbytes, mthp=[] if size == "4K" else [size])
+    if size == "2M-pmd":
+        v = p.mmap(nbytes, pmd=True)
+    else:
+        v = p.mmap(nbytes, mthp=[] if size == "4K" else [size])
     if op == "faults":
         return lambda: p.touch(v.start, v.length, write=True)
     p.touch(v.start, v.length, write=True)
@@ -110,7 +113,7 @@ def _state(op: str, size: str, nbytes: int, backend: str):
     return lambda: p.munmap(v.start, v.length)
 
 
-CASES = [(op, size) for op in SIM_OPERATIONS for size in SIZES]
+CASES = [(op, size) for op in SIM_OPERATIONS for size in (*SIZES, "2M-pmd")]
 
 
 @pytest.mark.parametrize("op,size", CASES, ids=[f"{o}-{s}" for o, s in CASES])

@@ -25,7 +25,8 @@ def test_json_has_every_number(capsys):
     assert r["settings"]["sizes"] == ["4K", "64K", "2M"] and r["settings"]["ptes"] == 4096
     assert r["calibration"]["kernel_release"] and "provenance" in r["calibration"]
     got = {(row["operation"], row["folio_size"]) for row in r["rows"]}
-    assert got == {(op, s) for op in bench.OPERATIONS for s in ("4K", "64K", "2M")}
+    assert got == {(op, s) for op in bench.OPERATIONS for s in ("4K", "64K", "2M")} | {
+        (op, "2M-pmd") for op in bench.OPERATIONS if op != "cut"}
     for row in r["rows"]:
         assert set(NUMBERS) <= set(row), row
         for impl in ("copy", "rust", "reference"):
@@ -34,11 +35,14 @@ def test_json_has_every_number(capsys):
         assert row["rust_over_copy"] == pytest.approx(row["rust_ns_per_pte"] / row["copy_ns_per_pte"])
         cut = row["operation"] == "cut"
         assert (row["numpy_ns_per_pte"] is not None) == cut
-        assert (row["kernel_ns_per_pte"] is None) == cut
+        assert (row["kernel_ns_per_pte"] is None) == (cut or (row["folio_size"], row["operation"]) == ("2M", "faults"))
         if not cut:
-            want = "2M-pmd" if row["operation"] == "faults" else "2M-pte"
-            assert row["kernel_folio_size"] == (want if row["folio_size"] == "2M" else row["folio_size"])
-            assert row["kernel_over_rust"] == pytest.approx(row["kernel_ns_per_pte"] / row["rust_ns_per_pte"])
+            # 2M folios mapped by PTEs are 2M-pte in the calibration, which times 2M faults only as
+            # PMD faults; PMD THPs are 2M-pmd.
+            want = {"2M": None if row["operation"] == "faults" else "2M-pte"}.get(row["folio_size"], row["folio_size"])
+            assert row["kernel_folio_size"] == want and row["pmd_mapped"] == (row["folio_size"] == "2M-pmd")
+            if want is not None:
+                assert row["kernel_over_rust"] == pytest.approx(row["kernel_ns_per_pte"] / row["rust_ns_per_pte"])
             assert row["ptes"] == 8 << 20 >> 12
             # the reference region holds a 2M folio
             assert row["reference_ptes"] == 512
@@ -70,6 +74,7 @@ def test_without_calibration(capsys, tmp_path):
     (["--ptes", "1"], "argument --ptes: 1 is out of range"),
     (["--region", "3M", "--sizes", "2M"], "argument --region: the 3M region is not a multiple of the 2M folio size"),
     (["--region", "0"], "argument --region"),
+    (["--region", "1M", "--sizes", "4K", "--pmd"], "argument --pmd: the 1M region is not a multiple of the 2M PMD size"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_usage_errors(capsys, argv, want):
@@ -101,3 +106,14 @@ def test_run_checks_its_settings():
         bench.run(bench.Settings(sizes=(2 << 20,), region=1 << 20, ref_region=1 << 20))
     with pytest.raises(ValueError, match="kernel"):
         bench.run(bench.Settings(kernel="2.6"))
+    with pytest.raises(ValueError, match="ref_region=1M is not a multiple of the 2M PMD size"):
+        bench.run(bench.Settings(sizes=(4096,), region=2 << 20, ref_region=1 << 20))
+
+
+def test_without_the_pmd_row(capsys):
+    """--no-pmd, or a region the PMD size does not divide, leaves the 2M-pmd rows out."""
+    for extra in (["--no-pmd"], ["--region", "1M"]):
+        code, out, err = _run(capsys, ["-q", "bench", "--quick", "--sizes", "16K", "--ptes", "512",
+                                       "--calibration", "none", "--json"] + extra)
+        assert code == 0, err
+        assert {row["folio_size"] for row in json.loads(out)["rows"]} == {"16K"}

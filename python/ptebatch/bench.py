@@ -10,6 +10,7 @@ calibration file, docs/calibration.md) and a same-run baseline: a numpy copy of 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -55,10 +56,12 @@ class Settings:
     ref_region: int = 8 << 20
     repeat: int = 5
     ref_repeat: int = 3
+    #: Also the region mapped by PMD THPs (row "2M-pmd"; fork, exit, munmap and faults only).
+    pmd: bool = True
 
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
-        base: dict[str, Any] = dict(ptes=1 << 16, region=8 << 20, ref_ptes=1024, ref_region=1 << 20, repeat=3, ref_repeat=2)
+        base: dict[str, Any] = dict(ptes=1 << 16, region=8 << 20, ref_ptes=1024, ref_region=2 << 20, repeat=3, ref_repeat=2)
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -94,12 +97,15 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[list[int], Any]:
     return out, result
 
 
-def _sim_round(kernel: str, region: int, size: int, backend: str) -> dict[str, int]:
+def _sim_round(kernel: str, region: int, size: int, backend: str, pmd: bool = False) -> dict[str, int]:
     """One round as calibrate's exit round: write faults of a fresh region, fork, the child's
-    exit, the parent's munmap; ns of each call."""
+    exit, the parent's munmap; ns of each call. ``pmd``: the region mapped by PMD THPs."""
     sim = pb.Simulation(LAYOUT, kernel, region + region // 4 + (8 << 20), backend=backend)
     p = sim.spawn()
-    v = p.mmap(region, mthp=[size] if size > sim.page_size else [])
+    if pmd:
+        v = p.mmap(region, pmd=True)
+    else:
+        v = p.mmap(region, mthp=[size] if size > sim.page_size else [])
     t = [time.perf_counter_ns()]
     p.touch(v.start, v.length, write=True)
     t.append(time.perf_counter_ns())
@@ -132,12 +138,12 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
     return cal
 
 
-def kernel_folio_size(size: int, operation: str, pmd: int) -> str:
-    """The calibration's name for a folio size: the simulation maps PMD-sized folios by PTEs
-    (``2M-pte``), except that write faults are only measured for PMD mappings (``2M-pmd``)."""
+def kernel_folio_size(size: int, pmd: int, pmd_mapped: bool = False) -> str:
+    """The calibration's name for a folio size: ``2M-pte`` for PMD-sized folios mapped by PTEs,
+    ``2M-pmd`` for PMD THPs (the calibration times 2M faults only as those)."""
     name = pb.format_size(size)
     if size == pmd:
-        return f"{name}-pmd" if operation == "faults" else f"{name}-pte"
+        return f"{name}-pmd" if pmd_mapped else f"{name}-pte"
     return name
 
 
@@ -174,6 +180,11 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
                                  f"{pb.format_size(s)} folio size")
     if not settings.sizes:
         raise ValueError("sizes is empty")
+    if settings.pmd:
+        for what, region in (("region", settings.region), ("ref_region", settings.ref_region)):
+            if region % pmd:
+                raise ValueError(f"{what}={pb.format_size(region)} is not a multiple of the "
+                                 f"{pb.format_size(pmd)} PMD size (pmd=True maps it with PMD THPs)")
     copy = _Copy(max(settings.ptes, settings.region // page))
     measured = {(m["folio_size"], m["operation"]): m for m in (calibration or {}).get("measurements", [])}
     rows: list[dict[str, Any]] = []
@@ -185,16 +196,17 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
         if progress is not None:
             progress.update(step, what)
 
-    def row(operation: str, size: int, n: int, samples: dict[str, list[int]], n_ref: int) -> dict[str, Any]:
+    def row(operation: str, size: int, n: int, samples: dict[str, list[int]], n_ref: int,
+            pmd_mapped: bool = False) -> dict[str, Any]:
         per = {"reference": n_ref}
         ns = {k: statistics.median(v) / per.get(k, n) if v else None for k, v in samples.items()}
         out: dict[str, Any] = {
-            "operation": operation, "folio_size": pb.format_size(size), "folio_bytes": size,
-            "ptes": n, "reference_ptes": n_ref,
+            "operation": operation, "folio_size": pb.format_size(size) + ("-pmd" if pmd_mapped else ""),
+            "folio_bytes": size, "pmd_mapped": pmd_mapped, "ptes": n, "reference_ptes": n_ref,
         }
         for impl in IMPLEMENTATIONS:
             out[f"{impl}_ns_per_pte"] = ns.get(impl)
-        k = measured.get((kernel_folio_size(size, operation, pmd), KERNEL_OPERATION.get(operation)))
+        k = measured.get((kernel_folio_size(size, pmd, pmd_mapped), KERNEL_OPERATION.get(operation)))
         out["kernel_folio_size"] = k["folio_size"] if k else None
         out["kernel_operation"] = KERNEL_OPERATION.get(operation)
         out["kernel_ns_per_pte"] = k["ns_per_pte"] if k else None
@@ -245,7 +257,20 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
             rows.append(row(op, size, n, {"copy": copies, "rust": [r[op] for r in fast_rounds],
                                           "reference": [r[op] for r in ref_rounds]}, n_ref))
 
-    rows.sort(key=lambda r: (OPERATIONS.index(r["operation"]), r["folio_bytes"]))
+    if settings.pmd:
+        # PMD THPs: no PTE, so no cut; "per PTE" is per page the PMDs map.
+        n, n_ref = settings.region // page, settings.ref_region // page
+        copies = copy.samples(n, settings.repeat)
+        fast_rounds = [_sim_round(settings.kernel, settings.region, pmd, "rust", True) for _ in range(settings.repeat)]
+        advance("2M-pmd: simulation")
+        ref_rounds = [_sim_round(settings.kernel, settings.ref_region, pmd, "reference", True)
+                      for _ in range(settings.ref_repeat)]
+        advance("2M-pmd: reference simulation")
+        for op in OPERATIONS[1:]:
+            rows.append(row(op, pmd, n, {"copy": copies, "rust": [r[op] for r in fast_rounds],
+                                         "reference": [r[op] for r in ref_rounds]}, n_ref, True))
+
+    rows.sort(key=lambda r: (OPERATIONS.index(r["operation"]), r["folio_bytes"], r["pmd_mapped"]))
     cal_info = None
     if calibration is not None:
         cal_info = {"file": str(calibration_path) if calibration_path is not None else None,
@@ -260,7 +285,7 @@ def run(settings: Settings, calibration: dict[str, Any] | None = None,
 
 
 def steps(settings: Settings) -> int:
-    return 5 * len(settings.sizes)
+    return 5 * len(settings.sizes) + 2 * settings.pmd
 
 
 def _loadavg() -> list[float] | None:
@@ -325,7 +350,9 @@ def format_tables(result: dict[str, Any]) -> str:
         widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
         for c in cells:
             out.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
-        legend = [("size", "folio size (all folios of the table or region have it)"),
+        legend = [("size", "folio size (all folios of the table or region have it); 2M is mapped by PTEs, "
+                           "2M-pmd by PMDs (the THP default: one PMD per folio, per PTE = per page)"
+                           if op != "cut" else "folio size (all folios of the table have it)"),
                   ("copy", "same-run baseline: np.copyto of as many uint64 as PTEs, from a 256 MiB array "
                            "(not in the cache)"),
                   ("rust", "the Rust core: pb.batch_lengths" if op == "cut" else
@@ -343,7 +370,7 @@ def format_tables(result: dict[str, Any]) -> str:
             legend += [("kernel", f"the real kernel's {KERNEL_OPERATION[op]} from the calibration (median"
                                   + (" less the bare process's" if op in ("fork", "exit") else "")
                                   + ", per PTE; 2M is 2M-pte"
-                                  + (", faults 2M-pmd: not measured for 2M-pte" if op == "faults" else "") + ")"),
+                                  + (" (not measured: 2M faults map PMDs)" if op == "faults" else "") + ")"),
                        ("kernel min", "the same from the fastest sample (the least disturbed)"),
                        ("kernel/rust", "kernel over rust: the model against the thing modelled"),
                        ("kernel/copy", "kernel over copy (copy of this run, kernel of the calibration's)")]
@@ -375,6 +402,9 @@ def add_parser(sub: Any, parents: Sequence, size_type: Callable[[str], int], int
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration JSON of the real kernel (default: the one shipped, "
                         "calibration-rust-pyo3.json); 'none' for no kernel column")
+    p.add_argument("--pmd", action=argparse.BooleanOptionalAction, default=None,
+                   help="also the region mapped by PMD THPs, row 2M-pmd (default: yes when the region is a "
+                        "multiple of the PMD size)")
     p.add_argument("--json", action="store_true", help="print every number as JSON instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny sizes and fewer repetitions (a smoke run)")
     p.set_defaults(run=run_cmd)
@@ -410,10 +440,16 @@ def run_cmd(args: Any) -> int:
         settings = Settings.quick(**kw)
     else:
         settings = Settings(**{k: v for k, v in kw.items() if v is not None})
+    L = pb.layout(LAYOUT)
+    pmd_bytes = L.page_size * L.ptrs_per_pte
+    pmd = args.pmd if args.pmd is not None else settings.region % pmd_bytes == 0
+    if pmd and settings.region % pmd_bytes:
+        raise bad("--pmd", f"the {pb.format_size(settings.region)} region is not a multiple of the "
+                           f"{pb.format_size(pmd_bytes)} PMD size")
     # The reference runs on less, but on at least one folio of the largest size.
-    ref_region = min(max(settings.ref_region, max(settings.sizes)), settings.region)
+    ref_region = min(max(settings.ref_region, max(settings.sizes), pmd_bytes if pmd else 0), settings.region)
     settings = Settings(**{**asdict(settings), "ref_ptes": min(settings.ref_ptes, settings.ptes),
-                           "ref_region": ref_region})
+                           "ref_region": ref_region, "pmd": pmd})
 
     path: str | Path | None = DEFAULT_CALIBRATION if args.calibration is None else args.calibration
     cal = None
