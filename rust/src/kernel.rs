@@ -225,6 +225,10 @@ pub struct KernelProfile {
     pub pagemap_exclusive_by_folio: bool,
     /// `prctl(PR_SET_THP_DISABLE)` takes PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c).
     pub thp_disable_except_advised: bool,
+    /// VM_SOFTDIRTY is a sticky VMA flag: a merge of existing VMAs (mprotect, madvise) keeps
+    /// it if any merged VMA had it (mm/vma.c `vma_merge_existing_range()`, v6.19 "mm:
+    /// propagate VM_SOFTDIRTY on merge"); before, the merged VMA took the changed VMA's.
+    pub softdirty_sticky: bool,
     // ---- page cache and shmem (filemap.rs, shmem.rs) ----
     /// Which faults `finish_fault()` maps a whole page-cache folio on.
     pub finish_fault_folio: FinishFaultFolio,
@@ -266,6 +270,7 @@ impl KernelProfile {
             },
             pagemap_exclusive_by_folio: version.at_least(7, 0),
             thp_disable_except_advised: version.at_least(6, 18),
+            softdirty_sticky: version.at_least(6, 19),
             finish_fault_folio: if version.at_least(6, 18) {
                 FinishFaultFolio::AnyFile
             } else if version.at_least(6, 17) {
@@ -333,6 +338,12 @@ mod tests {
         let forms: Vec<ShmemForm> = ["6.10", "6.11", "6.12", "6.13", "6.14", "7.0"].iter().map(|s| p(s).shmem).collect();
         assert_eq!(forms, [ShmemForm::PmdOnly, ShmemForm::AnonMthp, ShmemForm::AnonMthp, ShmemForm::AnonMthpFixed, ShmemForm::Unified, ShmemForm::Unified]);
         assert_eq!(p("seed").shmem, ShmemForm::PmdOnly);
+    }
+
+    #[test]
+    fn softdirty_is_sticky_from_6_19() {
+        let sticky = |s: &str| KernelProfile::parse(s).unwrap().softdirty_sticky;
+        assert!(!sticky("seed") && !sticky("6.8") && !sticky("6.18") && sticky("6.19") && sticky("7.0"));
     }
 
     #[test]

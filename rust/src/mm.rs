@@ -183,24 +183,56 @@ impl Vma {
         }
     }
 
+    /// The attributes `is_mergeable_vma()` compares: the VMA flags but VM_SOFTDIRTY (which
+    /// never prevents a merge: mm/mmap.c before v6.12, mm/vma.c after), the file, and the
+    /// model's per-mapping settings.
+    pub fn same_flags(&self, o: &Vma) -> bool {
+        self.prot == o.prot
+            && self.shared == o.shared
+            && self.file == o.file
+            && self.uffd_wp == o.uffd_wp
+            && self.uffd_event_fork == o.uffd_event_fork
+            && self.dontfork == o.dontfork
+            && self.wipeonfork == o.wipeonfork
+            && self.mthp == o.mthp
+            && self.hugepage == o.hugepage
+            && self.nohugepage == o.nohugepage
+            && self.thp_pmd == o.thp_pmd
+    }
+
     /// Whether `next` directly follows and can merge into this VMA (`vma_merge` rules that
-    /// the model has: same flags, same file at contiguous offsets, compatible anon_vma).
+    /// the model has: the same flags but VM_SOFTDIRTY, the same file at contiguous offsets,
+    /// compatible anon_vma).
     pub fn can_merge(&self, next: &Vma) -> bool {
         self.end() == next.start
-            && self.prot == next.prot
-            && self.shared == next.shared
-            && self.file == next.file
+            && self.same_flags(next)
             && (self.file.is_none() || self.pgoff + self.ptes.len() as u64 == next.pgoff)
-            && self.vm_softdirty == next.vm_softdirty
-            && self.uffd_wp == next.uffd_wp
-            && self.uffd_event_fork == next.uffd_event_fork
-            && self.dontfork == next.dontfork
-            && self.wipeonfork == next.wipeonfork
-            && self.mthp == next.mthp
-            && self.hugepage == next.hugepage
-            && self.nohugepage == next.nohugepage
-            && self.thp_pmd == next.thp_pmd
             && (self.anon_vma == 0 || next.anon_vma == 0 || self.anon_vma == next.anon_vma)
+    }
+}
+
+/// What VM_SOFTDIRTY a merged VMA gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftDirtyMerge {
+    /// A new mapping merged with its neighbours: set (`__mmap_complete()`, mm/vma.c;
+    /// `mmap_region()`, mm/mmap.c before v6.12).
+    Set,
+    /// Up to v6.18, `mprotect_fixup()` and `madvise_update_vma()` reset the merged VMA's
+    /// flags to those of the VMA they changed, so the last changed VMA of a run decides.
+    Modified,
+    /// From v6.19 VM_SOFTDIRTY is sticky (VM_STICKY, `vma_merge_existing_range()`, mm/vma.c
+    /// "mm: propagate VM_SOFTDIRTY on merge"): set if any merged VMA had it.
+    Sticky,
+}
+
+impl SoftDirtyMerge {
+    /// The rule of `vma_modify_flags()`'s callers in kernel `p`.
+    pub fn modify(p: &crate::kernel::KernelProfile) -> SoftDirtyMerge {
+        if p.softdirty_sticky {
+            SoftDirtyMerge::Sticky
+        } else {
+            SoftDirtyMerge::Modified
+        }
     }
 }
 
@@ -274,7 +306,7 @@ impl Mm {
     }
 
     /// Whether applying `change` to the VMAs of `[from, to)` (after splitting them at both
-    /// ends, as `isolate` does) would let `merge_around` merge two VMAs whose page tables lie
+    /// ends, as `modify` does) would let it merge two VMAs whose page tables lie
     /// in different stores while numpy views one of them: such a merge would move viewed
     /// entries, so the operation is refused first (`BufferError`). Only neighbours made by
     /// separate mmaps have different stores. Returns the viewed VMA's range, in vpns.
@@ -283,6 +315,8 @@ impl Mm {
             /// The attributes after the change, `start` and `pgoff` the piece's own; no entries.
             attrs: Vma,
             end: u64,
+            /// Whether `change` changed the piece's flags.
+            changed: bool,
             /// Where the piece's entries lie: store and offset.
             store: *const crate::ptes::PteStore,
             off: usize,
@@ -302,11 +336,14 @@ impl Mm {
                 if attrs.file.is_some() {
                     attrs.pgoff = v.pgoff + (s - v.start);
                 }
+                let mut changed = false;
                 if s >= from && e <= to {
                     change(&mut attrs);
+                    changed = !attrs.same_flags(v);
                 }
                 let off = v.ptes.offset() + (s - v.start) as usize;
-                pieces.push(Piece { attrs, end: e, store: std::sync::Arc::as_ptr(v.ptes.store()), off, whole: v });
+                let store = std::sync::Arc::as_ptr(v.ptes.store());
+                pieces.push(Piece { attrs, end: e, changed, store, off, whole: v });
             }
         }
         for w in pieces.windows(2) {
@@ -321,7 +358,8 @@ impl Mm {
             if at_end.file.is_some() {
                 at_end.pgoff += a.end - a.attrs.start;
             }
-            if at_end.can_merge(&b.attrs) {
+            let softdirty = (a.attrs.vm_softdirty, b.attrs.vm_softdirty);
+            if Self::pair_merges(&at_end, &b.attrs, (a.changed, b.changed), softdirty) {
                 for v in [a.whole, b.whole] {
                     if v.ptes.store().exported() {
                         return Some((v.start, v.end()));
@@ -369,19 +407,64 @@ impl Mm {
         }
     }
 
-    /// Merges neighbours that `Vma::can_merge` allows, around `range`.
+    /// After a new mapping was inserted as the VMAs `range`: merges it with its neighbours
+    /// that `Vma::can_merge` allows; a merged VMA gets VM_SOFTDIRTY.
     pub fn merge_around(&mut self, range: std::ops::Range<usize>) {
+        let changed = vec![true; range.len()];
+        self.merge_window(range, &changed, SoftDirtyMerge::Set);
+    }
+
+    /// Applies `change` to the VMAs of `[from, to)` after splitting them at both ends, then
+    /// merges them with their neighbours: `vma_modify_flags()` (mm/vma.c) as `mprotect_fixup()`
+    /// and `madvise_update_vma()` call it, VMA by VMA.
+    pub fn modify(&mut self, p: &crate::kernel::KernelProfile, from: u64, to: u64, change: impl Fn(&mut Vma)) {
+        let r = self.isolate(from, to);
+        let changed: Vec<bool> = self.vmas[r.clone()]
+            .iter_mut()
+            .map(|v| {
+                let before = v.clone_without_ptes();
+                change(v);
+                !v.same_flags(&before)
+            })
+            .collect();
+        self.merge_window(r, &changed, SoftDirtyMerge::modify(p));
+    }
+
+    /// Whether VMAs `a` and `b` (adjacent) merge, given whether the operation changed each:
+    /// `can_merge`, and a VMA the operation left alone starts no merge (`mprotect_fixup()`
+    /// and `madvise_update_vma()` return early), so two such differing in VM_SOFTDIRTY stay
+    /// apart (pieces split from one VMA never differ).
+    /// `softdirty`: their VM_SOFTDIRTY before any merge.
+    fn pair_merges(a: &Vma, b: &Vma, changed: (bool, bool), softdirty: (bool, bool)) -> bool {
+        a.can_merge(b) && (changed.0 || changed.1 || softdirty.0 == softdirty.1)
+    }
+
+    /// Merges the VMAs `range` (`changed[i]`: whether the operation changed VMA
+    /// `range.start + i`) with each other and their neighbours, right to left.
+    fn merge_window(&mut self, range: std::ops::Range<usize>, changed: &[bool], rule: SoftDirtyMerge) {
         let lo = range.start.saturating_sub(1);
-        let mut k = (range.end + 1).min(self.vmas.len());
-        while k > lo + 1 {
-            k -= 1;
+        let hi = (range.end + 1).min(self.vmas.len());
+        if hi <= lo + 1 {
+            return;
+        }
+        let changed_at = |i: usize| range.contains(&i) && changed[i - range.start];
+        // The run merged so far at `k`: the VM_SOFTDIRTY of its last changed VMA, and whether
+        // any of its VMAs had VM_SOFTDIRTY; and the flag of its first VMA before any merge.
+        let mut last_changed = changed_at(hi - 1).then_some(self.vmas[hi - 1].vm_softdirty);
+        let mut any = self.vmas[hi - 1].vm_softdirty;
+        let mut first_sd = self.vmas[hi - 1].vm_softdirty;
+        let mut k = hi - 1;
+        while k > lo {
             // A merge the host has no memory for is skipped, as the kernel leaves VMAs
             // unmerged when vma_merge() cannot allocate; so is one that would move entries a
             // numpy view holds (callers refuse those first, see merge_would_move_exported).
             let (prev, next) = (&self.vmas[k - 1], &self.vmas[k]);
+            let prev_changed = changed_at(k - 1);
+            let prev_sd = prev.vm_softdirty;
             let moves_viewed = !prev.ptes.continues_into(&next.ptes)
                 && (prev.ptes.store().exported() || next.ptes.store().exported());
-            if prev.can_merge(next) && !moves_viewed {
+            let mut merged = false;
+            if !moves_viewed && Self::pair_merges(prev, next, (prev_changed, changed_at(k)), (prev_sd, first_sd)) {
                 let mut next = self.vmas.remove(k);
                 let prev = &mut self.vmas[k - 1];
                 let ptes = std::mem::replace(&mut next.ptes, PteTable::empty());
@@ -391,6 +474,15 @@ impl Mm {
                             prev.anon_vma = next.anon_vma;
                         }
                         prev.pmds.append(&mut next.pmds);
+                        last_changed = last_changed.or(prev_changed.then_some(prev_sd));
+                        any |= prev_sd;
+                        prev.vm_softdirty = match rule {
+                            SoftDirtyMerge::Set => true,
+                            SoftDirtyMerge::Sticky => any,
+                            // A run no changed VMA joined has one VM_SOFTDIRTY (pair_merges).
+                            SoftDirtyMerge::Modified => last_changed.unwrap_or(prev_sd),
+                        };
+                        merged = true;
                     }
                     Err(ptes) => {
                         next.ptes = ptes;
@@ -398,6 +490,12 @@ impl Mm {
                     }
                 }
             }
+            if !merged {
+                last_changed = prev_changed.then_some(prev_sd);
+                any = prev_sd;
+            }
+            first_sd = prev_sd;
+            k -= 1;
         }
     }
 }
@@ -466,4 +564,85 @@ pub fn user_pte<L: PteLayout>(l: &L, pfn: u64, prot: Prot, page_prot_write: bool
         v = l.pte_mkwrite(v);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::KernelProfile;
+
+    fn anon(start: u64, n: usize, prot: &str, softdirty: bool) -> Vma {
+        Vma {
+            start,
+            ptes: PteTable::filled(n, 0, "a page table").unwrap(),
+            prot: Prot::parse(prot).unwrap(),
+            shared: false,
+            file: None,
+            pgoff: 0,
+            vm_softdirty: softdirty,
+            uffd_wp: false,
+            uffd_event_fork: false,
+            dontfork: false,
+            wipeonfork: false,
+            anon_vma: 0,
+            mthp: 0,
+            hugepage: false,
+            nohugepage: false,
+            thp_pmd: false,
+            pmds: BTreeMap::new(),
+        }
+    }
+
+    fn mm(vmas: Vec<Vma>) -> Mm {
+        Mm { pid: 1, mm_id: 1, vmas, rss: [0; 3], has_pinned: false, exited: false, next_vpn: 0, thp_disable: Default::default() }
+    }
+
+    fn layout(m: &Mm) -> Vec<(u64, u64, bool)> {
+        m.vmas.iter().map(|v| (v.start, v.end(), v.vm_softdirty)).collect()
+    }
+
+    #[test]
+    fn new_mapping_merges_whatever_the_neighbours_softdirty_and_sets_it() {
+        let mut m = mm(vec![anon(0, 4, "rw", false), anon(4, 4, "rw", true), anon(8, 4, "rw", false)]);
+        m.merge_around(1..2);
+        assert_eq!(layout(&m), [(0, 12, true)]);
+    }
+
+    #[test]
+    fn modify_merge_takes_the_changed_vma_softdirty_up_to_6_18_and_any_from_6_19() {
+        // Two VMAs apart only by their protection; mprotect the one at `at` to the other's.
+        let run = |kernel: &str, prots: [&str; 2], softdirty: [bool; 2], at: u64| {
+            let mut m = mm(vec![anon(0, 4, prots[0], softdirty[0]), anon(4, 4, prots[1], softdirty[1])]);
+            let to = Prot::parse(prots[1 - at as usize / 4]).unwrap();
+            m.modify(&KernelProfile::parse(kernel).unwrap(), at, at + 4, |v| v.prot = to);
+            layout(&m)
+        };
+        // The changed VMA has VM_SOFTDIRTY: kept in every version.
+        for k in ["6.8", "6.18", "6.19", "7.0"] {
+            assert_eq!(run(k, ["rw", "r"], [false, true], 4), [(0, 8, true)]);
+        }
+        // The changed VMA is clear, its merged neighbour set: lost up to 6.18, kept from 6.19.
+        for (k, kept) in [("6.8", false), ("6.18", false), ("6.19", true), ("7.0", true)] {
+            assert_eq!(run(k, ["r", "rw"], [false, true], 0), [(0, 8, kept)]);
+        }
+    }
+
+    #[test]
+    fn modify_over_a_changed_and_an_unchanged_vma_takes_the_changed_one() {
+        // [r clear][rw set] both mprotected to rw: only the first changes.
+        let mut m = mm(vec![anon(0, 4, "r", false), anon(4, 4, "rw", true)]);
+        m.modify(&KernelProfile::parse("6.18").unwrap(), 0, 8, |v| v.prot = Prot::parse("rw").unwrap());
+        assert_eq!(layout(&m), [(0, 8, false)]);
+    }
+
+    #[test]
+    fn unchanged_vmas_differing_only_in_softdirty_stay_apart() {
+        let mut m = mm(vec![anon(0, 4, "rw", false), anon(4, 4, "rw", true)]);
+        m.modify(&KernelProfile::parse("6.18").unwrap(), 0, 8, |v| v.prot = Prot::parse("rw").unwrap());
+        assert_eq!(layout(&m), [(0, 4, false), (4, 8, true)]);
+        // A no-op change in the middle of a VMA splits and re-merges it.
+        let mut m = mm(vec![anon(0, 12, "rw", false)]);
+        m.modify(&KernelProfile::parse("6.18").unwrap(), 4, 8, |v| v.prot = Prot::parse("rw").unwrap());
+        assert_eq!(layout(&m), [(0, 12, false)]);
+    }
 }

@@ -40,11 +40,7 @@ impl State {
         self.unfold_at_split(l, p, k, a);
         self.unfold_at_split(l, p, k, b);
         // mprotect_fixup(): split and merge the VMAs first, then change_protection() the range.
-        let r = self.mms[k].isolate(a, b);
-        for v in r.clone() {
-            self.mms[k].vmas[v].prot = prot;
-        }
-        self.mms[k].merge_around(r);
+        self.mms[k].modify(p, a, b, |v| v.prot = prot);
         self.change_range(l, p, k, a, b, None)
     }
 

@@ -635,12 +635,7 @@ impl Simulation {
                     self.st.unfold_at_split(l, profile, k, a);
                     self.st.unfold_at_split(l, profile, k, b);
                 });
-                let mm = &mut self.st.mms[k];
-                let r = mm.isolate(a, b);
-                for v in &mut mm.vmas[r.clone()] {
-                    apply(v);
-                }
-                mm.merge_around(r);
+                self.st.mms[k].modify(&self.profile, a, b, apply);
                 self.end();
                 Ok(())
             }

@@ -77,6 +77,9 @@ class KernelProfile:
     large_cow_reuse: str
     pagemap_exclusive_by_folio: bool
     thp_disable_except_advised: bool  # PR_THP_DISABLE_EXCEPT_ADVISED (v6.18, kernel/sys.c)
+    # VM_SOFTDIRTY is sticky: a merge of existing VMAs keeps it if any had it (v6.19, mm/vma.c
+    # vma_merge_existing_range(), "mm: propagate VM_SOFTDIRTY on merge")
+    softdirty_sticky: bool
     # page cache and shmem (filemap.py, shmem.py)
     finish_fault_folio: str
     fault_around_whole_folio: bool  # filemap_map_folio_range() maps whole folios (v6.18)
@@ -125,6 +128,7 @@ class KernelProfile:
             large_cow_reuse=reuse,
             pagemap_exclusive_by_folio=at_least(7, 0),
             thp_disable_except_advised=at_least(6, 18),
+            softdirty_sticky=at_least(6, 19),
             finish_fault_folio=(FF_ANY_FILE if at_least(6, 18) else FF_SHMEM if at_least(6, 17)
                                 else FF_ANON_SHMEM if at_least(6, 11) else FF_PAGE),
             fault_around_whole_folio=at_least(6, 18),

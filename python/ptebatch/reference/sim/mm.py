@@ -116,25 +116,46 @@ class Vma:
             tail.pgoff = self.pgoff + k
         return tail
 
+    def same_flags(self, o: Vma) -> bool:
+        """What is_mergeable_vma() — mm/vma.c compares: the flags but VM_SOFTDIRTY, the file,
+        and the model's per-mapping settings."""
+        return (
+            self.prot == o.prot
+            and self.shared == o.shared
+            and self.file == o.file
+            and self.uffd_wp == o.uffd_wp
+            and self.uffd_event_fork == o.uffd_event_fork
+            and self.dontfork == o.dontfork
+            and self.wipeonfork == o.wipeonfork
+            and self.mthp == o.mthp
+            and self.hugepage == o.hugepage
+            and self.nohugepage == o.nohugepage
+            and self.thp_pmd == o.thp_pmd
+        )
+
     def can_merge(self, nxt: Vma) -> bool:
-        """vma_merge() rules the model has: same flags, contiguous file offsets, compatible anon_vma."""
+        """vma_merge() rules the model has: the same flags but VM_SOFTDIRTY, contiguous file
+        offsets, compatible anon_vma."""
         return (
             self.end() == nxt.start
-            and self.prot == nxt.prot
-            and self.shared == nxt.shared
-            and self.file == nxt.file
+            and self.same_flags(nxt)
             and (self.file is None or self.pgoff + len(self.ptes) == nxt.pgoff)
-            and self.vm_softdirty == nxt.vm_softdirty
-            and self.uffd_wp == nxt.uffd_wp
-            and self.uffd_event_fork == nxt.uffd_event_fork
-            and self.dontfork == nxt.dontfork
-            and self.wipeonfork == nxt.wipeonfork
-            and self.mthp == nxt.mthp
-            and self.hugepage == nxt.hugepage
-            and self.nohugepage == nxt.nohugepage
-            and self.thp_pmd == nxt.thp_pmd
             and (self.anon_vma == 0 or nxt.anon_vma == 0 or self.anon_vma == nxt.anon_vma)
         )
+
+
+#: What VM_SOFTDIRTY a merged VMA gets (SoftDirtyMerge): "set" for a new mapping
+#: (__mmap_complete() — mm/vma.c); "modified" up to v6.18, where mprotect_fixup() and
+#: madvise_update_vma() reset the merged VMA's flags to the changed VMA's, so the last changed
+#: VMA of a run decides; "sticky" from v6.19 (VM_STICKY): set if any merged VMA had it.
+SD_SET, SD_MODIFIED, SD_STICKY = "set", "modified", "sticky"
+
+
+def pair_merges(a: Vma, b: Vma, changed: tuple[bool, bool], softdirty: tuple[bool, bool]) -> bool:
+    """Whether adjacent VMAs a, b merge: can_merge, and a VMA the operation left alone starts no
+    merge (mprotect_fixup() and madvise_update_vma() return early), so two such that differ in
+    VM_SOFTDIRTY (``softdirty``: before any merge) stay apart."""
+    return a.can_merge(b) and (changed[0] or changed[1] or softdirty[0] == softdirty[1])
 
 
 @dataclasses.dataclass
@@ -180,19 +201,53 @@ class Mm:
         return range(a, max(a, b))
 
     def merge_around(self, r: range) -> None:
-        """Merges the neighbours Vma.can_merge allows, around the VMAs ``r``."""
+        """After a new mapping was inserted as the VMAs ``r``: merges it with the neighbours
+        Vma.can_merge allows; a merged VMA gets VM_SOFTDIRTY."""
+        self.merge_window(r, [True] * len(r), SD_SET)
+
+    def modify(self, p, lo: int, hi: int, change) -> None:
+        """vma_modify_flags() — mm/vma.c as mprotect_fixup() and madvise_update_vma() call it:
+        ``change`` applied to the VMAs of [lo, hi) after splitting them at both ends, then
+        merged with each other and their neighbours."""
+        r = self.isolate(lo, hi)
+        changed = []
+        for v in self.vmas[r.start:r.stop]:
+            before = v.clone_without_ptes()
+            change(v)
+            changed.append(not v.same_flags(before))
+        self.merge_window(r, changed, SD_STICKY if p.softdirty_sticky else SD_MODIFIED)
+
+    def merge_window(self, r: range, changed: list[bool], rule: str) -> None:
+        """Merges the VMAs ``r`` (``changed[i]``: whether the operation changed VMA
+        ``r.start + i``) with each other and their neighbours, right to left."""
         lo = max(r.start - 1, 0)
-        k = min(r.stop + 1, len(self.vmas))
-        while k > lo + 1:
-            k -= 1
-            if self.vmas[k - 1].can_merge(self.vmas[k]):
-                nxt = self.vmas.pop(k)
-                prev = self.vmas[k - 1]
+        hi = min(r.stop + 1, len(self.vmas))
+        if hi <= lo + 1:
+            return
+        sd = [v.vm_softdirty for v in self.vmas]  # before any merge
+        ch = [i in r and changed[i - r.start] for i in range(len(self.vmas))]
+        run = [hi - 1]  # the VMAs merged into the run at index k so far
+        k = hi - 1
+        while k > lo:
+            prev, nxt = self.vmas[k - 1], self.vmas[k]
+            if pair_merges(prev, nxt, (ch[k - 1], ch[k]), (sd[k - 1], sd[k])):
+                self.vmas.pop(k)
                 if prev.anon_vma == 0:
                     prev.anon_vma = nxt.anon_vma
                 prev.ptes.extend(nxt.ptes)
                 prev.pmds.update(nxt.pmds)
-
+                run.insert(0, k - 1)
+                if rule == SD_SET:
+                    prev.vm_softdirty = True
+                elif rule == SD_STICKY:
+                    prev.vm_softdirty = any(sd[i] for i in run)
+                else:
+                    last = [sd[i] for i in run if ch[i]]
+                    # A run no changed VMA joined has one VM_SOFTDIRTY (pair_merges).
+                    prev.vm_softdirty = last[-1] if last else sd[k - 1]
+            else:
+                run = [k - 1]
+            k -= 1
 
 #: How a shmem object chooses its folio sizes (ShmemKind): "fixed" (not shmem, or filled with
 #: folios of its folio_order), "tmpfs" (a mount with ``huge``), "anon" (shared anonymous memory).

@@ -35,10 +35,7 @@ def mprotect(st: State, l, p: KernelProfile, k: int, a: int, b: int, prot: Prot)
     huge_memory.split_huge_pmd_at(st, l, p, k, b)
     contpte.unfold_at_split(st, l, p, k, a)
     contpte.unfold_at_split(st, l, p, k, b)
-    r = st.mms[k].isolate(a, b)
-    for v in r:
-        st.mms[k].vmas[v].prot = prot
-    st.mms[k].merge_around(r)
+    st.mms[k].modify(p, a, b, lambda v: setattr(v, "prot", prot))
     change_range(st, l, p, k, a, b, None)
 
 

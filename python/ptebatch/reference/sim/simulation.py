@@ -506,8 +506,8 @@ class Simulation:
         huge_memory.split_huge_pmd_at(self.st, self.layout, self.profile, k, b)
         contpte.unfold_at_split(self.st, self.layout, self.profile, k, a)
         contpte.unfold_at_split(self.st, self.layout, self.profile, k, b)
-        r = mm.isolate(a, b)
-        for v in mm.vmas[r.start:r.stop]:
+
+        def apply(v):
             if advice in ("dontfork", "dofork"):
                 v.dontfork = advice == "dontfork"  # VM_DONTCOPY
             elif advice in ("hugepage", "nohugepage"):
@@ -515,7 +515,8 @@ class Simulation:
                 v.hugepage, v.nohugepage = advice == "hugepage", advice == "nohugepage"
             else:
                 v.wipeonfork = advice == "wipeonfork"  # VM_WIPEONFORK
-        mm.merge_around(r)
+
+        mm.modify(self.profile, a, b, apply)
         self._end()
 
     def prctl_thp_disable(self, pid: int, disable: bool, except_advised: bool = False) -> None:
