@@ -184,7 +184,7 @@ impl Vma {
     }
 
     /// The attributes `is_mergeable_vma()` compares: the VMA flags but VM_SOFTDIRTY (which
-    /// never prevents a merge: mm/mmap.c before v6.12, mm/vma.c after), the file, and the
+    /// never prevents a merge: mm/mmap.c in older trees, mm/vma.c in newer), the file, and the
     /// model's per-mapping settings.
     pub fn same_flags(&self, o: &Vma) -> bool {
         self.prot == o.prot
@@ -215,7 +215,7 @@ impl Vma {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SoftDirtyMerge {
     /// A new mapping merged with its neighbours: set (`__mmap_complete()`, mm/vma.c;
-    /// `mmap_region()`, mm/mmap.c before v6.12).
+    /// `mmap_region()`, mm/mmap.c in older trees).
     Set,
     /// Up to v6.18, `mprotect_fixup()` and `madvise_update_vma()` reset the merged VMA's
     /// flags to those of the VMA they changed, so the last changed VMA of a run decides.
