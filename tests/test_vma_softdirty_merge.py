@@ -275,3 +275,72 @@ def test_live_kernel_softdirty_agrees(remerge: str) -> None:
     if not has_soft_dirty:
         pytest.skip("live-kernel test: the running kernel has no CONFIG_MEM_SOFT_DIRTY")
     assert live == scenario(SimProcess(kernel, "rust"), remerge)
+
+
+# ---- random sequences: the Rust path against the reference --------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+WINDOW = 8  # pages
+# Spans on a 2-page grid, so that mappings abut and merge often.
+_span = st.tuples(st.sampled_from(range(0, WINDOW, 2)), st.sampled_from([2, 4]))
+OPS = st.one_of(
+    st.tuples(st.just("mmap"), _span, st.sampled_from(["rw", "r"])),
+    st.tuples(st.just("munmap"), _span),
+    st.tuples(st.just("mprotect"), _span, st.sampled_from(["rw", "r"])),
+    st.tuples(st.just("madvise"), _span, st.sampled_from(["dontfork", "dofork", "hugepage", "nohugepage"])),
+    st.tuples(st.just("touch"), _span, st.booleans()),
+    st.tuples(st.just("clear_soft_dirty"),),
+)
+
+
+def _apply(p: pb.Process, op: tuple) -> object:
+    """Runs ``op``; returns the exception type it raised, or None."""
+    try:
+        if op[0] == "clear_soft_dirty":
+            p.clear_soft_dirty()
+            return None
+        (off, n), arg = op[1], op[2] if len(op) > 2 else None
+        addr, length = BASE + off * PAGE, n * PAGE
+        if op[0] == "mmap":
+            p.mmap(length, arg, addr=addr)
+        elif op[0] == "munmap":
+            p.munmap(addr, length)
+        elif op[0] == "mprotect":
+            p.mprotect(addr, length, arg)
+        elif op[0] == "madvise":
+            p.madvise(addr, length, arg)
+        else:
+            p.touch(addr, length, write=arg)
+    except (ValueError, pb.AccessFault) as e:
+        return type(e)
+    return None
+
+
+SLOTS = WINDOW // 2
+# The window mapped two pages at a time in any order, each mapping in either protection,
+# written or not, after a soft-dirty clear or not: abutting VMAs of every mix.
+LAYOUT = st.tuples(st.permutations(range(SLOTS)),
+                   st.lists(st.tuples(st.sampled_from(["rw", "r"]), st.booleans(), st.booleans()),
+                            min_size=SLOTS, max_size=SLOTS))
+
+
+@settings(max_examples=150, deadline=None)
+@given(kernel=st.sampled_from(["6.18", "6.19"]), layout=LAYOUT, ops=st.lists(OPS, min_size=1, max_size=8))
+def test_rust_and_reference_merge_alike(kernel: str, layout: tuple, ops: list) -> None:
+    """Abutting mappings, soft-dirty clears, mprotect and madvise in any order: the two backends
+    keep the same VMAs (with VM_SOFTDIRTY) and report the same pagemap soft-dirty bits."""
+    rust = pb.Simulation("x86-64", kernel, "16M").spawn()
+    ref = pb.Simulation("x86-64", kernel, "16M", backend="reference").spawn()
+    order, slots = layout
+    steps = []
+    for i in order:
+        prot, clear, write = slots[i]
+        steps += [("clear_soft_dirty",)] * clear + [("mmap", (2 * i, 2), prot)]
+        steps += [("touch", (2 * i, 2), True)] * (write and prot == "rw")
+    for op in steps + ops:
+        assert _apply(rust, op) == _apply(ref, op), op
+        assert rust.vmas() == ref.vmas(), op
+        bits = [[bool(int(e) & PM_SOFT_DIRTY) for e in p.pagemap(BASE, WINDOW * PAGE)] for p in (rust, ref)]
+        assert bits[0] == bits[1], op
