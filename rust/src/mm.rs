@@ -430,11 +430,10 @@ impl Mm {
         self.merge_window(r, &changed, SoftDirtyMerge::modify(p));
     }
 
-    /// Whether VMAs `a` and `b` (adjacent) merge, given whether the operation changed each:
-    /// `can_merge`, and a VMA the operation left alone starts no merge (`mprotect_fixup()`
-    /// and `madvise_update_vma()` return early), so two such differing in VM_SOFTDIRTY stay
-    /// apart (pieces split from one VMA never differ).
-    /// `softdirty`: their VM_SOFTDIRTY before any merge.
+    /// Whether VMAs `a` and `b` (adjacent) merge, given whether the operation changed each and
+    /// their VM_SOFTDIRTY before any merge: `can_merge`, and a VMA the operation left alone
+    /// starts no merge (`mprotect_fixup()` and `madvise_update_vma()` return early), so two such
+    /// that differ in VM_SOFTDIRTY stay apart (pieces split from one VMA never differ).
     fn pair_merges(a: &Vma, b: &Vma, changed: (bool, bool), softdirty: (bool, bool)) -> bool {
         a.can_merge(b) && (changed.0 || changed.1 || softdirty.0 == softdirty.1)
     }
