@@ -34,6 +34,10 @@ pub trait FolioCounts {
     fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8];
     /// `folio->_refcount`.
     fn refcount_mut(&mut self, head: u64) -> &mut i32;
+    /// The refcounts stored at pfns `[head, head + nr)`: of `nr` order-0 folios in a row.
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32];
+    /// The orders stored on pages `[page, page + nr)`.
+    fn orders(&self, page: u64, nr: u64) -> &[u8];
     fn refcount_of(&self, head: u64) -> i32;
     /// `folio->_large_mapcount` (−1 = none).
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32;
@@ -130,6 +134,14 @@ impl FolioCounts for Memory {
     #[inline]
     fn refcount_of(&self, head: u64) -> i32 {
         self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32] {
+        &mut self.refcount[head as usize..(head + nr) as usize]
+    }
+    #[inline]
+    fn orders(&self, page: u64, nr: u64) -> &[u8] {
+        &self.order[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
@@ -284,6 +296,14 @@ impl FolioCounts for FolioArrays<'_> {
     #[inline]
     fn refcount_of(&self, head: u64) -> i32 {
         self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32] {
+        &mut self.refcount[head as usize..(head + nr) as usize]
+    }
+    #[inline]
+    fn orders(&self, page: u64, nr: u64) -> &[u8] {
+        &self.order[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
