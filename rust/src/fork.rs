@@ -224,7 +224,7 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
 }
 
 /// Entries [`copy_order0_block`] takes at once.
-const BLOCK: usize = 16;
+const BLOCK: usize = 64;
 
 /// The effects of [`copy_ptes_unpinned`]'s single entries on `src.len()` entries that map
 /// as many order-0 pages in a row from `page`, none of them the zero page, with the same
@@ -253,13 +253,14 @@ fn copy_order0_block<L: PteLayout, M: FolioCounts>(l: &L, ctx: &CopyCtx, mem: &m
     for r in mem.refcounts_mut(page, nr) {
         *r += 1;
     }
-    let (mut anon, mut shmem) = (0i64, 0i64);
+    let (mut anon, mut shmem) = (0u32, 0u32);
     for f in mem.flags_range_mut(page, nr) {
-        let a = *f & PG_ANON != 0;
-        anon += a as i64;
-        shmem += (!a && *f & PG_SWAPBACKED != 0) as i64;
-        *f &= !(PG_ANON_EXCLUSIVE * a as u8);
+        let a = (*f & PG_ANON != 0) as u8;
+        anon += a as u32;
+        shmem += ((*f & PG_SWAPBACKED != 0) as u8 & (a ^ 1)) as u32;
+        *f &= !(PG_ANON_EXCLUSIVE * a);
     }
+    let (anon, shmem) = (anon as i64, shmem as i64);
     for m in mem.mapcounts_mut(page, nr) {
         *m += 1;
     }
@@ -403,7 +404,7 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
 
 /// `folio_pte_batch()` from entry `i` of `src` as `copy_present_ptes()` calls it: the
 /// batch's length and the template for the child (writable if any entry was, v6.12+).
-#[inline]
+#[inline(always)]
 fn batch_template<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], i: usize, max_nr: usize, folio: Folio) -> (usize, u64) {
     let b = folio_pte_batch_linear(l, form, src, i, max_nr, folio, ctx.flags)
         .unwrap_or_else(|| folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags));

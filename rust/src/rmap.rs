@@ -503,6 +503,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
     }
 
     /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
+    #[inline]
     pub(crate) fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
@@ -606,6 +607,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
 
     /// `folio_try_dup_anon_rmap_ptes()` (include/linux/rmap.h): all-or-nothing; fails when the
     /// source mm may have pinned the folio and any page of the range is exclusive.
+    #[inline]
     pub fn try_dup_anon_ptes(
         &mut self,
         head: u64,
@@ -635,6 +637,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
 
     /// `folio_dup_file_rmap_ptes()`: one more mapping of pages already mapped in the parent
     /// (`_nr_pages_mapped` does not move).
+    #[inline]
     pub fn dup_file_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32) {
         self.stats.rmap_calls += 1;
         for m in self.mem.mapcounts_mut(page, nr) {
