@@ -39,6 +39,24 @@ def test_fork_numpy_copy(benchmark, size, kernel):
     dst = np.empty_like(ptes)
     benchmark(np.copyto, dst, ptes)
     record(benchmark, f"fork {size} {kernel}", "numpy_copy", len(ptes))
+    if kernel == "7.0":
+        record(benchmark, f"fork after exit {size}", "numpy_copy", len(ptes))
+
+
+@pytest.mark.parametrize("size", ("4K", "64K", "2M"))
+def test_fork_after_exit(benchmark, size):
+    """Forks of one parent, each after the last child exited: the child's page tables come from
+    memory the host has just taken back, as in a loop of fork() and exit()."""
+    sim, p = _written(FORK_BYTES, size, "7.0")
+    children = []
+
+    def setup():
+        while children:
+            children.pop().exit()
+        return (), {}
+
+    benchmark.pedantic(lambda: children.append(p.fork()), setup=setup, rounds=5, iterations=1)
+    record(benchmark, f"fork after exit {size}", "rust", FORK_BYTES // 4096)
 
 
 @pytest.mark.parametrize("size,kernel", CASES, ids=[f"{s}-{k}" for s, k in CASES])

@@ -324,6 +324,14 @@ pub fn folio_pte_batch_unchecked<L: PteLayout>(
         }
     };
 
+    batch_result(l, form, flags, first, nr, any_writable, any_young, any_dirty)
+}
+
+/// What `folio_pte_batch()` reports for a batch of `nr` entries from `first` whose entries
+/// had these write, young and dirty bits: the first PTE, merged where the flags ask.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn batch_result<L: PteLayout>(l: &L, form: FpbForm, flags: FpbFlags, first: u64, nr: usize, any_writable: bool, any_young: bool, any_dirty: bool) -> Batch {
     let mut pte = first;
     if flags.merge_write && any_writable {
         pte = l.pte_mkwrite(pte);
@@ -343,6 +351,35 @@ pub fn folio_pte_batch_unchecked<L: PteLayout>(
         any_young: form.reports_any_young_dirty().then_some(any_young),
         any_dirty: form.reports_any_young_dirty().then_some(any_dirty),
     }
+}
+
+/// [`folio_pte_batch_unchecked`] for the common run, found without the scan: the entries
+/// from `start` to the folio's end (or `max_nr`) are `pte_advance_pfn(first, k)` exactly, as
+/// a fault or a fork writes a whole folio. Every form accepts each of them (each equals the
+/// expected value before any normalisation, no pfn reaches the folio end) and stops after
+/// the last: at `max_nr`, at the folio end, or at the next entry, whose pfn would be the
+/// folio end. `None` when the run is not such, or may be contpte (the hint and the read
+/// differ), for the caller to scan.
+#[inline]
+pub fn folio_pte_batch_linear<L: PteLayout>(l: &L, form: FpbForm, ptes: &[u64], start: usize, max_nr: usize, folio: Folio, flags: FpbFlags) -> Option<Batch> {
+    let first = ptes[start];
+    if form.uses_hint() && l.pte_valid_cont(first) {
+        return None;
+    }
+    let pfn = l.pte_pfn(first);
+    let nr = max_nr.min(folio.end_pfn().checked_sub(pfn)? as usize);
+    let step = l.linear_advance(first, nr as u64)?;
+    let run = &ptes[start..start + nr];
+    // Differences OR-ed over the run: no branch per entry, so it vectorises.
+    let mut diff = 0u64;
+    let mut expected = first;
+    for &v in run {
+        diff |= v ^ expected;
+        expected = expected.wrapping_add(step);
+    }
+    // The out-parameters gather the entries after the first, which has the bits of each.
+    let more = nr > 1;
+    (diff == 0).then(|| batch_result(l, form, flags, first, nr, more && l.pte_write(first), more && l.pte_young(first), more && l.pte_dirty(first)))
 }
 
 /// Entries compared per step of [`scan_runs`].

@@ -7,11 +7,11 @@
 //! [`copy_pte_range_arrays`] over arrays a user owns (docs/helpers.md).
 
 use crate::arch::PteLayout;
-use crate::batch::{folio_pte_batch_unchecked, Folio, FpbFlags, Table};
+use crate::batch::{folio_pte_batch_linear, folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
-use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE};
-use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES};
+use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_SWAPBACKED};
+use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES};
 use crate::pgtable;
 use crate::rmap::{FolioCounts, Rmap};
 use crate::sim::State;
@@ -95,12 +95,12 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
 ) -> std::result::Result<(), Again> {
     let cont = pgtable::cont_ptes(l, p);
     let none = l.geometry().none_value;
-    // Without contpte and MMF_HAS_PINNED, no entry needs more than the per-PTE loop below
-    // or a batch.
+    // Without contpte and MMF_HAS_PINNED, no entry needs copy_present_page() or an unfold:
+    // copy_ptes_unpinned() takes the whole range.
     let one_by_one = cont.is_none() && !ctx.has_pinned;
     while i < e {
         if one_by_one && prealloc.is_none() {
-            i = copy_ptes_one_by_one(l, p, ctx, env, i, e);
+            i = copy_ptes_unpinned(l, p, ctx, env, i, e);
             if i >= e {
                 break;
             }
@@ -123,7 +123,7 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
     Ok(())
 }
 
-/// What [`copy_ptes_one_by_one`] counts, added to [`Stats`] once at the end.
+/// What [`copy_ptes_unpinned`] counts for single entries, added to [`Stats`] once at the end.
 #[derive(Default)]
 struct Tally {
     reads: u64,
@@ -134,19 +134,22 @@ struct Tally {
     wrprotects: u64,
 }
 
-/// The loop of [`copy_pte_range`] over entries `[i, e)` for what it does one PTE at a time
-/// without contpte and without MMF_HAS_PINNED: none entries, entries without a page, and
-/// pages of small folios (or of any folio where the kernel does not batch). Each entry has
-/// the effects [`copy_present_ptes`] gives it (`folio_ref_add()`,
-/// `folio_try_dup_anon_rmap_pte()`, which cannot fail here, or `folio_dup_file_rmap_pte()`,
-/// then `__copy_present_ptes()`), with the counters added per run instead of per entry.
-/// Returns the first entry it leaves to the caller: a large folio to batch.
+/// The loop of [`copy_pte_range`] over entries `[i, e)` without contpte and without
+/// MMF_HAS_PINNED, where no entry needs `copy_present_page()`: none entries, entries without
+/// a page, pages of small folios (or of any folio where the kernel does not batch) one PTE
+/// at a time, and batches of large folios. Each entry has the effects [`copy_present_ptes`]
+/// gives it (`folio_ref_add()`, `folio_try_dup_anon_rmap_pte()`, which cannot fail here, or
+/// `folio_dup_file_rmap_pte()`, then `__copy_present_ptes()`), with the counters of single
+/// entries added per run instead of per entry, and runs of order-0 pages in a row taken as
+/// blocks ([`copy_order0_block`]). Returns `e`.
 #[inline(never)]
-fn copy_ptes_one_by_one<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, mut i: usize, e: usize) -> usize {
+fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &CopyCtx, env: &mut CopyEnv<'_, M>, mut i: usize, e: usize) -> usize {
     let none = l.geometry().none_value;
-    let batching = p.fpb.is_some() && p.fork_batched;
+    let form = p.fpb.filter(|_| p.fork_batched);
     let mut n = Tally::default();
     let mut rss = [0i64; 3];
+    // A block failed before this entry: none is tried again until past it.
+    let mut no_block_before = 0usize;
     let (src, dst) = (&mut env.src[..e], &mut env.dst[..e]);
     while i < e {
         let pte = src[i];
@@ -159,8 +162,22 @@ fn copy_ptes_one_by_one<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, 
         if let Some(page) = vm_normal_page(l, pte, ctx.zero_pfn) {
             let head = env.mem.folio_head(page);
             let order = env.mem.folio_order(head);
-            if order > 0 && batching && e - i != 1 {
-                break;
+            if let (true, Some(form), true) = (order > 0, form, e - i != 1) {
+                let (nr, tpl) = match env.plan.as_deref_mut().and_then(Plan::pop) {
+                    Some(planned) => planned,
+                    None => batch_template(l, form, ctx, src, i, e - i, Folio { pfn: head, nr_pages: 1 << order }),
+                };
+                let st = &mut *env.stats;
+                copy_large_batch(l, p, ctx, &mut *env.mem, st, &mut rss, src, dst, i, head, page, nr, tpl);
+                i += nr;
+                continue;
+            }
+            if order == 0 && i >= no_block_before && e - i >= BLOCK {
+                if copy_order0_block(l, ctx, &mut *env.mem, &mut src[i..i + BLOCK], &mut dst[i..i + BLOCK], page, &mut n, &mut rss) {
+                    i += BLOCK;
+                    continue;
+                }
+                no_block_before = i + BLOCK;
             }
             *env.mem.refcount_mut(head) += 1;
             let counter = mm_counter(&*env.mem, head);
@@ -204,6 +221,107 @@ fn copy_ptes_one_by_one<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, 
         *r += d;
     }
     i
+}
+
+/// Entries [`copy_order0_block`] takes at once.
+const BLOCK: usize = 64;
+
+/// The effects of [`copy_ptes_unpinned`]'s single entries on `src.len()` entries that map
+/// as many order-0 pages in a row from `page`, none of them the zero page, with the same
+/// bits (each the first advanced by `pte_advance_pfn()`, as a fault of a run writes them):
+/// the per-page counts as passes over slices. Returns false, having changed nothing, when
+/// the entries are not such.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn copy_order0_block<L: PteLayout, M: FolioCounts>(l: &L, ctx: &CopyCtx, mem: &mut M, src: &mut [u64], dst: &mut [u64], page: u64, n: &mut Tally, rss: &mut [i64; 3]) -> bool {
+    let first = src[0];
+    let nr = src.len() as u64;
+    let Some(step) = l.linear_advance(first, nr) else { return false };
+    if !matches!(page.checked_add(nr), Some(end) if end <= mem.nr_pages()) || ctx.zero_pfn.wrapping_sub(page) < nr {
+        return false;
+    }
+    let (mut diff, mut expected) = (0u64, first);
+    for &v in src.iter() {
+        diff |= v ^ expected;
+        expected = expected.wrapping_add(step);
+    }
+    if diff != 0 || mem.orders(page, nr).iter().fold(0u8, |a, &o| a | o) != 0 {
+        return false;
+    }
+    // folio_ref_add(); mm_counter() and, for anonymous pages, folio_try_dup_anon_rmap_pte()
+    // clearing PageAnonExclusive, or folio_dup_file_rmap_pte(); the mapcount.
+    for r in mem.refcounts_mut(page, nr) {
+        *r += 1;
+    }
+    let (mut anon, mut shmem) = (0u32, 0u32);
+    for f in mem.flags_range_mut(page, nr) {
+        let a = (*f & PG_ANON != 0) as u8;
+        anon += a as u32;
+        shmem += ((*f & PG_SWAPBACKED != 0) as u8 & (a ^ 1)) as u32;
+        *f &= !(PG_ANON_EXCLUSIVE * a);
+    }
+    let (anon, shmem) = (anon as i64, shmem as i64);
+    for m in mem.mapcounts_mut(page, nr) {
+        *m += 1;
+    }
+    rss[MM_ANONPAGES] += anon;
+    rss[MM_SHMEMPAGES] += shmem;
+    rss[MM_FILEPAGES] += nr as i64 - anon - shmem;
+    n.reads += nr;
+    n.pages += nr;
+    // __copy_present_ptes(): every entry has the first one's write bit.
+    if ctx.is_cow && l.pte_write(first) {
+        for v in src.iter_mut() {
+            *v = l.pte_wrprotect(*v);
+        }
+        n.wrprotects += nr;
+    }
+    for (d, &v) in dst.iter_mut().zip(src.iter()) {
+        *d = child_pte(l, ctx, v);
+    }
+    true
+}
+
+/// [`copy_present_ptes`] of a batch of `nr` entries from `i`, mapping pages from `page` of
+/// the large folio at `head`, with `tpl` the template `folio_pte_batch()` gave; without
+/// MMF_HAS_PINNED (so `folio_try_dup_anon_rmap_ptes()` cannot fail) and without contpte.
+/// Counts the caller's read of entry `i` too.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn copy_large_batch<L: PteLayout, M: FolioCounts>(
+    l: &L,
+    p: &KernelProfile,
+    ctx: &CopyCtx,
+    mem: &mut M,
+    st: &mut Stats,
+    rss: &mut [i64; 3],
+    src: &mut [u64],
+    dst: &mut [u64],
+    i: usize,
+    head: u64,
+    page: u64,
+    nr: usize,
+    tpl: u64,
+) {
+    st.pte_reads += 1 + nr as u64;
+    st.folio_pte_batch_calls += 1;
+    let counter = mm_counter(&*mem, head);
+    let mut r = Rmap { mem, stats: &mut *st, profile: p };
+    r.ref_add(head, nr as i32);
+    if counter == MM_ANONPAGES {
+        let dup = r.try_dup_anon_ptes(head, page, nr as u64, ctx.dst_mm_id, false);
+        debug_assert!(dup, "without MMF_HAS_PINNED the dup cannot fail");
+    } else {
+        r.dup_file_ptes(head, page, nr as u64, ctx.dst_mm_id);
+    }
+    rss[counter] += nr as i64;
+    st.batch(nr);
+    let mut t = tpl;
+    if ctx.is_cow && l.pte_write(t) {
+        pgtable::wrprotect_ptes(l, None, src, ctx.start, i, nr, st);
+        t = l.pte_wrprotect(t);
+    }
+    pgtable::set_ptes(l, None, dst, ctx.start, i, child_pte(l, ctx, t), nr, |_| None, st);
 }
 
 /// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's
@@ -286,9 +404,10 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
 
 /// `folio_pte_batch()` from entry `i` of `src` as `copy_present_ptes()` calls it: the
 /// batch's length and the template for the child (writable if any entry was, v6.12+).
-#[inline]
+#[inline(always)]
 fn batch_template<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], i: usize, max_nr: usize, folio: Folio) -> (usize, u64) {
-    let b = folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags);
+    let b = folio_pte_batch_linear(l, form, src, i, max_nr, folio, ctx.flags)
+        .unwrap_or_else(|| folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags));
     let mut tpl = b.pte;
     if b.any_writable == Some(true) {
         tpl = l.pte_mkwrite(tpl);
@@ -564,5 +683,70 @@ impl State {
             self.rmap(p).put_refs(pf, 1);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::Layout;
+    use crate::kernel::KernelProfile;
+    use crate::mm::Prot;
+    use crate::sim::Simulation;
+
+    /// A parent with every kind of entry the unpinned loop takes: runs of order-0 pages
+    /// (written, read as the zero page, with holes), whole and partly unmapped large folios
+    /// of several sizes, read-only ranges, private and shared file pages.
+    fn parent(kernel: &str, has_pinned: bool) -> (Simulation, u32) {
+        let layout = Layout::by_name("x86-64", None).unwrap();
+        let mut s = Simulation::new(layout, KernelProfile::parse(kernel).unwrap(), 64 << 20, 11).unwrap();
+        let p = s.spawn();
+        let rw = Prot { read: true, write: true, exec: false };
+        let ro = Prot { read: true, write: false, exec: false };
+        let small = s.mmap(p, None, 4 << 20, rw, false, None, Some(&[]), false, false, false).unwrap();
+        s.touch(p, small, 4 << 20, true).unwrap();
+        s.munmap(p, small + 37 * 4096, 5 * 4096).unwrap();
+        s.madvise(p, small + 300 * 4096, 3 * 4096, "dontneed").unwrap();
+        s.touch(p, small + 300 * 4096, 4096, false).unwrap();
+        s.mprotect(p, small + 100 * 4096, 20 * 4096, ro).unwrap();
+        let large = s.mmap(p, None, 8 << 20, rw, false, None, Some(&[16 << 10, 64 << 10, 2 << 20]), false, false, false).unwrap();
+        s.touch(p, large, 6 << 20, true).unwrap();
+        s.touch(p, large + (6 << 20), 1 << 20, false).unwrap();
+        s.munmap(p, large + (3 << 20) + 21 * 4096, 7 * 4096).unwrap();
+        s.mprotect(p, large + (1 << 20) + 8 * 4096, 40 * 4096, ro).unwrap();
+        for shmem in [false, true] {
+            let f = s.create_file(1 << 20, 64 << 10, shmem, None).unwrap();
+            for shared in [false, true] {
+                let a = s.mmap(p, None, 1 << 20, rw, shared, Some((f, 0)), None, false, false, false).unwrap();
+                s.touch(p, a, 1 << 20, shared).unwrap();
+            }
+        }
+        let k = s.st.mms.iter().position(|m| m.pid == p).unwrap();
+        s.st.mms[k].has_pinned = has_pinned;
+        (s, p)
+    }
+
+    /// Without pinned folios, MMF_HAS_PINNED changes nothing a fork does; it sends every
+    /// entry through copy_present_ptes() instead of the unpinned loop (blocks of order-0
+    /// pages, linear batches): the same tables, counts and counters.
+    #[test]
+    fn the_unpinned_loop_matches_copy_present_ptes() {
+        for kernel in ["6.8", "6.9", "6.12", "6.15", "6.18"] {
+            let (mut fast, p) = parent(kernel, false);
+            let (mut slow, _) = parent(kernel, true);
+            let before = fast.st.total.clone();
+            fast.fork(p).unwrap();
+            slow.fork(p).unwrap();
+            assert!(fast.st.total.batches > before.batches);
+            assert_eq!(fast.st.total, slow.st.total, "{kernel}");
+            let (a, b) = (&fast.st.mem, &slow.st.mem);
+            assert_eq!((&a.order, &a.flags, &a.mapcount, &a.refcount), (&b.order, &b.flags, &b.mapcount, &b.refcount), "{kernel}");
+            assert_eq!(a.large_folios(), b.large_folios(), "{kernel}");
+            for (x, y) in fast.st.mms.iter().zip(&slow.st.mms) {
+                assert_eq!(x.rss, y.rss, "{kernel}");
+                for (v, w) in x.vmas.iter().zip(&y.vmas) {
+                    assert_eq!(&v.ptes[..], &w.ptes[..], "{kernel}");
+                }
+            }
+        }
     }
 }

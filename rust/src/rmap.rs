@@ -34,6 +34,10 @@ pub trait FolioCounts {
     fn flags_range_mut(&mut self, page: u64, nr: u64) -> &mut [u8];
     /// `folio->_refcount`.
     fn refcount_mut(&mut self, head: u64) -> &mut i32;
+    /// The refcounts stored at pfns `[head, head + nr)`: of `nr` order-0 folios in a row.
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32];
+    /// The orders stored on pages `[page, page + nr)`.
+    fn orders(&self, page: u64, nr: u64) -> &[u8];
     fn refcount_of(&self, head: u64) -> i32;
     /// `folio->_large_mapcount` (−1 = none).
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32;
@@ -130,6 +134,14 @@ impl FolioCounts for Memory {
     #[inline]
     fn refcount_of(&self, head: u64) -> i32 {
         self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32] {
+        &mut self.refcount[head as usize..(head + nr) as usize]
+    }
+    #[inline]
+    fn orders(&self, page: u64, nr: u64) -> &[u8] {
+        &self.order[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
@@ -284,6 +296,14 @@ impl FolioCounts for FolioArrays<'_> {
     #[inline]
     fn refcount_of(&self, head: u64) -> i32 {
         self.refcount[head as usize]
+    }
+    #[inline]
+    fn refcounts_mut(&mut self, head: u64, nr: u64) -> &mut [i32] {
+        &mut self.refcount[head as usize..(head + nr) as usize]
+    }
+    #[inline]
+    fn orders(&self, page: u64, nr: u64) -> &[u8] {
+        &self.order[page as usize..(page + nr) as usize]
     }
     #[inline]
     fn large_mapcount_mut(&mut self, head: u64) -> &mut i32 {
@@ -483,6 +503,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
     }
 
     /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
+    #[inline]
     pub(crate) fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
         let track = self.profile.mm_id;
@@ -586,6 +607,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
 
     /// `folio_try_dup_anon_rmap_ptes()` (include/linux/rmap.h): all-or-nothing; fails when the
     /// source mm may have pinned the folio and any page of the range is exclusive.
+    #[inline]
     pub fn try_dup_anon_ptes(
         &mut self,
         head: u64,
@@ -615,6 +637,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
 
     /// `folio_dup_file_rmap_ptes()`: one more mapping of pages already mapped in the parent
     /// (`_nr_pages_mapped` does not move).
+    #[inline]
     pub fn dup_file_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32) {
         self.stats.rmap_calls += 1;
         for m in self.mem.mapcounts_mut(page, nr) {

@@ -229,6 +229,29 @@ fn folio_lists_are_validated() {
     assert_eq!(f.lookup(99, &mut c), None, "past the map: no folio");
 }
 
+/// The linear shortcut takes a whole written folio, and leaves a run with a changed bit, or
+/// a contpte run, to the scan.
+#[test]
+fn the_linear_shortcut_takes_whole_written_folios() {
+    let l = X86_64;
+    let bits = PteBits { write: true, dirty: true, young: true, ..ro() };
+    let pfns: Vec<Option<u64>> = (32..64).map(Some).collect();
+    let mut t = table_of(&l, &pfns, bits);
+    let folio = Folio { pfn: 32, nr_pages: 16 };
+    for form in ALL_FORMS {
+        let b = folio_pte_batch_linear(&l, form, &t, 2, 30, folio, fork_flags(form)).unwrap();
+        assert_eq!(b.nr, 14);
+        assert_eq!(b, folio_pte_batch_unchecked(&l, form, Table { ptes: &t, first_vpn: 0 }, 2, 30, folio, fork_flags(form)));
+    }
+    t[5] = l.pte_mkclean(t[5]);
+    assert!(folio_pte_batch_linear(&l, FpbForm::V6_17, &t, 0, 16, folio, fork_flags(FpbForm::V6_17)).is_none());
+    let a = Arm64::new(12);
+    let n = a.geometry().cont_ptes as usize;
+    let mut c = vec![a.geometry().none_value; n];
+    crate::pgtable::set_ptes(&a, Some(n), &mut c, 0, 0, a.mk_pte(32, bits).unwrap(), n, |_| None, &mut Default::default());
+    assert!(folio_pte_batch_linear(&a, FpbForm::V6_17, &c, 0, n, folio, fork_flags(FpbForm::V6_17)).is_none());
+}
+
 /// A random table: runs of folios of random orders placed at random virtual offsets, with
 /// holes, random bits, and some physically adjacent folios.
 fn random_table() -> impl Strategy<Value = (Vec<u64>, Vec<u64>, Vec<u64>, u64, Vec<u8>)> {
@@ -322,5 +345,46 @@ proptest! {
         let a = batch_lengths(&l, &profile, table, &Folios::new(&starts, &nrs, None).unwrap(), flags).unwrap();
         let b = batch_lengths(&l, &profile, table, &Folios::new(&starts, &nrs, Some(&map)).unwrap(), flags).unwrap();
         prop_assert_eq!(a, b);
+    }
+
+    /// The linear shortcut, where it answers, answers as the scan does: for every form, fork
+    /// flags (private or shared, soft-dirty tracked or not), start and max_nr, over tables
+    /// whose entries mostly carry the same bits.
+    #[test]
+    fn the_linear_shortcut_agrees_with_the_scan((enc, starts, nrs, first_vpn, noise) in random_table()) {
+        let l = X86_64;
+        let t: Vec<u64> = enc.iter().enumerate().map(|(i, &e)| {
+            if e == 0 { return 0; }
+            let n = noise.get(i).copied().unwrap_or(0xff);
+            let b = if n < 0x20 {
+                PteBits { write: n & 1 != 0, dirty: n & 2 != 0, young: n & 4 != 0, uffd_wp: n & 0x18 == 0x18, ..ro() }
+            } else {
+                PteBits { write: true, dirty: true, young: true, ..ro() }
+            };
+            l.mk_pte(e - 1, b).unwrap()
+        }).collect();
+        let folios = Folios::new(&starts, &nrs, None).unwrap();
+        for form in ALL_FORMS {
+            for (shared, soft_dirty) in [(false, false), (true, false), (false, true)] {
+                let flags = FpbFlags::from_bits(form.flag_family(), FpbFlags::fork_bits(form, shared, soft_dirty)).unwrap();
+                for start in 0..t.len() {
+                    if t[start] == 0 {
+                        continue;
+                    }
+                    let mut c = 0;
+                    let f = folios.lookup(l.pte_pfn(t[start]), &mut c).unwrap();
+                    if f.nr_pages < 2 {
+                        continue;
+                    }
+                    for max_nr in [1, 2, 7, t.len() - start] {
+                        let max_nr = max_nr.min(t.len() - start);
+                        let table = Table { ptes: &t, first_vpn };
+                        if let Some(b) = folio_pte_batch_linear(&l, form, &t, start, max_nr, f, flags) {
+                            prop_assert_eq!(b, folio_pte_batch_unchecked(&l, form, table, start, max_nr, f, flags));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
