@@ -14,7 +14,7 @@ use crate::sim::{Access, State};
 
 /// Most entries a run of faults takes at once ([`State::do_anonymous_run`]): their page-table
 /// entries are read, then written, while in the cache.
-const RUN_PAGES: u64 = 8192;
+const RUN_PAGES: u64 = 2048;
 
 /// Entries before the first that is not none.
 fn count_none<L: PteLayout>(l: &L, ptes: &[u64]) -> u64 {
