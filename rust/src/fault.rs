@@ -8,9 +8,45 @@
 use crate::arch::PteLayout;
 use crate::error::{Error, Result};
 use crate::kernel::{KernelProfile, LargeCowReuse};
-use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_MAYBE_SHARED, PG_SWAPBACKED};
+use crate::memory::{LargeFolio, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_MAYBE_SHARED, PG_SWAPBACKED};
 use crate::mm::{mm_counter, user_pte, Pin, MM_ANONPAGES};
 use crate::sim::{Access, State};
+
+/// Most entries a run of faults takes at once ([`State::do_anonymous_run`]): their page-table
+/// entries are read, then written, while in the cache.
+const RUN_PAGES: u64 = 2048;
+
+/// Entries before the first that is not none.
+fn count_none<L: PteLayout>(l: &L, ptes: &[u64]) -> u64 {
+    // Blocks of 16 with one test each (vectorises), then the block that ends the run.
+    let mut n = 0;
+    for c in ptes.chunks(16) {
+        if c.iter().fold(true, |all, &e| all & l.pte_none(e)) {
+            n += c.len();
+        } else {
+            n += c.iter().take_while(|&&e| l.pte_none(e)).count();
+            break;
+        }
+    }
+    n as u64
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn runs_enabled() -> bool {
+    true
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Off: every fault goes the single-fault way (the reference of the run proptests).
+    static RUNS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+#[cfg(test)]
+fn runs_enabled() -> bool {
+    RUNS.with(|r| r.get())
+}
 
 fn oom() -> Error {
     Error::out_of_memory("out of memory: no free page for the allocation")
@@ -70,29 +106,18 @@ impl State {
         let mut vpn = a;
         while vpn < b {
             let (v, _) = self.locate(k, vpn);
-            // A private anonymous VMA whose faults can only map single pages (the THP policy
-            // allows no larger order anywhere in it, no huge PMD, no uffd-wp, no contpte).
-            let small_only = {
-                let vma = &self.mms[k].vmas[v];
-                vma.is_anon()
-                    && !vma.uffd_wp
-                    && !vma.thp_pmd
-                    && vma.pmds.is_empty()
-                    && self.thp_vma_allowable_orders(k, v) & !1 == 0
-                    && crate::pgtable::cont_ptes(l, p).is_none()
-            };
+            let run_order = self.anon_run_order(l, p, k, v);
             // Faults change no VMA; the check only guards the index against that changing.
             while vpn < b && self.mms[k].vmas[v].contains(vpn) {
                 let vma = &self.mms[k].vmas[v];
                 let end = vma.end().min(b);
                 // A none PTE outside huge PMDs (every page of a first touch) faults at once.
                 let none = vma.pmds.is_empty() && l.pte_none(vma.ptes[(vpn - vma.start) as usize]);
-                let n = if !none {
-                    self.access_mapped_run(l, k, v, vpn, end, write)
-                } else if write && small_only {
-                    self.do_anonymous_small_run(l, k, v, vpn, end)
-                } else {
-                    0
+                let n = match run_order {
+                    _ if !runs_enabled() => 0,
+                    _ if !none => self.access_mapped_run(l, k, v, vpn, end, write),
+                    Some(order) if write => self.do_anonymous_run(l, p, k, v, vpn, b, order),
+                    _ => 0,
                 };
                 if n > 0 {
                     self.ticker.tick(n)?;
@@ -107,62 +132,155 @@ impl State {
         Ok(())
     }
 
-    /// Write faults on the run of none PTEs from `vpn` (below `end`) of a VMA where
-    /// `do_anonymous_page()` can only map single pages: each page what [`State::access_one`]
-    /// gives it (a fault, a new exclusive anonymous page, its PTE young, dirty and writable,
-    /// a new token), with the pages taken from the allocator as a run of single allocations
-    /// ([`Memory::alloc_order0_run`]). Returns how many; 0 when memory is out, for the
-    /// single-page path to report.
+    /// The order of the folio every write fault on a none PTE of VMA `v` maps when its
+    /// naturally aligned range lies inside the VMA, is all none and the allocation of that
+    /// order succeeds at once: the highest order the THP policy allows, or 0. `None` where
+    /// faults may do more than that: a userfaultfd-armed VMA, huge PMDs (`pmd=True`
+    /// mappings, the PMD order by policy), file mappings, arm64 contpte folding.
+    fn anon_run_order<L: PteLayout>(&self, l: &L, p: &KernelProfile, k: usize, v: usize) -> Option<u32> {
+        let vma = &self.mms[k].vmas[v];
+        if !vma.is_anon() || vma.uffd_wp || vma.thp_pmd || !vma.pmds.is_empty() || crate::pgtable::cont_ptes(l, p).is_some() {
+            return None;
+        }
+        let orders = self.thp_vma_allowable_orders(k, v);
+        if orders == 0 {
+            return Some(0);
+        }
+        let order = 31 - orders.leading_zeros();
+        // Only an explicit size list maps a PMD-sized folio with PTEs (pmd_order_fault()).
+        (order != self.pmd_order || vma.mthp != 0).then_some(order)
+    }
+
+    /// Write faults on the none PTEs of VMA `v` from `vpn` (aligned to `order`; pages below
+    /// `end` are written), where [`State::anon_run_order`] is `order`: a run of aligned,
+    /// all-none slots of `2^order` entries, each what [`State::access_one`] and
+    /// [`State::access_mapped_run`] give it (a fault, its `do_anonymous_page()` with the same
+    /// entry reads, fragmentation draw and allocation, a new exclusive anonymous folio
+    /// mapped by `set_ptes()`, young, dirty and writable, and a new token in each written
+    /// page, in address order). The folios come from the allocator as runs of single
+    /// allocations ([`Memory::alloc_run`]), and each per-page array is written in one pass.
+    /// Returns the pages written; 0 (nothing done) where the first slot is not such a fault,
+    /// for the single-fault path to take.
     ///
-    /// [`Memory::alloc_order0_run`]: crate::memory::Memory::alloc_order0_run
-    fn do_anonymous_small_run<L: PteLayout>(&mut self, l: &L, k: usize, v: usize, vpn: u64, end: u64) -> u64 {
-        let (start, prot) = (self.mms[k].vmas[v].start, self.mms[k].vmas[v].prot);
+    /// [`Memory::alloc_run`]: crate::memory::Memory::alloc_run
+    #[allow(clippy::too_many_arguments)]
+    fn do_anonymous_run<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, vpn: u64, end: u64, order: u32) -> u64 {
+        let nr = 1u64 << order;
+        let (start, vma_end, prot) = {
+            let vma = &self.mms[k].vmas[v];
+            (vma.start, vma.end(), vma.prot)
+        };
+        if vpn & (nr - 1) != 0 {
+            return 0;
+        }
+        // Whole slots from vpn, at most RUN_PAGES entries (cache-sized), up to the slot
+        // holding the last page written.
+        let limit = vma_end.min((end + nr - 1) & !(nr - 1)).min(vpn + RUN_PAGES.max(nr));
         let i = (vpn - start) as usize;
-        // No run is longer than the largest free block.
-        let cap = (end - vpn).min(1u64 << self.mem.max_order) as usize;
-        let want = self.mms[k].vmas[v].ptes[i..i + cap].iter().take_while(|&&e| l.pte_none(e)).count() as u64;
-        let Some((first, n)) = self.mem.alloc_order0_run(want) else { return 0 };
+        let none = count_none(l, &self.mms[k].vmas[v].ptes[i..i + (limit - vpn) as usize]);
+        let mut slots = (none >> order).min(self.mem.free_folios(order));
+        // fragmented() of each slot's order, in slot order; the first slot it fails stays
+        // for the single fault, which draws the same value again.
+        if order > 0 && self.mem.fallback[order as usize] > 0.0 {
+            for s in 0..slots {
+                let before = self.mem.rng.clone();
+                if self.mem.fragmented(order) {
+                    self.mem.rng = before;
+                    slots = s;
+                    break;
+                }
+            }
+        }
+        if slots == 0 {
+            return 0;
+        }
         self.ensure_anon_vma(k, v);
-        // folio_add_new_anon_rmap() of each page: anonymous, exclusive, mapped once.
-        let (a, e) = (first as usize, (first + n) as usize);
-        for f in &mut self.mem.flags[a..e] {
-            *f |= PG_ANON | PG_SWAPBACKED | PG_ANON_EXCLUSIVE;
-        }
-        self.mem.mapcount[a..e].fill(1);
-        for t in a..e {
-            let tok = self.new_token();
-            self.mem.token[t] = tok;
-        }
-        // set_ptes() of each page: young and dirty (a write), writable as the VMA is.
-        let template = user_pte(l, first, prot, prot.write, prot.write);
-        let ptes = &mut self.mms[k].vmas[v].ptes[i..i + n as usize];
-        match l.linear_advance(template, n) {
-            Some(step) => {
-                let mut pte = template;
-                for e in ptes {
-                    *e = pte;
-                    pte = pte.wrapping_add(step);
+        let mm_id = self.mms[k].mm_id;
+        // folio_add_new_anon_rmap(): folio_set_large_mapcount() puts every mapping in
+        // MM-ID slot 0 (v6.15+).
+        let rec = LargeFolio {
+            large_mapcount: nr as i32 - 1,
+            nr_pages_mapped: nr as i32,
+            mm_id: [if p.mm_id { mm_id } else { MM_ID_DUMMY }, MM_ID_DUMMY],
+            mm_id_mapcount: [if p.mm_id { nr as i32 - 1 } else { -1 }, -1],
+            ..LargeFolio::default()
+        };
+        let written = (slots << order).min(end - vpn);
+        let mut at = 0u64;
+        while at < slots {
+            let (first, n) = self.mem.alloc_run(order, slots - at, rec).expect("free_folios() counted it");
+            let (a, e) = (first as usize, (first + (n << order)) as usize);
+            let State { mem, mms, next_token, .. } = self;
+            // folio_add_new_anon_rmap() of each folio: anonymous, each page exclusive and
+            // mapped once; the folio's references, one per page.
+            mem.mapcount[a..e].fill(1);
+            if order == 0 {
+                mem.flags[a..e].fill(PG_ANON | PG_SWAPBACKED | PG_ANON_EXCLUSIVE);
+                mem.refcount[a..e].fill(1);
+            } else {
+                mem.flags[a..e].fill(PG_ANON_EXCLUSIVE);
+                mem.refcount[a..e].fill(0);
+                for h in (a..e).step_by(nr as usize) {
+                    mem.flags[h] |= PG_ANON | PG_SWAPBACKED;
+                    mem.refcount[h] = nr as i32;
                 }
             }
-            None => {
-                for (j, e) in ptes.iter_mut().enumerate() {
-                    *e = l.pte_advance_pfn(template, j as u64);
+            // The written pages' tokens; the rest of a last folio past `end` has none.
+            let w = ((written - (at << order)) as usize).min(e - a);
+            let tokens = &mut mem.token[a..e];
+            let t0 = *next_token;
+            if (t0 as u64) + (w as u64) <= u32::MAX as u64 {
+                for (j, t) in tokens[..w].iter_mut().enumerate() {
+                    *t = t0 + j as u32;
+                }
+                *next_token = (t0 + w as u32).max(1);
+            } else {
+                for t in &mut tokens[..w] {
+                    *t = *next_token;
+                    *next_token = next_token.wrapping_add(1).max(1);
                 }
             }
+            tokens[w..].fill(0);
+            // set_ptes() of each folio: young and dirty (a write), writable as the VMA is.
+            let template = user_pte(l, first, prot, prot.write, prot.write);
+            let j = i + (at << order) as usize;
+            let ptes = &mut mms[k].vmas[v].ptes[j..j + (e - a)];
+            match l.linear_advance(template, (e - a) as u64) {
+                Some(step) => {
+                    let mut pte = template;
+                    for x in ptes {
+                        *x = pte;
+                        pte = pte.wrapping_add(step);
+                    }
+                }
+                None => {
+                    for (j, x) in ptes.iter_mut().enumerate() {
+                        *x = l.pte_advance_pfn(template, j as u64);
+                    }
+                }
+            }
+            at += n;
         }
-        self.mms[k].rss[MM_ANONPAGES] += n as i64;
+        let pages = slots << order;
+        self.mms[k].rss[MM_ANONPAGES] += pages as i64;
         let op = &mut self.op;
-        op.pte_reads += n;
-        op.faults += n;
-        op.folios_allocated += n;
-        if op.alloc_by_order.is_empty() {
-            op.alloc_by_order.resize(1, 0);
+        // Each fault reads its entry, then the aligned range of its order (the single fault
+        // of order 0 checks none); the written pages after the first are read as mapped.
+        op.pte_reads += slots + if order > 0 { pages } else { 0 } + written - slots;
+        op.faults += slots;
+        op.folios_allocated += slots;
+        if op.alloc_by_order.len() <= order as usize {
+            op.alloc_by_order.resize(order as usize + 1, 0);
         }
-        op.alloc_by_order[0] += n;
-        op.rmap_calls += n;
-        op.mapcount_updates += n;
-        op.pte_writes += n;
-        n
+        op.alloc_by_order[order as usize] += slots;
+        if order > 0 {
+            op.refcount_atomics += slots;
+            op.mapcount_updates += slots;
+        }
+        op.rmap_calls += slots;
+        op.mapcount_updates += pages;
+        op.pte_writes += pages;
+        written
     }
 
     /// The run of pages from `vpn` (below `end`, in VMA `v`) that an access takes without a
@@ -595,5 +713,82 @@ impl State {
         self.clear_soft_dirty_pmds(l, k);
         self.op.tlb_flush_ranges += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RUNS;
+    use crate::arch::Layout;
+    use crate::kernel::KernelProfile;
+    use crate::mm::Prot;
+    use crate::sim::Simulation;
+    use proptest::prelude::*;
+
+    /// Everything a touch may change, as text.
+    fn dump(s: &Simulation) -> String {
+        let m = &s.st.mem;
+        format!(
+            "{:?}",
+            (
+                (&m.order, &m.flags, &m.mapcount, &m.refcount, &m.token),
+                (m.large_folios(), m.free_blocks(), m.free_pages, m.rng.0),
+                (&s.st.mms, &s.st.op, &s.st.total, s.st.next_token, s.st.next_anon_vma),
+            )
+        )
+    }
+
+    const SIZES: [u64; 5] = [4 << 10, 16 << 10, 32 << 10, 64 << 10, 2 << 20];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Write (and read) touches with runs of faults leave the state, counters and errors
+        /// exactly as one fault at a time does: mTHP size lists and the THP policy, ranges
+        /// that start and end inside folios and mappings, pages mapped before (zero page,
+        /// written, other orders), simulated fragmentation, memory running short, and the
+        /// token counter wrapping.
+        #[test]
+        fn runs_of_faults_are_single_faults(
+            kernel in prop::sample::select(vec!["6.8", "6.18"]),
+            mem_pages in 300u64..2_500,
+            vmas in prop::collection::vec((1u64..700, prop::option::of(0u32..32)), 1..4),
+            policy in prop::option::of(2u32..10),
+            fallback in prop::collection::vec((2u32..10, 0u8..4), 0..3),
+            token in prop::option::of(u32::MAX - 900..u32::MAX),
+            touches in prop::collection::vec((0usize..4, 0u64..1_400, 1u64..900, any::<bool>()), 1..10),
+        ) {
+            let layout = Layout::by_name("x86-64", None).unwrap();
+            let mut s = Simulation::new(layout, KernelProfile::parse(kernel).unwrap(), mem_pages << 12, 7).unwrap();
+            if let Some(o) = policy {
+                s.st.thp.set_size_mode(o, crate::policy::SizeEnabled::Always);
+            }
+            for (o, p) in fallback {
+                s.set_fallback(o, [0.0, 0.3, 0.7, 1.0][p as usize]).unwrap();
+            }
+            if let Some(t) = token {
+                s.st.next_token = t;
+            }
+            let pid = s.spawn();
+            let rw = Prot { read: true, write: true, exec: false };
+            let mut spans = Vec::new();
+            for (pages, mthp) in vmas {
+                let list: Option<Vec<u64>> = mthp.map(|bits| (0..5).filter(|b| bits & (1 << b) != 0).map(|b| SIZES[b]).collect());
+                let a = s.mmap(pid, None, pages << 12, rw, false, None, list.as_deref(), false, false, false).unwrap();
+                spans.push((a, pages));
+            }
+            let mut one = s.clone();
+            for (vi, off, len, write) in touches {
+                let (a, pages) = spans[vi % spans.len()];
+                let off = off % pages;
+                let len = len.min(pages - off);
+                let got = s.touch(pid, a + (off << 12), len << 12, write).map_err(|e| e.message);
+                RUNS.with(|r| r.set(false));
+                let want = one.touch(pid, a + (off << 12), len << 12, write).map_err(|e| e.message);
+                RUNS.with(|r| r.set(true));
+                prop_assert_eq!(got, want);
+                prop_assert_eq!(dump(&s), dump(&one));
+            }
+        }
     }
 }

@@ -52,6 +52,13 @@ pub struct LargeFolio {
     pub mm_id_mapcount: [i32; 2],
 }
 
+/// A new folio's record: no mappings, pins or MM-IDs.
+impl Default for LargeFolio {
+    fn default() -> LargeFolio {
+        LargeFolio::new()
+    }
+}
+
 impl LargeFolio {
     fn new() -> LargeFolio {
         LargeFolio {
@@ -448,26 +455,35 @@ impl Memory {
         Some(pfn)
     }
 
-    /// Up to `max` order-0 pages that as many [`Memory::alloc`]`(0)` calls in a row would
-    /// return, taken at once: `(first pfn, n)`, the pages consecutive, each with refcount 1.
-    /// While no block below order `f` is free, order-0 allocations split the lowest block of
-    /// order `f` and take its pages in address order, leaving the rest of it free in its
-    /// aligned buddy blocks; a lone free page ends the run at one.
-    pub fn alloc_order0_run(&mut self, max: u64) -> Option<(u64, u64)> {
-        let from = self.free.lowest_order_from(0)?;
+    /// How many [`Memory::alloc`]`(order)` calls in a row would succeed: each takes `2^order`
+    /// pages from a free block of `order` or more and leaves the rest of it in such blocks.
+    pub fn free_folios(&self, order: u32) -> u64 {
+        (order..=self.max_order).map(|o| self.free.nr_free[o as usize] << (o - order)).sum()
+    }
+
+    /// Up to `max` folios of `order` that as many [`Memory::alloc`]`(order)` calls in a row
+    /// would return, taken at once: `(first pfn, n)`, the folios consecutive from `first`,
+    /// each large one with the record `rec` (as its faults leave it). While no block from
+    /// `order` below `f` is free, such allocations split the lowest block of order `f` and
+    /// take its folios in address order, leaving the rest of it free in its aligned buddy
+    /// blocks; so a run ends with the block. The pages get their order; their flags, counts
+    /// and tokens are the caller's to write, every page of the run, before anything reads them.
+    pub fn alloc_run(&mut self, order: u32, max: u64, rec: LargeFolio) -> Option<(u64, u64)> {
+        let from = self.free.lowest_order_from(order)?;
         let block = self.free.first(from)? << from;
-        let n = max.clamp(1, 1 << from);
+        let n = max.clamp(1, 1 << (from - order));
+        let pages = n << order;
         self.free.remove(from, block >> from);
         // The rest of the block goes back as the splits of n single allocations leave it
         // (its buddies are within the block, taken: nothing merges).
-        self.free_range(block + n, block + (1u64 << from));
-        self.free_pages -= n;
-        let (i, e) = (block as usize, (block + n) as usize);
-        self.order[i..e].fill(0);
-        self.flags[i..e].fill(0);
-        self.mapcount[i..e].fill(0);
-        self.refcount[i..e].fill(1);
-        self.token[i..e].fill(0);
+        self.free_range(block + pages, block + (1u64 << from));
+        self.free_pages -= pages;
+        self.order[block as usize..(block + pages) as usize].fill(order as u8);
+        if order > 0 {
+            for j in 0..n {
+                self.new_large_record(block + (j << order), rec);
+            }
+        }
         Some((block, n))
     }
 
@@ -478,18 +494,24 @@ impl Memory {
         self.free_pages -= n;
         self.fill_pages(pfn, n, order as u8);
         if order > 0 {
-            let idx = match self.large_free.pop() {
-                Some(i) => {
-                    self.large[i as usize] = LargeFolio::new();
-                    i
-                }
-                None => {
-                    self.large.push(LargeFolio::new());
-                    self.large.len() as u32 - 1
-                }
-            };
-            self.set_large_idx(pfn, idx);
+            self.new_large_record(pfn, LargeFolio::new());
         }
+    }
+
+    /// The large folio at `pfn` gets a record holding `rec`.
+    #[inline]
+    fn new_large_record(&mut self, pfn: u64, rec: LargeFolio) {
+        let idx = match self.large_free.pop() {
+            Some(i) => {
+                self.large[i as usize] = rec;
+                i
+            }
+            None => {
+                self.large.push(rec);
+                self.large.len() as u32 - 1
+            }
+        };
+        self.set_large_idx(pfn, idx);
     }
 
     /// Pages `[pfn, pfn + n)` get order `order` and nothing else: no flags, counts or token.
@@ -872,28 +894,40 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-        /// A run of order-0 pages taken at once leaves memory exactly as the same number of
-        /// single order-0 allocations, from any mix of earlier allocations and frees.
+        /// A run of folios taken at once leaves memory exactly as the same number of single
+        /// allocations of their order, from any mix of earlier allocations and frees; and
+        /// `free_folios()` counts the single allocations that succeed.
         #[test]
-        fn order0_runs_are_single_allocations_in_a_row(
+        fn runs_are_single_allocations_in_a_row(
             nr_pages in 1u64..5_000,
             max_order in 0u32..10,
             ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
-            runs in proptest::collection::vec(1u64..700, 1..8),
+            runs in proptest::collection::vec((0u32..10, 1u64..700), 1..8),
         ) {
             let (mut m, _) = mixed_memory(nr_pages, max_order, &ops);
             let mut one = m.clone();
-            for max in runs {
-                let Some((first, n)) = m.alloc_order0_run(max) else {
-                    proptest::prop_assert_eq!(one.alloc(0), None);
+            for (order, max) in runs {
+                let order = order % (max_order + 1);
+                let mut count = one.clone();
+                let mut can = 0u64;
+                while count.alloc(order).is_some() {
+                    can += 1;
+                }
+                proptest::prop_assert_eq!(m.free_folios(order), can);
+                let Some((first, n)) = m.alloc_run(order, max, LargeFolio::new()) else {
+                    proptest::prop_assert_eq!(one.alloc(order), None);
                     break;
                 };
                 proptest::prop_assert!(n >= 1 && n <= max);
                 for k in 0..n {
-                    proptest::prop_assert_eq!(one.alloc(0), Some(first + k));
+                    let head = first + (k << order);
+                    proptest::prop_assert_eq!(one.alloc(order), Some(head));
+                    // What the caller writes: alloc()'s reference, on a page that was free.
+                    m.refcount[head as usize] = 1;
                 }
                 proptest::prop_assert_eq!(m.free_blocks(), one.free_blocks());
                 proptest::prop_assert_eq!(m.free_pages, one.free_pages);
+                proptest::prop_assert_eq!(m.large_folios(), one.large_folios());
                 proptest::prop_assert_eq!(&m.order, &one.order);
                 proptest::prop_assert_eq!(&m.flags, &one.flags);
                 proptest::prop_assert_eq!(&m.mapcount, &one.mapcount);

@@ -912,6 +912,16 @@ impl State {
     /// largest folio at either end (a folio may reach beyond the range, and a page-cache folio
     /// beyond the mapping). Entries under a huge PMD are none, so they count too.
     fn worst_case_pages<L: PteLayout>(&self, l: &L, k: usize, a: u64, b: u64) -> u64 {
+        // Counting every entry unsettled reads none: the entries are read only when the free
+        // pages do not cover that bound (the step guard compares no more).
+        let unread = self.worst_case_bound(l, k, a, b, false);
+        if unread <= self.mem.free_pages {
+            return unread;
+        }
+        self.worst_case_bound(l, k, a, b, true)
+    }
+
+    fn worst_case_bound<L: PteLayout>(&self, l: &L, k: usize, a: u64, b: u64, read: bool) -> u64 {
         let mm = &self.mms[k];
         let mut worst = 0u64;
         let mut at = a;
@@ -930,7 +940,7 @@ impl State {
             let end = vma.end().min(b);
             let per_entry = if vma.file.is_some() && !vma.shared { 2 } else { 1 };
             let ptes = &vma.ptes[(at - vma.start) as usize..(end - vma.start) as usize];
-            let settled = ptes.iter().filter(|&&e| l.pte_present(e) && l.pte_write(e)).count() as u64;
+            let settled = if read { ptes.iter().filter(|&&e| l.pte_present(e) && l.pte_write(e)).count() as u64 } else { 0 };
             worst += per_entry * (ptes.len() as u64 - settled) + 2 * (1u64 << max_order);
             at = vma.end();
         }
