@@ -117,6 +117,22 @@ def test_round_trip_after_fork_cow_munmap_mprotect(backend: str) -> None:
         round_trip(sim)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["x86-64", "s390x"])
+def test_round_trip_of_a_huge_folio_past_i_size(backend: str, arch: str) -> None:
+    """tmpfs huge=always puts a PMD-sized folio at index 0 of a one-page file
+    (shmem_alloc_and_add_folio() rounds the index down to the PMD, whatever i_size), so the
+    folio reaches past the file's end; the rebuilt state must take it."""
+    sim = pb.Simulation(arch, "6.12", "4M", seed=3, backend=backend)
+    p = sim.spawn()
+    f = sim.create_file(sim.page_size, shmem=True, huge="always")
+    m = p.mmap(sim.page_size, "r", shared=True, file=f)
+    p.touch(m.start, sim.page_size)
+    arrays = sim.to_arrays()
+    assert arrays["folios"]["order"].tolist() == [pb.layout(arch).ptrs_per_pte.bit_length() - 1]
+    round_trip(sim)
+
+
 # ---- a state written by hand ----------------------------------------------------------------
 
 def test_inferred_counters_of_a_hand_written_fork() -> None:

@@ -244,7 +244,8 @@ impl Simulation {
         }
         if let FolioKind::File { fid, index } = kind {
             let f = self.st.files.get(fid as usize).ok_or_else(|| Error::value(format!("no file {fid}")))?;
-            let beyond = !matches!(index.checked_add(n), Some(end) if end <= f.nr_pages);
+            // A shmem object's cache reaches the next PMD boundary: a huge folio may pass i_size.
+            let beyond = !matches!(index.checked_add(n), Some(end) if end <= f.cache.len() as u64);
             if beyond || f.cache[index as usize..(index + n) as usize].iter().any(|&c| c != NOT_CACHED) {
                 return Err(Error::value(format!("file {fid} pages from {index} ({n} of them) are beyond the file or cached")));
             }

@@ -39,7 +39,8 @@ def place_folio(st: State, head: int, order: int, file: tuple[int, int] | None, 
         if fid >= len(st.files):
             raise value_error(f"no file {fid}")
         f = st.files[fid]
-        if index + n > f.nr_pages or any(c != NOT_CACHED for c in f.cache[index:index + n]):
+        # A shmem object's cache reaches the next PMD boundary: a huge folio may pass i_size.
+        if index + n > len(f.cache) or any(c != NOT_CACHED for c in f.cache[index:index + n]):
             raise value_error(f"file {fid} pages from {index} ({n} of them) are beyond the file or cached")
     if not st.mem.alloc_at(head, order):
         raise value_error(f"pfns {head:#x}..{head + n:#x} are not free")
