@@ -14,7 +14,7 @@ use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_DIRTY};
 use crate::mm::mm_counter_of;
 use crate::pgtable;
-use crate::rmap::{folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
+use crate::rmap::{folio_nr_pages, folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
@@ -454,45 +454,61 @@ fn zap_present_folio_ptes<L: PteLayout, M: FolioCounts>(
 
 /// `tlb_finish_mmu()`: the TLB is flushed, now the references go (one refcount atomic per
 /// `folio_put_refs()`).
+///
+/// Folios freed one after another that lie next to each other go back to the allocator as
+/// one run ([`FolioCounts::free_folio_run`]): the free blocks depend only on which pages are
+/// free, so the memory ends as one free at a time would leave it. Only the folio just past
+/// the pending run is touched while it waits; anything else returns the run first.
 pub fn tlb_finish<M: FolioCounts>(r: &mut Rmap<'_, M>, gather: &mut Gather) {
     let (mut puts, mut freed) = (0u64, 0u64);
+    // Pages [first, end) of folios freed and not yet returned; `large` if any is.
+    let (mut first, mut end, mut large) = (0u64, 0u64, false);
     for g in gather.runs.drain(..) {
         let n = g.count & !SAME_FOLIO;
         puts += n as u64;
         if g.count & SAME_FOLIO != 0 {
+            free_pending(&mut *r.mem, first, end, large);
+            (first, end, large) = (g.head, g.head, false);
             freed += folio_put_refs_times(&mut *r.mem, g.head, g.nr as i32, n) as u64;
-        } else {
-            // Consecutive heads: all but maybe the last are order-0 folios. Those freed are
-            // returned as runs; the free blocks depend only on which pages are free, so the
-            // memory ends as one free at a time would leave it.
-            let (mut first, mut len) = (0u64, 0u64);
-            for head in g.head..g.head + n as u64 {
-                let c = r.mem.refcount_mut(head);
-                *c -= g.nr as i32;
-                if *c != 0 {
-                    continue;
-                }
-                freed += 1;
-                if r.mem.order_of(head) == 0 {
-                    if len > 0 && first + len == head {
-                        len += 1;
-                        continue;
-                    }
-                    if len > 0 {
-                        r.mem.free_order0_run(first, len);
-                    }
-                    (first, len) = (head, 1);
-                } else {
-                    r.mem.free_folio(head);
-                }
+            continue;
+        }
+        // Consecutive heads: all but maybe the last are order-0 folios, so no head of the
+        // run lies in what the run before it leaves pending.
+        if g.head != end {
+            free_pending(&mut *r.mem, first, end, large);
+            (first, end, large) = (g.head, g.head, false);
+        }
+        for head in g.head..g.head + n as u64 {
+            let c = r.mem.refcount_mut(head);
+            *c -= g.nr as i32;
+            if *c != 0 {
+                continue;
             }
-            if len > 0 {
-                r.mem.free_order0_run(first, len);
+            freed += 1;
+            if head != end {
+                free_pending(&mut *r.mem, first, end, large);
+                (first, large) = (head, false);
             }
+            let order = r.mem.order_of(head);
+            large |= order != 0;
+            end = head + folio_nr_pages(order);
         }
     }
+    free_pending(&mut *r.mem, first, end, large);
     r.stats.refcount_atomics += puts;
     r.stats.folios_freed += freed;
+}
+
+/// Returns the folios of pages `[first, end)` to the allocator; `large` if any is large.
+#[inline(always)]
+fn free_pending<M: FolioCounts>(mem: &mut M, first: u64, end: u64, large: bool) {
+    if first < end {
+        if large {
+            mem.free_folio_run(first, end);
+        } else {
+            mem.free_order0_run(first, end - first);
+        }
+    }
 }
 
 /// `unmap_page_range()` of one table over arrays a user owns: cut into page tables at PMD
@@ -697,6 +713,69 @@ mod tests {
         assert_eq!(sa, sb);
         assert!(sa.folios_freed > 0, "some folio went to zero and was freed");
         assert_eq!((a.refcount, a.order, a.flags), (b.refcount, b.order, b.flags));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A gather of references to the simulation's folios of mixed orders, many of them
+        /// freed next to each other, finished at once against one folio_put_refs() at a time.
+        #[test]
+        fn gather_frees_runs_of_folios_as_single_puts(
+            orders in proptest::collection::vec(0u32..5, 1..60),
+            holes in proptest::collection::vec(0usize..60, 0..8),
+            pushes in proptest::collection::vec((0usize..60, 1u32..3, 1u32..4, proptest::bool::ANY), 1..150),
+        ) {
+            let p = KernelProfile::parse("6.18").unwrap();
+            let mut a = crate::memory::Memory::new(2048, 6, 1).unwrap();
+            let mut heads: Vec<u64> = orders.iter().filter_map(|&o| a.alloc(o)).collect();
+            for &h in &holes {
+                if h < heads.len() {
+                    a.free(heads.remove(h));
+                }
+            }
+            proptest::prop_assume!(!heads.is_empty());
+            for &h in &heads {
+                a.token[h as usize] = h as u32 + 1;
+                a.flags[h as usize] = PG_ANON;
+            }
+            // (head, nr, times): consecutive heads from one (push), or one head again (push_same).
+            let mut calls = Vec::new();
+            for &(k, nr, times, same) in &pushes {
+                let k = k % heads.len();
+                if same {
+                    calls.push((heads[k], nr, times));
+                } else {
+                    calls.extend(heads[k..(k + times as usize).min(heads.len())].iter().map(|&h| (h, nr, 1)));
+                }
+            }
+            // Each folio's count reaches zero exactly half-way through its calls, or never.
+            for (j, &h) in heads.iter().enumerate() {
+                let mine: Vec<i32> = calls.iter().filter(|c| c.0 == h).flat_map(|c| (0..c.2).map(move |_| c.1 as i32)).collect();
+                a.refcount[h as usize] = mine[..mine.len().div_ceil(2)].iter().sum::<i32>() + (j % 3 == 2) as i32;
+            }
+            let mut b = a.clone();
+            let (mut sa, mut sb) = (Stats::default(), Stats::default());
+            let mut gather = new_gather().unwrap();
+            for &(head, nr, times) in &calls {
+                gather.push_same(head, nr, times);
+            }
+            tlb_finish(&mut Rmap { mem: &mut a, stats: &mut sa, profile: &p }, &mut gather);
+            {
+                let mut r = Rmap { mem: &mut b, stats: &mut sb, profile: &p };
+                for &(head, nr, times) in &calls {
+                    for _ in 0..times {
+                        r.put_refs(head, nr as i32);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(&sa, &sb);
+            proptest::prop_assert_eq!(a.free_blocks(), b.free_blocks());
+            proptest::prop_assert_eq!(a.free_pages, b.free_pages);
+            proptest::prop_assert_eq!(a.large_folios(), b.large_folios());
+            proptest::prop_assert_eq!((&a.order, &a.flags, &a.mapcount), (&b.order, &b.flags, &b.mapcount));
+            proptest::prop_assert_eq!((&a.refcount, &a.token), (&b.refcount, &b.token));
+        }
     }
 
     #[test]
