@@ -582,20 +582,40 @@ pub fn tlb_finish<M: FolioCounts>(r: &mut Rmap<'_, M>, gather: &mut Gather) {
             free_pending(&mut *r.mem, first, end, large);
             (first, end, large) = (g.head, g.head, false);
         }
-        for head in g.head..g.head + n as u64 {
-            let c = r.mem.refcount_mut(head);
-            *c -= g.nr as i32;
-            if *c != 0 {
-                continue;
+        let (mut head, stop) = (g.head, g.head + n as u64);
+        while head < stop {
+            // The references, up to a freed folio the pending run does not reach (no call
+            // in this loop, so that its counts stay in registers).
+            let mut run_freed = 0u64;
+            let mut gap = false;
+            while head < stop {
+                let c = r.mem.refcount_mut(head);
+                *c -= g.nr as i32;
+                if *c == 0 {
+                    if head != end {
+                        gap = true;
+                        break;
+                    }
+                    run_freed += 1;
+                    end = match r.mem.order_of(head) {
+                        0 => head + 1,
+                        o => {
+                            large = true;
+                            head + folio_nr_pages(o)
+                        }
+                    };
+                }
+                head += 1;
             }
-            freed += 1;
-            if head != end {
+            freed += run_freed;
+            if gap {
+                debug_assert!(first == end || head > end, "a head inside the pending run");
                 free_pending(&mut *r.mem, first, end, large);
-                (first, large) = (head, false);
+                let o = r.mem.order_of(head);
+                (first, end, large) = (head, head + folio_nr_pages(o), o != 0);
+                freed += 1;
+                head += 1;
             }
-            let order = r.mem.order_of(head);
-            large |= order != 0;
-            end = head + folio_nr_pages(order);
         }
     }
     free_pending(&mut *r.mem, first, end, large);
