@@ -49,6 +49,9 @@ const SAME_FOLIO: u32 = 1 << 31;
 /// Runs an mmu_gather holds before its references are dropped (16 bytes each).
 pub const GATHER_MAX: usize = 1 << 16;
 
+/// Entries the simulation zaps before it finishes its gather (a page table of 4K pages).
+pub const FINISH_ENTRIES: usize = 1 << 9;
+
 /// An empty gather with its whole room reserved up front, so that no zap allocates.
 pub fn new_gather() -> crate::error::Result<Gather> {
     Ok(Gather { runs: crate::alloc::try_with_capacity(GATHER_MAX, "an mmu_gather")? })
@@ -652,16 +655,25 @@ pub fn zap_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfi
 
 impl State {
     /// Zaps entries `[a, b)` of VMA `v` of process `k`, one page table at a time.
+    ///
+    /// The gather is finished every [`FINISH_ENTRIES`] entries, while the pages it frees are
+    /// still in the host's cache: the end state is the same (a folio's references go only
+    /// when no entry maps it, so nothing later in the zap finds it freed).
     #[allow(clippy::too_many_arguments)]
     pub fn zap_vma_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, b: usize, fullmm: bool, gather: &mut Gather) -> Result<()> {
         let start = self.mms[k].vmas[v].start;
         let ptrs = self.ptrs_per_pte as usize;
-        let mut s = a;
+        let (mut s, mut since) = (a, 0usize);
         while s < b {
             let to_pmd = ptrs - ((start as usize + s) & (ptrs - 1));
             let e = b.min(s + to_pmd);
             if !self.zap_huge_pmd_range(l, p, k, v, s, e, gather) {
                 self.zap_pte_range(l, p, k, v, s, e, fullmm, gather);
+            }
+            since += e - s;
+            if since >= FINISH_ENTRIES {
+                self.tlb_finish(l, p, gather);
+                since = 0;
             }
             self.ticker.tick((e - s) as u64)?;
             s = e;
