@@ -575,11 +575,13 @@ impl Memory {
     pub fn free_folio_run(&mut self, first: u64, end: u64) {
         let mut head = first;
         while head < end {
-            let o = self.order[head as usize];
-            if o > 0 {
-                self.free_large_record(head);
+            match self.order[head as usize] {
+                0 | FREE => head += 1,
+                o => {
+                    self.free_large_record(head);
+                    head += 1 << o;
+                }
             }
-            head += 1 << o;
         }
         self.free_order0_run(first, end - first);
     }
