@@ -561,11 +561,7 @@ impl Memory {
         let order = self.folio_order(head);
         let n = 1u64 << order;
         if order > 0 {
-            let idx = self.large_idx_of(head);
-            if head & 2 != 0 {
-                self.large_idx_odd.remove(&head);
-            }
-            self.large_free.push(idx);
+            self.free_large_record(head);
         }
         self.fill_pages(head, n, FREE);
         self.free_pages += n;
@@ -598,14 +594,40 @@ impl Memory {
         }
     }
 
-    /// [`Memory::free`] of each of the `n` order-0 folios from `first`: the pages go back
-    /// as the largest aligned blocks the run holds, each merged with free buddies as a freed
-    /// block is. The free blocks end as one free at a time leaves them: with every fully free
+    /// [`Memory::free`] of each folio of pages `[first, end)`, which hold whole folios, in
+    /// pfn order: the records of the large ones go back in that order, and the pages as the
+    /// largest aligned blocks the run holds, each merged with free buddies as a freed block
+    /// is. The free blocks end as one free at a time leaves them: with every fully free
     /// aligned block merged (the buddy invariant), they are a function of the free pages.
+    pub fn free_folio_run(&mut self, first: u64, end: u64) {
+        let mut head = first;
+        while head < end {
+            match self.order[head as usize] {
+                0 | FREE => head += 1,
+                o => {
+                    self.free_large_record(head);
+                    head += 1 << o;
+                }
+            }
+        }
+        self.free_order0_run(first, end - first);
+    }
+
+    /// [`Memory::free_folio_run`] of `n` order-0 folios from `first`, with no record to return.
     pub fn free_order0_run(&mut self, first: u64, n: u64) {
         self.fill_pages(first, n, FREE);
         self.free_pages += n;
         self.free_range(first, first + n);
+    }
+
+    /// The record of the large folio at `head` goes back to be reused.
+    #[inline]
+    fn free_large_record(&mut self, head: u64) {
+        let idx = self.large_idx_of(head);
+        if head & 2 != 0 {
+            self.large_idx_odd.remove(&head);
+        }
+        self.large_free.push(idx);
     }
 
     /// Free blocks as (first pfn, order), in ascending pfn order; for state comparison.
@@ -970,6 +992,69 @@ mod tests {
             proptest::prop_assert_eq!(m.free_pages, one.free_pages);
             proptest::prop_assert_eq!(&m.order, &one.order);
             proptest::prop_assert_eq!(&m.refcount, &one.refcount);
+            for o in 0..=max_order {
+                proptest::prop_assert_eq!(m.can_alloc(o), one.can_alloc(o));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Freeing a run of adjacent folios of mixed orders at once leaves memory as freeing
+        /// them one by one, in pfn order: the same free blocks, pages and record reuse order.
+        #[test]
+        fn folio_run_frees_are_single_frees(
+            nr_pages in 1u64..5_000,
+            max_order in 0u32..10,
+            ops in proptest::collection::vec((0u8..3, 0u32..10, 0u64..5_000), 0..100),
+            orders in proptest::collection::vec(0u32..10, 1..40),
+            pick in (0usize..5_000, 1usize..300, 0u64..4),
+        ) {
+            let (mut m, mut live) = mixed_memory(nr_pages, max_order, &ops);
+            // Fill memory with folios of the given orders in turn, then free some again, so
+            // that the run has free neighbours of every order.
+            let mut k = 0;
+            while let Some(h) = m.alloc(orders[k % orders.len()] % (max_order + 1)).or_else(|| m.alloc(0)) {
+                live.push(h);
+                k += 1;
+            }
+            for j in (0..live.len()).rev().filter(|j| (j + pick.2 as usize) % 4 == 0) {
+                m.free(live.swap_remove(j));
+            }
+            live.sort_unstable();
+            proptest::prop_assume!(!live.is_empty());
+            for &h in &live {
+                let n = 1usize << m.order[h as usize];
+                m.flags[h as usize..h as usize + n].fill(PG_ANON_EXCLUSIVE);
+                m.token[h as usize] = h as u32 + 1;
+                m.mapcount[h as usize] = 1;
+            }
+            let a = pick.0 % live.len();
+            let mut run = vec![live[a]];
+            for &h in &live[a + 1..] {
+                let last = *run.last().unwrap();
+                if run.len() == pick.1 || h != last + (1 << m.order[last as usize]) {
+                    break;
+                }
+                run.push(h);
+            }
+            let last = *run.last().unwrap();
+            let end = last + (1 << m.order[last as usize]);
+            let mut one = m.clone();
+            for &h in &run {
+                one.free(h);
+            }
+            m.free_folio_run(run[0], end);
+            proptest::prop_assert_eq!(m.free_blocks(), one.free_blocks());
+            proptest::prop_assert_eq!(m.free_pages, one.free_pages);
+            proptest::prop_assert_eq!(&m.large_free, &one.large_free);
+            proptest::prop_assert_eq!(m.large_folios(), one.large_folios());
+            proptest::prop_assert_eq!(&m.order, &one.order);
+            proptest::prop_assert_eq!(&m.flags, &one.flags);
+            proptest::prop_assert_eq!(&m.mapcount, &one.mapcount);
+            proptest::prop_assert_eq!(&m.refcount, &one.refcount);
+            proptest::prop_assert_eq!(&m.token, &one.token);
             for o in 0..=max_order {
                 proptest::prop_assert_eq!(m.can_alloc(o), one.can_alloc(o));
             }

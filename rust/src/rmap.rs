@@ -60,6 +60,16 @@ pub trait FolioCounts {
             self.free_folio(head);
         }
     }
+    /// [`FolioCounts::free_folio`] of each folio of pages `[first, end)`, which hold whole
+    /// allocated folios, in pfn order.
+    fn free_folio_run(&mut self, first: u64, end: u64) {
+        let mut head = first;
+        while head < end {
+            let nr = folio_nr_pages(self.order_of(head));
+            self.free_folio(head);
+            head += nr;
+        }
+    }
     /// The copy of a page's contents `copy_present_page()` makes (the simulation's token).
     fn copy_contents(&mut self, _dst: u64, _src: u64) {}
 
@@ -171,6 +181,9 @@ impl FolioCounts for Memory {
     }
     fn free_order0_run(&mut self, first: u64, n: u64) {
         Memory::free_order0_run(self, first, n);
+    }
+    fn free_folio_run(&mut self, first: u64, end: u64) {
+        Memory::free_folio_run(self, first, end);
     }
     fn copy_contents(&mut self, dst: u64, src: u64) {
         self.token[dst as usize] = self.token[src as usize];
@@ -345,6 +358,16 @@ impl FolioCounts for FolioArrays<'_> {
             self.mm_id[2 * h..2 * h + 2].fill(MM_ID_DUMMY);
             self.mm_id_mapcount[2 * h..2 * h + 2].fill(-1);
         }
+    }
+}
+
+/// Pages of a folio of the order stored on its head; a free page ([`FREE`]) counts as one.
+#[inline(always)]
+pub(crate) fn folio_nr_pages(order: u8) -> u64 {
+    if order == FREE {
+        1
+    } else {
+        1 << order
     }
 }
 

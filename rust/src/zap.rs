@@ -14,7 +14,7 @@ use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_DIRTY};
 use crate::mm::mm_counter_of;
 use crate::pgtable;
-use crate::rmap::{folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
+use crate::rmap::{folio_nr_pages, folio_put_refs_times, folio_remove_ptes, folio_remove_ptes_one_by_one, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
@@ -48,6 +48,9 @@ const SAME_FOLIO: u32 = 1 << 31;
 
 /// Runs an mmu_gather holds before its references are dropped (16 bytes each).
 pub const GATHER_MAX: usize = 1 << 16;
+
+/// Entries the simulation zaps before it finishes its gather (a page table of 4K pages).
+pub const FINISH_ENTRIES: usize = 1 << 9;
 
 /// An empty gather with its whole room reserved up front, so that no zap allocates.
 pub fn new_gather() -> crate::error::Result<Gather> {
@@ -226,11 +229,19 @@ fn gather_push_same<M: FolioCounts>(p: &KernelProfile, env: &mut ZapEnv<'_, M>, 
 /// `zap_pte_range()` over entries `[i, e)` of one page table: each run of one folio
 /// (`zap_present_ptes()`, batched by `folio_pte_batch()` where the kernel does) is cleared,
 /// its rmap removed and its references queued in the gather.
-pub fn zap_pte_range<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, mut i: usize, e: usize) {
+pub fn zap_pte_range<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, i: usize, e: usize) {
+    zap_pte_range_paths(l, p, ctx, env, i, e, true);
+}
+
+/// [`zap_pte_range`], with or without the fused path for large folios (the tests hold it to
+/// the general one).
+fn zap_pte_range_paths<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, mut i: usize, e: usize, fused: bool) {
     let cont = pgtable::cont_ptes(l, p);
     let form = p.fpb.filter(|_| p.zap_batched);
     // Only arm64 contpte blocks cut by a partial unmap need repainting before a clear.
     let repaint = cont.is_some() && !ctx.fullmm;
+    // Batches of single steps, with no contpte block to read or step over.
+    let plain_batches = fused && !repaint && form.is_some_and(|f| !(f.uses_hint() && l.caps().contpte));
     let mut t = Tally::default();
     let mut run = SmallRun::default();
     // Each path counts the reads of the entries it takes, this one's included.
@@ -259,6 +270,10 @@ pub fn zap_pte_range<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx
         }
         if form.is_none() && !repaint {
             i = zap_folio_pte_by_pte(l, p, ctx, env, &mut t, &mut run, i, e, head, order);
+            continue;
+        }
+        if order > 0 && plain_batches {
+            i = zap_large_folios(l, p, ctx, env, &mut t, &mut run, i, e);
             continue;
         }
         t.pte_reads += 1;
@@ -323,6 +338,98 @@ fn zap_small_folios<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx:
     t.cleared |= small > 0;
     for (a, b) in t.rss.iter_mut().zip(rss) {
         *a += b;
+    }
+    i
+}
+
+/// Entries compared at once by [`zap_large_folios`].
+const RUN: usize = 8;
+
+/// The path of [`zap_pte_range`] for large folios where the kernel batches (v6.9+) and no
+/// contpte block is involved: from entry `i`, each run of entries mapping consecutive pages
+/// of one large folio, as `folio_pte_batch()` finds it (every step of one page, so the batch
+/// is the entries that match the first, advanced, up to the folio's end or `e`), is zapped by
+/// `zap_present_folio_ptes()`: cleared, a file folio dirtied by a dirty entry, its rmap
+/// removed and its references queued. The scan, the clear and the counts go in one pass per
+/// folio with no call per batch. Returns the first entry it leaves to the general path.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn zap_large_folios<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx: &ZapCtx, env: &mut ZapEnv<'_, M>, t: &mut Tally, run: &mut SmallRun, mut i: usize, e: usize) -> usize {
+    run.queue(p, env);
+    let none = l.geometry().none_value;
+    // folio_pte_batch() with no FPB_RESPECT_* flag: dirty, soft-dirty, write and young ignored.
+    let normalise = |v: u64| l.pte_mkold(l.pte_wrprotect(l.pte_clear_soft_dirty(l.pte_mkclean(v))));
+    while i < e {
+        let pte = env.ptes[i];
+        let page = l.pte_pfn(pte);
+        if l.pte_none(pte) || l.pte_special(pte) || page == ctx.zero_pfn {
+            break;
+        }
+        let head = env.mem.folio_head(page);
+        let order = env.mem.folio_order(head);
+        if order == 0 || order == crate::memory::FREE as u32 {
+            break;
+        }
+        let flags = env.mem.flags_of(head);
+        let anon = flags & PG_ANON != 0;
+        // The batch: entries that equal the first advanced one page at a time, up to the
+        // folio's end and the range's.
+        let stop = i + (e - i).min((head + (1u64 << order) - page) as usize);
+        let mut expected = normalise(l.pte_advance_pfn(pte, 1));
+        let mut dirty = l.pte_dirty(pte);
+        let mut j = i + 1;
+        while j + RUN <= stop {
+            let Some(step) = l.linear_advance(expected, RUN as u64) else { break };
+            let chunk: &[u64; RUN] = env.ptes[j..j + RUN].try_into().expect("RUN entries");
+            let (mut diff, mut d) = (0u64, false);
+            for (k, &v) in chunk.iter().enumerate() {
+                diff |= normalise(v) ^ expected.wrapping_add(step.wrapping_mul(k as u64));
+                d |= l.pte_dirty(v);
+            }
+            if diff != 0 {
+                break;
+            }
+            dirty |= d;
+            expected = expected.wrapping_add(step.wrapping_mul(RUN as u64));
+            j += RUN;
+        }
+        while j < stop {
+            let v = env.ptes[j];
+            if normalise(v) != expected {
+                break;
+            }
+            dirty |= l.pte_dirty(v);
+            expected = l.pte_advance_pfn(expected, 1);
+            j += 1;
+        }
+        let nr = j - i;
+        // One read before the batch; folio_pte_batch() is called when more than one entry
+        // is left, and reads the batch.
+        t.pte_reads += 1;
+        if e - i != 1 {
+            t.folio_pte_batch_calls += 1;
+            t.pte_reads += nr as u64;
+        }
+        if nr == 1 {
+            t.singles += 1;
+        } else {
+            env.stats.batch(nr);
+        }
+        for v in &mut env.ptes[i..j] {
+            *v = none;
+        }
+        if !anon && dirty {
+            env.mem.set(head, PG_DIRTY);
+        }
+        t.cleared = true;
+        t.pte_writes += nr as u64;
+        t.tlb_flush_pages += nr as u64;
+        t.rss[mm_counter_of(flags)] -= nr as i64;
+        t.rmap_calls += 1;
+        t.mapcount_updates += nr as u64 + 1;
+        t.deferred_splits += folio_remove_ptes(&mut *env.mem, p.mm_id, head, order, page, nr as u64, ctx.mm_id) as u64;
+        gather_push(p, env, head, nr as u32, 1);
+        i = j;
     }
     i
 }
@@ -454,45 +561,81 @@ fn zap_present_folio_ptes<L: PteLayout, M: FolioCounts>(
 
 /// `tlb_finish_mmu()`: the TLB is flushed, now the references go (one refcount atomic per
 /// `folio_put_refs()`).
+///
+/// Folios freed one after another that lie next to each other go back to the allocator as
+/// one run ([`FolioCounts::free_folio_run`]): the free blocks depend only on which pages are
+/// free, so the memory ends as one free at a time would leave it. Only the folio just past
+/// the pending run is touched while it waits; anything else returns the run first.
 pub fn tlb_finish<M: FolioCounts>(r: &mut Rmap<'_, M>, gather: &mut Gather) {
     let (mut puts, mut freed) = (0u64, 0u64);
+    // Pages [first, end) of folios freed and not yet returned; `large` if any is.
+    let (mut first, mut end, mut large) = (0u64, 0u64, false);
     for g in gather.runs.drain(..) {
         let n = g.count & !SAME_FOLIO;
         puts += n as u64;
         if g.count & SAME_FOLIO != 0 {
+            free_pending(&mut *r.mem, first, end, large);
+            (first, end, large) = (g.head, g.head, false);
             freed += folio_put_refs_times(&mut *r.mem, g.head, g.nr as i32, n) as u64;
-        } else {
-            // Consecutive heads: all but maybe the last are order-0 folios. Those freed are
-            // returned as runs; the free blocks depend only on which pages are free, so the
-            // memory ends as one free at a time would leave it.
-            let (mut first, mut len) = (0u64, 0u64);
-            for head in g.head..g.head + n as u64 {
+            continue;
+        }
+        // Consecutive heads: all but maybe the last are order-0 folios, so no head of the
+        // run lies in what the run before it leaves pending.
+        if g.head != end {
+            free_pending(&mut *r.mem, first, end, large);
+            (first, end, large) = (g.head, g.head, false);
+        }
+        let (mut head, stop) = (g.head, g.head + n as u64);
+        while head < stop {
+            // The references, up to a freed folio the pending run does not reach (no call
+            // in this loop, so that its counts stay in registers).
+            let mut run_freed = 0u64;
+            let mut gap = false;
+            while head < stop {
                 let c = r.mem.refcount_mut(head);
                 *c -= g.nr as i32;
-                if *c != 0 {
-                    continue;
-                }
-                freed += 1;
-                if r.mem.order_of(head) == 0 {
-                    if len > 0 && first + len == head {
-                        len += 1;
-                        continue;
+                if *c == 0 {
+                    if head != end {
+                        gap = true;
+                        break;
                     }
-                    if len > 0 {
-                        r.mem.free_order0_run(first, len);
-                    }
-                    (first, len) = (head, 1);
-                } else {
-                    r.mem.free_folio(head);
+                    run_freed += 1;
+                    end = match r.mem.order_of(head) {
+                        0 => head + 1,
+                        o => {
+                            large = true;
+                            head + folio_nr_pages(o)
+                        }
+                    };
                 }
+                head += 1;
             }
-            if len > 0 {
-                r.mem.free_order0_run(first, len);
+            freed += run_freed;
+            if gap {
+                debug_assert!(first == end || head > end, "a head inside the pending run");
+                free_pending(&mut *r.mem, first, end, large);
+                let o = r.mem.order_of(head);
+                (first, end, large) = (head, head + folio_nr_pages(o), o != 0);
+                freed += 1;
+                head += 1;
             }
         }
     }
+    free_pending(&mut *r.mem, first, end, large);
     r.stats.refcount_atomics += puts;
     r.stats.folios_freed += freed;
+}
+
+/// Returns the folios of pages `[first, end)` to the allocator; `large` if any is large.
+#[inline(always)]
+fn free_pending<M: FolioCounts>(mem: &mut M, first: u64, end: u64, large: bool) {
+    if first < end {
+        if large {
+            mem.free_folio_run(first, end);
+        } else {
+            mem.free_order0_run(first, end - first);
+        }
+    }
 }
 
 /// `unmap_page_range()` of one table over arrays a user owns: cut into page tables at PMD
@@ -512,16 +655,25 @@ pub fn zap_pte_range_arrays<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfi
 
 impl State {
     /// Zaps entries `[a, b)` of VMA `v` of process `k`, one page table at a time.
+    ///
+    /// The gather is finished every [`FINISH_ENTRIES`] entries, while the pages it frees are
+    /// still in the host's cache: the end state is the same (a folio's references go only
+    /// when no entry maps it, so nothing later in the zap finds it freed).
     #[allow(clippy::too_many_arguments)]
     pub fn zap_vma_range<L: PteLayout>(&mut self, l: &L, p: &KernelProfile, k: usize, v: usize, a: usize, b: usize, fullmm: bool, gather: &mut Gather) -> Result<()> {
         let start = self.mms[k].vmas[v].start;
         let ptrs = self.ptrs_per_pte as usize;
-        let mut s = a;
+        let (mut s, mut since) = (a, 0usize);
         while s < b {
             let to_pmd = ptrs - ((start as usize + s) & (ptrs - 1));
             let e = b.min(s + to_pmd);
             if !self.zap_huge_pmd_range(l, p, k, v, s, e, gather) {
                 self.zap_pte_range(l, p, k, v, s, e, fullmm, gather);
+            }
+            since += e - s;
+            if since >= FINISH_ENTRIES {
+                self.tlb_finish(l, p, gather);
+                since = 0;
             }
             self.ticker.tick((e - s) as u64)?;
             s = e;
@@ -697,6 +849,178 @@ mod tests {
         assert_eq!(sa, sb);
         assert!(sa.folios_freed > 0, "some folio went to zero and was freed");
         assert_eq!((a.refcount, a.order, a.flags), (b.refcount, b.order, b.flags));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A gather of references to the simulation's folios of mixed orders, many of them
+        /// freed next to each other, finished at once against one folio_put_refs() at a time.
+        #[test]
+        fn gather_frees_runs_of_folios_as_single_puts(
+            orders in proptest::collection::vec(0u32..5, 1..60),
+            holes in proptest::collection::vec(0usize..60, 0..8),
+            pushes in proptest::collection::vec((0usize..60, 1u32..3, 1u32..4, proptest::bool::ANY), 1..150),
+        ) {
+            let p = KernelProfile::parse("6.18").unwrap();
+            let mut a = crate::memory::Memory::new(2048, 6, 1).unwrap();
+            let mut heads: Vec<u64> = orders.iter().filter_map(|&o| a.alloc(o)).collect();
+            for &h in &holes {
+                if h < heads.len() {
+                    a.free(heads.remove(h));
+                }
+            }
+            proptest::prop_assume!(!heads.is_empty());
+            for &h in &heads {
+                a.token[h as usize] = h as u32 + 1;
+                a.flags[h as usize] = PG_ANON;
+            }
+            // (head, nr, times): consecutive heads from one (push), or one head again (push_same).
+            let mut calls = Vec::new();
+            for &(k, nr, times, same) in &pushes {
+                let k = k % heads.len();
+                if same {
+                    calls.push((heads[k], nr, times));
+                } else {
+                    calls.extend(heads[k..(k + times as usize).min(heads.len())].iter().map(|&h| (h, nr, 1)));
+                }
+            }
+            // Each folio's count reaches zero exactly half-way through its calls, or never.
+            for (j, &h) in heads.iter().enumerate() {
+                let mine: Vec<i32> = calls.iter().filter(|c| c.0 == h).flat_map(|c| (0..c.2).map(move |_| c.1 as i32)).collect();
+                a.refcount[h as usize] = mine[..mine.len().div_ceil(2)].iter().sum::<i32>() + (j % 3 == 2) as i32;
+            }
+            let mut b = a.clone();
+            let (mut sa, mut sb) = (Stats::default(), Stats::default());
+            let mut gather = new_gather().unwrap();
+            for &(head, nr, times) in &calls {
+                gather.push_same(head, nr, times);
+            }
+            tlb_finish(&mut Rmap { mem: &mut a, stats: &mut sa, profile: &p }, &mut gather);
+            {
+                let mut r = Rmap { mem: &mut b, stats: &mut sb, profile: &p };
+                for &(head, nr, times) in &calls {
+                    for _ in 0..times {
+                        r.put_refs(head, nr as i32);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(&sa, &sb);
+            proptest::prop_assert_eq!(a.free_blocks(), b.free_blocks());
+            proptest::prop_assert_eq!(a.free_pages, b.free_pages);
+            proptest::prop_assert_eq!(a.large_folios(), b.large_folios());
+            proptest::prop_assert_eq!((&a.order, &a.flags, &a.mapcount), (&b.order, &b.flags, &b.mapcount));
+            proptest::prop_assert_eq!((&a.refcount, &a.token), (&b.refcount, &b.token));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// The fused zap of large folios against the general path (folio_pte_batch() and
+        /// zap_present_folio_ptes() per batch): tables of folios of orders 0 to 4, anonymous
+        /// or file, mapped whole, in part, out of order, with holes and any dirty, young,
+        /// write and soft-dirty bits, on every kernel with batched zaps.
+        #[test]
+        fn fused_large_folio_zap_is_the_general_one(
+            orders in proptest::collection::vec(0u32..5, 1..24),
+            entries in proptest::collection::vec((0u8..8, 0u8..16, 0u64..64), 1..120),
+            kernel in 0usize..4,
+            fullmm in proptest::bool::ANY,
+            split in 0usize..120,
+        ) {
+            use crate::memory::PG_FILE;
+            let l = X86_64;
+            let p = KernelProfile::parse(["6.9", "6.12", "6.16", "6.18"][kernel]).unwrap();
+            let n = 512usize;
+            let mut a = Arrays::small(n);
+            a.order.fill(FREE);
+            a.mapcount.fill(0);
+            a.refcount.fill(0);
+            // Folios laid out from pfn 0, each naturally aligned.
+            let mut folios = Vec::new();
+            let mut at = 0u64;
+            for (k, &o) in orders.iter().enumerate() {
+                let nr = 1u64 << o;
+                at = at.next_multiple_of(nr);
+                if at + nr > n as u64 {
+                    break;
+                }
+                a.order[at as usize..(at + nr) as usize].fill(o as u8);
+                a.flags[at as usize] = if k % 3 == 2 { PG_FILE } else { PG_ANON | PG_SWAPBACKED };
+                if o > 0 {
+                    a.large_mapcount[at as usize] = -1;
+                    a.mm_id[2 * at as usize] = 1;
+                }
+                folios.push((at, nr));
+                at += nr;
+            }
+            // Entries: mostly the next page of the current folio, sometimes a hole, another
+            // folio's page, a repeat or a skipped page; any bits.
+            let mut ptes = Vec::new();
+            let (mut f, mut off) = (0usize, 0u64);
+            for &(kind, bits, x) in &entries {
+                let pte_bits = PteBits { present: true, write: bits & 1 != 0, dirty: bits & 2 != 0, young: bits & 4 != 0,
+                    soft_dirty: bits & 8 != 0, ..Default::default() };
+                let pfn = match kind {
+                    0 => { ptes.push(0); continue; }
+                    1 => { f = x as usize % folios.len(); off = x % folios[f].1; folios[f].0 + off }
+                    2 => folios[f].0 + off,
+                    3 => { off = (off + 2) % folios[f].1; folios[f].0 + off }
+                    _ => {
+                        off += 1;
+                        if off == folios[f].1 {
+                            (f, off) = ((f + 1) % folios.len(), 0);
+                        }
+                        folios[f].0 + off
+                    }
+                };
+                ptes.push(l.mk_pte(pfn, pte_bits).unwrap());
+            }
+            // Counts as the mappings make them, plus one more reference for some folios.
+            for &v in &ptes {
+                if v == 0 {
+                    continue;
+                }
+                let page = l.pte_pfn(v);
+                let o = a.order[page as usize];
+                let head = page & !((1u64 << o) - 1);
+                a.mapcount[page as usize] += 1;
+                a.refcount[head as usize] += 1;
+                if o > 0 {
+                    if a.mapcount[page as usize] == 1 {
+                        a.nr_pages_mapped[head as usize] += 1;
+                    }
+                    a.large_mapcount[head as usize] += 1;
+                    a.mm_id_mapcount[2 * head as usize] += 1;
+                }
+            }
+            for (k, &(h, _)) in folios.iter().enumerate() {
+                a.refcount[h as usize] += (k % 4 == 3) as i32;
+            }
+            let mut b = Arrays { order: a.order.clone(), flags: a.flags.clone(), mapcount: a.mapcount.clone(), refcount: a.refcount.clone(),
+                large_mapcount: a.large_mapcount.clone(), nr_pages_mapped: a.nr_pages_mapped.clone(), pincount: a.pincount.clone(),
+                mm_id: a.mm_id.clone(), mm_id_mapcount: a.mm_id_mapcount.clone() };
+            let mut out = Vec::new();
+            for (arrays, fused) in [(&mut a, true), (&mut b, false)] {
+                let mut table = ptes.clone();
+                let (mut st, mut rss) = (Stats::default(), [0i64; 3]);
+                let mut gather = new_gather().unwrap();
+                let ctx = ZapCtx { start: 0, fullmm, mm_id: 1, zero_pfn: u64::MAX };
+                let mut counts = arrays.counts();
+                let mut env = ZapEnv { ptes: &mut table, mem: &mut counts, stats: &mut st, rss: &mut rss, gather: &mut gather };
+                // Two ranges, as two zaps of one table would take them.
+                let s = split % (ptes.len() + 1);
+                zap_pte_range_paths(&l, &p, &ctx, &mut env, 0, s, fused);
+                zap_pte_range_paths(&l, &p, &ctx, &mut env, s, ptes.len(), fused);
+                tlb_finish(&mut Rmap { mem: &mut counts, stats: &mut st, profile: &p }, &mut gather);
+                out.push((table, st, rss));
+            }
+            proptest::prop_assert_eq!(&out[0], &out[1]);
+            proptest::prop_assert_eq!((&a.order, &a.flags, &a.mapcount, &a.refcount), (&b.order, &b.flags, &b.mapcount, &b.refcount));
+            proptest::prop_assert_eq!((&a.large_mapcount, &a.nr_pages_mapped), (&b.large_mapcount, &b.nr_pages_mapped));
+            proptest::prop_assert_eq!((&a.mm_id, &a.mm_id_mapcount), (&b.mm_id, &b.mm_id_mapcount));
+        }
     }
 
     #[test]
