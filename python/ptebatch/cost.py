@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import seed as _seed
 from .errors import PtebatchError
 from .simulation import Simulation, format_size
 
@@ -459,8 +460,10 @@ def format_held_out(rows: Sequence[HeldOutRow], *, limit: float = 0.05) -> str:
         mine = [r for r in rows if r.operation == op]
         base = next((r for r in mine if r.folio_size == "4K"), None)
         out.append(f"== {op} (model {mine[0].model})")
+        has_seed = op in _seed.TABLES
         out.append(f"{'folio':>7} {'meas ms':>8} {'pred ms':>8} {'meas ns/PTE':>11} {'pred ns/PTE':>11} "
-                   f"{'error':>6} {'meas /4K':>8} {'pred /4K':>8} {'diff':>6} {'vs 6.8':>7}")
+                   f"{'error':>6} {'meas /4K':>8} {'pred /4K':>8} {'diff':>6} {'vs 6.8':>7}"
+                   + (f" {'seed /4K':>8} {'seed chg':>8}" if has_seed else ""))
         misses = 0
         for r in mine:
             line = (f"{r.folio_size + ('*' if r.held_out else ''):>7} {r.measured_ns_per_pte * r.ptes / 1e6:>8.2f} "
@@ -476,7 +479,13 @@ def format_held_out(rows: Sequence[HeldOutRow], *, limit: float = 0.05) -> str:
                 line += f" {'':>8} {'':>8} {'':>6}"
             if r.predicted_per_pte_kernel_ns_per_pte:
                 line += f" {r.predicted_ns_per_pte / r.predicted_per_pte_kernel_ns_per_pte - 1:>+7.0%}"
-            out.append(line)
+            else:
+                line += f" {'':>7}"
+            if has_seed:
+                sr, sc = _seed.ratio_to_4k(op, r.folio_size), _seed.change(op, r.folio_size)
+                line += f" {sr:>8.2f}" if sr is not None else f" {'':>8}"
+                line += f" {sc:>+8.0%}" if sc is not None else ""
+            out.append(line.rstrip())
         seed = SEED_PUBLISHED.get("munmap" if op == "parent-munmap" else op)
         if seed:
             out.append(f"   the seed series' published change for {op.split('-')[-1]} (Xeon, their cover "
@@ -646,7 +655,12 @@ columns:
   error       pred / meas - 1
   /4K         ns per PTE over the 4K row's; diff = pred /4K - meas /4K
   vs 6.8      the prediction from this kernel's counters over the one from 6.8's (no PTE
-              batching), with the same per-unit costs"""
+              batching), with the same per-unit costs
+  seed /4K    fork and the parent's munmap (the only mapper: the memory is freed): the
+              seed series' published time for the size over its 4K time, with the series
+  seed chg    the seed's published change for the size: with the series / before - 1
+              (the fork and zap series' cover letters, D. Hildenbrand, January 2024: Intel
+              Xeon Silver 4210R, 1 GiB of PTE-mapped folios; sources in ptebatch.seed)"""
 
 LEGEND = """\
 columns:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 
+from . import seed
 from ._core import KERNEL_VERSIONS, PtebatchError, layout
 from .simulation import Process, Simulation, format_size, parse_size
 from .snapshot import PM_PFN_MASK
@@ -338,7 +339,7 @@ def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
     head = (f"{'folio':>6} {'kernel':>6} {'PTEs':>8} {'batches':>8} {'refcount/PTE':>12} "
             f"{'rmap/PTE':>9} {'PTE writes/PTE':>14} {'sim ms':>8}")
     if predicted_ns is not None:
-        head += f" {'kernel ms/GiB*':>14} {'vs 4K*':>7}"
+        head += f" {'kernel ms/GiB*':>14} {'vs 4K*':>7} {'seed ms/GiB+':>12} {'seed /4K+':>9}"
     lines = [head]
     by = {(r.key, r.kernel): r for r in rows}
 
@@ -357,7 +358,9 @@ def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
                 t, t4 = ms_per_gib(key, k), ms_per_gib(small, k) if (small, k) in by else None
                 line += f" {t:>14.2f}" if t is not None else f" {'-':>14}"
                 line += f" {t / t4:>6.2f}x" if t is not None and t4 else f" {'-':>7}"
-            lines.append(line)
+                ms, to4k = _seed_fork(r, k, page)
+                line += f" {ms:>12.2f} {to4k:>8.2f}x" if ms is not None and to4k is not None else ""
+            lines.append(line.rstrip())
         if base == new:
             continue
         a, b = by[(key, base)], by[(key, new)]
@@ -367,8 +370,22 @@ def format_fork_study(rows: list[ForkRow], kernels: Sequence[str],
         if predicted_ns is not None:
             ta, tb = ms_per_gib(key, base), ms_per_gib(key, new)
             line += f" {ta / tb:>13.2f}x" if ta is not None and tb else f" {'-':>14}"
-        lines.append(line)
+            sa, sb = _seed_fork(a, base, page)[0], _seed_fork(b, new, page)[0]
+            line += f" {'':>7} {sa / sb:>11.2f}x" if sa is not None and sb else ""
+        lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def _seed_fork(r: ForkRow, kernel: str, page: int) -> tuple[float | None, float | None]:
+    """The seed series' published fork time of 1 GiB (ms) and its ratio to 4K, for a row the
+    seed measured (x86-64, 4 KiB pages, PTE-mapped): before the series for a kernel without
+    fork batching (up to 6.8), with it for later kernels."""
+    if page != 4096 or r.pmd:
+        return None, None
+    before = tuple(int(x) for x in kernel.split(".")[:2]) < (6, 9)
+    t = seed.FORK_S.get(format_size(r.size))
+    to4k = seed.ratio_to_4k("fork", format_size(r.size), before=before)
+    return (None, None) if t is None else (t[0 if before else 1] * 1e3, to4k)
 
 
 def fork_study_legend(kernels: Sequence[str]) -> str:
@@ -401,5 +418,12 @@ def predicted_legend(provenance: str) -> str:
         "                  counters: a linear model fitted to a calibration, not a measurement\n"
         "                  (its held-out error: ptebatch predict --held-out; docs/cost-model.md)\n"
         "  vs 4K*          that prediction over the 4K folio's under the same kernel\n"
-        f"  * calibration: {provenance}"
+        f"  * calibration: {provenance}\n"
+        "  seed ms/GiB+    the seed series' measured fork of 1 GiB, before it (v6.8-rc1) on the rows\n"
+        "                  of kernels without fork batching, with it on the others; on the ratio\n"
+        "                  row, before / with\n"
+        "  seed /4K+       that time over the seed's 4K time\n"
+        "  + measured, not modelled: the seed series' cover letters (D. Hildenbrand, January\n"
+        "    2024; Intel Xeon Silver 4210R, 1 GiB of PTE-mapped folios); other hardware, so\n"
+        "    compare the ratios"
     )
