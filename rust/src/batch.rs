@@ -360,7 +360,7 @@ fn batch_result<L: PteLayout>(l: &L, form: FpbForm, flags: FpbFlags, first: u64,
 /// the last: at `max_nr`, at the folio end, or at the next entry, whose pfn would be the
 /// folio end. `None` when the run is not such, or may be contpte (the hint and the read
 /// differ), for the caller to scan.
-#[inline]
+#[inline(always)]
 pub fn folio_pte_batch_linear<L: PteLayout>(l: &L, form: FpbForm, ptes: &[u64], start: usize, max_nr: usize, folio: Folio, flags: FpbFlags) -> Option<Batch> {
     let first = ptes[start];
     if form.uses_hint() && l.pte_valid_cont(first) {

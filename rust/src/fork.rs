@@ -13,7 +13,7 @@ use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_SWAPBACKED};
 use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES};
 use crate::pgtable;
-use crate::rmap::{FolioCounts, Rmap};
+use crate::rmap::{folio_dup_ptes, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
@@ -123,7 +123,7 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
     Ok(())
 }
 
-/// What [`copy_ptes_unpinned`] counts for single entries, added to [`Stats`] once at the end.
+/// What [`copy_ptes_unpinned`] counts, added to [`Stats`] once at the end.
 #[derive(Default)]
 struct Tally {
     reads: u64,
@@ -132,6 +132,59 @@ struct Tally {
     /// Entries without a page (special, zero page).
     no_page: u64,
     wrprotects: u64,
+    /// Batches of large folios, and the entries in them.
+    batches: u64,
+    batched: u64,
+    /// The last run of batches of one length, not yet in the histogram.
+    run_nr: usize,
+    run: u64,
+}
+
+impl Tally {
+    /// One batch of `nr` entries of a large folio ([`copy_large_batch`]).
+    #[inline(always)]
+    fn batch(&mut self, st: &mut Stats, nr: usize) {
+        if nr != self.run_nr {
+            self.flush_run(st);
+            self.run_nr = nr;
+        }
+        self.run += 1;
+        self.batches += 1;
+        self.batched += nr as u64;
+    }
+
+    #[cold]
+    fn flush_run(&mut self, st: &mut Stats) {
+        if self.run > 0 {
+            if st.batch_histogram.len() <= self.run_nr {
+                st.batch_histogram.resize(self.run_nr + 1, 0);
+            }
+            st.batch_histogram[self.run_nr] += self.run;
+            self.run = 0;
+        }
+    }
+
+    /// Adds the counts to `st`: per batch, `copy_present_ptes()`'s read of the first entry,
+    /// `folio_pte_batch()` and its reads, one `folio_ref_add()`, one rmap call with a
+    /// mapcount update per page and one of the large mapcount, and `set_ptes()`.
+    fn finish(mut self, st: &mut Stats) {
+        self.flush_run(st);
+        let singles = self.pages + self.no_page;
+        st.pte_reads += self.reads + self.batches + self.batched;
+        st.folio_pte_batch_calls += self.batches;
+        st.refcount_atomics += self.pages + self.batches;
+        st.rmap_calls += self.pages + self.batches;
+        st.mapcount_updates += self.pages + self.batched + self.batches;
+        st.pte_writes += singles + self.batched + self.wrprotects;
+        st.batches += self.batches;
+        if singles > 0 {
+            st.batches += singles;
+            if st.batch_histogram.len() < 2 {
+                st.batch_histogram.resize(2, 0);
+            }
+            st.batch_histogram[1] += singles;
+        }
+    }
 }
 
 /// The loop of [`copy_pte_range`] over entries `[i, e)` without contpte and without
@@ -167,8 +220,7 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
                     Some(planned) => planned,
                     None => batch_template(l, form, ctx, src, i, e - i, Folio { pfn: head, nr_pages: 1 << order }),
                 };
-                let st = &mut *env.stats;
-                copy_large_batch(l, p, ctx, &mut *env.mem, st, &mut rss, src, dst, i, head, page, nr, tpl);
+                copy_large_batch(l, p, ctx, &mut *env.mem, &mut *env.stats, &mut n, &mut rss, &mut src[i..i + nr], &mut dst[i..i + nr], head, order, page, tpl);
                 i += nr;
                 continue;
             }
@@ -203,20 +255,7 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
         dst[i] = child_pte(l, ctx, t);
         i += 1;
     }
-    let st = &mut *env.stats;
-    st.pte_reads += n.reads;
-    st.refcount_atomics += n.pages;
-    st.rmap_calls += n.pages;
-    st.mapcount_updates += n.pages;
-    let singles = n.pages + n.no_page;
-    st.pte_writes += singles + n.wrprotects;
-    if singles > 0 {
-        st.batches += singles;
-        if st.batch_histogram.len() < 2 {
-            st.batch_histogram.resize(2, 0);
-        }
-        st.batch_histogram[1] += singles;
-    }
+    n.finish(env.stats);
     for (r, d) in env.rss.iter_mut().zip(rss) {
         *r += d;
     }
@@ -282,46 +321,69 @@ fn copy_order0_block<L: PteLayout, M: FolioCounts>(l: &L, ctx: &CopyCtx, mem: &m
     true
 }
 
-/// [`copy_present_ptes`] of a batch of `nr` entries from `i`, mapping pages from `page` of
-/// the large folio at `head`, with `tpl` the template `folio_pte_batch()` gave; without
-/// MMF_HAS_PINNED (so `folio_try_dup_anon_rmap_ptes()` cannot fail) and without contpte.
-/// Counts the caller's read of entry `i` too.
+/// [`copy_present_ptes`] of a batch (`src`, `dst`: its entries), mapping pages from `page`
+/// of the large folio of `order` at `head`, with `tpl` the template `folio_pte_batch()`
+/// gave; without MMF_HAS_PINNED (so `folio_try_dup_anon_rmap_ptes()` cannot fail) and
+/// without contpte. Counts into `n` (the caller's read of the first entry too).
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 fn copy_large_batch<L: PteLayout, M: FolioCounts>(
     l: &L,
     p: &KernelProfile,
     ctx: &CopyCtx,
     mem: &mut M,
     st: &mut Stats,
+    n: &mut Tally,
     rss: &mut [i64; 3],
     src: &mut [u64],
     dst: &mut [u64],
-    i: usize,
     head: u64,
+    order: u32,
     page: u64,
-    nr: usize,
     tpl: u64,
 ) {
-    st.pte_reads += 1 + nr as u64;
-    st.folio_pte_batch_calls += 1;
+    let nr = src.len();
+    n.batch(st, nr);
     let counter = mm_counter(&*mem, head);
-    let mut r = Rmap { mem, stats: &mut *st, profile: p };
-    r.ref_add(head, nr as i32);
-    if counter == MM_ANONPAGES {
-        let dup = r.try_dup_anon_ptes(head, page, nr as u64, ctx.dst_mm_id, false);
-        debug_assert!(dup, "without MMF_HAS_PINNED the dup cannot fail");
-    } else {
-        r.dup_file_ptes(head, page, nr as u64, ctx.dst_mm_id);
-    }
+    // folio_ref_add(), then folio_try_dup_anon_rmap_ptes() or folio_dup_file_rmap_ptes().
+    *mem.refcount_mut(head) += nr as i32;
+    folio_dup_ptes(mem, p.mm_id, head, order, page, nr as u64, ctx.dst_mm_id, counter == MM_ANONPAGES);
     rss[counter] += nr as i64;
-    st.batch(nr);
-    let mut t = tpl;
-    if ctx.is_cow && l.pte_write(t) {
-        pgtable::wrprotect_ptes(l, None, src, ctx.start, i, nr, st);
-        t = l.pte_wrprotect(t);
+    // __copy_present_ptes(): wrprotect_ptes() of the parent's run and set_ptes() of the
+    // child's, in one pass where the child's entries step linearly.
+    let wrprotect = ctx.is_cow && l.pte_write(tpl);
+    let t = if wrprotect { l.pte_wrprotect(tpl) } else { tpl };
+    let child = child_pte(l, ctx, t);
+    if wrprotect {
+        n.wrprotects += nr as u64;
     }
-    pgtable::set_ptes(l, None, dst, ctx.start, i, child_pte(l, ctx, t), nr, |_| None, st);
+    match l.linear_advance(child, nr as u64) {
+        Some(step) if wrprotect => {
+            let mut v = child;
+            for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
+                *s = l.pte_wrprotect(*s);
+                *d = v;
+                v = v.wrapping_add(step);
+            }
+        }
+        Some(step) => {
+            let mut v = child;
+            for d in dst.iter_mut() {
+                *d = v;
+                v = v.wrapping_add(step);
+            }
+        }
+        None => {
+            if wrprotect {
+                for s in src.iter_mut() {
+                    *s = l.pte_wrprotect(*s);
+                }
+            }
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d = l.pte_advance_pfn(child, k as u64);
+            }
+        }
+    }
 }
 
 /// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's

@@ -669,6 +669,7 @@ impl Memory {
 
     /// The record of an allocated large folio; callers only ask for folios they found
     /// allocated with order > 0, which always have one.
+    #[inline]
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
         let idx = self.large_idx_of(head) as usize;
         &mut self.large[idx]
