@@ -52,6 +52,8 @@ pub trait FolioCounts {
     }
     /// `folio->_mm_id[2]` and `folio->_mm_id_mapcount[2]` (−1 = none), v6.15+.
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
+    /// [`FolioCounts::large_mapcount_mut`] and [`FolioCounts::mm_id_slots`] found at once.
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]);
     /// The folio's last reference went: it returns to the allocator.
     fn free_folio(&mut self, head: u64);
     /// [`FolioCounts::free_folio`] of each of the `n` order-0 folios from `first`, in order.
@@ -175,6 +177,11 @@ impl FolioCounts for Memory {
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]) {
         let lf = self.lf(head);
         (&mut lf.mm_id, &mut lf.mm_id_mapcount)
+    }
+    #[inline]
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]) {
+        let lf = self.lf(head);
+        (&mut lf.large_mapcount, &mut lf.mm_id, &mut lf.mm_id_mapcount)
     }
     fn free_folio(&mut self, head: u64) {
         self.free(head);
@@ -341,6 +348,13 @@ impl FolioCounts for FolioArrays<'_> {
         let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
         (ids, counts)
     }
+    #[inline]
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]) {
+        let h = 2 * head as usize;
+        let ids: &mut [u32; 2] = (&mut self.mm_id[h..h + 2]).try_into().expect("two slots");
+        let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
+        (&mut self.large_mapcount[head as usize], ids, counts)
+    }
     /// The pages become free (order 255, counts and flags zero) and the folio's record
     /// fields return to their empty values, as a new folio would have them.
     fn free_folio(&mut self, head: u64) {
@@ -408,15 +422,12 @@ pub(crate) fn folio_put_refs_times<M: FolioCounts>(mem: &mut M, head: u64, nr: i
 /// MM-ID slots (v6.15+).
 #[inline(always)]
 pub(crate) fn add_large_mapcount<M: FolioCounts>(mem: &mut M, track: bool, head: u64, diff: i32, mm_id: u32) {
-    let new = {
-        let c = mem.large_mapcount_mut(head);
-        *c += diff;
-        *c
-    };
+    let (c, ids, counts) = mem.large_mapcount_and_slots(head);
+    *c += diff;
+    let new = *c;
     if !track {
         return;
     }
-    let (ids, counts) = mem.mm_id_slots(head);
     let mut set_shared = false;
     if ids[0] == mm_id {
         counts[0] += diff;
