@@ -357,15 +357,12 @@ fn copy_large_batch<L: PteLayout, M: FolioCounts>(
     if wrprotect {
         n.wrprotects += nr as u64;
     }
-    match l.linear_advance(child, nr as u64) {
-        Some(step) if wrprotect => {
-            let mut v = child;
-            for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
-                *s = l.pte_wrprotect(*s);
-                *d = v;
-                v = v.wrapping_add(step);
-            }
+    if wrprotect {
+        for s in src.iter_mut() {
+            *s = l.pte_wrprotect(*s);
         }
+    }
+    match l.linear_advance(child, nr as u64) {
         Some(step) => {
             let mut v = child;
             for d in dst.iter_mut() {
@@ -374,11 +371,6 @@ fn copy_large_batch<L: PteLayout, M: FolioCounts>(
             }
         }
         None => {
-            if wrprotect {
-                for s in src.iter_mut() {
-                    *s = l.pte_wrprotect(*s);
-                }
-            }
             for (k, d) in dst.iter_mut().enumerate() {
                 *d = l.pte_advance_pfn(child, k as u64);
             }
