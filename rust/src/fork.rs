@@ -7,7 +7,7 @@
 //! [`copy_pte_range_arrays`] over arrays a user owns (docs/helpers.md).
 
 use crate::arch::PteLayout;
-use crate::batch::{folio_pte_batch_linear, folio_pte_batch_unchecked, Folio, FpbFlags, Table};
+use crate::batch::{folio_pte_batch_linear, folio_pte_batch_linear_guess, folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_SWAPBACKED};
@@ -216,11 +216,18 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
             let head = env.mem.folio_head(page);
             let order = env.mem.folio_order(head);
             if let (true, Some(form), true) = (order > 0, form, e - i != 1) {
-                let (nr, tpl) = match env.plan.as_deref_mut().and_then(Plan::pop) {
-                    Some(planned) => planned,
-                    None => batch_template(l, form, ctx, src, i, e - i, Folio { pfn: head, nr_pages: 1 << order }),
+                let folio = Folio { pfn: head, nr_pages: 1 << order };
+                let (nr, tpl, child_done) = match env.plan.as_deref_mut().and_then(Plan::pop) {
+                    Some((nr, tpl)) => (nr, tpl, false),
+                    None => match batch_and_child(l, form, ctx, src, dst, i, e - i, folio) {
+                        Some((nr, tpl)) => (nr, tpl, true),
+                        None => {
+                            let (nr, tpl) = batch_template(l, form, ctx, src, i, e - i, folio);
+                            (nr, tpl, false)
+                        }
+                    },
                 };
-                copy_large_batch(l, p, ctx, &mut *env.mem, &mut *env.stats, &mut n, &mut rss, &mut src[i..i + nr], &mut dst[i..i + nr], head, order, page, tpl);
+                copy_large_batch(l, p, ctx, &mut *env.mem, &mut *env.stats, &mut n, &mut rss, &mut src[i..i + nr], &mut dst[i..i + nr], head, order, page, tpl, child_done);
                 i += nr;
                 continue;
             }
@@ -341,6 +348,7 @@ fn copy_large_batch<L: PteLayout, M: FolioCounts>(
     order: u32,
     page: u64,
     tpl: u64,
+    child_done: bool,
 ) {
     let nr = src.len();
     n.batch(st, nr);
@@ -352,30 +360,60 @@ fn copy_large_batch<L: PteLayout, M: FolioCounts>(
     // __copy_present_ptes(): wrprotect_ptes() of the parent's run and set_ptes() of the
     // child's, in one pass where the child's entries step linearly.
     let wrprotect = ctx.is_cow && l.pte_write(tpl);
-    let t = if wrprotect { l.pte_wrprotect(tpl) } else { tpl };
-    let child = child_pte(l, ctx, t);
     if wrprotect {
         n.wrprotects += nr as u64;
-    }
-    if wrprotect {
         for s in src.iter_mut() {
             *s = l.pte_wrprotect(*s);
         }
     }
-    match l.linear_advance(child, nr as u64) {
-        Some(step) => {
-            let mut v = child;
-            for d in dst.iter_mut() {
-                *d = v;
-                v = v.wrapping_add(step);
+    if !child_done {
+        let child = child_of_template(l, ctx, tpl);
+        match l.linear_advance(child, nr as u64) {
+            Some(step) => {
+                let mut v = child;
+                for d in dst.iter_mut() {
+                    *d = v;
+                    v = v.wrapping_add(step);
+                }
             }
-        }
-        None => {
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d = l.pte_advance_pfn(child, k as u64);
+            None => {
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = l.pte_advance_pfn(child, k as u64);
+                }
             }
         }
     }
+}
+
+/// The first entry of the child's run `__copy_present_ptes()` makes from a batch's template:
+/// write-protected where the parent's are, then [`child_pte`].
+#[inline(always)]
+fn child_of_template<L: PteLayout>(l: &L, ctx: &CopyCtx, tpl: u64) -> u64 {
+    let t = if ctx.is_cow && l.pte_write(tpl) { l.pte_wrprotect(tpl) } else { tpl };
+    child_pte(l, ctx, t)
+}
+
+/// [`batch_template`] where the run is linear ([`folio_pte_batch_linear`]), comparing the
+/// run in the pass that writes the child's entries (`dst`) as [`copy_large_batch`] would:
+/// one pass over the batch instead of two. `None` when the run is not linear; the child's
+/// entries it wrote then are scratch, which the copy writes again (every entry of the range
+/// is written once the copy has passed it).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn batch_and_child<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], dst: &mut [u64], i: usize, max_nr: usize, folio: Folio) -> Option<(usize, u64)> {
+    let first = src[i];
+    let (step, b) = folio_pte_batch_linear_guess(l, form, first, max_nr, folio, ctx.flags)?;
+    let tpl = template_of(l, &b);
+    let child = child_of_template(l, ctx, tpl);
+    let child_step = l.linear_advance(child, b.nr as u64)?;
+    let (mut diff, mut expected, mut c) = (0u64, first, child);
+    for (&v, d) in src[i..i + b.nr].iter().zip(&mut dst[i..i + b.nr]) {
+        diff |= v ^ expected;
+        expected = expected.wrapping_add(step);
+        *d = c;
+        c = c.wrapping_add(child_step);
+    }
+    (diff == 0).then_some((b.nr, tpl))
 }
 
 /// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's
@@ -462,11 +500,18 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
 fn batch_template<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], i: usize, max_nr: usize, folio: Folio) -> (usize, u64) {
     let b = folio_pte_batch_linear(l, form, src, i, max_nr, folio, ctx.flags)
         .unwrap_or_else(|| folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags));
-    let mut tpl = b.pte;
+    (b.nr, template_of(l, &b))
+}
+
+/// The template `copy_present_ptes()` makes from what `folio_pte_batch()` reported:
+/// writable if any entry was (v6.12+).
+#[inline(always)]
+fn template_of<L: PteLayout>(l: &L, b: &crate::batch::Batch) -> u64 {
     if b.any_writable == Some(true) {
-        tpl = l.pte_mkwrite(tpl);
+        l.pte_mkwrite(b.pte)
+    } else {
+        b.pte
     }
-    (b.nr, tpl)
 }
 
 /// `copy_present_page()`: the child gets its own copy of a page the parent may have
@@ -756,6 +801,16 @@ mod tests {
         let p = s.spawn();
         let rw = Prot { read: true, write: true, exec: false };
         let ro = Prot { read: true, write: false, exec: false };
+        // Runs of one folio that are not linear inside one VMA, for batch_and_child() to
+        // reject: holes (MADV_DONTNEED) and pages whose COW a write broke while an earlier
+        // child shared them (the first and a middle page of a folio).
+        let mixed = s.mmap(p, None, 1 << 20, rw, false, None, Some(&[64 << 10]), false, false, false).unwrap();
+        s.touch(p, mixed, 1 << 20, true).unwrap();
+        s.madvise(p, mixed + 21 * 4096, 3 * 4096, "dontneed").unwrap();
+        s.madvise(p, mixed + 79 * 4096, 4096, "dontneed").unwrap();
+        s.fork(p).unwrap();
+        s.touch(p, mixed + 39 * 4096, 4096, true).unwrap();
+        s.touch(p, mixed + 48 * 4096, 4096, true).unwrap();
         let small = s.mmap(p, None, 4 << 20, rw, false, None, Some(&[]), false, false, false).unwrap();
         s.touch(p, small, 4 << 20, true).unwrap();
         s.munmap(p, small + 37 * 4096, 5 * 4096).unwrap();
