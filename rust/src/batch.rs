@@ -360,26 +360,35 @@ fn batch_result<L: PteLayout>(l: &L, form: FpbForm, flags: FpbFlags, first: u64,
 /// the last: at `max_nr`, at the folio end, or at the next entry, whose pfn would be the
 /// folio end. `None` when the run is not such, or may be contpte (the hint and the read
 /// differ), for the caller to scan.
-#[inline]
+#[inline(always)]
 pub fn folio_pte_batch_linear<L: PteLayout>(l: &L, form: FpbForm, ptes: &[u64], start: usize, max_nr: usize, folio: Folio, flags: FpbFlags) -> Option<Batch> {
-    let first = ptes[start];
+    let (step, b) = folio_pte_batch_linear_guess(l, form, ptes[start], max_nr, folio, flags)?;
+    let run = &ptes[start..start + b.nr];
+    // Differences OR-ed over the run: no branch per entry, so it vectorises.
+    let mut diff = 0u64;
+    let mut expected = run[0];
+    for &v in run {
+        diff |= v ^ expected;
+        expected = expected.wrapping_add(step);
+    }
+    (diff == 0).then_some(b)
+}
+
+/// What [`folio_pte_batch_linear`] reports for a run from `first` if the run is linear, and
+/// the step `d` it must have (entry `k` is `first + k * d`), without reading the run: for a
+/// caller that compares the run in a pass of its own. `None` where it would give `None`
+/// without reading the run.
+#[inline(always)]
+pub fn folio_pte_batch_linear_guess<L: PteLayout>(l: &L, form: FpbForm, first: u64, max_nr: usize, folio: Folio, flags: FpbFlags) -> Option<(u64, Batch)> {
     if form.uses_hint() && l.pte_valid_cont(first) {
         return None;
     }
     let pfn = l.pte_pfn(first);
     let nr = max_nr.min(folio.end_pfn().checked_sub(pfn)? as usize);
     let step = l.linear_advance(first, nr as u64)?;
-    let run = &ptes[start..start + nr];
-    // Differences OR-ed over the run: no branch per entry, so it vectorises.
-    let mut diff = 0u64;
-    let mut expected = first;
-    for &v in run {
-        diff |= v ^ expected;
-        expected = expected.wrapping_add(step);
-    }
     // The out-parameters gather the entries after the first, which has the bits of each.
     let more = nr > 1;
-    (diff == 0).then(|| batch_result(l, form, flags, first, nr, more && l.pte_write(first), more && l.pte_young(first), more && l.pte_dirty(first)))
+    Some((step, batch_result(l, form, flags, first, nr, more && l.pte_write(first), more && l.pte_young(first), more && l.pte_dirty(first))))
 }
 
 /// Entries compared per step of [`scan_runs`].

@@ -7,13 +7,13 @@
 //! [`copy_pte_range_arrays`] over arrays a user owns (docs/helpers.md).
 
 use crate::arch::PteLayout;
-use crate::batch::{folio_pte_batch_linear, folio_pte_batch_unchecked, Folio, FpbFlags, Table};
+use crate::batch::{folio_pte_batch_linear, folio_pte_batch_linear_guess, folio_pte_batch_unchecked, Folio, FpbFlags, Table};
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{PG_ANON, PG_ANON_EXCLUSIVE, PG_SWAPBACKED};
 use crate::mm::{mm_counter, Mm, Prot, Vma, MM_ANONPAGES, MM_FILEPAGES, MM_SHMEMPAGES};
 use crate::pgtable;
-use crate::rmap::{FolioCounts, Rmap};
+use crate::rmap::{folio_dup_ptes, FolioCounts, Rmap};
 use crate::sim::State;
 use crate::stats::Stats;
 
@@ -123,7 +123,7 @@ pub fn copy_pte_range<L: PteLayout, M: FolioCounts>(
     Ok(())
 }
 
-/// What [`copy_ptes_unpinned`] counts for single entries, added to [`Stats`] once at the end.
+/// What [`copy_ptes_unpinned`] counts, added to [`Stats`] once at the end.
 #[derive(Default)]
 struct Tally {
     reads: u64,
@@ -132,6 +132,59 @@ struct Tally {
     /// Entries without a page (special, zero page).
     no_page: u64,
     wrprotects: u64,
+    /// Batches of large folios, and the entries in them.
+    batches: u64,
+    batched: u64,
+    /// The last run of batches of one length, not yet in the histogram.
+    run_nr: usize,
+    run: u64,
+}
+
+impl Tally {
+    /// One batch of `nr` entries of a large folio ([`copy_large_batch`]).
+    #[inline(always)]
+    fn batch(&mut self, st: &mut Stats, nr: usize) {
+        if nr != self.run_nr {
+            self.flush_run(st);
+            self.run_nr = nr;
+        }
+        self.run += 1;
+        self.batches += 1;
+        self.batched += nr as u64;
+    }
+
+    #[cold]
+    fn flush_run(&mut self, st: &mut Stats) {
+        if self.run > 0 {
+            if st.batch_histogram.len() <= self.run_nr {
+                st.batch_histogram.resize(self.run_nr + 1, 0);
+            }
+            st.batch_histogram[self.run_nr] += self.run;
+            self.run = 0;
+        }
+    }
+
+    /// Adds the counts to `st`: per batch, `copy_present_ptes()`'s read of the first entry,
+    /// `folio_pte_batch()` and its reads, one `folio_ref_add()`, one rmap call with a
+    /// mapcount update per page and one of the large mapcount, and `set_ptes()`.
+    fn finish(mut self, st: &mut Stats) {
+        self.flush_run(st);
+        let singles = self.pages + self.no_page;
+        st.pte_reads += self.reads + self.batches + self.batched;
+        st.folio_pte_batch_calls += self.batches;
+        st.refcount_atomics += self.pages + self.batches;
+        st.rmap_calls += self.pages + self.batches;
+        st.mapcount_updates += self.pages + self.batched + self.batches;
+        st.pte_writes += singles + self.batched + self.wrprotects;
+        st.batches += self.batches;
+        if singles > 0 {
+            st.batches += singles;
+            if st.batch_histogram.len() < 2 {
+                st.batch_histogram.resize(2, 0);
+            }
+            st.batch_histogram[1] += singles;
+        }
+    }
 }
 
 /// The loop of [`copy_pte_range`] over entries `[i, e)` without contpte and without
@@ -163,12 +216,18 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
             let head = env.mem.folio_head(page);
             let order = env.mem.folio_order(head);
             if let (true, Some(form), true) = (order > 0, form, e - i != 1) {
-                let (nr, tpl) = match env.plan.as_deref_mut().and_then(Plan::pop) {
-                    Some(planned) => planned,
-                    None => batch_template(l, form, ctx, src, i, e - i, Folio { pfn: head, nr_pages: 1 << order }),
+                let folio = Folio { pfn: head, nr_pages: 1 << order };
+                let (nr, tpl, child_done) = match env.plan.as_deref_mut().and_then(Plan::pop) {
+                    Some((nr, tpl)) => (nr, tpl, false),
+                    None => match batch_and_child(l, form, ctx, src, dst, i, e - i, folio) {
+                        Some((nr, tpl)) => (nr, tpl, true),
+                        None => {
+                            let (nr, tpl) = batch_template(l, form, ctx, src, i, e - i, folio);
+                            (nr, tpl, false)
+                        }
+                    },
                 };
-                let st = &mut *env.stats;
-                copy_large_batch(l, p, ctx, &mut *env.mem, st, &mut rss, src, dst, i, head, page, nr, tpl);
+                copy_large_batch(l, p, ctx, &mut *env.mem, &mut *env.stats, &mut n, &mut rss, &mut src[i..i + nr], &mut dst[i..i + nr], head, order, page, tpl, child_done);
                 i += nr;
                 continue;
             }
@@ -203,20 +262,7 @@ fn copy_ptes_unpinned<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ct
         dst[i] = child_pte(l, ctx, t);
         i += 1;
     }
-    let st = &mut *env.stats;
-    st.pte_reads += n.reads;
-    st.refcount_atomics += n.pages;
-    st.rmap_calls += n.pages;
-    st.mapcount_updates += n.pages;
-    let singles = n.pages + n.no_page;
-    st.pte_writes += singles + n.wrprotects;
-    if singles > 0 {
-        st.batches += singles;
-        if st.batch_histogram.len() < 2 {
-            st.batch_histogram.resize(2, 0);
-        }
-        st.batch_histogram[1] += singles;
-    }
+    n.finish(env.stats);
     for (r, d) in env.rss.iter_mut().zip(rss) {
         *r += d;
     }
@@ -282,46 +328,92 @@ fn copy_order0_block<L: PteLayout, M: FolioCounts>(l: &L, ctx: &CopyCtx, mem: &m
     true
 }
 
-/// [`copy_present_ptes`] of a batch of `nr` entries from `i`, mapping pages from `page` of
-/// the large folio at `head`, with `tpl` the template `folio_pte_batch()` gave; without
-/// MMF_HAS_PINNED (so `folio_try_dup_anon_rmap_ptes()` cannot fail) and without contpte.
-/// Counts the caller's read of entry `i` too.
+/// [`copy_present_ptes`] of a batch (`src`, `dst`: its entries), mapping pages from `page`
+/// of the large folio of `order` at `head`, with `tpl` the template `folio_pte_batch()`
+/// gave; without MMF_HAS_PINNED (so `folio_try_dup_anon_rmap_ptes()` cannot fail) and
+/// without contpte. Counts into `n` (the caller's read of the first entry too).
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 fn copy_large_batch<L: PteLayout, M: FolioCounts>(
     l: &L,
     p: &KernelProfile,
     ctx: &CopyCtx,
     mem: &mut M,
     st: &mut Stats,
+    n: &mut Tally,
     rss: &mut [i64; 3],
     src: &mut [u64],
     dst: &mut [u64],
-    i: usize,
     head: u64,
+    order: u32,
     page: u64,
-    nr: usize,
     tpl: u64,
+    child_done: bool,
 ) {
-    st.pte_reads += 1 + nr as u64;
-    st.folio_pte_batch_calls += 1;
+    let nr = src.len();
+    n.batch(st, nr);
     let counter = mm_counter(&*mem, head);
-    let mut r = Rmap { mem, stats: &mut *st, profile: p };
-    r.ref_add(head, nr as i32);
-    if counter == MM_ANONPAGES {
-        let dup = r.try_dup_anon_ptes(head, page, nr as u64, ctx.dst_mm_id, false);
-        debug_assert!(dup, "without MMF_HAS_PINNED the dup cannot fail");
-    } else {
-        r.dup_file_ptes(head, page, nr as u64, ctx.dst_mm_id);
-    }
+    // folio_ref_add(), then folio_try_dup_anon_rmap_ptes() or folio_dup_file_rmap_ptes().
+    *mem.refcount_mut(head) += nr as i32;
+    folio_dup_ptes(mem, p.mm_id, head, order, page, nr as u64, ctx.dst_mm_id, counter == MM_ANONPAGES);
     rss[counter] += nr as i64;
-    st.batch(nr);
-    let mut t = tpl;
-    if ctx.is_cow && l.pte_write(t) {
-        pgtable::wrprotect_ptes(l, None, src, ctx.start, i, nr, st);
-        t = l.pte_wrprotect(t);
+    // __copy_present_ptes(): wrprotect_ptes() of the parent's run and set_ptes() of the
+    // child's, in one pass where the child's entries step linearly.
+    let wrprotect = ctx.is_cow && l.pte_write(tpl);
+    if wrprotect {
+        n.wrprotects += nr as u64;
+        for s in src.iter_mut() {
+            *s = l.pte_wrprotect(*s);
+        }
     }
-    pgtable::set_ptes(l, None, dst, ctx.start, i, child_pte(l, ctx, t), nr, |_| None, st);
+    if !child_done {
+        let child = child_of_template(l, ctx, tpl);
+        match l.linear_advance(child, nr as u64) {
+            Some(step) => {
+                let mut v = child;
+                for d in dst.iter_mut() {
+                    *d = v;
+                    v = v.wrapping_add(step);
+                }
+            }
+            None => {
+                for (k, d) in dst.iter_mut().enumerate() {
+                    *d = l.pte_advance_pfn(child, k as u64);
+                }
+            }
+        }
+    }
+}
+
+/// The first entry of the child's run `__copy_present_ptes()` makes from a batch's template:
+/// write-protected where the parent's are, then [`child_pte`].
+#[inline(always)]
+fn child_of_template<L: PteLayout>(l: &L, ctx: &CopyCtx, tpl: u64) -> u64 {
+    let t = if ctx.is_cow && l.pte_write(tpl) { l.pte_wrprotect(tpl) } else { tpl };
+    child_pte(l, ctx, t)
+}
+
+/// [`batch_template`] where the run is linear ([`folio_pte_batch_linear`]), comparing the
+/// run in the pass that writes the child's entries (`dst`) as [`copy_large_batch`] would:
+/// one pass over the batch instead of two. `None` when the run is not linear; the child's
+/// entries it wrote then are scratch, which the copy writes again (every entry of the range
+/// is written once the copy has passed it).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn batch_and_child<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], dst: &mut [u64], i: usize, max_nr: usize, folio: Folio) -> Option<(usize, u64)> {
+    let first = src[i];
+    let (step, b) = folio_pte_batch_linear_guess(l, form, first, max_nr, folio, ctx.flags)?;
+    let tpl = template_of(l, &b);
+    let child = child_of_template(l, ctx, tpl);
+    let child_step = l.linear_advance(child, b.nr as u64)?;
+    let (mut diff, mut expected, mut c) = (0u64, first, child);
+    for (&v, d) in src[i..i + b.nr].iter().zip(&mut dst[i..i + b.nr]) {
+        diff |= v ^ expected;
+        expected = expected.wrapping_add(step);
+        *d = c;
+        c = c.wrapping_add(child_step);
+    }
+    (diff == 0).then_some((b.nr, tpl))
 }
 
 /// The child's copy of a parent PTE `__copy_present_ptes()` makes (after the parent's
@@ -408,11 +500,18 @@ fn copy_present_ptes<L: PteLayout, M: FolioCounts>(
 fn batch_template<L: PteLayout>(l: &L, form: crate::kernel::FpbForm, ctx: &CopyCtx, src: &[u64], i: usize, max_nr: usize, folio: Folio) -> (usize, u64) {
     let b = folio_pte_batch_linear(l, form, src, i, max_nr, folio, ctx.flags)
         .unwrap_or_else(|| folio_pte_batch_unchecked(l, form, Table { ptes: src, first_vpn: ctx.start }, i, max_nr, folio, ctx.flags));
-    let mut tpl = b.pte;
+    (b.nr, template_of(l, &b))
+}
+
+/// The template `copy_present_ptes()` makes from what `folio_pte_batch()` reported:
+/// writable if any entry was (v6.12+).
+#[inline(always)]
+fn template_of<L: PteLayout>(l: &L, b: &crate::batch::Batch) -> u64 {
     if b.any_writable == Some(true) {
-        tpl = l.pte_mkwrite(tpl);
+        l.pte_mkwrite(b.pte)
+    } else {
+        b.pte
     }
-    (b.nr, tpl)
 }
 
 /// `copy_present_page()`: the child gets its own copy of a page the parent may have
@@ -702,6 +801,16 @@ mod tests {
         let p = s.spawn();
         let rw = Prot { read: true, write: true, exec: false };
         let ro = Prot { read: true, write: false, exec: false };
+        // Runs of one folio that are not linear inside one VMA, for batch_and_child() to
+        // reject: holes (MADV_DONTNEED) and pages whose COW a write broke while an earlier
+        // child shared them (the first and a middle page of a folio).
+        let mixed = s.mmap(p, None, 1 << 20, rw, false, None, Some(&[64 << 10]), false, false, false).unwrap();
+        s.touch(p, mixed, 1 << 20, true).unwrap();
+        s.madvise(p, mixed + 21 * 4096, 3 * 4096, "dontneed").unwrap();
+        s.madvise(p, mixed + 79 * 4096, 4096, "dontneed").unwrap();
+        s.fork(p).unwrap();
+        s.touch(p, mixed + 39 * 4096, 4096, true).unwrap();
+        s.touch(p, mixed + 48 * 4096, 4096, true).unwrap();
         let small = s.mmap(p, None, 4 << 20, rw, false, None, Some(&[]), false, false, false).unwrap();
         s.touch(p, small, 4 << 20, true).unwrap();
         s.munmap(p, small + 37 * 4096, 5 * 4096).unwrap();

@@ -653,9 +653,16 @@ impl Memory {
         if head & 2 == 0 {
             self.large_idx[head as usize / 4]
         } else {
-            // Only an order-1 folio starts at 2 mod 4; init_folio put its index here.
-            self.large_idx_odd.get(&head).copied().unwrap_or(u32::MAX)
+            self.large_idx_odd_of(head)
         }
+    }
+
+    /// Only an order-1 folio starts at 2 mod 4; init_folio put its index here. Out of line:
+    /// the hash lookup would swell every inlined accessor.
+    #[cold]
+    #[inline(never)]
+    fn large_idx_odd_of(&self, head: u64) -> u32 {
+        self.large_idx_odd.get(&head).copied().unwrap_or(u32::MAX)
     }
 
     #[inline(always)]
@@ -669,6 +676,7 @@ impl Memory {
 
     /// The record of an allocated large folio; callers only ask for folios they found
     /// allocated with order > 0, which always have one.
+    #[inline(always)]
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
         let idx = self.large_idx_of(head) as usize;
         &mut self.large[idx]

@@ -52,6 +52,8 @@ pub trait FolioCounts {
     }
     /// `folio->_mm_id[2]` and `folio->_mm_id_mapcount[2]` (−1 = none), v6.15+.
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
+    /// [`FolioCounts::large_mapcount_mut`] and [`FolioCounts::mm_id_slots`] found at once.
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]);
     /// The folio's last reference went: it returns to the allocator.
     fn free_folio(&mut self, head: u64);
     /// [`FolioCounts::free_folio`] of each of the `n` order-0 folios from `first`, in order.
@@ -175,6 +177,11 @@ impl FolioCounts for Memory {
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]) {
         let lf = self.lf(head);
         (&mut lf.mm_id, &mut lf.mm_id_mapcount)
+    }
+    #[inline]
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]) {
+        let lf = self.lf(head);
+        (&mut lf.large_mapcount, &mut lf.mm_id, &mut lf.mm_id_mapcount)
     }
     fn free_folio(&mut self, head: u64) {
         self.free(head);
@@ -341,6 +348,13 @@ impl FolioCounts for FolioArrays<'_> {
         let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
         (ids, counts)
     }
+    #[inline]
+    fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]) {
+        let h = 2 * head as usize;
+        let ids: &mut [u32; 2] = (&mut self.mm_id[h..h + 2]).try_into().expect("two slots");
+        let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
+        (&mut self.large_mapcount[head as usize], ids, counts)
+    }
     /// The pages become free (order 255, counts and flags zero) and the folio's record
     /// fields return to their empty values, as a new folio would have them.
     fn free_folio(&mut self, head: u64) {
@@ -399,6 +413,59 @@ pub(crate) fn folio_put_refs_times<M: FolioCounts>(mem: &mut M, head: u64, nr: i
     } else {
         *r = (r0 - times * nr) as i32;
         false
+    }
+}
+
+/// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15) on the
+/// counts alone (callers count the update): a slot for `mm_id` if there is none and one is
+/// free, and the shared bit when another mm may map the folio too. `track`: the kernel has
+/// MM-ID slots (v6.15+).
+#[inline(always)]
+pub(crate) fn add_large_mapcount<M: FolioCounts>(mem: &mut M, track: bool, head: u64, diff: i32, mm_id: u32) {
+    let (c, ids, counts) = mem.large_mapcount_and_slots(head);
+    *c += diff;
+    let new = *c;
+    if !track {
+        return;
+    }
+    let mut set_shared = false;
+    if ids[0] == mm_id {
+        counts[0] += diff;
+    } else if ids[1] == mm_id {
+        counts[1] += diff;
+    } else if ids[0] == MM_ID_DUMMY {
+        ids[0] = mm_id;
+        counts[0] = diff - 1;
+        // Other mms may already map it.
+        set_shared = new != diff - 1;
+    } else if ids[1] == MM_ID_DUMMY {
+        ids[1] = mm_id;
+        counts[1] = diff - 1;
+        // Slot 0 has mappings too.
+        set_shared = true;
+    }
+    if set_shared {
+        mem.set(head, PG_MAYBE_SHARED);
+    }
+}
+
+/// The mappings `folio_try_dup_anon_rmap_ptes()` (once it may go ahead: the pages are no
+/// longer exclusive) or `folio_dup_file_rmap_ptes()` (include/linux/rmap.h) add for pages
+/// `[page, page + nr)` of the folio of `order` at `head`, on the counts alone: callers count
+/// one rmap call, `nr` mapcount updates and, for a large folio, one of the large mapcount.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn folio_dup_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: u64, order: u32, page: u64, nr: u64, mm_id: u32, anon: bool) {
+    if anon {
+        for f in mem.flags_range_mut(page, nr) {
+            *f &= !PG_ANON_EXCLUSIVE;
+        }
+    }
+    for m in mem.mapcounts_mut(page, nr) {
+        *m += 1;
+    }
+    if order > 0 {
+        add_large_mapcount(mem, track, head, nr as i32, mm_id);
     }
 }
 
@@ -525,39 +592,11 @@ impl<M: FolioCounts> Rmap<'_, M> {
         self.stats.folios_freed += folio_put_refs(self.mem, head, nr) as u64;
     }
 
-    /// `folio_add_return_large_mapcount()` (include/linux/rmap.h, CONFIG_MM_ID from v6.15).
+    /// `folio_add_return_large_mapcount()`; see [`add_large_mapcount`].
     #[inline]
     pub(crate) fn add_large_mapcount(&mut self, head: u64, diff: i32, mm_id: u32) {
         self.stats.mapcount_updates += 1;
-        let track = self.profile.mm_id;
-        let new = {
-            let c = self.mem.large_mapcount_mut(head);
-            *c += diff;
-            *c
-        };
-        if !track {
-            return;
-        }
-        let (ids, counts) = self.mem.mm_id_slots(head);
-        let mut set_shared = false;
-        if ids[0] == mm_id {
-            counts[0] += diff;
-        } else if ids[1] == mm_id {
-            counts[1] += diff;
-        } else if ids[0] == MM_ID_DUMMY {
-            ids[0] = mm_id;
-            counts[0] = diff - 1;
-            // Other mms may already map it.
-            set_shared = new != diff - 1;
-        } else if ids[1] == MM_ID_DUMMY {
-            ids[1] = mm_id;
-            counts[1] = diff - 1;
-            // Slot 0 has mappings too.
-            set_shared = true;
-        }
-        if set_shared {
-            self.mem.set(head, PG_MAYBE_SHARED);
-        }
+        add_large_mapcount(self.mem, self.profile.mm_id, head, diff, mm_id);
     }
 
     /// `folio_sub_return_large_mapcount()`; see [`sub_large_mapcount`].
@@ -645,16 +684,7 @@ impl<M: FolioCounts> Rmap<'_, M> {
         if maybe_pinned && self.mem.flags_range_mut(page, nr).iter().any(|&f| f & PG_ANON_EXCLUSIVE != 0) {
             return false;
         }
-        for f in self.mem.flags_range_mut(page, nr) {
-            *f &= !PG_ANON_EXCLUSIVE;
-        }
-        for m in self.mem.mapcounts_mut(page, nr) {
-            *m += 1;
-        }
-        self.stats.mapcount_updates += nr;
-        if self.mem.folio_order(head) > 0 {
-            self.add_large_mapcount(head, nr as i32, dst_mm);
-        }
+        self.dup_ptes(head, page, nr, dst_mm, true);
         true
     }
 
@@ -663,13 +693,15 @@ impl<M: FolioCounts> Rmap<'_, M> {
     #[inline]
     pub fn dup_file_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32) {
         self.stats.rmap_calls += 1;
-        for m in self.mem.mapcounts_mut(page, nr) {
-            *m += 1;
-        }
-        self.stats.mapcount_updates += nr;
-        if self.mem.folio_order(head) > 0 {
-            self.add_large_mapcount(head, nr as i32, dst_mm);
-        }
+        self.dup_ptes(head, page, nr, dst_mm, false);
+    }
+
+    /// [`folio_dup_ptes`] with its counters (the caller counted the rmap call).
+    #[inline(always)]
+    fn dup_ptes(&mut self, head: u64, page: u64, nr: u64, dst_mm: u32, anon: bool) {
+        let order = self.mem.folio_order(head);
+        self.stats.mapcount_updates += nr + (order > 0) as u64;
+        folio_dup_ptes(self.mem, self.profile.mm_id, head, order, page, nr, dst_mm, anon);
     }
 
     /// `folio_remove_rmap_ptes()` → `__folio_remove_rmap()`: one rmap call, a mapcount update
