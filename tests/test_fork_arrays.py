@@ -56,3 +56,34 @@ def test_a_bad_entry_anywhere_raises_for_the_first_and_writes_nothing(kernel, mt
     np.testing.assert_array_equal(src, before[0])
     np.testing.assert_array_equal(dst, before[1])
     assert counts.equal(before[2])
+
+
+@pytest.mark.parametrize("layout", ["x86-64", "arm64-4k"])
+def test_a_folio_whose_pages_disagree_on_its_order_is_refused(layout) -> None:
+    """Entries inside a folio already checked are not checked again, so the check must find
+    every page of a folio carrying its order: here pages 4-5 say order 1 and 6-7 order 2
+    inside an order-3 folio, which once made the copy spin (x86-64) or index out of range
+    (arm64's contpte path) on entry 1, and must instead refuse the arrays unchanged."""
+    l = pb.layout(layout)
+    counts = H.FolioCounts.empty(16)
+    counts.order[:] = 255
+    counts.order[:8] = 3
+    counts.order[4:6] = 1
+    counts.order[6:8] = 2
+    counts.flags[0] = H.PG_ANON | H.PG_SWAPBACKED
+    counts.refcount[0] = 2
+    counts.mapcount[[0, 6]] = 1
+    counts.large_mapcount[0] = 1
+    counts.nr_pages_mapped[0] = 2
+    src = np.full(4, l.none_value, np.uint64)
+    src[0], src[1] = l.mk_pte(0, write=True), l.mk_pte(6, write=True)
+    dst = np.full_like(src, 7)
+    before = (src.copy(), dst.copy(), counts.copy())
+    for kernel in ("6.8", "6.18"):
+        with pytest.raises(ValueError, match=r"src\[0\].*order\[4\]=1"):
+            H.copy_pte_range(src, dst, counts, layout=layout, kernel=kernel, dst_mm_id=2)
+        with pytest.raises(ValueError, match=r"ptes\[0\].*order\[4\]=1"):
+            H.zap_pte_range(src, counts, layout=layout, kernel=kernel, mm_id=1)
+    np.testing.assert_array_equal(src, before[0])
+    np.testing.assert_array_equal(dst, before[1])
+    assert counts.equal(before[2])

@@ -175,8 +175,8 @@ pub fn check_run(len: usize, i: usize, nr: usize) -> Result<()> {
 /// The checks the array forms of the whole-table loops make before they write anything:
 /// every entry is `pte_none` or present (swap and migration entries are not modelled), and
 /// every present entry that maps a page (not special, not the zero page) maps an allocated
-/// page of `mem` whose folio (the order stored on that page) starts at a page carrying the
-/// same order and ends inside memory, so that the loops stay inside the arrays. `what` names
+/// page of `mem` whose folio (the order stored on that page) has that order stored on every
+/// page and ends inside memory, so that the loops stay inside the arrays. `what` names
 /// the table in messages.
 pub fn check_table<L: PteLayout, M: FolioCounts>(l: &L, t: &[u64], zero_pfn: u64, mem: &M, what: &str) -> Result<()> {
     // The folio checked last: the rest of a run of one folio costs a range test, done for
@@ -237,6 +237,16 @@ pub(crate) fn check_entry<L: PteLayout, M: FolioCounts>(l: &L, i: usize, v: u64,
             "{what}[{i}]={v:#x} maps pfn {pfn:#x} of order {o}, but order[{head}]={} (every page of a \
              folio carries its order, and a folio ends inside memory)",
             mem.order_of(head)
+        )));
+    }
+    // The callers skip the checks of later entries inside this folio, and the loops take the
+    // folio from any of its pages: every page must carry the order, not only this one.
+    if let Some(k) = mem.orders(head, 1u64 << o).iter().position(|&x| x != o) {
+        return Err(Error::value(format!(
+            "{what}[{i}]={v:#x} maps pfn {pfn:#x} of a folio of order {o} at {head}, but order[{}]={} \
+             (every page of a folio carries its order)",
+            head + k as u64,
+            mem.order_of(head + k as u64)
         )));
     }
     Ok(Some((head, 1u64 << o)))
