@@ -11,7 +11,7 @@
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{
-    Memory, FREE, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
+    prefetch, Memory, FREE, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
     PG_PARTIALLY_MAPPED, PG_SWAPBACKED,
 };
 use crate::stats::Stats;
@@ -72,6 +72,10 @@ pub trait FolioCounts {
     }
     /// The copy of a page's contents `copy_present_page()` makes (the simulation's token).
     fn copy_contents(&mut self, _dst: u64, _src: u64) {}
+    /// A hint that a zap reads and writes page `pfn`'s order, flags, mapcount and refcount
+    /// soon (no effect on any count).
+    #[inline(always)]
+    fn prefetch_counts(&self, _pfn: u64) {}
 
     #[inline]
     fn folio_order(&self, head: u64) -> u32 {
@@ -187,6 +191,14 @@ impl FolioCounts for Memory {
     }
     fn copy_contents(&mut self, dst: u64, src: u64) {
         self.token[dst as usize] = self.token[src as usize];
+    }
+    #[inline(always)]
+    fn prefetch_counts(&self, pfn: u64) {
+        let i = pfn as usize;
+        prefetch(&self.order, i);
+        prefetch(&self.flags, i);
+        prefetch(&self.mapcount, i);
+        prefetch(&self.refcount, i);
     }
 }
 
