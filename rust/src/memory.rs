@@ -338,7 +338,12 @@ impl Memory {
         let n = nr_pages as usize;
         // The five per-page arrays together, all written below.
         crate::alloc::ensure_host_room(nr_pages as u128 * 15, "the page arrays of the simulated memory")?;
-        use crate::alloc::try_filled;
+        // THP-backed where the host allows: every step walks these arrays in pfn order.
+        fn try_filled<T: Clone>(n: usize, v: T, what: &str) -> Result<Vec<T>> {
+            let mut out = crate::alloc::try_with_capacity_huge(n, what)?;
+            out.resize(n, v);
+            Ok(out)
+        }
         let mut m = Memory {
             order: try_filled(n, FREE, "the page-order array")?,
             flags: try_filled(n, 0, "the page-flag array")?,
@@ -690,6 +695,13 @@ impl Memory {
     pub fn lf(&mut self, head: u64) -> &mut LargeFolio {
         let idx = self.large_idx_of(head) as usize;
         &mut self.large[idx]
+    }
+
+    /// The record of an allocated large folio and its first page's flags, borrowed at once.
+    #[inline(always)]
+    pub(crate) fn lf_and_flags(&mut self, head: u64) -> (&mut LargeFolio, &mut u8) {
+        let idx = self.large_idx_of(head) as usize;
+        (&mut self.large[idx], &mut self.flags[head as usize])
     }
 
     /// Every large folio's first pfn and record, in pfn order.

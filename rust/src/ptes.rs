@@ -174,7 +174,8 @@ pub struct PteTable {
 impl PteTable {
     /// A new table of `n` entries, all `none`; fallible, as every user-sized allocation.
     pub fn filled(n: usize, none: u64, what: &str) -> Result<PteTable> {
-        let v = crate::alloc::try_filled(n, none, what)?;
+        let mut v = crate::alloc::try_with_capacity_huge(n, what)?;
+        v.resize(n, none);
         Ok(PteTable { store: PteStore::from_vec(v, Default::default()), off: 0, len: n })
     }
 

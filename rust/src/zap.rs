@@ -150,13 +150,39 @@ struct Tally {
     /// PTEs of small folios zapped on the fast path: each one PTE written, one page flushed,
     /// a batch of one, one rmap call and one mapcount update.
     small: u64,
+    /// Batches of `batch_nr` entries not yet in [`Stats::batch_histogram`] (runs of folios
+    /// of one size batch alike).
+    batch_nr: usize,
+    batch_runs: u64,
     rss: [i64; 3],
     /// Some entry was cleared: the table's range is flushed.
     cleared: bool,
 }
 
 impl Tally {
-    fn add_to(&self, st: &mut Stats, rss: &mut [i64; 3]) {
+    /// [`Stats::batch`]`(nr)`, for `nr` > 1.
+    #[inline(always)]
+    fn batch(&mut self, st: &mut Stats, nr: usize) {
+        if nr != self.batch_nr {
+            self.flush_batches(st);
+            self.batch_nr = nr;
+        }
+        self.batch_runs += 1;
+    }
+
+    fn flush_batches(&mut self, st: &mut Stats) {
+        if self.batch_runs > 0 {
+            st.batches += self.batch_runs;
+            if st.batch_histogram.len() <= self.batch_nr {
+                st.batch_histogram.resize(self.batch_nr + 1, 0);
+            }
+            st.batch_histogram[self.batch_nr] += self.batch_runs;
+            self.batch_runs = 0;
+        }
+    }
+
+    fn add_to(&mut self, st: &mut Stats, rss: &mut [i64; 3]) {
+        self.flush_batches(st);
         st.pte_reads += self.pte_reads;
         st.pte_writes += self.pte_writes + self.small;
         st.tlb_flush_pages += self.tlb_flush_pages + self.small;
@@ -471,7 +497,7 @@ fn zap_large_folios<L: PteLayout, M: FolioCounts>(l: &L, p: &KernelProfile, ctx:
         if nr == 1 {
             t.singles += 1;
         } else {
-            env.stats.batch(nr);
+            t.batch(env.stats, nr);
         }
         for v in &mut env.ptes[i..j] {
             *v = none;
