@@ -338,12 +338,7 @@ impl Memory {
         let n = nr_pages as usize;
         // The five per-page arrays together, all written below.
         crate::alloc::ensure_host_room(nr_pages as u128 * 15, "the page arrays of the simulated memory")?;
-        // THP-backed where the host allows: every step walks these arrays in pfn order.
-        fn try_filled<T: Clone>(n: usize, v: T, what: &str) -> Result<Vec<T>> {
-            let mut out = crate::alloc::try_with_capacity_huge(n, what)?;
-            out.resize(n, v);
-            Ok(out)
-        }
+        use crate::alloc::try_filled;
         let mut m = Memory {
             order: try_filled(n, FREE, "the page-order array")?,
             flags: try_filled(n, 0, "the page-flag array")?,

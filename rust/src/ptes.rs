@@ -174,8 +174,7 @@ pub struct PteTable {
 impl PteTable {
     /// A new table of `n` entries, all `none`; fallible, as every user-sized allocation.
     pub fn filled(n: usize, none: u64, what: &str) -> Result<PteTable> {
-        let mut v = crate::alloc::try_with_capacity_huge(n, what)?;
-        v.resize(n, none);
+        let v = crate::alloc::try_filled(n, none, what)?;
         Ok(PteTable { store: PteStore::from_vec(v, Default::default()), off: 0, len: n })
     }
 
