@@ -11,7 +11,7 @@
 use crate::error::{Error, Result};
 use crate::kernel::KernelProfile;
 use crate::memory::{
-    Memory, FREE, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
+    prefetch, Memory, FREE, GUP_PIN_COUNTING_BIAS, MM_ID_DUMMY, PG_ANON, PG_ANON_EXCLUSIVE, PG_MAYBE_SHARED,
     PG_PARTIALLY_MAPPED, PG_SWAPBACKED,
 };
 use crate::stats::Stats;
@@ -54,6 +54,8 @@ pub trait FolioCounts {
     fn mm_id_slots(&mut self, head: u64) -> (&mut [u32; 2], &mut [i32; 2]);
     /// [`FolioCounts::large_mapcount_mut`] and [`FolioCounts::mm_id_slots`] found at once.
     fn large_mapcount_and_slots(&mut self, head: u64) -> (&mut i32, &mut [u32; 2], &mut [i32; 2]);
+    /// The counts `__folio_remove_rmap()` updates in the large folio at `head`, at once.
+    fn large_counts_mut(&mut self, head: u64) -> LargeCountsMut<'_>;
     /// The folio's last reference went: it returns to the allocator.
     fn free_folio(&mut self, head: u64);
     /// [`FolioCounts::free_folio`] of each of the `n` order-0 folios from `first`, in order.
@@ -74,6 +76,10 @@ pub trait FolioCounts {
     }
     /// The copy of a page's contents `copy_present_page()` makes (the simulation's token).
     fn copy_contents(&mut self, _dst: u64, _src: u64) {}
+    /// A hint that a zap reads and writes page `pfn`'s order, flags, mapcount and refcount
+    /// soon (no effect on any count).
+    #[inline(always)]
+    fn prefetch_counts(&self, _pfn: u64) {}
 
     #[inline]
     fn folio_order(&self, head: u64) -> u32 {
@@ -108,6 +114,18 @@ pub trait FolioCounts {
             self.refcount_of(head) >= GUP_PIN_COUNTING_BIAS
         }
     }
+}
+
+/// A large folio's counts as an unmap updates them: its first page's flags and its
+/// record's fields, borrowed together so that a zap finds the record once per batch.
+pub struct LargeCountsMut<'a> {
+    pub flags: &'a mut u8,
+    pub large_mapcount: &'a mut i32,
+    pub nr_pages_mapped: &'a mut i32,
+    /// `_entire_mapcount` (−1 = no PMD mapping).
+    pub entire_mapcount: i32,
+    pub mm_id: &'a mut [u32; 2],
+    pub mm_id_mapcount: &'a mut [i32; 2],
 }
 
 impl FolioCounts for Memory {
@@ -183,6 +201,18 @@ impl FolioCounts for Memory {
         let lf = self.lf(head);
         (&mut lf.large_mapcount, &mut lf.mm_id, &mut lf.mm_id_mapcount)
     }
+    #[inline(always)]
+    fn large_counts_mut(&mut self, head: u64) -> LargeCountsMut<'_> {
+        let (lf, flags) = self.lf_and_flags(head);
+        LargeCountsMut {
+            flags,
+            large_mapcount: &mut lf.large_mapcount,
+            nr_pages_mapped: &mut lf.nr_pages_mapped,
+            entire_mapcount: lf.entire_mapcount,
+            mm_id: &mut lf.mm_id,
+            mm_id_mapcount: &mut lf.mm_id_mapcount,
+        }
+    }
     fn free_folio(&mut self, head: u64) {
         self.free(head);
     }
@@ -194,6 +224,14 @@ impl FolioCounts for Memory {
     }
     fn copy_contents(&mut self, dst: u64, src: u64) {
         self.token[dst as usize] = self.token[src as usize];
+    }
+    #[inline(always)]
+    fn prefetch_counts(&self, pfn: u64) {
+        let i = pfn as usize;
+        prefetch(&self.order, i);
+        prefetch(&self.flags, i);
+        prefetch(&self.mapcount, i);
+        prefetch(&self.refcount, i);
     }
 }
 
@@ -355,6 +393,18 @@ impl FolioCounts for FolioArrays<'_> {
         let counts: &mut [i32; 2] = (&mut self.mm_id_mapcount[h..h + 2]).try_into().expect("two slots");
         (&mut self.large_mapcount[head as usize], ids, counts)
     }
+    #[inline(always)]
+    fn large_counts_mut(&mut self, head: u64) -> LargeCountsMut<'_> {
+        let h = head as usize;
+        LargeCountsMut {
+            flags: &mut self.flags[h],
+            large_mapcount: &mut self.large_mapcount[h],
+            nr_pages_mapped: &mut self.nr_pages_mapped[h],
+            entire_mapcount: -1,
+            mm_id: (&mut self.mm_id[2 * h..2 * h + 2]).try_into().expect("two slots"),
+            mm_id_mapcount: (&mut self.mm_id_mapcount[2 * h..2 * h + 2]).try_into().expect("two slots"),
+        }
+    }
     /// The pages become free (order 255, counts and flags zero) and the folio's record
     /// fields return to their empty values, as a new folio would have them.
     fn free_folio(&mut self, head: u64) {
@@ -474,15 +524,18 @@ pub(crate) fn folio_dup_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: u64
 /// remaining mapping. `track`: the kernel has MM-ID slots (v6.15+).
 #[inline(always)]
 pub(crate) fn sub_large_mapcount<M: FolioCounts>(mem: &mut M, track: bool, head: u64, diff: i32, mm_id: u32) {
-    let new = {
-        let c = mem.large_mapcount_mut(head);
-        *c -= diff;
-        *c
-    };
+    sub_large_counts(&mut mem.large_counts_mut(head), track, diff, mm_id);
+}
+
+/// [`sub_large_mapcount`] on counts already found.
+#[inline(always)]
+fn sub_large_counts(c: &mut LargeCountsMut<'_>, track: bool, diff: i32, mm_id: u32) {
+    *c.large_mapcount -= diff;
+    let new = *c.large_mapcount;
     if !track {
         return;
     }
-    let (ids, counts) = mem.mm_id_slots(head);
+    let (ids, counts) = (&mut *c.mm_id, &mut *c.mm_id_mapcount);
     for s in 0..2 {
         if ids[s] == mm_id {
             counts[s] -= diff;
@@ -496,7 +549,7 @@ pub(crate) fn sub_large_mapcount<M: FolioCounts>(mem: &mut M, track: bool, head:
         }
     }
     if counts[0] == new || counts[1] == new {
-        mem.clear(head, PG_MAYBE_SHARED);
+        *c.flags &= !PG_MAYBE_SHARED;
     }
 }
 
@@ -522,17 +575,17 @@ pub(crate) fn folio_remove_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: 
     if order == 0 {
         return false;
     }
-    sub_large_mapcount(mem, track, head, nr as i32, mm_id);
+    let mut c = mem.large_counts_mut(head);
+    sub_large_counts(&mut c, track, nr as i32, mm_id);
     let mut partially_mapped = false;
     if last > 0 {
-        let m = mem.nr_pages_mapped_mut(head);
-        *m -= last;
+        *c.nr_pages_mapped -= last;
         // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
-        partially_mapped = *m != 0 && mem.entire_mapcount_of(head) < 0;
+        partially_mapped = *c.nr_pages_mapped != 0 && c.entire_mapcount < 0;
     }
-    if partially_mapped && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
+    if partially_mapped && *c.flags & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
         // deferred_split_folio(folio, true)
-        mem.set(head, PG_PARTIALLY_MAPPED);
+        *c.flags |= PG_PARTIALLY_MAPPED;
         return true;
     }
     false
@@ -546,25 +599,25 @@ pub(crate) fn folio_remove_ptes<M: FolioCounts>(mem: &mut M, track: bool, head: 
 /// some check sees pages still mapped. Returns whether it was queued.
 #[inline(always)]
 pub(crate) fn folio_remove_ptes_one_by_one<M: FolioCounts>(mem: &mut M, track: bool, head: u64, n: u64, last: i32, mm_id: u32) -> bool {
+    let mut c = mem.large_counts_mut(head);
     if track {
         for _ in 0..n {
-            sub_large_mapcount(mem, true, head, 1, mm_id);
+            sub_large_counts(&mut c, true, 1, mm_id);
         }
     } else {
-        sub_large_mapcount(mem, false, head, n as i32, mm_id);
+        sub_large_counts(&mut c, false, n as i32, mm_id);
     }
     if last == 0 {
         return false;
     }
-    let m = mem.nr_pages_mapped_mut(head);
-    let before = *m;
-    *m -= last;
+    let before = *c.nr_pages_mapped;
+    *c.nr_pages_mapped -= last;
     // The checks see before − 1, before − 2, …: one of them is not zero unless the only one is.
     let some_left = last >= 2 || before != 1;
     // While a PMD maps the folio (ENTIRELY_MAPPED in _nr_pages_mapped) no page is unmapped.
-    if some_left && mem.entire_mapcount_of(head) < 0 && mem.flags_of(head) & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
+    if some_left && c.entire_mapcount < 0 && *c.flags & (PG_ANON | PG_PARTIALLY_MAPPED) == PG_ANON {
         // deferred_split_folio(folio, true)
-        mem.set(head, PG_PARTIALLY_MAPPED);
+        *c.flags |= PG_PARTIALLY_MAPPED;
         return true;
     }
     false
