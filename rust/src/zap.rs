@@ -860,6 +860,7 @@ mod tests {
     use crate::rmap::FolioArrays;
 
     /// Per-page arrays of `n` pages, all order-0 anonymous folios mapped once, refcount 1.
+    #[derive(Clone)]
     struct Arrays {
         order: Vec<u8>,
         flags: Vec<u8>,
@@ -873,6 +874,31 @@ mod tests {
     }
 
     impl Arrays {
+        /// The counts the mappings in `ptes` make (not of `zero_pfn`), plus one more reference
+        /// for every fourth of `folios` (head, pages), so that some folios outlive the zap.
+        fn count_mappings<L: PteLayout>(&mut self, l: &L, ptes: &[u64], zero_pfn: u64, folios: &[(u64, u64)]) {
+            for &v in ptes {
+                let page = l.pte_pfn(v);
+                if v == 0 || page == zero_pfn {
+                    continue;
+                }
+                let o = self.order[page as usize];
+                let head = page & !((1u64 << o) - 1);
+                self.mapcount[page as usize] += 1;
+                self.refcount[head as usize] += 1;
+                if o > 0 {
+                    if self.mapcount[page as usize] == 1 {
+                        self.nr_pages_mapped[head as usize] += 1;
+                    }
+                    self.large_mapcount[head as usize] += 1;
+                    self.mm_id_mapcount[2 * head as usize] += 1;
+                }
+            }
+            for (k, &(h, _)) in folios.iter().enumerate() {
+                self.refcount[h as usize] += (k % 4 == 3) as i32;
+            }
+        }
+
         fn small(n: usize) -> Arrays {
             Arrays {
                 order: vec![0; n],
@@ -1084,29 +1110,8 @@ mod tests {
                 ptes.push(l.mk_pte(pfn, pte_bits).unwrap());
             }
             // Counts as the mappings make them, plus one more reference for some folios.
-            for &v in &ptes {
-                if v == 0 {
-                    continue;
-                }
-                let page = l.pte_pfn(v);
-                let o = a.order[page as usize];
-                let head = page & !((1u64 << o) - 1);
-                a.mapcount[page as usize] += 1;
-                a.refcount[head as usize] += 1;
-                if o > 0 {
-                    if a.mapcount[page as usize] == 1 {
-                        a.nr_pages_mapped[head as usize] += 1;
-                    }
-                    a.large_mapcount[head as usize] += 1;
-                    a.mm_id_mapcount[2 * head as usize] += 1;
-                }
-            }
-            for (k, &(h, _)) in folios.iter().enumerate() {
-                a.refcount[h as usize] += (k % 4 == 3) as i32;
-            }
-            let mut b = Arrays { order: a.order.clone(), flags: a.flags.clone(), mapcount: a.mapcount.clone(), refcount: a.refcount.clone(),
-                large_mapcount: a.large_mapcount.clone(), nr_pages_mapped: a.nr_pages_mapped.clone(), pincount: a.pincount.clone(),
-                mm_id: a.mm_id.clone(), mm_id_mapcount: a.mm_id_mapcount.clone() };
+            a.count_mappings(&l, &ptes, u64::MAX, &folios);
+            let mut b = a.clone();
             let mut out = Vec::new();
             for (arrays, fused) in [(&mut a, true), (&mut b, false)] {
                 let mut table = ptes.clone();
@@ -1191,29 +1196,8 @@ mod tests {
                 ptes.push(l.mk_pte(pfn, pte_bits).unwrap());
             }
             let zero_pfn = zero.unwrap_or(u64::MAX);
-            for &v in &ptes {
-                let page = l.pte_pfn(v);
-                if v == 0 || page == zero_pfn {
-                    continue;
-                }
-                let o = a.order[page as usize];
-                let head = page & !((1u64 << o) - 1);
-                a.mapcount[page as usize] += 1;
-                a.refcount[head as usize] += 1;
-                if o > 0 {
-                    if a.mapcount[page as usize] == 1 {
-                        a.nr_pages_mapped[head as usize] += 1;
-                    }
-                    a.large_mapcount[head as usize] += 1;
-                    a.mm_id_mapcount[2 * head as usize] += 1;
-                }
-            }
-            for (k, &(h, _)) in folios.iter().enumerate() {
-                a.refcount[h as usize] += (k % 4 == 3) as i32;
-            }
-            let mut b = Arrays { order: a.order.clone(), flags: a.flags.clone(), mapcount: a.mapcount.clone(), refcount: a.refcount.clone(),
-                large_mapcount: a.large_mapcount.clone(), nr_pages_mapped: a.nr_pages_mapped.clone(), pincount: a.pincount.clone(),
-                mm_id: a.mm_id.clone(), mm_id_mapcount: a.mm_id_mapcount.clone() };
+            a.count_mappings(&l, &ptes, zero_pfn, &folios);
+            let mut b = a.clone();
             let mut out = Vec::new();
             for (arrays, fused) in [(&mut a, true), (&mut b, false)] {
                 let mut table = ptes.clone();
@@ -1342,9 +1326,7 @@ mod tests {
             a.mm_id[..2].copy_from_slice(&[[1, 2], [1, MM_ID_DUMMY], [2, 1], [MM_ID_DUMMY, 2]][(rng.next_u64() % 4) as usize]);
             a.mm_id_mapcount[..2].copy_from_slice(&[(rng.next_u64() % 6) as i32 - 1, (rng.next_u64() % 6) as i32 - 1]);
             let pages: Vec<u64> = (0..1 + rng.next_u64() % 8).map(|_| rng.next_u64() % 8).collect();
-            let mut b = Arrays { order: a.order.clone(), flags: a.flags.clone(), mapcount: a.mapcount.clone(), refcount: a.refcount.clone(),
-                large_mapcount: a.large_mapcount.clone(), nr_pages_mapped: a.nr_pages_mapped.clone(), pincount: a.pincount.clone(),
-                mm_id: a.mm_id.clone(), mm_id_mapcount: a.mm_id_mapcount.clone() };
+            let mut b = a.clone();
             let mut split_a = 0;
             {
                 let mut ca = a.counts();
